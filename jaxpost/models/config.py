@@ -33,7 +33,10 @@ class ModelConfig:
     models; Hugging Face's ``*ForSequenceClassification`` with one label).
     ``dtype`` is the compute dtype; ``param_dtype`` the stored (master) one.
     ``remat`` is the rematerialisation policy per layer: ``"none"``,
-    ``"full"`` or ``"save_dots"``.
+    ``"full"`` or ``"save_dots"``. ``architecture`` names the Hugging Face
+    family used on export (``llama``, ``mistral``, ``qwen2``, ``qwen3``).
+    ``sliding_window`` (Mistral v0.1): a query attends only to the last
+    ``sliding_window`` slots, itself included.
     """
 
     vocab_size: int = 256
@@ -55,6 +58,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     architecture: str = "llama"
+    sliding_window: int | None = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -63,6 +67,11 @@ class ModelConfig:
             raise ValueError(f"head must be 'lm' or 'score', got {self.head!r}")
         if self.remat not in ("none", "full", "save_dots"):
             raise ValueError(f"remat must be 'none', 'full' or 'save_dots', got {self.remat!r}")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
+                             "set head_dim explicitly")
+        if self.dim_per_head % 2:
+            raise ValueError(f"head dimension {self.dim_per_head} must be even for rotary embeddings")
 
     @property
     def dim_per_head(self) -> int:

@@ -1,0 +1,15 @@
+"""Algorithms: a pure ``loss(params, batch, frozen)`` plus the batch spec it reads.
+
+Each ``make_*_loss(graphdef, config, ...)`` closes over the model structure
+(static) and returns a function of arrays only, ready for
+:func:`jaxpost.train.make_train_step`. The math lives in
+:mod:`jaxpost.losses`; these functions run the model and feed it.
+"""
+
+from jaxpost.algorithms.batch import LM_KEYS, PREFERENCE_KEYS, check_batch
+from jaxpost.algorithms.lm import lm_token_logprobs, pair_token_logprobs, predictions
+from jaxpost.algorithms.preference import make_dpo_loss, make_reward_loss
+from jaxpost.algorithms.sft import make_sft_eval, make_sft_loss
+
+__all__ = ["LM_KEYS", "PREFERENCE_KEYS", "check_batch", "lm_token_logprobs", "pair_token_logprobs",
+           "predictions", "make_dpo_loss", "make_reward_loss", "make_sft_eval", "make_sft_loss"]

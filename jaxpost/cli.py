@@ -1,0 +1,78 @@
+"""``jaxpost`` command line: train | generate | export | demo | plot.
+
+    jaxpost train --gin_file=configs/experiments/demo/sft.gin --gin.LoopConfig.num_steps=50
+    jaxpost demo [--out runs/demo] [--quick]
+    jaxpost plot runs/demo/sft [runs/demo/dpo ...] [--out curves.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+import gin
+
+
+@gin.configurable
+def run(task=gin.REQUIRED):
+    """The entry a ``train`` gin file binds: ``run.task = @sft`` (or @dpo, @reward_model...)."""
+    return task()
+
+
+def _train(argv: Sequence[str]) -> int:
+    from jaxpost import config, distributed
+
+    files, bindings, rest = config.split_gin_args(argv)
+    if rest:
+        raise SystemExit(f"jaxpost train: unexpected arguments {rest}; use --gin_file=F and --gin.KEY=VALUE")
+    if not files:
+        raise SystemExit("jaxpost train needs at least one --gin_file")
+    distributed.initialize()
+    try:
+        config.parse(files, bindings)
+    except config.ConfigError as e:
+        print(f"jaxpost: {e}", file=sys.stderr)
+        return 2
+    summary = run()
+    if summary:
+        print({k: v for k, v in summary.items()})
+    return 0
+
+
+def _demo(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="jaxpost demo", description="The whole post-training story on CPU, offline.")
+    p.add_argument("--out", default="runs/demo", help="run directory")
+    p.add_argument("--quick", action="store_true", help="a reduced size (used by the tests)")
+    args = p.parse_args(argv)
+    from jaxpost.demo import run_demo
+    run_demo(args.out, quick=args.quick)
+    return 0
+
+
+def _plot(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="jaxpost plot", description="Plot the metrics of one or more runs to PNG.")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/curves.png of the first run)")
+    p.add_argument("--metrics", default=None, help="comma-separated metric names (default: loss and eval/*)")
+    args = p.parse_args(argv)
+    from jaxpost.plot import plot_runs
+    out = plot_runs(args.run_dirs, args.out, args.metrics.split(",") if args.metrics else None)
+    print(out)
+    return 0
+
+
+COMMANDS = {"train": _train, "demo": _demo, "plot": _plot}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        print(f"\ncommands: {', '.join(COMMANDS)}")
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    return COMMANDS[argv[0]](argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Deterministic, checkpointable grain input pipelines producing the batch specs.
+
+Each pipeline is, in grain terms::
+
+    MapDataset.source(rows)            # datasets.Dataset or list of dicts
+      [shard_index::shard_count]       # this host's rows (disjoint, covering)
+      .shuffle(seed)                   # a new permutation every epoch
+      .repeat(num_epochs)              # None = forever
+      .map_with_index(encode + limits) # counts events in DataStats; None = dropped
+      .to_iter_dataset(read_options)   # prefetch threads (no worker processes)
+      [pack]                           # LM with packing only
+      .batch(batch_size)               # fixed [B, ...] numpy arrays
+
+and is iterated through a :class:`PipelineIterator`, whose
+``get_state()`` (JSON-serialisable) and ``set_state()`` resume the exact
+same stream of batches, and whose ``stats`` counts dropped and truncated
+examples. It is a ``grain.DatasetIterator``, so grain's Orbax handlers
+(``grain.checkpoint.CheckpointSave``) can save it directly.
+
+Multi-host: each host reads ``rows[shard_index::shard_count]``. Hosts may
+hold one row more or less than others and packing yields a data-dependent
+number of rows, so with finite ``num_epochs`` hosts can run out at different
+steps: train for a fixed number of steps with ``num_epochs=None``.
+
+The last batch of a finite run is completed with padding rows (all masks 0)
+so every batch has the same shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import gin
+import grain
+import jax
+import numpy as np
+
+from jaxpost.data import encode, formats
+from jaxpost.data.packing import pack_lm, pad_lm, stack_rows
+from jaxpost.data.prepare import prepare_lm, prepare_preference, prepare_prompt
+from jaxpost.data.sources import source_name
+from jaxpost.data.stats import DataStats
+
+DEFAULT_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=64)
+"""One prefetch thread: overlaps tokenization with the train step while the
+tokenizer is only ever called from one thread at a time."""
+
+_LM_FORMATS = (formats.TEXT, formats.MESSAGES, formats.PROMPT_COMPLETION)
+_PROMPT_FORMATS = (formats.PROMPT_ONLY, formats.PROMPT_COMPLETION, formats.PREFERENCE)
+
+
+class PipelineIterator(grain.DatasetIterator):
+    """Iterator over batches with ``get_state``/``set_state`` and a ``stats`` attribute.
+
+    State: ``{"grain": <grain iterator state>, "stats": <DataStats state>}``,
+    plain JSON types only.
+    """
+
+    def __init__(self, dataset: grain.IterDataset, stats: DataStats):
+        super().__init__(dataset.__iter__())
+        self.stats = stats
+
+    def __next__(self) -> dict[str, Any]:
+        return next(self._parent)
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-serialisable position of the pipeline and its counters."""
+        return {"grain": self._parent.get_state(), "stats": self.stats.get_state()}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Restores a state from :meth:`get_state` (same rows, seed and options)."""
+        if not isinstance(state, Mapping) or "grain" not in state or "stats" not in state:
+            raise ValueError(f"Not a jaxpost pipeline state (expected keys 'grain' and 'stats'): {state!r}")
+        self._parent.set_state(state["grain"])
+        self.stats.set_state(state["stats"])
+
+
+def _rows_dataset(rows: Any, allowed: tuple[str, ...], kind: str, *, seed: int, shuffle: bool,
+                  shard_index: int, shard_count: int, num_epochs: int | None
+                  ) -> tuple[grain.MapDataset, str, str | None]:
+    source = source_name(rows)
+    fmt = formats.check_rows(rows, source)
+    if fmt not in allowed:
+        raise ValueError(f"{kind} pipeline takes formats {allowed}, but {source or 'the data'} is {fmt!r}")
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count})")
+    if len(rows) < shard_count:
+        raise ValueError(f"{len(rows)} rows cannot be sharded over {shard_count} hosts (each needs a row)")
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"num_epochs must be >= 1 or None (forever), got {num_epochs}")
+    # Keep each row's original index: errors found while encoding name it.
+    ds = grain.MapDataset.source(rows).map_with_index(lambda i, row: (i, row))
+    ds = ds[shard_index::shard_count]
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    return ds.repeat(num_epochs), fmt, source
+
+
+def _counted(stats: DataStats, fn: Callable[[int, Mapping[str, Any]], tuple[Any, tuple[str, ...]]]):
+    def apply(index: int, indexed_row: tuple[int, Mapping[str, Any]]):
+        row_index, row = indexed_row
+        out, events = fn(row_index, row)
+        stats.record(index, events)
+        return out
+    return apply
+
+
+def _finish(ds: grain.MapDataset, batch_size: int, read_options: grain.ReadOptions | None,
+            fill: Mapping[str, Any], pack: Callable[[grain.IterDataset], grain.IterDataset] | None,
+            stats: DataStats) -> PipelineIterator:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    it = ds.to_iter_dataset(read_options or DEFAULT_READ_OPTIONS)
+    if pack is not None:
+        it = pack(it)
+    it = it.batch(batch_size, batch_fn=lambda rows: stack_rows(rows, batch_size, fill))
+    return PipelineIterator(it, stats)
+
+
+@gin.configurable
+def make_lm_pipeline(rows: Any, tokenizer: Any, seq_len: int, batch_size: int, seed: int = 0, *,
+                     packing: bool = True, train_on_prompt: bool = False, overlong: str = "truncate",
+                     shard_index: int | None = None, shard_count: int | None = None,
+                     num_epochs: int | None = None, shuffle: bool = True,
+                     packing_bins: int | None = None, read_options: grain.ReadOptions | None = None,
+                     stats: DataStats | None = None) -> PipelineIterator:
+    """SFT / LM batches: ``tokens, positions, segment_ids, targets`` int32 and
+    ``loss_mask`` float32, all ``[batch_size, seq_len]``.
+
+    Formats ``text``, ``messages``, ``prompt_completion``. Loss only on
+    completions / assistant turns unless ``train_on_prompt``. With
+    ``packing`` several examples share a row (first fit over
+    ``packing_bins`` rows, default ``batch_size``); otherwise one example per
+    row, right-padded. Over-long examples are truncated (``truncated``) or,
+    with ``overlong="drop"``, dropped (``dropped_too_long``); examples with
+    nothing to train are dropped (``dropped_empty``). Shards default to
+    ``jax.process_index()`` of ``jax.process_count()``.
+    """
+    stats = stats if stats is not None else DataStats()
+    ds, fmt, source = _rows_dataset(
+        rows, _LM_FORMATS, "LM", seed=seed, shuffle=shuffle,
+        shard_index=jax.process_index() if shard_index is None else shard_index,
+        shard_count=jax.process_count() if shard_count is None else shard_count, num_epochs=num_epochs)
+    pad = encode.pad_id(tokenizer)
+
+    def encode_row(row_index: int, row: Mapping[str, Any]):
+        example = formats.normalize_row(row, fmt, row_index, source)
+        arrays, events = prepare_lm(tokenizer, example, seq_len, train_on_prompt=train_on_prompt,
+                                    overlong=overlong)
+        if arrays is not None and not packing:
+            arrays = pad_lm(arrays, seq_len, pad)
+        return arrays, events
+
+    ds = ds.map_with_index(_counted(stats, encode_row))
+    pack = (lambda it: pack_lm(it, seq_len, num_bins=packing_bins or batch_size, pad=pad, seed=seed)) \
+        if packing else None
+    return _finish(ds, batch_size, read_options, {"tokens": pad, "targets": pad}, pack, stats)
+
+
+@gin.configurable
+def make_preference_pipeline(rows: Any, tokenizer: Any, seq_len: int, batch_size: int, seed: int = 0, *,
+                             max_prompt_len: int | None = None, overlong: str = "truncate",
+                             shard_index: int | None = None, shard_count: int | None = None,
+                             num_epochs: int | None = None, shuffle: bool = True,
+                             read_options: grain.ReadOptions | None = None,
+                             stats: DataStats | None = None) -> PipelineIterator:
+    """DPO / reward batches: the LM keys prefixed ``chosen_`` and ``rejected_``,
+    each ``[batch_size, seq_len]``, plus ``margin`` float32 ``[B]`` when the
+    data has a ``margin`` column. No packing.
+
+    Chosen and rejected rows start with the same prompt ids; the prompt keeps
+    its end when longer than ``max_prompt_len`` (default ``seq_len // 2``)
+    and completions are cut at their end to fit (see
+    :func:`jaxpost.data.prepare.prepare_preference`).
+    """
+    stats = stats if stats is not None else DataStats()
+    ds, fmt, source = _rows_dataset(
+        rows, (formats.PREFERENCE,), "Preference", seed=seed, shuffle=shuffle,
+        shard_index=jax.process_index() if shard_index is None else shard_index,
+        shard_count=jax.process_count() if shard_count is None else shard_count, num_epochs=num_epochs)
+    pad = encode.pad_id(tokenizer)
+
+    def encode_row(row_index: int, row: Mapping[str, Any]):
+        example = formats.normalize_row(row, fmt, row_index, source)
+        return prepare_preference(tokenizer, example, seq_len, max_prompt_len=max_prompt_len,
+                                  overlong=overlong)
+
+    ds = ds.map_with_index(_counted(stats, encode_row))
+    fill = {f"{side}_{k}": pad for side in ("chosen", "rejected") for k in ("tokens", "targets")}
+    return _finish(ds, batch_size, read_options, fill, None, stats)
+
+
+@gin.configurable
+def make_prompt_pipeline(rows: Any, tokenizer: Any, max_prompt_len: int, batch_size: int, seed: int = 0, *,
+                         overlong: str = "truncate", shard_index: int | None = None,
+                         shard_count: int | None = None, num_epochs: int | None = None,
+                         shuffle: bool = True, read_options: grain.ReadOptions | None = None,
+                         stats: DataStats | None = None) -> PipelineIterator:
+    """Prompts for online methods (PPO, GRPO/RLOO, online DPO, generation).
+
+    Batch: ``prompt_tokens`` int32 ``[B, max_prompt_len]`` left-padded,
+    ``prompt_mask`` int32 ``[B, P]`` (1 = real token), ``prompt`` (list of
+    the prompt as given, string or messages) and ``row`` (list of the full
+    source rows, e.g. reference answers for reward functions). Formats with
+    a prompt: ``prompt_only``, ``prompt_completion``, ``preference``
+    (implicit prompts are extracted). Padding rows of a short final batch
+    have an all-zero mask and ``None`` for ``prompt``/``row``.
+    """
+    stats = stats if stats is not None else DataStats()
+    ds, fmt, source = _rows_dataset(
+        rows, _PROMPT_FORMATS, "Prompt", seed=seed, shuffle=shuffle,
+        shard_index=jax.process_index() if shard_index is None else shard_index,
+        shard_count=jax.process_count() if shard_count is None else shard_count, num_epochs=num_epochs)
+    pad = encode.pad_id(tokenizer)
+
+    def encode_row(row_index: int, row: Mapping[str, Any]):
+        example = formats.normalize_row(row, fmt, row_index, source)
+        arrays, events = prepare_prompt(tokenizer, example["prompt"], max_prompt_len, overlong=overlong)
+        if arrays is not None:
+            arrays = {**arrays, "prompt": example["prompt"], "row": dict(row)}
+        return arrays, events
+
+    ds = ds.map_with_index(_counted(stats, encode_row))
+    return _finish(ds, batch_size, read_options, {"prompt_tokens": pad}, None, stats)
+
+
+def array_entries(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The array entries of a batch (drops raw ``prompt``/``row`` lists)."""
+    return {k: v for k, v in batch.items() if isinstance(v, np.ndarray)}

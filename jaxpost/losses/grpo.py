@@ -1,0 +1,132 @@
+"""Group-relative policy optimisation: GRPO, Dr. GRPO, DAPO-style clipping, RLOO.
+
+References: Shao et al. 2024 (GRPO, DeepSeekMath), Liu et al. 2025
+(Dr. GRPO), Yu et al. 2025 (DAPO: clip-higher, token-level aggregation),
+Ahmadian et al. 2024 (RLOO), Kool et al. 2019 (leave-one-out baseline).
+
+Rewards and advantages are ``[B]`` with ``B = num_prompts * group_size``
+and the completions of one prompt contiguous (rows ``g*G .. g*G+G-1``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxpost.losses.checks import check_rank, check_same_shape, f32
+from jaxpost.losses.stats import masked_mean
+
+AGGREGATIONS = ("sequence", "token", "dr_grpo")
+
+
+def _groups(rewards, group_size: int):
+    check_rank("rewards", rewards, 1, "[B*G]")
+    n = jnp.shape(rewards)[0]
+    if group_size < 2 or n % group_size:
+        raise ValueError(f"rewards of length {n} cannot be split into groups of group_size={group_size} "
+                         "(need group_size >= 2 dividing the length)")
+    return f32(rewards).reshape(n // group_size, group_size)
+
+
+def group_advantages(rewards, group_size: int, scale: bool = True, eps: float = 1e-4):
+    """GRPO advantages: ``A_i = (r_i - mean_g(r)) / (std_g(r) + eps)``.
+
+    ``mean_g``/``std_g`` are over the ``group_size`` completions of the same
+    prompt; ``std`` is the unbiased sample std (``ddof=1``, as TRL's torch
+    ``std``). ``scale=False`` drops the division (Dr. GRPO, Liu et al. 2025,
+    which removes the question-difficulty bias). Returns ``[B*G]``.
+    """
+    r = _groups(rewards, group_size)
+    adv = r - jnp.mean(r, axis=1, keepdims=True)
+    if scale:
+        adv = adv / (jnp.std(r, axis=1, keepdims=True, ddof=1) + eps)
+    return adv.reshape(-1)
+
+
+def rloo_advantages(rewards, group_size: int):
+    """RLOO advantages: ``A_i = r_i - mean_{j != i} r_j = (G r_i - sum_j r_j) / (G - 1)``. Returns ``[B*G]``."""
+    r = _groups(rewards, group_size)
+    g = group_size
+    return ((r - (jnp.sum(r, axis=1, keepdims=True) - r) / (g - 1))).reshape(-1)
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps_low: float = 0.2,
+              clip_eps_high: float | None = None, beta: float = 0.0, aggregation: str = "sequence",
+              max_len: int | None = None):
+    """GRPO clipped surrogate with optional k3 KL to the reference.
+
+    Per token, with ``ratio = exp(logp - old_logp)`` and the row's advantage ``A``::
+
+        l_t = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
+              + beta * (exp(ref - logp) - (ref - logp) - 1)
+
+    aggregated over the ``mask`` by ``aggregation``:
+
+    - ``"sequence"`` (GRPO paper): ``mean_b( sum_t l * m / max(sum_t m, 1) )``;
+    - ``"token"`` (DAPO; TRL ``bnpo``): ``sum(l * m) / max(sum(m), 1)``;
+    - ``"dr_grpo"`` (Dr. GRPO): ``sum(l * m) / (B * max_len)``, a constant
+      normaliser (``max_len`` defaults to ``L``, set it to the generation
+      budget so the scale does not depend on padding).
+
+    Args:
+      logp: ``[B,L]`` current policy log-probs of the sampled tokens.
+      old_logp: ``[B,L]`` log-probs at sampling time, or None for a single
+        on-policy update (then ``old_logp = stop_gradient(logp)``: ratio 1,
+        gradient ``-A * grad logp``).
+      ref_logp: ``[B,L]`` reference log-probs, or None (required if ``beta != 0``).
+      advantages: ``[B]`` per-sequence (or ``[B,L]`` per-token) advantages.
+      mask: ``[B,L]`` float {0,1} completion mask.
+      clip_eps_low, clip_eps_high: clip range; ``clip_eps_high`` defaults to
+        ``clip_eps_low`` (DAPO's clip-higher sets it larger).
+
+    Returns ``(loss, metrics)``; metrics (TRL): ``loss``, ``kl`` (token mean
+    of k3, when ``ref_logp`` is given), ``clip_ratio/low_mean`` (tokens with
+    ``ratio < 1 - eps_low`` and ``A < 0``), ``clip_ratio/high_mean``
+    (``ratio > 1 + eps_high`` and ``A > 0``), ``clip_ratio/region_mean``
+    (either), ``loss_tokens``.
+    """
+    check_rank("logp", logp, 2, "[B,L]")
+    check_same_shape(("logp", "old_logp", "ref_logp", "mask"), (logp, old_logp, ref_logp, mask), "[B,L]")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"Unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
+    if ref_logp is None and (not isinstance(beta, (int, float)) or beta != 0):
+        raise ValueError(f"grpo_loss with beta={beta} needs ref_logp ([B,L])")
+    logp, mask = f32(logp), f32(mask)
+    adv = f32(advantages)
+    if adv.ndim == 1:
+        if adv.shape[0] != logp.shape[0]:
+            raise ValueError(f"advantages must have shape [B]=({logp.shape[0]},) or [B,L], got {adv.shape}")
+        adv = adv[:, None]
+    elif adv.shape != logp.shape:
+        raise ValueError(f"advantages must have shape [B] or [B,L]={logp.shape}, got {adv.shape}")
+    eps_high = clip_eps_low if clip_eps_high is None else clip_eps_high
+    valid = mask != 0
+    old = jax.lax.stop_gradient(logp) if old_logp is None else f32(old_logp)
+    # Log-ratios are zeroed at padding before exp so padding garbage cannot overflow.
+    ratio = jnp.exp(jnp.where(valid, logp - old, 0.0))
+    clipped = jnp.clip(ratio, 1.0 - clip_eps_low, 1.0 + eps_high)
+    per_token = -jnp.minimum(ratio * adv, clipped * adv)
+    metrics = {}
+    if ref_logp is not None:
+        d = jnp.where(valid, f32(ref_logp) - logp, 0.0)
+        kl = jnp.expm1(d) - d
+        per_token = per_token + beta * kl
+        metrics["kl"] = masked_mean(kl, mask)
+    per_token = jnp.where(valid, per_token, 0.0)
+    if aggregation == "sequence":
+        loss = jnp.mean(jnp.sum(per_token, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0))
+    elif aggregation == "token":
+        loss = jnp.sum(per_token) / jnp.maximum(jnp.sum(mask), 1.0)
+    else:
+        length = logp.shape[1] if max_len is None else max_len
+        loss = jnp.sum(per_token) / (logp.shape[0] * length)
+    low_clip = ((ratio < 1.0 - clip_eps_low) & (adv < 0)).astype(jnp.float32)
+    high_clip = ((ratio > 1.0 + eps_high) & (adv > 0)).astype(jnp.float32)
+    metrics.update({
+        "loss": loss,
+        "clip_ratio/low_mean": masked_mean(jnp.broadcast_to(low_clip, mask.shape), mask),
+        "clip_ratio/high_mean": masked_mean(jnp.broadcast_to(high_clip, mask.shape), mask),
+        "clip_ratio/region_mean": masked_mean(jnp.broadcast_to(jnp.maximum(low_clip, high_clip), mask.shape), mask),
+        "loss_tokens": jnp.sum(mask),
+    })
+    return loss, metrics

@@ -1,0 +1,126 @@
+"""Grouped-query self-attention with segment masking and a KV cache.
+
+Masking rule (shared by training and sampling): a query at slot ``i`` may
+attend to a key at slot ``j`` iff ``j <= i`` and both carry the same segment
+id (and ``i - j < sliding_window`` when the config has one). Segment 0 is
+padding; padding attends to earlier-or-equal padding (at least itself), so no
+row of the softmax is empty and nothing is NaN.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from jaxpost.models.config import ModelConfig
+from jaxpost.models.layers import Linear, RMSNorm, apply_rope
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of every layer for incremental decoding.
+
+    ``k[l]``, ``v[l]``: ``[B, S, Nkv, Hd]`` for layer ``l``; ``segment_ids``:
+    ``[B, S]`` int32 segment id of each filled slot (0 = padding or empty);
+    ``index``: int32 scalar, the number of filled slots (the same for every
+    row: prompts are left-padded to one length).
+    """
+
+    k: tuple
+    v: tuple
+    segment_ids: jax.Array
+    index: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.segment_ids.shape[1]
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    """An empty cache of ``max_len`` slots (``dtype`` defaults to ``config.dtype``)."""
+    dtype = jnp.dtype(dtype or config.dtype)
+    shape = (batch, max_len, config.num_kv_heads, config.dim_per_head)
+    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    return KVCache(k=zeros(), v=zeros(), segment_ids=jnp.zeros((batch, max_len), jnp.int32),
+                   index=jnp.zeros((), jnp.int32))
+
+
+def cache_logical_axes(config: ModelConfig) -> KVCache:
+    """Logical axis names of every leaf of :func:`init_cache`'s result."""
+    kv = ("batch", "length", "kv_heads", "head_dim")
+    return KVCache(k=(kv,) * config.num_layers, v=(kv,) * config.num_layers,
+                   segment_ids=("batch", "length"), index=())
+
+
+def attention_mask(q_segments: jax.Array, k_segments: jax.Array, q_start: jax.Array | int,
+                   sliding_window: int | None = None) -> jax.Array:
+    """Boolean ``[B, 1, T, S]`` mask: ``mask[b, 0, t, s]`` = may query t see key slot s.
+
+    Query ``t`` sits at slot ``q_start + t``. The rule is ``s <= q_start + t``
+    and ``k_segments[b, s] == q_segments[b, t]`` (and ``q_start + t - s <
+    sliding_window`` when given).
+    """
+    T, S = q_segments.shape[1], k_segments.shape[1]
+    q_slot = q_start + jnp.arange(T, dtype=jnp.int32)[:, None]
+    k_slot = jnp.arange(S, dtype=jnp.int32)[None, :]
+    allowed = k_slot <= q_slot
+    if sliding_window is not None:
+        allowed = allowed & (q_slot - k_slot < sliding_window)
+    same = q_segments[:, :, None] == k_segments[:, None, :]
+    return (allowed[None] & same)[:, None]
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with ``num_kv_heads`` shared key/value heads (GQA).
+
+    ``q = rope(norm_q(x Wq + bq))``, ``k = rope(norm_k(x Wk + bk))``,
+    ``v = x Wv + bv``, ``out = softmax(q k^T / sqrt(Hd) + mask) v Wo``;
+    the norms exist only with ``qk_norm`` (Qwen3), the biases only with
+    ``qkv_bias`` (Qwen2).
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        d, n, k, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.dim_per_head
+        kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+        self.q_proj = Linear(d, n * h, ("embed", "heads"), bias=c.qkv_bias, **kw)
+        self.k_proj = Linear(d, k * h, ("embed", "kv_heads"), bias=c.qkv_bias, **kw)
+        self.v_proj = Linear(d, k * h, ("embed", "kv_heads"), bias=c.qkv_bias, **kw)
+        self.o_proj = Linear(n * h, d, ("heads", "embed"), **kw)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(h, c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
+            self.k_norm = RMSNorm(h, c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                 kv: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None):
+        """``x`` ``[B, T, D]``; ``kv`` = (k cache, v cache, cache segment ids, index) or None.
+
+        Returns ``(out [B, T, D], (k cache, v cache) or None)``. With a cache
+        the new keys/values are written at slots ``[index, index + T)`` and
+        the queries attend over the whole cache under :func:`attention_mask`.
+        """
+        c = self.config
+        B, T, _ = x.shape
+        h = c.dim_per_head
+        q = self.q_proj(x).reshape(B, T, c.num_heads, h)
+        k = self.k_proj(x).reshape(B, T, c.num_kv_heads, h)
+        v = self.v_proj(x).reshape(B, T, c.num_kv_heads, h)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, positions, c), apply_rope(k, positions, c)
+        if kv is None:
+            mask = attention_mask(segment_ids, segment_ids, 0, c.sliding_window)
+            new_kv = None
+        else:
+            k_cache, v_cache, cache_segments, index = kv
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+            mask = attention_mask(segment_ids, cache_segments, index, c.sliding_window)
+            k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+            new_kv = (k_cache, v_cache)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=h ** -0.5)
+        return self.o_proj(out.reshape(B, T, c.num_heads * h)), new_kv

@@ -1,0 +1,96 @@
+"""Output heads on top of the transformer's hidden states.
+
+The LM head is applied in chunks of positions so that the full
+``[B, L, V]`` logits never exist at once (a 128k vocabulary at 8 x 4096
+tokens would be 16 GiB in float32).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxpost.models.config import ModelConfig
+
+
+def lm_head_weight(params: dict, config: ModelConfig) -> jax.Array:
+    """The ``[D, V]`` output projection: ``embedding.T`` if tied, else ``lm_head.kernel``."""
+    if config.head != "lm":
+        raise ValueError(f"config.head={config.head!r} has no LM head")
+    if config.tie_embeddings:
+        return params["embed"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+def _project(hidden: jax.Array, weight: jax.Array, dtype) -> jax.Array:
+    # Matmul in the compute dtype, accumulated and returned in float32.
+    return jnp.einsum("...d,dv->...v", hidden.astype(dtype), weight.astype(dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def logits(params: dict, config: ModelConfig, hidden: jax.Array) -> jax.Array:
+    """Dense float32 logits ``hidden @ W`` of shape ``[..., V]``.
+
+    For small uses only (the sampler's last position, tests): this builds the
+    whole vocabulary dimension for every position given.
+    """
+    return _project(hidden, lm_head_weight(params, config), jnp.dtype(config.dtype))
+
+
+def _chunk_logprobs(weight, h, t, *, dtype, return_entropy):
+    z = _project(h, weight, dtype)  # [B, C, V] float32
+    lse = jax.nn.logsumexp(z, axis=-1)
+    logp = jnp.take_along_axis(z, t[..., None], axis=-1)[..., 0] - lse
+    if not return_entropy:
+        return logp, None
+    # H = -sum p log p = lse - sum p z, with p = softmax(z).
+    ent = lse - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)
+    return logp, ent
+
+
+def token_logprobs(params: dict, config: ModelConfig, hidden: jax.Array, targets: jax.Array,
+                   chunk_size: int = 512, return_entropy: bool = False):
+    """``log p(targets[b, t] | hidden[b, t])`` as float32 ``[B, L]``, chunked over positions.
+
+    ``log p = z[target] - logsumexp(z)`` with ``z = hidden @ W`` (float32).
+    Positions are processed ``chunk_size`` at a time with ``jax.lax.map``;
+    each chunk body is under ``jax.checkpoint`` so that autodiff stores only
+    the chunk's hidden states, never its ``[B, C, V]`` logits: peak memory is
+    O(B * chunk_size * V) instead of O(B * L * V). With ``return_entropy``
+    also returns the entropy ``H = logsumexp(z) - sum softmax(z) * z``
+    ``[B, L]``. Targets may hold any id in ``[0, V)`` where unused (masked by
+    the caller).
+    """
+    weight = lm_head_weight(params, config)
+    B, L, D = hidden.shape
+    if targets.shape != (B, L):
+        raise ValueError(f"targets shape {targets.shape} does not match hidden [B, L] = {(B, L)}")
+    targets = targets.astype(jnp.int32)
+    c = max(1, min(chunk_size, L))
+    n = -(-L // c)
+    pad = n * c - L
+    if pad:  # padded positions predict token 0 and are cut off below
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    hs = hidden.reshape(B, n, c, D).swapaxes(0, 1)
+    ts = targets.reshape(B, n, c).swapaxes(0, 1)
+    body = jax.checkpoint(functools.partial(_chunk_logprobs, dtype=jnp.dtype(config.dtype),
+                                            return_entropy=return_entropy))
+    logp, ent = jax.lax.map(lambda a: body(weight, *a), (hs, ts))
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(B, n * c)[:, :L]
+    if return_entropy:
+        return unchunk(logp), unchunk(ent)
+    return unchunk(logp)
+
+
+def scores(params: dict, hidden: jax.Array) -> jax.Array:
+    """Scalar score per position, ``hidden @ score.kernel`` -> float32 ``[B, L]``.
+
+    The weights of HF ``*ForSequenceClassification`` with one label
+    (``score.weight`` ``[1, D]``, no bias). A reward model's score of a
+    sequence is this value at its last token.
+    """
+    w = params["score"]["kernel"]
+    return jnp.einsum("bld,do->blo", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)[..., 0]

@@ -1,0 +1,121 @@
+"""The Llama-family decoder as a Flax NNX module.
+
+One module covers Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5 and Qwen3 through
+:class:`~jaxpost.models.config.ModelConfig`. It returns the hidden states
+after the final norm; output heads live in :mod:`jaxpost.models.heads` so
+that log-probabilities can be computed in chunks.
+
+Params layout (``nnx.to_pure_dict``)::
+
+    embed/embedding                      [V, D]      (vocab, embed)
+    layers/<i>/input_norm/scale          [D]         (norm,)
+    layers/<i>/attn/q_proj/kernel        [D, N*Hd]   (embed, heads)     (+ bias (heads,))
+    layers/<i>/attn/{k,v}_proj/kernel    [D, K*Hd]   (embed, kv_heads)  (+ bias (kv_heads,))
+    layers/<i>/attn/o_proj/kernel        [N*Hd, D]   (heads, embed)
+    layers/<i>/attn/{q,k}_norm/scale     [Hd]        (norm,)            (qk_norm only)
+    layers/<i>/post_attn_norm/scale      [D]         (norm,)
+    layers/<i>/mlp/{gate,up}_proj/kernel [D, F]      (embed, mlp)
+    layers/<i>/mlp/down_proj/kernel      [F, D]      (mlp, embed)
+    final_norm/scale                     [D]         (norm,)
+    lm_head/kernel                       [D, V]      (embed, vocab)     (head="lm", untied)
+    score/kernel                         [D, 1]      (embed, None)      (head="score")
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxpost.models.attention import Attention, KVCache
+from jaxpost.models.config import ModelConfig
+from jaxpost.models.layers import Embed, Linear, RMSNorm
+from jaxpost.sharding import constrain
+
+ACTIVATION_AXES = ("batch", "length", "embed")
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class MLP(nnx.Module):
+    """SwiGLU: ``down(silu(x W_gate) * (x W_up))``."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, ("embed", "mlp"), **kw)
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, ("embed", "mlp"), **kw)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, ("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+    """Pre-norm residual layer: ``x += attn(norm(x)); x += mlp(norm(x))``."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.input_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
+        self.attn = Attention(c, rngs=rngs)
+        self.post_attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
+        self.mlp = MLP(c, rngs=rngs)
+
+    def __call__(self, x, positions, segment_ids, kv=None):
+        attn_out, new_kv = self.attn(self.input_norm(x), positions, segment_ids, kv)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attn_norm(x))
+        return constrain(x, ACTIVATION_AXES), new_kv
+
+
+def _call_block(block: Block, x, positions, segment_ids, kv):
+    return block(x, positions, segment_ids, kv)
+
+
+class Transformer(nnx.Module):
+    """Decoder-only transformer; ``__call__`` returns ``(hidden, cache)``.
+
+    ``hidden`` is ``[B, T, D]`` in ``config.dtype`` after the final RMSNorm.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        self.embed = Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+        self.layers = nnx.List([Block(c, rngs=rngs) for _ in range(c.num_layers)])
+        self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
+        kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+        self.lm_head = (Linear(c.hidden_size, c.vocab_size, ("embed", "vocab"), **kw)
+                        if c.head == "lm" and not c.tie_embeddings else None)
+        self.score = Linear(c.hidden_size, 1, ("embed", None), **kw) if c.head == "score" else None
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        c = self.config
+        if tokens.ndim != 2 or positions.shape != tokens.shape or segment_ids.shape != tokens.shape:
+            raise ValueError(f"tokens, positions, segment_ids must all be [B, T]; got {tokens.shape}, "
+                             f"{positions.shape}, {segment_ids.shape}")
+        segment_ids = segment_ids.astype(jnp.int32)
+        x = constrain(self.embed(tokens), ACTIVATION_AXES)
+        call = _call_block
+        if c.remat != "none":
+            call = nnx.remat(_call_block, policy=REMAT_POLICIES[c.remat])
+        if cache is not None:
+            if cache.segment_ids.shape[0] != tokens.shape[0]:
+                raise ValueError(f"cache batch {cache.segment_ids.shape[0]} != tokens batch {tokens.shape[0]}")
+            cache_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index))
+        new_k, new_v = [], []
+        for i, block in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i], cache_segments, cache.index)
+            x, layer_kv = call(block, x, positions, segment_ids, kv)
+            if layer_kv is not None:
+                new_k.append(layer_kv[0])
+                new_v.append(layer_kv[1])
+        hidden = self.final_norm(x)
+        if cache is not None:
+            cache = KVCache(k=tuple(new_k), v=tuple(new_v), segment_ids=cache_segments,
+                            index=cache.index + tokens.shape[1])
+        return hidden, cache

@@ -1,0 +1,147 @@
+"""Orbax checkpoints of a run: train state, data-iterator position, gin config.
+
+Each step directory holds three items saved together with
+``ocp.args.Composite``:
+
+* ``state``: the :class:`TrainState` (sharded arrays, ``StandardSave``); each
+  host writes its own shards, restore reads straight into the *target*
+  shardings, so a run saved on one mesh resumes on another;
+* ``data``: the iterator's ``get_state()`` (``JsonSave``);
+* ``config``: ``{"gin": operative config text}`` (``JsonSave``).
+
+Orbax writes a step to ``<step>.orbax-checkpoint-tmp-*`` and renames it when
+complete, so a save interrupted by a crash is never listed as a step and a
+restart falls back to the last complete one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple
+
+import gin
+import jax
+import orbax.checkpoint as ocp
+
+from jaxpost.train.state import TrainState
+
+__all__ = ["Checkpointer", "Restored", "abstract_with_shardings"]
+
+
+class Restored(NamedTuple):
+    """What :meth:`Checkpointer.restore_latest` returns."""
+
+    step: int
+    state: TrainState
+    data_state: Any
+    config: str
+
+
+def abstract_with_shardings(tree: Any, shardings: Any = None) -> Any:
+    """``jax.ShapeDtypeStruct`` tree carrying the target sharding of every leaf.
+
+    With ``shardings=None`` each leaf's own ``.sharding`` is used (pass a live
+    state to restore into its layout); otherwise ``shardings`` is a matching
+    tree of shardings (restore onto another mesh).
+    """
+    if shardings is None:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+@gin.configurable
+class Checkpointer:
+    """Saves every ``save_every`` steps, keeps the newest ``keep``, asynchronously by default.
+
+    Args:
+      directory: the run's checkpoint directory (local path or ``gs://``).
+      save_every: save at steps divisible by this (``should_save``); ``save(...,
+        force=True)`` saves at any step.
+      keep: number of most recent checkpoints kept (older ones deleted).
+      async_save: write in a background thread; the arrays are copied off the
+        devices first, so the caller may donate the state right after
+        :meth:`save` returns. Call :meth:`wait_until_finished` before exiting.
+    """
+
+    def __init__(self, directory: str | os.PathLike, save_every: int = 1000, keep: int = 3,
+                 async_save: bool = True):
+        if save_every < 1 or keep < 1:
+            raise ValueError(f"save_every and keep must be >= 1, got save_every={save_every} keep={keep}")
+        self.directory = os.fspath(directory)
+        self.save_every = save_every
+        # The save policy is ours (step % save_every == 0); Orbax's would also save the first step.
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=1, max_to_keep=keep, enable_async_checkpointing=async_save,
+            create=True, cleanup_tmp_directories=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_names=("state", "data", "config"))
+
+    def __repr__(self) -> str:
+        return f"Checkpointer({self.directory!r}, save_every={self.save_every}, steps={self.all_steps()})"
+
+    def should_save(self, step: int) -> bool:
+        """Whether :meth:`save` at ``step`` would write: ``step % save_every == 0`` and not saved yet."""
+        return step % self.save_every == 0 and step not in self._manager.all_steps()
+
+    def save(self, step: int, state: TrainState, data_state: Any = None, config: str | None = None,
+             force: bool = False) -> bool:
+        """Save ``state``, the iterator state (JSON-serialisable) and the gin config.
+
+        ``config`` defaults to ``gin.operative_config_str()``. Returns whether a
+        save was started (False when ``step`` is not a save step and not
+        forced, or is already saved).
+        """
+        if step in self._manager.all_steps() or not (force or step % self.save_every == 0):
+            return False
+        if config is None:
+            config = gin.operative_config_str()
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave({"state": data_state}),
+            config=ocp.args.JsonSave({"gin": config}),
+        )
+        return bool(self._manager.save(step, args=args, force=True))
+
+    def latest_step(self) -> int | None:
+        """Newest *complete* step on disk (unfinished temporary directories are ignored), or None."""
+        self._manager.reload()
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        self._manager.reload()
+        return sorted(self._manager.all_steps())
+
+    def restore(self, step: int, abstract_state: TrainState) -> Restored:
+        """Restore ``step`` into the shapes, dtypes and shardings of ``abstract_state``.
+
+        ``abstract_state``: a tree of ``jax.ShapeDtypeStruct`` with ``sharding``
+        set (:func:`abstract_with_shardings`); arrays are read directly into
+        those shards, whatever mesh the checkpoint was written from.
+        """
+        if step not in self.all_steps():
+            raise FileNotFoundError(f"No complete checkpoint for step {step} in {self.directory}; "
+                                    f"available: {self.all_steps()}")
+        for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
+            if getattr(leaf, "sharding", None) is None:
+                raise ValueError(f"abstract_state{jax.tree_util.keystr(path)} has no sharding; "
+                                 "build the target with abstract_with_shardings(...)")
+        out = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(),
+            config=ocp.args.JsonRestore(),
+        ))
+        return Restored(step=step, state=out["state"], data_state=out["data"]["state"],
+                        config=out["config"]["gin"])
+
+    def restore_latest(self, abstract_state: TrainState) -> Restored | None:
+        """:meth:`restore` of :meth:`latest_step`, or None when there is no complete checkpoint."""
+        step = self.latest_step()
+        return None if step is None else self.restore(step, abstract_state)
+
+    def wait_until_finished(self) -> None:
+        """Block until every pending asynchronous save is on disk and finalized."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Wait for pending saves and release the manager's resources."""
+        self._manager.close()

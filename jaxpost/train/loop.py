@@ -1,0 +1,161 @@
+"""The training loop: resume, step, guard, log, evaluate, checkpoint.
+
+The loop never waits for the devices except at logging, evaluation and
+checkpoint steps: each step's ``is_finite`` flag stays on device until one
+of those points, where all flags since the last check are fetched at once.
+So a NaN is always caught before the next save, and the newest checkpoint
+is always a finite state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Mapping, Protocol
+
+import jax
+
+from jaxpost.train.checkpoint import Checkpointer, abstract_with_shardings
+from jaxpost.train.metrics import MetricsWriter, ProgressBar, Stopwatch, mfu
+from jaxpost.train.state import TrainState
+
+__all__ = ["train", "NonFiniteLossError", "CheckpointableIterator"]
+
+
+class CheckpointableIterator(Protocol):
+    """A batch iterator whose position can be saved and restored (grain's ``DatasetIterator`` is one)."""
+
+    def __next__(self) -> Any: ...
+
+    def get_state(self) -> Any: ...
+
+    def set_state(self, state: Any) -> None: ...
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient norm became NaN/Inf; the run stopped without saving that state."""
+
+    def __init__(self, step: int, last_checkpoint: int | None):
+        self.step = step
+        self.last_checkpoint = last_checkpoint
+        where = (f"the latest checkpoint (step {last_checkpoint}) is intact" if last_checkpoint is not None
+                 else "no checkpoint was written")
+        super().__init__(f"Non-finite loss or gradient norm at step {step} (the update producing "
+                         f"state.step={step}); stopped without saving it, {where}")
+
+
+def _first_bad(pending: list[tuple[int, jax.Array]]) -> int | None:
+    flags = jax.device_get([f for _, f in pending])
+    for (step, _), ok in zip(pending, flags):
+        if not bool(ok):
+            return step
+    return None
+
+
+def _last_saved(checkpointer: Checkpointer | None) -> int | None:
+    if checkpointer is None:
+        return None
+    checkpointer.wait_until_finished()
+    return checkpointer.latest_step()
+
+
+def train(*, state: TrainState, step_fn: Callable, batches: Iterator, frozen: Any = None, num_steps: int,
+          checkpointer: Checkpointer | None = None, eval_fn: Callable[[TrainState], Mapping] | None = None,
+          eval_every: int = 0, log_every: int = 10, writer: MetricsWriter | None = None,
+          tokens_per_batch_fn: Callable[[Any], int] | None = None, flops_per_step: float | None = None,
+          extra_metrics_fn: Callable[[TrainState], Mapping] | None = None,
+          progress: bool = True) -> TrainState:
+    """Run ``step_fn`` until ``state.step == num_steps``; returns the final state.
+
+    Args:
+      state: the initial (sharded) state. If ``checkpointer`` holds a complete
+        checkpoint, the state is restored from it into this state's shardings
+        and ``batches.set_state`` is called with the saved iterator position.
+      step_fn: compiled ``(state, batch, frozen) -> (state, metrics)`` with
+        ``metrics["is_finite"]`` (see :func:`jaxpost.train.make_train_step`);
+        the state passed in may be donated.
+      batches: iterator with ``get_state``/``set_state`` (checkpointed).
+      num_steps: total optimizer steps of the run (not steps of this call).
+      checkpointer: saves at its ``should_save`` steps and at ``num_steps``.
+      eval_fn: ``eval_fn(state) -> dict``, run every ``eval_every`` steps,
+        logged with an ``eval/`` prefix.
+      log_every: fetch and write metrics every this many steps (and at the end).
+      writer: where metrics go (None: nowhere).
+      tokens_per_batch_fn: host-side count of tokens in a batch, for ``tokens_per_s``.
+      flops_per_step: model FLOPs per step, for ``mfu`` on known accelerators.
+      extra_metrics_fn: ``extra_metrics_fn(state) -> dict`` added at log steps.
+
+    Raises:
+      NonFiniteLossError: a step produced a non-finite loss or gradient norm;
+        raised before any later save, after pending saves have finished.
+    """
+    if log_every < 1:
+        raise ValueError(f"log_every must be >= 1, got {log_every}")
+    if checkpointer is not None:
+        restored = checkpointer.restore_latest(abstract_with_shardings(state))
+        if restored is not None:
+            state = restored.state
+            batches.set_state(restored.data_state)
+    step = int(jax.device_get(state.step))
+    bar = ProgressBar(num_steps, initial=step) if progress else None
+    n_devices, kind = jax.device_count(), jax.devices()[0].device_kind
+    pending: list[tuple[int, jax.Array]] = []
+    watch, interval_steps, interval_tokens = Stopwatch(), 0, 0
+    excluded = 0.0  # seconds spent in eval since the last log, kept out of throughput
+    try:
+        while step < num_steps:
+            batch = next(batches)
+            if tokens_per_batch_fn is not None:
+                interval_tokens += int(tokens_per_batch_fn(batch))
+            state, metrics = step_fn(state, batch, frozen)
+            step += 1
+            interval_steps += 1
+            pending.append((step, metrics["is_finite"]))
+
+            last = step == num_steps
+            log_now = step % log_every == 0 or last
+            eval_now = eval_fn is not None and eval_every > 0 and step % eval_every == 0
+            save_now = checkpointer is not None and (last or checkpointer.should_save(step))
+            if log_now or eval_now or save_now:
+                bad = _first_bad(pending)
+                pending.clear()
+                if bad is not None:
+                    raise NonFiniteLossError(bad, _last_saved(checkpointer))
+
+            if log_now:
+                record = {k: v for k, v in jax.device_get(metrics).items() if k != "is_finite"}
+                seconds = max(watch.lap() - excluded, 1e-9)
+                excluded = 0.0
+                record["steps_per_s"] = interval_steps / seconds
+                if tokens_per_batch_fn is not None:
+                    record["tokens_per_s"] = interval_tokens / seconds
+                if flops_per_step is not None:
+                    u = mfu(flops_per_step, seconds / interval_steps, n_devices, kind)
+                    if u is not None:
+                        record["mfu"] = u
+                if extra_metrics_fn is not None:
+                    record.update(jax.device_get(dict(extra_metrics_fn(state))))
+                if writer is not None:
+                    writer.write(step, record)
+                if bar is not None:
+                    bar.update(step, float(record["loss"]), record.get("tokens_per_s"))
+                interval_steps, interval_tokens = 0, 0
+            elif bar is not None:
+                bar.update(step)
+
+            if eval_now:
+                eval_watch = Stopwatch()
+                results = jax.device_get(dict(eval_fn(state)))
+                excluded += eval_watch.lap()
+                if writer is not None:
+                    writer.write(step, {f"eval/{k}": v for k, v in results.items()})
+
+            if save_now:
+                checkpointer.save(step, state, data_state=batches.get_state(), force=last)
+    finally:
+        if checkpointer is not None:
+            checkpointer.wait_until_finished()
+        if writer is not None:
+            writer.flush()
+        if bar is not None:
+            bar.close()
+    return state
+

@@ -1,0 +1,175 @@
+"""Optimizers and learning-rate schedules, gin-configurable.
+
+:func:`make_optimizer` builds ``clip_by_global_norm -> {adamw|adafactor|lion}``
+with a warmup + decay schedule, decoupled weight decay on a mask (no decay
+for norms, biases and other 1-D parameters), and an optional trainable mask
+that freezes parameters (frozen leaves get zero updates and no optimizer
+state, which is what LoRA needs).
+
+The returned transformation carries its schedule as ``.schedule`` so the
+train step can log the learning rate of every update.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import gin
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = ["Optimizer", "make_schedule", "make_optimizer", "default_decay_mask", "path_mask"]
+
+Schedule = Callable[[jax.Array], jax.Array]
+MaskLike = Any  # bool pytree matching params, or callable(params) -> bool pytree
+
+
+class Optimizer(optax.GradientTransformationExtraArgs):
+    """An optax ``GradientTransformationExtraArgs`` that also carries ``schedule``.
+
+    It *is* a ``GradientTransformation`` (``isinstance`` holds, ``init``/``update``
+    unchanged); ``schedule(count)`` is the learning rate applied at update
+    number ``count`` (0-based, equal to ``TrainState.step`` before the update).
+    """
+
+    schedule: Schedule
+
+    @classmethod
+    def wrap(cls, tx: optax.GradientTransformation, schedule: Schedule) -> "Optimizer":
+        out = cls(tx.init, tx.update)
+        out.schedule = schedule  # NamedTuple subclasses without __slots__ have a __dict__
+        return out
+
+
+@gin.configurable
+def make_schedule(learning_rate: float = 1e-5, schedule: str = "cosine", warmup_steps: int = 0,
+                  total_steps: int = 1000, min_lr_ratio: float = 0.0) -> Schedule:
+    """Warmup then decay, as a function of the 0-based update count ``t``.
+
+    With ``peak = learning_rate``, ``W = warmup_steps``, ``T = total_steps``,
+    ``end = min_lr_ratio * peak`` and ``p = clip((t - W) / max(T - W, 1), 0, 1)``:
+
+    * ``t < W``: ``peak * t / W`` (linear warmup from 0);
+    * ``cosine``: ``end + (peak - end) * (1 + cos(pi * p)) / 2``;
+    * ``linear``: ``peak + (end - peak) * p``;
+    * ``constant``: ``peak``.
+    """
+    if schedule not in ("cosine", "linear", "constant"):
+        raise ValueError(f"Unknown schedule {schedule!r}; choose 'cosine', 'linear' or 'constant'")
+    if warmup_steps < 0 or total_steps < 1:
+        raise ValueError(f"Need warmup_steps >= 0 and total_steps >= 1, got {warmup_steps} and {total_steps}")
+    peak = float(learning_rate)
+    end = float(min_lr_ratio) * peak
+    decay_len = max(total_steps - warmup_steps, 1)
+
+    def fn(count):
+        t = jnp.asarray(count, jnp.float32)
+        p = jnp.clip((t - warmup_steps) / decay_len, 0.0, 1.0)
+        if schedule == "cosine":
+            after = end + (peak - end) * 0.5 * (1.0 + jnp.cos(math.pi * p))
+        elif schedule == "linear":
+            after = peak + (end - peak) * p
+        else:
+            after = jnp.full_like(p, peak)
+        if warmup_steps == 0:
+            return after
+        return jnp.where(t < warmup_steps, peak * t / warmup_steps, after)
+
+    return fn
+
+
+def _names(path) -> list[str]:
+    out = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                out.append(str(getattr(k, attr)).lower())
+                break
+    return out
+
+
+def default_decay_mask(params: Any, decay_embeddings: bool = True) -> Any:
+    """True where weight decay applies.
+
+    Excluded (False): parameters with ``ndim < 2`` (norm scales, biases),
+    any parameter with ``norm`` or ``bias`` in its key path, and, when
+    ``decay_embeddings`` is False, any with ``embed`` in its key path.
+    """
+    def one(path, x):
+        names = _names(path)
+        if jnp.ndim(x) < 2 or any("norm" in n or "bias" in n for n in names):
+            return False
+        if not decay_embeddings and any("embed" in n for n in names):
+            return False
+        return True
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def path_mask(mask_tree: Any) -> Callable[[Any], Any]:
+    """Turn a bool tree over the full params into a mask *function*.
+
+    The function looks each leaf up by key path, so it also works on the
+    reduced trees optax passes to inner transformations (where frozen leaves
+    are replaced by empty ``MaskedNode``s).
+    """
+    table = {jax.tree_util.keystr(p): bool(v) for p, v in jax.tree_util.tree_flatten_with_path(mask_tree)[0]}
+
+    def fn(params):
+        def one(path, _):
+            key = jax.tree_util.keystr(path)
+            if key not in table:
+                raise KeyError(f"Mask has no entry for parameter {key}")
+            return table[key]
+        return jax.tree_util.tree_map_with_path(one, params)
+    return fn
+
+
+def _as_fn(mask: MaskLike) -> Callable[[Any], Any]:
+    return mask if callable(mask) else path_mask(mask)
+
+
+@gin.configurable
+def make_optimizer(name: str = "adamw", learning_rate: float = 1e-5, schedule: str = "cosine",
+                   warmup_steps: int = 0, total_steps: int = 1000, min_lr_ratio: float = 0.0,
+                   weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                   clip_norm: float | None = 1.0, decay_mask: MaskLike | None = None,
+                   decay_embeddings: bool = True, trainable_mask: MaskLike | None = None) -> Optimizer:
+    """``clip_by_global_norm(clip_norm) -> optimizer(lr=schedule, decoupled weight decay on decay_mask)``.
+
+    Args:
+      name: ``adamw`` (``b1, b2, eps``), ``lion`` (``b1, b2``; ``eps`` unused) or
+        ``adafactor`` (optax defaults: factored second moments, parameter-scale
+        relative steps off; ``b1``/``b2``/``eps`` unused).
+      learning_rate, schedule, warmup_steps, total_steps, min_lr_ratio: see
+        :func:`make_schedule`.
+      weight_decay: decoupled decay ``p <- p - lr * weight_decay * p`` on the
+        leaves where ``decay_mask`` is True.
+      clip_norm: global-norm clip over the trainable gradients (None = off).
+      decay_mask: bool tree or ``callable(params) -> bool tree``; default
+        :func:`default_decay_mask` (with ``decay_embeddings``).
+      trainable_mask: bool tree or callable; False leaves are frozen: their
+        update is exactly zero and they carry no optimizer state
+        (``optax.multi_transform`` with ``set_to_zero``). Clipping sees only
+        trainable gradients.
+    """
+    sched = make_schedule(learning_rate, schedule, warmup_steps, total_steps, min_lr_ratio)
+    mask_fn = _as_fn(decay_mask) if decay_mask is not None else (
+        lambda p: default_decay_mask(p, decay_embeddings))
+    if name == "adamw":
+        core = optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask_fn)
+    elif name == "lion":
+        core = optax.lion(sched, b1=b1, b2=b2, weight_decay=weight_decay, mask=mask_fn)
+    elif name == "adafactor":
+        # multiply_by_parameter_scale=False keeps lr an absolute step size, as for the other optimizers.
+        core = optax.adafactor(sched, multiply_by_parameter_scale=False,
+                               weight_decay_rate=weight_decay or None, weight_decay_mask=mask_fn)
+    else:
+        raise ValueError(f"Unknown optimizer {name!r}; choose 'adamw', 'adafactor' or 'lion'")
+    tx = optax.chain(optax.clip_by_global_norm(clip_norm), core) if clip_norm else core
+    if trainable_mask is not None:
+        train_fn = _as_fn(trainable_mask)
+        labels = lambda p: jax.tree.map(lambda t: "train" if t else "frozen", train_fn(p))
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return Optimizer.wrap(tx, sched)

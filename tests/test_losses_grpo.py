@@ -1,0 +1,90 @@
+"""GRPO / Dr. GRPO / RLOO advantages and the GRPO loss on hand examples."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpost.losses import group_advantages, grpo_loss, rloo_advantages
+
+
+def test_group_advantages_hand_example():
+    rewards = np.array([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0], np.float32)
+    # group 0: mean .5, sample std sqrt(4 * .25 / 3) = 0.577350; group 1: all equal -> 0
+    std = math.sqrt(1 / 3)
+    expected = np.array([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]) / np.array([std + 1e-4] * 4 + [1e-4] * 4)
+    np.testing.assert_allclose(jax.jit(group_advantages, static_argnums=1)(rewards, 4), expected, rtol=1e-5)
+    np.testing.assert_allclose(group_advantages(rewards, 4, scale=False), [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0])
+
+
+def test_rloo_hand_example_and_identity():
+    rewards = np.array([1.0, 2.0, 3.0, 0.0, 0.0, 4.0], np.float32)
+    # group 0: 1 - (2+3)/2 = -1.5, 2 - 2 = 0, 3 - 1.5 = 1.5; group 1: -2, -2, 4
+    np.testing.assert_allclose(rloo_advantages(rewards, 3), [-1.5, 0.0, 1.5, -2.0, -2.0, 4.0])
+    # leave-one-out = G/(G-1) * (r - group mean)
+    np.testing.assert_allclose(rloo_advantages(rewards, 3), 1.5 * group_advantages(rewards, 3, scale=False),
+                               rtol=1e-6)
+
+
+def test_group_size_errors():
+    with pytest.raises(ValueError, match="group_size=4"):
+        group_advantages(np.zeros(6, np.float32), 4)
+    with pytest.raises(ValueError, match="group_size=1"):
+        rloo_advantages(np.zeros(6, np.float32), 1)
+
+
+MASK = np.array([[1, 1, 0], [1, 1, 1]], np.float32)
+ADV = np.array([1.0, -2.0], np.float32)
+LOGP = np.array([[-1.0, -2.0, 50.0], [-0.5, -1.5, -1.0]], np.float32)
+
+
+@pytest.mark.parametrize("aggregation,expected", [
+    ("sequence", (-1.0 + 2.0) / 2),       # row means: -1 and 2
+    ("token", (-2.0 + 6.0) / 5),          # token sum over 5 tokens
+    ("dr_grpo", (-2.0 + 6.0) / (2 * 4)),  # constant B * max_len
+])
+def test_grpo_on_policy_aggregations(aggregation, expected):
+    # old_logp=None: ratio 1, per-token loss -A
+    loss, m = grpo_loss(LOGP, None, None, ADV, MASK, aggregation=aggregation, max_len=4)
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    assert float(m["loss_tokens"]) == 5.0
+    assert float(m["clip_ratio/region_mean"]) == 0.0
+
+
+def test_grpo_sequence_gradient():
+    g = jax.grad(lambda lp: grpo_loss(lp, None, None, ADV, MASK)[0])(jnp.asarray(LOGP))
+    # d/dlogp = -A / len_b / B
+    np.testing.assert_allclose(g, [[-0.25, -0.25, 0.0], [1 / 3, 1 / 3, 1 / 3]], rtol=1e-6)
+
+
+def test_grpo_clipping_and_kl_hand_example():
+    old = np.array([[-1.0, -1.0, 0.0], [-1.0, -1.0, -1.0]], np.float32)
+    ratios = np.array([[1.5, 1.1, 1.0], [0.5, 1.0, 1.3]], np.float32)
+    logp = old + np.log(ratios)
+    ref = logp.copy()
+    ref[1, 1] = logp[1, 1] + 1.0  # one token with ref - logp = 1: k3 = e - 1 - 1
+    loss, m = grpo_loss(logp, old, ref, ADV, MASK, clip_eps_low=0.2, clip_eps_high=0.28, beta=0.1,
+                        aggregation="token")
+    # A=+1 row: -min(r, clip(r,.8,1.28)): r=1.5 -> -1.28 (high clip), r=1.1 -> -1.1
+    # A=-2 row: -min(-2r, -2 clip(r)) = 2 max(r, clip(r)): r=.5 -> 1.6 (low clip), r=1 -> 2, r=1.3 -> 2.6
+    k3 = math.e - 2.0
+    expected = (-1.28 - 1.1 + 1.6 + 2.0 + 0.1 * k3 + 2.6) / 5
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert float(m["kl"]) == pytest.approx(k3 / 5, rel=1e-5)
+    # high: r>1.28 & A>0 -> token (0,0); low: r<.8 & A<0 -> token (1,0); r=1.3 with A<0 is not counted
+    assert float(m["clip_ratio/high_mean"]) == pytest.approx(1 / 5)
+    assert float(m["clip_ratio/low_mean"]) == pytest.approx(1 / 5)
+    assert float(m["clip_ratio/region_mean"]) == pytest.approx(2 / 5)
+
+
+def test_grpo_jit_and_errors():
+    loss = jax.jit(lambda lp: grpo_loss(lp, None, lp, ADV, MASK, beta=0.04)[0])(jnp.asarray(LOGP))
+    assert float(loss) == pytest.approx(0.5, rel=1e-6)  # ref == policy: KL 0
+    with pytest.raises(ValueError, match="needs ref_logp"):
+        grpo_loss(LOGP, None, None, ADV, MASK, beta=0.1)
+    with pytest.raises(ValueError, match="Unknown aggregation"):
+        grpo_loss(LOGP, None, None, ADV, MASK, aggregation="bnpo")
+    with pytest.raises(ValueError, match="advantages must have shape"):
+        grpo_loss(LOGP, None, None, ADV[:1], MASK)
