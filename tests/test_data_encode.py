@@ -138,7 +138,7 @@ def test_prepare_preference_shares_prompt_and_truncates_like_trl(tok):
     c = encode.encode_text(tok, " Blue.") + [2]
     assert out["chosen_tokens"][4:].tolist() == c + [0] * (P + 2 - 4 - len(c))
     out, events = prepare.prepare_preference(tok, ex, seq_len=P + 2, max_prompt_len=P)
-    assert events == ("truncated",) and out["chosen_loss_mask"].sum() == 2 - 1
+    assert events == ("truncated",) and out["chosen_loss_mask"].sum() == 2   # both kept reply tokens are targets
     assert prepare.prepare_preference(tok, ex, P + 2, max_prompt_len=P, overlong="drop") == \
         (None, ("dropped_too_long",))
     assert prepare.prepare_preference(tok, {**ex, "rejected": ""}, 32) == (None, ("dropped_empty",))

@@ -34,7 +34,7 @@ def _safetensors_contents(path):
     for f in sorted(path.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as st:
             for k in st.keys():
-                out[k] = st.get_tensor(k)
+                out[k] = st.get_tensor(k).clone()  # detach from the mmap: files get rewritten
     return out
 
 

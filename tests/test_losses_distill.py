@@ -139,7 +139,7 @@ def test_chunked_gradients_match_unchunked():
     def chunked(hs, ws, ht, wt):
         return chunked_distill_loss(hs, ws, ht, wt, mask, div, chunk_size=3, hard_targets=y, alpha=0.5)[0]
 
-    ga = jax.grad(unchunked, argnums=(0, 1, 2, 3))(hs, ws, ht, wt)
+    ga = jax.jit(jax.grad(unchunked, argnums=(0, 1, 2, 3)))(hs, ws, ht, wt)
     gb = jax.jit(jax.grad(chunked, argnums=(0, 1, 2, 3)))(hs, ws, ht, wt)
     for a_, b_ in zip(ga, gb):
         np.testing.assert_allclose(b_, a_, rtol=1e-4, atol=1e-6)
@@ -156,3 +156,31 @@ def test_chunked_errors():
         chunked_distill_loss(hs, ws[:4], ht, wt, mask)
     with pytest.raises(ValueError, match="per-token values"):
         chunked_distill_loss(hs, ws, ht, wt, mask, divergence_fn=lambda s, t: jnp.sum(forward_kl(s, t)))
+
+
+def _all_shapes(jaxpr):
+    """Shapes of every value produced anywhere in a jaxpr, sub-jaxprs (scan, remat) included."""
+    for eqn in jaxpr.eqns:
+        for v in eqn.outvars:
+            yield tuple(getattr(v.aval, "shape", ()))
+        for p in eqn.params.values():
+            for sub in (p if isinstance(p, (list, tuple)) else [p]):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _all_shapes(inner)
+
+
+def test_chunked_never_builds_full_logits_forward_or_backward():
+    rng = np.random.default_rng(4)
+    b, length, v, chunk = 2, 64, 11, 8
+    hs, ht = rng.normal(size=(b, length, DS)).astype(np.float32), rng.normal(size=(b, length, DT)).astype(np.float32)
+    ws, wt = rng.normal(size=(DS, v)).astype(np.float32), rng.normal(size=(DT, v)).astype(np.float32)
+    mask, y = np.ones((b, length), np.float32), np.zeros((b, length), np.int32)
+
+    def f(hs, ws):
+        return chunked_distill_loss(hs, ws, ht, wt, mask, chunk_size=chunk, hard_targets=y, alpha=0.5)[0]
+
+    shapes = list(_all_shapes(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(hs, ws).jaxpr))
+    vocab_sized = [s for s in shapes if s and s[-1] == v]
+    assert vocab_sized, "expected per-chunk logits in the program"
+    assert max(math.prod(s) for s in vocab_sized) <= max(b * chunk * v, DT * v), vocab_sized

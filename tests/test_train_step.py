@@ -172,6 +172,12 @@ def test_state_shardings_for_factored_adafactor_moments():
         assert shape in ((128,), (256,)) and spec == expected, (key, shape, spec)
     assert isinstance(sh.step, NamedSharding) and sh.step.spec == PartitionSpec()
 
+    # With frozen leaves (LoRA-style) the moments of the trainable ones are still sharded like them.
+    opt = make_optimizer("adamw", learning_rate=1e-3, trainable_mask={"w": True, "b": False})
+    sh = state_shardings(abstract_state(params, opt), part.shardings(axes, params), part)
+    specs = [s.spec for s in jax.tree.leaves(sh.opt_state)]
+    assert specs.count(PartitionSpec("fsdp", None)) == 2  # mu and nu of "w"; "b" has none
+
 
 def test_eval_step():
     ev = jax.jit(make_eval_step(lm_loss))

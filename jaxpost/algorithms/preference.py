@@ -56,6 +56,8 @@ def make_dpo_loss(graphdef, config: ModelConfig, kind: str = "sigmoid", beta: fl
         loss, metrics = loss_math(pc, pr, rc, rr, lc, lr, beta=beta, pair_mask=batch.get("pair_mask"), **hparams)
         return loss, metrics
 
+    loss_fn.kind = kind
+    loss_fn.needs_reference = kind not in REFERENCE_FREE
     return loss_fn
 
 

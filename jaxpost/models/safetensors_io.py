@@ -86,8 +86,12 @@ def save_file(tensors: dict[str, np.ndarray], path: str | os.PathLike, metadata:
         arrays.append(a)
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
+    # Write then rename: a reader that still memory-maps the old file keeps a
+    # valid view instead of crashing on a truncated one.
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for a in arrays:
             f.write(a.tobytes())
+    os.replace(tmp, path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator, Mapping, Protocol
 
+import gin
 import jax
 
 from jaxpost.train.checkpoint import Checkpointer, abstract_with_shardings
@@ -57,6 +58,7 @@ def _last_saved(checkpointer: Checkpointer | None) -> int | None:
     return checkpointer.latest_step()
 
 
+@gin.configurable(denylist=["state", "step_fn", "batches", "frozen", "checkpointer", "writer"])
 def train(*, state: TrainState, step_fn: Callable, batches: Iterator, frozen: Any = None, num_steps: int,
           checkpointer: Checkpointer | None = None, eval_fn: Callable[[TrainState], Mapping] | None = None,
           eval_every: int = 0, log_every: int = 10, writer: MetricsWriter | None = None,
@@ -136,7 +138,7 @@ def train(*, state: TrainState, step_fn: Callable, batches: Iterator, frozen: An
                 if writer is not None:
                     writer.write(step, record)
                 if bar is not None:
-                    bar.update(step, float(record["loss"]), record.get("tokens_per_s"))
+                    bar.update(step, float(record["loss"]) if "loss" in record else None, record.get("tokens_per_s"))
                 interval_steps, interval_tokens = 0, 0
             elif bar is not None:
                 bar.update(step)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import gin
 import jax
 import jax.numpy as jnp
 import optax
@@ -67,6 +68,7 @@ def _check_loss_output(loss, metrics):
         raise TypeError(f"loss_fn must return (loss, metrics: dict), got metrics of type {type(metrics).__name__}")
 
 
+@gin.configurable(denylist=["loss_fn", "optimizer", "schedule"])
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, grad_accum_steps: int = 1,
                     mixed_precision: str | None = None,
                     schedule: Callable[[jax.Array], jax.Array] | None = None) -> Callable:

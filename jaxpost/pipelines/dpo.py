@@ -1,0 +1,96 @@
+"""DPO and its relatives (IPO, cDPO/rDPO, SLiC hinge, SimPO, ORPO, RPO), start to finish.
+
+    jaxpost train --gin_file=configs/experiments/demo/dpo.gin
+
+The policy starts from ``init_from`` (usually an SFT export); the reference
+is a frozen copy of the same weights (or of ``reference_from``). With
+``precompute_reference=True`` the reference log-probs are computed once
+over the whole dataset, stored beside the run, and the reference weights
+are dropped before training, so training holds one model.
+"""
+
+from __future__ import annotations
+
+import gin
+import jax
+
+from jaxpost import models
+from jaxpost.algorithms import make_dpo_loss
+from jaxpost.data import DataStats, load_rows, load_tokenizer, make_preference_pipeline, train_eval_split
+from jaxpost.models.config import ModelConfig
+from jaxpost.pipelines.common import (LoopConfig, MeshBatches, export, fit, load_model, make_evaluator,
+                                      prepare_run_dir, report_data_stats, write_operative_config, write_summary)
+from jaxpost.pipelines.reference import with_reference_logps
+from jaxpost.sharding import Partitioner
+from jaxpost.train import make_eval_step
+
+
+@gin.configurable
+def dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: str = gin.REQUIRED,
+        model: ModelConfig | None = None, init_from: str | None = None, reference_from: str | None = None,
+        precompute_reference: bool = False, eval_data: str | None = None, eval_fraction: float | None = None,
+        seq_len: int = 512, batch_size: int = 8, max_prompt_len: int | None = None,
+        loop: LoopConfig = LoopConfig()) -> dict:
+    """Trains a policy on preference pairs with the loss ``make_dpo_loss`` is configured with.
+
+    Summary: final step, data counts and, with held-out pairs,
+    ``eval/rewards/accuracies`` (fraction of pairs whose implicit reward
+    ranks chosen above rejected), ``eval/rewards/margins`` and ``eval/loss``.
+    """
+    run = prepare_run_dir(run_dir)
+    part = Partitioner()
+    tok = load_tokenizer(tokenizer)
+    config, graphdef, params = load_model(model, init_from, part, seed=loop.seed)
+    param_shardings = part.shardings(models.logical_axes(config), params)
+    loss_fn = make_dpo_loss(graphdef, config)
+    kind = loss_fn.kind
+
+    rows = load_rows(train_data)
+    held_out = None
+    if eval_data or eval_fraction:
+        rows, held_out = train_eval_split(rows, eval_path=eval_data,
+                                          eval_fraction=None if eval_data else eval_fraction, seed=loop.seed)
+    pipeline = lambda r, **kw: make_preference_pipeline(r, tok, seq_len, batch_size // jax.process_count(),
+                                                       max_prompt_len=max_prompt_len, **kw)
+
+    frozen = frozen_shardings = None
+    if loss_fn.needs_reference:
+        if reference_from is not None:
+            _, _, ref_params = load_model(model, reference_from, part)
+        else:  # a frozen copy; the policy's buffers are donated by the train step
+            ref_params = jax.tree.map(lambda x: x.copy(), params)
+        if precompute_reference:
+            with part.activate():
+                rows = with_reference_logps(rows, graphdef, config, ref_params, pipeline, part, run / "reference")
+                if held_out is not None:
+                    held_out = with_reference_logps(held_out, graphdef, config, ref_params, pipeline, part,
+                                                    run / "reference_eval")
+            del ref_params
+        else:
+            frozen, frozen_shardings = {"reference": ref_params}, {"reference": param_shardings}
+
+    stats = DataStats()
+    batches = MeshBatches(pipeline(rows, seed=loop.seed, stats=stats), part)
+    evaluate = None
+    if held_out is not None:
+        evaluate = make_evaluator(make_eval_step(loss_fn),
+                                  lambda: MeshBatches(pipeline(held_out, num_epochs=1, shuffle=False), part),
+                                  loop.eval_batches, frozen=frozen)
+
+    with part.activate():
+        state = fit(run_dir=run, loss_fn=loss_fn, params=params, param_shardings=param_shardings, partitioner=part,
+                    batches=batches, loop=loop, frozen=frozen, frozen_shardings=frozen_shardings, evaluate=evaluate,
+                    data_stats=stats, flops_per_step=_dpo_flops(config, seq_len, batch_size, frozen is not None))
+        summary = {"step": int(state.step), "loss_kind": kind, **report_data_stats(stats, "DPO")}
+        if evaluate is not None:
+            summary.update({f"eval/{k}": v for k, v in evaluate(state).items()})
+    write_operative_config(run)
+    export(run, config, state.params, tok)
+    write_summary(run, summary)
+    return summary
+
+
+def _dpo_flops(config: ModelConfig, seq_len: int, batch_size: int, with_reference: bool) -> float:
+    """Policy forward+backward on 2B sequences, plus a reference forward (1/3 of that) if run online."""
+    policy = config.flops_per_token(seq_len) * 2 * batch_size * seq_len
+    return policy * (4 / 3 if with_reference else 1.0)

@@ -1,0 +1,77 @@
+"""Reference log-probs computed once and cached, so DPO trains with one model in memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import datasets
+import jax
+import numpy as np
+
+from jaxpost.algorithms.lm import pair_token_logprobs
+from jaxpost.algorithms.preference import sequence_logps
+from jaxpost.pipelines.common import MeshBatches
+from jaxpost.sharding import Partitioner
+
+
+def reference_logps(graphdef, config, ref_params, batches: MeshBatches) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Summed response log-probs of chosen and rejected under the reference, per source row.
+
+    Returns ``(row_index, ref_chosen_logps, ref_rejected_logps)`` over every
+    real (non-padding) row the batches hold, gathered from all hosts.
+    """
+    @jax.jit
+    def score(params, batch):
+        c_tok, r_tok = pair_token_logprobs(graphdef, config, params, batch)
+        return sequence_logps(c_tok, batch["chosen_loss_mask"])[0], sequence_logps(r_tok, batch["rejected_loss_mask"])[0]
+
+    idx, chosen, rejected = [], [], []
+    for batch in batches:
+        c, r = score(ref_params, batch)
+        got = _to_host({"i": batch["row_index"], "c": c, "r": r})
+        keep = got["i"] >= 0
+        idx.append(got["i"][keep]); chosen.append(got["c"][keep]); rejected.append(got["r"][keep])
+    return (np.concatenate(idx) if idx else np.zeros(0, np.int64),
+            np.concatenate(chosen) if chosen else np.zeros(0, np.float32),
+            np.concatenate(rejected) if rejected else np.zeros(0, np.float32))
+
+
+def _to_host(tree: dict) -> dict:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return {k: np.asarray(v) for k, v in multihost_utils.process_allgather(tree, tiled=True).items()}
+    return {k: np.asarray(jax.device_get(v)) for k, v in tree.items()}
+
+
+def with_reference_logps(rows: Any, graphdef, config, ref_params, make_pipeline: Callable, partitioner: Partitioner,
+                         cache_dir: Path) -> datasets.Dataset:
+    """``rows`` plus columns ``ref_chosen_logps``/``ref_rejected_logps``, computed once and cached.
+
+    ``make_pipeline(rows, num_epochs=1, shuffle=False)`` must yield
+    preference batches with ``row_index``. The values are stored in
+    ``cache_dir/ref_logps.npz`` and reused when the run resumes. Rows the
+    pipeline drops (counted in its stats) get NaN and stay dropped.
+    """
+    cache = Path(cache_dir) / "ref_logps.npz"
+    n = len(rows)
+    if cache.exists():
+        saved = np.load(cache)
+        chosen, rejected = saved["chosen"], saved["rejected"]
+        if len(chosen) != n:
+            raise ValueError(f"{cache} holds {len(chosen)} rows but the dataset has {n}; delete it to recompute")
+    else:
+        idx, c, r = reference_logps(graphdef, config, ref_params,
+                                    MeshBatches(make_pipeline(rows, num_epochs=1, shuffle=False), partitioner))
+        chosen = np.full(n, np.nan, np.float32)
+        rejected = np.full(n, np.nan, np.float32)
+        chosen[idx], rejected[idx] = c, r
+        if jax.process_index() == 0:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(cache, chosen=chosen, rejected=rejected)
+    if not isinstance(rows, datasets.Dataset):
+        rows = datasets.Dataset.from_list(list(rows))
+    for name in ("ref_chosen_logps", "ref_rejected_logps"):
+        if name in rows.column_names:
+            rows = rows.remove_columns(name)
+    return rows.add_column("ref_chosen_logps", chosen.tolist()).add_column("ref_rejected_logps", rejected.tolist())

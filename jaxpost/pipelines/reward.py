@@ -1,0 +1,70 @@
+"""Reward model training (RLHF stage 2), start to finish.
+
+    jaxpost train --gin_file=configs/experiments/demo/reward.gin
+
+A transformer with a scalar head, initialised from an SFT policy (its body;
+the head starts from scratch) or a Hugging Face checkpoint, trained on
+``prompt``/``chosen``/``rejected`` pairs with the Bradley-Terry loss. The
+result, exported as a Hugging Face ``*ForSequenceClassification``
+directory, is what PPO and the data tools load as a scorer.
+"""
+
+from __future__ import annotations
+
+import gin
+import jax
+
+from jaxpost import models
+from jaxpost.algorithms import make_reward_loss
+from jaxpost.data import DataStats, load_rows, load_tokenizer, make_preference_pipeline, train_eval_split
+from jaxpost.models.config import ModelConfig
+from jaxpost.pipelines.common import (LoopConfig, MeshBatches, export, fit, load_model, make_evaluator,
+                                      prepare_run_dir, report_data_stats, write_operative_config, write_summary)
+from jaxpost.sharding import Partitioner
+from jaxpost.train import make_eval_step
+
+
+@gin.configurable
+def reward_model(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: str = gin.REQUIRED,
+                 model: ModelConfig | None = None, init_from: str | None = None, eval_data: str | None = None,
+                 eval_fraction: float | None = None, seq_len: int = 512, batch_size: int = 8,
+                 max_prompt_len: int | None = None, loop: LoopConfig = LoopConfig()) -> dict:
+    """Trains a Bradley-Terry reward model; exports ``run_dir/final``.
+
+    Summary: final step, data counts and, with held-out pairs, ``eval/accuracy``
+    (fraction of pairs ranked correctly), ``eval/margin`` and ``eval/loss``.
+    """
+    run = prepare_run_dir(run_dir)
+    part = Partitioner()
+    tok = load_tokenizer(tokenizer)
+    config, graphdef, params = load_model(model, init_from, part, seed=loop.seed, head="score")
+    param_shardings = part.shardings(models.logical_axes(config), params)
+    loss_fn = make_reward_loss(graphdef, config)
+
+    rows = load_rows(train_data)
+    held_out = None
+    if eval_data or eval_fraction:
+        rows, held_out = train_eval_split(rows, eval_path=eval_data,
+                                          eval_fraction=None if eval_data else eval_fraction, seed=loop.seed)
+    stats = DataStats()
+    host_batch = batch_size // jax.process_count()
+    pipeline = lambda r, **kw: make_preference_pipeline(r, tok, seq_len, host_batch, max_prompt_len=max_prompt_len,
+                                                       **kw)
+    batches = MeshBatches(pipeline(rows, seed=loop.seed, stats=stats), part)
+    evaluate = None
+    if held_out is not None:
+        evaluate = make_evaluator(make_eval_step(loss_fn),
+                                  lambda: MeshBatches(pipeline(held_out, num_epochs=1, shuffle=False), part),
+                                  loop.eval_batches, weight_key="pairs")
+
+    with part.activate():
+        state = fit(run_dir=run, loss_fn=loss_fn, params=params, param_shardings=param_shardings, partitioner=part,
+                    batches=batches, loop=loop, evaluate=evaluate, data_stats=stats,
+                    flops_per_step=config.flops_per_token(seq_len) * 2 * batch_size * seq_len)
+        summary = {"step": int(state.step), **report_data_stats(stats, "reward")}
+        if evaluate is not None:
+            summary.update({f"eval/{k}": v for k, v in evaluate(state).items()})
+    write_operative_config(run)
+    export(run, config, state.params, tok)
+    write_summary(run, summary)
+    return summary

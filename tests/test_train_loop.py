@@ -1,0 +1,94 @@
+"""Training loop: exact resume, NaN guard, half-written checkpoints, logging and eval."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jaxpost.sharding import Partitioner, make_mesh
+from jaxpost.train import (Checkpointer, MetricsWriter, NonFiniteLossError, abstract_state, abstract_with_shardings,
+                           batch_shardings, compile_train_step, init_sharded_state, make_eval_step, make_optimizer,
+                           make_train_step, read_jsonl, state_shardings, train)
+from test_train_fixtures import LOGICAL_AXES, Batches, init_params, lm_loss, make_batch
+
+N = 4
+OPT = make_optimizer("adamw", learning_rate=1e-2, warmup_steps=2, total_steps=2 * N, weight_decay=0.1)
+PART = Partitioner(make_mesh(fsdp=-1), "fsdp")
+PARAMS = init_params()
+SHARDINGS = state_shardings(abstract_state(PARAMS, OPT), PART.shardings(LOGICAL_AXES, PARAMS), PART)
+STEP = compile_train_step(make_train_step(lm_loss, OPT, grad_accum_steps=2), SHARDINGS,
+                          batch_shardings(next(Batches()), PART), None)
+
+
+def fresh_state():
+    return init_sharded_state(PARAMS, OPT, SHARDINGS)
+
+
+def run(run_dir, num_steps, batches=None, save_every=None, log_every=1, **kw):
+    ck = Checkpointer(os.path.join(run_dir, "ckpt"), save_every=save_every, keep=3) if save_every else None
+    with MetricsWriter(run_dir) as writer:
+        state = train(state=fresh_state(), step_fn=STEP, batches=batches or Batches(), num_steps=num_steps,
+                      checkpointer=ck, log_every=log_every, writer=writer, progress=False, **kw)
+    return state, read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+
+
+def test_exact_resume_after_kill(tmp_path):
+    ref_state, ref_log = run(tmp_path / "ref", 2 * N)
+    _, first_log = run(tmp_path / "resumed", N, save_every=N)  # then everything is dropped, as if killed
+    state, log = run(tmp_path / "resumed", 2 * N, save_every=N)
+
+    assert [r["step"] for r in log] == list(range(1, 2 * N + 1))  # one jsonl across both runs
+    assert [r["loss"] for r in log] == [r["loss"] for r in ref_log]  # bit-identical per-step losses
+    assert [r["learning_rate"] for r in log] == [r["learning_rate"] for r in ref_log]
+    for a, b in zip(jax.tree.leaves(jax.device_get(ref_state)), jax.tree.leaves(jax.device_get(state))):
+        np.testing.assert_array_equal(a, b)
+    assert int(state.step) == 2 * N
+    assert Checkpointer(tmp_path / "resumed" / "ckpt").all_steps() == [N, 2 * N]
+
+
+def test_nan_stops_run_and_keeps_last_good_checkpoint(tmp_path):
+    # Batch index 4 is poisoned, so the update producing step 5 is NaN. Step 5 is neither a log
+    # step (log_every=100) nor a save step: the guard must still stop before saving step 6.
+    with pytest.raises(NonFiniteLossError, match=r"at step 5 .*latest checkpoint \(step 4\) is intact") as err:
+        run(tmp_path, 10, batches=Batches(poison={4: float("nan")}), save_every=2, log_every=100)
+    assert err.value.step == 5
+    ck = Checkpointer(tmp_path / "ckpt")
+    assert ck.all_steps() == [2, 4]
+    restored = ck.restore_latest(abstract_with_shardings(fresh_state()))
+    assert restored.data_state == {"index": 4}
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(restored.state)))
+
+
+def test_half_written_checkpoint_ignored_on_resume(tmp_path):
+    run(tmp_path, 4, save_every=2)
+    # What a crash during the save of step 6 leaves behind: an unrenamed temporary step directory.
+    partial = tmp_path / "ckpt" / "6.orbax-checkpoint-tmp-1700000000000000"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "garbage").write_bytes(b"\x00" * 10)
+    state, log = run(tmp_path, 6, save_every=2)
+    assert [r["step"] for r in log] == list(range(1, 7))  # resumed from 4, not 6
+    assert int(state.step) == 6
+    assert Checkpointer(tmp_path / "ckpt").all_steps() == [2, 4, 6]
+    assert not partial.exists()
+
+
+def test_logging_throughput_eval_and_extra_metrics(tmp_path):
+    ev = jax.jit(make_eval_step(lm_loss))
+    eval_batch = make_batch(100)
+    _, log = run(tmp_path, 6, log_every=3, eval_every=2,
+                 eval_fn=lambda s: ev(s.params, eval_batch, None),
+                 tokens_per_batch_fn=lambda b: int(b["loss_mask"].sum()), flops_per_step=1e6,
+                 extra_metrics_fn=lambda s: {"param_sum": sum(x.sum() for x in jax.tree.leaves(s.params))})
+    train_rows = [r for r in log if "loss" in r]
+    eval_rows = [r for r in log if "eval/loss" in r]
+    assert [r["step"] for r in train_rows] == [3, 6]
+    assert [r["step"] for r in eval_rows] == [2, 4, 6]
+    row = train_rows[-1]
+    assert row["tokens_per_s"] > 0 and row["steps_per_s"] > 0 and "param_sum" in row
+    assert "mfu" not in row  # CPU has no known peak
+    assert "is_finite" not in row
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tb"))
+    with open(tmp_path / "metrics.jsonl") as f:
+        assert all(json.loads(line)["step"] > 0 for line in f)
