@@ -210,3 +210,14 @@ def test_bad_row_in_pipeline_names_row(tok):
                                    shard_count=1, read_options=SYNC)
     with pytest.raises(ValueError, match=r"row 3: messages\[0\] is missing required field 'content'"):
         list(it)
+
+
+def test_bad_row_from_file_names_file_and_row(tok, tmp_path):
+    from jaxpost.data import load_rows
+    good = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [good, {"messages": [{"role": "user"}]}, good]) + "\n")
+    it = pipeline.make_lm_pipeline(load_rows(path), tok, 32, 4, shuffle=False, num_epochs=1, shard_index=0,
+                                   shard_count=1, read_options=SYNC)
+    with pytest.raises(ValueError, match=rf"row 1 of {path}: messages\[0\] is missing required field 'content'"):
+        list(it)

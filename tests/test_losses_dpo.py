@@ -4,7 +4,6 @@ import functools
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -117,14 +116,12 @@ def test_orpo_hand_example():
 
 
 def test_rpo_nll_term():
-    lc = a(4.0)
     loss, m = sigmoid_loss(PC, PR, RC, RR, a(4.0), a(1.0), beta=0.1, rpo_alpha=2.0)
     # DPO 0.598139 + 2 * (1 / 4)
     assert float(loss) == pytest.approx(0.598139 + 0.5, abs=1e-6)
     assert float(m["nll_loss"]) == pytest.approx(0.25)
     with pytest.raises(ValueError, match="rpo_alpha needs chosen_lengths"):
         sigmoid_loss(PC, PR, RC, RR, beta=0.1, rpo_alpha=1.0)
-    del lc
 
 
 def test_pair_mask_drops_padding_pairs():

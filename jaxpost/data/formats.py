@@ -34,12 +34,9 @@ FORMATS = (TEXT, MESSAGES, PROMPT_COMPLETION, PREFERENCE, PROMPT_ONLY)
 
 
 def _where(index: int | None, source: str | None) -> str:
-    parts = []
-    if index is not None:
-        parts.append(f"row {index}")
-    if source:
-        parts.append(f"of {source}")
-    return " ".join(parts) or "row"
+    if index is None:
+        return source or "row"
+    return f"row {index} of {source}" if source else f"row {index}"
 
 
 def detect_format(columns: Iterable[str], source: str | None = None) -> str:

@@ -45,6 +45,9 @@ DEFAULT_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=64)
 """One prefetch thread: overlaps tokenization with the train step while the
 tokenizer is only ever called from one thread at a time."""
 
+REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+"""Precomputed reference log-probs (DPO) carried from rows into preference batches."""
+
 _LM_FORMATS = (formats.TEXT, formats.MESSAGES, formats.PROMPT_COMPLETION)
 _PROMPT_FORMATS = (formats.PROMPT_ONLY, formats.PROMPT_COMPLETION, formats.PREFERENCE)
 
@@ -165,8 +168,11 @@ def make_preference_pipeline(rows: Any, tokenizer: Any, seq_len: int, batch_size
                              read_options: grain.ReadOptions | None = None,
                              stats: DataStats | None = None) -> PipelineIterator:
     """DPO / reward batches: the LM keys prefixed ``chosen_`` and ``rejected_``,
-    each ``[batch_size, seq_len]``, plus ``margin`` float32 ``[B]`` when the
-    data has a ``margin`` column. No packing.
+    each ``[batch_size, seq_len]``; ``row_index`` int32 ``[B]`` (the source
+    row, -1 for padding rows) and ``pair_mask`` float32 ``[B]`` (0 for
+    padding rows); ``margin`` float32 ``[B]`` when the data has a ``margin``
+    column, and ``ref_chosen_logps``/``ref_rejected_logps`` when it carries
+    precomputed reference log-probs. No packing.
 
     Chosen and rejected rows start with the same prompt ids; the prompt keeps
     its end when longer than ``max_prompt_len`` (default ``seq_len // 2``)
@@ -182,11 +188,19 @@ def make_preference_pipeline(rows: Any, tokenizer: Any, seq_len: int, batch_size
 
     def encode_row(row_index: int, row: Mapping[str, Any]):
         example = formats.normalize_row(row, fmt, row_index, source)
-        return prepare_preference(tokenizer, example, seq_len, max_prompt_len=max_prompt_len,
-                                  overlong=overlong)
+        arrays, events = prepare_preference(tokenizer, example, seq_len, max_prompt_len=max_prompt_len,
+                                            overlong=overlong)
+        if arrays is not None:
+            arrays["row_index"] = np.int32(row_index)
+            arrays["pair_mask"] = np.float32(1.0)
+            for key in REFERENCE_COLUMNS:
+                if row.get(key) is not None:
+                    arrays[key] = np.float32(row[key])
+        return arrays, events
 
     ds = ds.map_with_index(_counted(stats, encode_row))
     fill = {f"{side}_{k}": pad for side in ("chosen", "rejected") for k in ("tokens", "targets")}
+    fill.update(row_index=-1, pair_mask=0.0)
     return _finish(ds, batch_size, read_options, fill, None, stats)
 
 

@@ -25,12 +25,15 @@ Rows = Any
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+_SOURCE_TAG = "jaxpost-source:"
 
 
 def source_name(rows: Rows) -> str | None:
     """The file or dataset name ``rows`` came from, if :func:`load_rows` read it."""
     if isinstance(rows, datasets.Dataset):
-        return rows.info.description or None
+        desc = rows.info.description or ""
+        if desc.startswith(_SOURCE_TAG):
+            return desc[len(_SOURCE_TAG):]
     return None
 
 
@@ -74,7 +77,7 @@ def _looks_like_path(where: str) -> bool:
 def _tag(ds: datasets.Dataset, name: str) -> datasets.Dataset:
     # The description travels with the Dataset (also through select/shuffle),
     # so later errors can name the file a bad row came from.
-    ds.info.description = name
+    ds.info.description = _SOURCE_TAG + name
     return ds
 
 

@@ -157,12 +157,14 @@ def count_loss_tokens(batch: Mapping[str, jax.Array]) -> int:
 
 
 def make_evaluator(eval_step: Callable, make_batches: Callable[[], Iterator], num_batches: int,
-                   frozen: Any = None, weight_key: str = "loss_tokens") -> Callable:
+                   frozen: Any = None) -> Callable:
     """``evaluate(state) -> metrics`` averaged over the first ``num_batches`` held-out batches.
 
-    Metrics are weighted by ``weight_key`` when the step returns it (token
-    means stay exact), else by batch. The held-out iterator starts fresh
-    each time, so every evaluation sees the same examples.
+    Each batch's metrics are weighted by its number of real pairs
+    (``sum(pair_mask)``) for preference batches, by ``loss_tokens`` when the
+    step returns it, else equally, so padding rows of the last batch do not
+    count and token means stay exact. The held-out iterator starts fresh each
+    time, so every evaluation sees the same examples.
     """
     compiled = jax.jit(eval_step)
 
@@ -173,10 +175,13 @@ def make_evaluator(eval_step: Callable, make_batches: Callable[[], Iterator], nu
             if i >= num_batches:
                 break
             m = jax.device_get(compiled(state.params, batch, frozen))
-            w = float(m.get(weight_key, 1.0))
+            if "pair_mask" in batch:
+                w = float(jax.device_get(batch["pair_mask"]).sum())
+            else:
+                w = float(m.get("loss_tokens", 1.0))
             weight_sum += w
             for k, v in m.items():
-                if k != weight_key:
+                if k != "loss_tokens":
                     totals[k] = totals.get(k, 0.0) + float(v) * w
         return {k: v / max(weight_sum, 1e-9) for k, v in totals.items()}
 

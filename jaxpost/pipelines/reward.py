@@ -55,7 +55,7 @@ def reward_model(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, to
     if held_out is not None:
         evaluate = make_evaluator(make_eval_step(loss_fn),
                                   lambda: MeshBatches(pipeline(held_out, num_epochs=1, shuffle=False), part),
-                                  loop.eval_batches, weight_key="pairs")
+                                  loop.eval_batches)
 
     with part.activate():
         state = fit(run_dir=run, loss_fn=loss_fn, params=params, param_shardings=param_shardings, partitioner=part,

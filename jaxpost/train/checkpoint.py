@@ -108,6 +108,7 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
+        """All complete steps on disk, ascending."""
         self._manager.reload()
         return sorted(self._manager.all_steps())
 

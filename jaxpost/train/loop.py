@@ -110,6 +110,9 @@ def train(*, state: TrainState, step_fn: Callable, batches: Iterator, frozen: An
             state, metrics = step_fn(state, batch, frozen)
             step += 1
             interval_steps += 1
+            if "is_finite" not in metrics:
+                raise KeyError("step_fn metrics lack 'is_finite' (the NaN guard needs it); "
+                               "build the step with jaxpost.train.make_train_step")
             pending.append((step, metrics["is_finite"]))
 
             last = step == num_steps

@@ -116,12 +116,14 @@ class MetricsWriter:
             self._wandb.log(values, step=int(step))
 
     def flush(self) -> None:
+        """Push buffered records to disk."""
         if self._jsonl is not None:
             self._jsonl.flush()
         if self._tb is not None:
             self._tb.flush()
 
     def close(self) -> None:
+        """Flush and close every sink; later writes are dropped."""
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
@@ -166,6 +168,7 @@ class ProgressBar:
         self._bar.update(step - self._bar.n)
 
     def close(self) -> None:
+        """Finish the bar."""
         self._bar.close()
 
 
