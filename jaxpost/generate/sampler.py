@@ -39,7 +39,7 @@ from jaxpost.models.api import forward
 from jaxpost.models.attention import KVCache, cache_logical_axes, init_cache
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.heads import logits as lm_logits
-from jaxpost.sharding import Partitioner, constrain
+from jaxpost.sharding import Partitioner, active_partitioner, constrain
 
 
 @gin.configurable
@@ -255,11 +255,15 @@ def sample(graphdef: nnx.GraphDef, params: dict, config: ModelConfig, prompt_tok
     ``P + N`` slots, then a ``lax.while_loop`` of ``T = 1`` forwards that
     exits once every row has stopped. With a ``partitioner`` the batch
     (``B * group_size``, which must divide evenly) is split over the batch
-    mesh axes and the cache is sharded like the activations.
+    mesh axes and the cache is sharded like the activations; with none, the
+    partitioner active at the call (``Partitioner.activate``) is used.
     Compiles once per distinct ``(B, P)``; :class:`Sampler` buckets shapes.
     """
     if config.head != "lm":
         raise ValueError(f"sample needs a model with an LM head; config.head={config.head!r}")
+    # An active partitioner would shape the trace through the model's constraints; making it
+    # the static argument keeps the compiled-function cache honest.
+    partitioner = partitioner if partitioner is not None else active_partitioner()
     check_prompts(prompt_tokens, prompt_mask)
     rows = prompt_tokens.shape[0] * sampling.group_size
     shards = _batch_shards(partitioner)
@@ -330,7 +334,7 @@ class Sampler:
 
     def bucket_batch(self, b: int) -> int:
         """Power of two ``>= b``, rounded up to a multiple of the batch shards."""
-        shards = _batch_shards(self.partitioner)
+        shards = _batch_shards(self.partitioner if self.partitioner is not None else active_partitioner())
         b = 1 << max(0, b - 1).bit_length()
         return -(-b // shards) * shards
 

@@ -1,6 +1,16 @@
 """Runs: one readable script per algorithm, configured by gin (``jaxpost train``)."""
 
 from jaxpost.pipelines.common import LoopConfig, load_model
+from jaxpost.pipelines.dpo import dpo
+from jaxpost.pipelines.reward import reward_model
 from jaxpost.pipelines.sft import sft
 
-__all__ = ["LoopConfig", "load_model", "sft"]
+__all__ = ["LoopConfig", "dpo", "load_model", "reward_model", "sft"]
+
+from jaxpost.pipelines.grpo import grpo  # noqa: E402  (online runs, registered with gin)
+from jaxpost.pipelines.online import OnlineConfig  # noqa: E402
+from jaxpost.pipelines.online_dpo import online_dpo  # noqa: E402
+from jaxpost.pipelines.ppo import ppo  # noqa: E402
+from jaxpost.pipelines.rollout import RolloutConfig  # noqa: E402
+
+__all__ += ["OnlineConfig", "RolloutConfig", "grpo", "online_dpo", "ppo"]

@@ -1,0 +1,150 @@
+"""Online RL algorithms over rollout batches: PPO (policy + value) and GRPO/RLOO.
+
+A rollout batch is the LM batch of prompt + sampled completion (``LM_KEYS``,
+``loss_mask`` = 1 on the sampled completion tokens, the actions) plus what
+the rollout measured before any update (see :data:`ROLLOUT_KEYS`). Every
+per-token array is aligned with ``targets``: entry ``t`` belongs to the
+action ``targets[t]`` taken from the state that ends at ``tokens[t]``.
+
+The math lives in :mod:`jaxpost.losses.ppo` and :mod:`jaxpost.losses.grpo`;
+this module runs the models and feeds it.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import gin
+import jax
+import jax.numpy as jnp
+
+from jaxpost.algorithms.batch import LM_KEYS, check_batch
+from jaxpost.algorithms.lm import lm_token_logprobs
+from jaxpost.losses.grpo import grpo_loss
+from jaxpost.losses.ppo import gae, ppo_policy_loss, ppo_token_rewards, ppo_value_loss
+from jaxpost.losses.stats import masked_mean, whiten
+from jaxpost.models import forward
+from jaxpost.models.config import ModelConfig
+from jaxpost.models.heads import scores as score_head
+
+ROLLOUT_KEYS: Mapping[str, type] = {**LM_KEYS, "old_logp": jnp.float32, "ref_logp": jnp.float32}
+"""A critic-free rollout batch (GRPO/RLOO): the LM keys, ``old_logp`` and
+``ref_logp`` ``[B,L]`` (policy and reference log-probs of ``targets`` at
+sampling time) and ``advantages`` ``[B]``."""
+
+PPO_KEYS: Mapping[str, type] = {**LM_KEYS, "old_logp": jnp.float32, "old_values": jnp.float32,
+                                "advantages": jnp.float32, "returns": jnp.float32}
+"""A PPO batch: the LM keys and ``[B,L]`` ``old_logp``, ``old_values``,
+``advantages`` (whitened GAE) and ``returns`` (GAE returns)."""
+
+
+def token_values(graphdef, params, batch: Mapping) -> jax.Array:
+    """Value-model estimates ``V(s_t)`` ``[B,L]``: the ``score`` head at every position.
+
+    ``V[b, t]`` is read at the last token of the state ``tokens[b, :t+1]``,
+    the same hidden state whose LM head predicts ``targets[b, t]``.
+    """
+    hidden, _ = forward(graphdef, params, batch["tokens"], batch["positions"], batch["segment_ids"])
+    return score_head(params, hidden)
+
+
+def make_rollout_logprobs(graphdef, config: ModelConfig, value_graphdef=None, chunk_size: int = 512):
+    """``measure(policy, reference, value, batch) -> dict`` of ``[B,L]`` rollout quantities.
+
+    ``old_logp = log pi(targets)`` and ``ref_logp = log pi_ref(targets)``
+    from training forwards (not the sampler), so the first update's ratio
+    ``exp(logp - old_logp)`` is exactly 1; ``old_values`` from the value
+    model when ``value_graphdef`` is given (``value`` may be None
+    otherwise); ``token_entropy`` of the policy. All zero outside
+    ``loss_mask``. Pure; jit it.
+    """
+    def measure(policy, reference, value, batch):
+        mask = batch["loss_mask"]
+        logp, ent = lm_token_logprobs(graphdef, config, policy, batch, chunk_size=chunk_size, return_entropy=True)
+        ref = lm_token_logprobs(graphdef, config, reference, batch, chunk_size=chunk_size)
+        out = {"old_logp": logp * mask, "ref_logp": ref * mask, "token_entropy": ent * mask}
+        if value_graphdef is not None:
+            out["old_values"] = token_values(value_graphdef, value, batch) * mask
+        return out
+
+    return measure
+
+
+def ppo_advantages(old_logp, ref_logp, old_values, scores, mask, kl_coef, *, kl_estimator: str = "k1",
+                   gamma: float = 1.0, lam: float = 0.95, whiten_rewards: bool = False,
+                   whiten_advantages: bool = True):
+    """Per-token rewards, GAE and whitening of one rollout batch (TRL's PPO recipe).
+
+    ``rewards = -kl_coef * kl_estimator(old_logp, ref_logp) + score at the last token``
+    (:func:`ppo_token_rewards`; ``scores`` ``[B]`` already carry any
+    missing-EOS penalty), optionally whitened without shifting the mean;
+    ``adv, returns = gae(rewards, old_values, mask, gamma, lam)``; ``adv``
+    whitened over all masked tokens of the batch when ``whiten_advantages``.
+
+    Returns ``(advantages [B,L], returns [B,L], metrics)``; metrics are those
+    of :func:`ppo_token_rewards` (``objective/kl``, ``objective/scores``,
+    ``objective/non_score_reward``, ``objective/rlhf_reward``).
+    """
+    rewards, metrics = ppo_token_rewards(old_logp, ref_logp, scores, mask, kl_coef, kl_estimator)
+    if whiten_rewards:
+        rewards = whiten(rewards, mask, shift_mean=False)
+    adv, returns = gae(rewards, old_values, mask, gamma, lam)
+    if whiten_advantages:
+        adv = whiten(adv, mask)
+    return adv, returns, metrics
+
+
+@gin.configurable(denylist=["graphdef", "config", "value_graphdef"])
+def make_ppo_loss(graphdef, config: ModelConfig, value_graphdef, clip_eps: float = 0.2,
+                  clip_eps_high: float | None = None, vf_coef: float = 0.1, value_clip: float = 0.2,
+                  chunk_size: int = 512):
+    """``loss(params, batch, frozen)`` with ``params = {"policy": ..., "value": ...}``.
+
+    ``loss = ppo_policy_loss(logp, old_logp, advantages) + vf_coef * ppo_value_loss(V, old_values, returns)``,
+    both token means over ``loss_mask`` (clip ranges ``clip_eps`` /
+    ``clip_eps_high`` for the ratio, ``value_clip`` for the value). Batch
+    spec :data:`PPO_KEYS`. Metrics (TRL names): ``loss/policy``,
+    ``loss/value``, ``policy/approxkl``, ``policy/clipfrac``,
+    ``policy/entropy`` (token mean), ``val/clipfrac``, ``val/vpred``,
+    ``val/ratio``, ``loss_tokens``.
+    """
+    def loss_fn(params, batch, frozen=None):
+        check_batch(batch, PPO_KEYS, "PPO")
+        mask = batch["loss_mask"]
+        logp, ent = lm_token_logprobs(graphdef, config, params["policy"], batch, chunk_size=chunk_size,
+                                      return_entropy=True)
+        values = token_values(value_graphdef, params["value"], batch)
+        pl, pm = ppo_policy_loss(logp, batch["old_logp"], batch["advantages"], mask, clip_eps, clip_eps_high)
+        vl, vm = ppo_value_loss(values, batch["old_values"], batch["returns"], mask, value_clip)
+        loss = pl + vf_coef * vl
+        metrics = {**pm, **vm, "loss": loss, "policy/entropy": masked_mean(ent, mask)}
+        return loss, metrics
+
+    return loss_fn
+
+
+@gin.configurable(denylist=["graphdef", "config"])
+def make_grpo_loss(graphdef, config: ModelConfig, clip_eps_low: float = 0.2, clip_eps_high: float | None = None,
+                   beta: float = 0.0, aggregation: str = "sequence", max_len: int | None = None,
+                   chunk_size: int = 512):
+    """``loss(params, batch, frozen)`` = :func:`grpo_loss` of the policy on a rollout batch.
+
+    Batch spec :data:`ROLLOUT_KEYS` plus ``advantages`` ``[B]`` (GRPO,
+    Dr. GRPO or RLOO, computed per rollout). ``beta`` weighs the k3 KL to
+    the reference (``ref_logp``); ``aggregation`` is ``sequence``, ``token``
+    or ``dr_grpo`` (normaliser ``B * max_len``: set ``max_len`` to the
+    generation budget). Metrics: those of :func:`grpo_loss` plus
+    ``policy/approxkl`` (``0.5 * mean_mask((logp - old_logp)^2)``).
+    """
+    def loss_fn(params, batch, frozen=None):
+        check_batch(batch, {**ROLLOUT_KEYS, "advantages": jnp.float32}, "GRPO")
+        mask = batch["loss_mask"]
+        logp = lm_token_logprobs(graphdef, config, params, batch, chunk_size=chunk_size)
+        loss, metrics = grpo_loss(logp, batch["old_logp"], batch["ref_logp"], batch["advantages"], mask,
+                                  clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high, beta=beta,
+                                  aggregation=aggregation, max_len=max_len)
+        d = jnp.where(mask != 0, logp - batch["old_logp"], 0.0)
+        metrics["policy/approxkl"] = 0.5 * masked_mean(jnp.square(d), mask)
+        return loss, metrics
+
+    return loss_fn

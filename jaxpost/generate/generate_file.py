@@ -1,0 +1,140 @@
+"""Prompt file in, completions file out: the body of ``jaxpost generate``.
+
+Input: JSON lines, one object per line, with a ``prompt`` that is either a
+string or a conversation (a list of ``{"role", "content"}`` messages).
+Prompts are encoded as training encodes them
+(:func:`jaxpost.data.encode.encode_prompt`): plain ``[bos] + tok(prompt)``;
+conversational through the tokenizer's chat template with
+``add_generation_prompt=True``.
+
+Output: one JSON line per completion, ``n_samples_per_prompt`` lines per
+prompt in input order: every field of the input row, plus ``prompt`` (as
+given), ``completion`` (decoded text, without the stop token and without
+special tokens) and ``sample_index`` (0..n-1); these three override input
+fields of the same name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import gin
+import jax
+import numpy as np
+
+from jaxpost.data.encode import encode_prompt
+from jaxpost.data.tokenizer import load_tokenizer, stop_token_ids
+from jaxpost.generate.sampler import Sampler, SamplingConfig, left_pad
+
+
+def read_prompts(path: str | os.PathLike, prompt_field: str = "prompt") -> Iterator[tuple[int, dict]]:
+    """Yields ``(line number, row)`` for each non-blank line of a JSON-lines file.
+
+    Raises ``ValueError("<path>:<line>: ...")`` for malformed JSON, a
+    non-object line, or a missing / ill-typed ``prompt_field``.
+    """
+    path = Path(path)
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            if prompt_field not in row:
+                raise ValueError(f"{path}:{lineno}: no {prompt_field!r} field (fields: {sorted(row)})")
+            prompt = row[prompt_field]
+            conversational = isinstance(prompt, list) and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in prompt)
+            if not (isinstance(prompt, str) or (conversational and prompt)):
+                raise ValueError(f"{path}:{lineno}: {prompt_field!r} must be a string or a non-empty list of "
+                                 f"{{'role': str, 'content': str}} messages, got {str(prompt)[:80]!r}")
+            yield lineno, row
+
+
+def _load_model(model: Any, partitioner):
+    if isinstance(model, (str, os.PathLike)):
+        from jaxpost.models.hf import load_hf
+        return load_hf(model, partitioner=partitioner)
+    if isinstance(model, tuple) and len(model) == 3:
+        return model
+    raise TypeError(f"model must be a Hugging Face checkpoint directory or a (config, graphdef, params) "
+                    f"tuple, got {type(model).__name__}")
+
+
+def _decode(tokenizer, ids: np.ndarray, length: int, finished: bool) -> str:
+    n = int(length) - (1 if finished else 0)  # a finished row's last token is its stop token
+    return tokenizer.decode([int(t) for t in ids[:n]], skip_special_tokens=True)
+
+
+@gin.configurable
+def generate_to_jsonl(model: Any, tokenizer: Any, prompts_path: str | os.PathLike, out_path: str | os.PathLike,
+                      sampling: SamplingConfig = SamplingConfig(), n_samples_per_prompt: int = 1,
+                      batch_size: int = 8, seed: int = 0, partitioner=None, prompt_field: str = "prompt",
+                      max_prompt_length: int | None = None) -> int:
+    """Samples ``n_samples_per_prompt`` completions per prompt of a JSON-lines file; returns rows written.
+
+    ``model``: a local Hugging Face checkpoint directory (read with
+    :func:`jaxpost.models.hf.load_hf`) or a ``(config, graphdef, params)``
+    tuple. ``tokenizer``: a tokenizer object or a directory. With
+    ``sampling.stop_token_ids`` empty the tokenizer's stop ids (eos and
+    end-of-turn) are used. Prompts go ``batch_size`` at a time through one
+    bucketed :class:`Sampler` (``group_size = n_samples_per_prompt``); batch
+    ``k`` uses the key ``fold_in(PRNGKey(seed), k)``, so a file and a seed
+    give the same output every time. A prompt longer than
+    ``max_prompt_length`` tokens raises naming its line.
+    """
+    if n_samples_per_prompt < 1 or batch_size < 1:
+        raise ValueError(f"n_samples_per_prompt ({n_samples_per_prompt}) and batch_size ({batch_size}) must be >= 1")
+    config, graphdef, params = _load_model(model, partitioner)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer)
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}")
+    stops = sampling.stop_token_ids or tuple(stop_token_ids(tokenizer))
+    sampling = sampling.replace(group_size=n_samples_per_prompt, stop_token_ids=stops)
+    sampler = Sampler(graphdef, config, sampling, partitioner=partitioner)
+    key = jax.random.PRNGKey(seed)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with out_path.open("w", encoding="utf-8") as out:
+        def flush(batch: list[tuple[dict, np.ndarray]], index: int) -> int:
+            tokens, mask = left_pad([ids for _, ids in batch], pad_token_id=sampling.pad_token_id)
+            res = jax.device_get(sampler(params, tokens, mask, jax.random.fold_in(key, index)))
+            n = 0
+            for b, (row, _) in enumerate(batch):
+                for g in range(n_samples_per_prompt):
+                    r = b * n_samples_per_prompt + g
+                    text = _decode(tokenizer, res.tokens[r], res.lengths[r], bool(res.finished[r]))
+                    record = {**row, "prompt": row[prompt_field], "completion": text, "sample_index": g}
+                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    n += 1
+            return n
+
+        batch: list[tuple[dict, np.ndarray]] = []
+        n_batches = 0
+        for lineno, row in read_prompts(prompts_path, prompt_field):
+            try:
+                ids = encode_prompt(tokenizer, row[prompt_field])
+            except Exception as e:
+                raise ValueError(f"{prompts_path}:{lineno}: cannot encode the prompt: {e}") from e
+            if len(ids) == 0:
+                raise ValueError(f"{prompts_path}:{lineno}: the prompt encodes to no tokens")
+            if max_prompt_length is not None and len(ids) > max_prompt_length:
+                raise ValueError(f"{prompts_path}:{lineno}: prompt has {len(ids)} tokens, more than "
+                                 f"max_prompt_length={max_prompt_length}")
+            batch.append((row, ids))
+            if len(batch) == batch_size:
+                written += flush(batch, n_batches)
+                batch, n_batches = [], n_batches + 1
+        if batch:
+            written += flush(batch, n_batches)
+    return written

@@ -1,0 +1,158 @@
+"""Python reward functions for online RL (GRPO/RLOO/PPO) and filtering, selected by name.
+
+Contract of a reward function::
+
+    fn(prompts: list[str], completions: list[str], **row_fields) -> list[float]
+
+One call scores a batch. ``prompts[i]`` and ``completions[i]`` are the
+decoded prompt and completion of sample ``i``; every other column of the
+prompt dataset arrives as a keyword argument holding a list aligned with
+``completions`` (e.g. ``answer=[...]``), so a prompt sampled G times has its
+fields repeated G times. Functions take ``**_`` and ignore fields they do not
+use; a field they need but do not get raises ``KeyError`` naming it. The
+result has one finite float per completion.
+
+Register with ``@register_reward("name")``; pick by name with
+:func:`get_reward` or, in gin, ``make_reward.names = ["arithmetic", "format"]``
+(a weighted sum of several rewards).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Callable, Sequence
+
+import gin
+
+RewardFn = Callable[..., list[float]]
+REWARDS: dict[str, RewardFn] = {}
+
+_INT = re.compile(r"[-+]?\d+")
+
+
+def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
+    """Decorator adding ``fn`` to :data:`REWARDS` under ``name`` (a duplicate name raises)."""
+    def add(fn: RewardFn) -> RewardFn:
+        if name in REWARDS:
+            raise ValueError(f"reward {name!r} is already registered ({REWARDS[name].__module__}."
+                             f"{REWARDS[name].__name__})")
+        REWARDS[name] = fn
+        return fn
+    return add
+
+
+def get_reward(name: str) -> RewardFn:
+    """The registered reward function ``name`` (``KeyError`` lists the known names)."""
+    if name not in REWARDS:
+        raise KeyError(f"unknown reward {name!r}; registered: {sorted(REWARDS)}")
+    return REWARDS[name]
+
+
+def _field(fields: dict, name: str, n: int, reward: str) -> list:
+    if name not in fields:
+        raise KeyError(f"reward {reward!r} needs the row field {name!r}; got fields {sorted(fields)}")
+    values = list(fields[name])
+    if len(values) != n:
+        raise ValueError(f"reward {reward!r}: field {name!r} has {len(values)} values for {n} completions")
+    return values
+
+
+def first_integer(text: str) -> int | None:
+    """The first (optionally signed) integer written in ``text``, or None. ``"x = -12."`` -> -12."""
+    m = _INT.search(text)
+    return int(m.group()) if m else None
+
+
+def _normalise(text) -> str:
+    return " ".join(str(text).split()).lower()
+
+
+@register_reward("exact_match")
+def exact_match(prompts: list[str], completions: list[str], answer: Sequence | None = None, **fields
+                ) -> list[float]:
+    """1.0 where the completion equals the row's ``answer`` (case and whitespace folded), else 0.0."""
+    answers = _field({"answer": answer} if answer is not None else fields, "answer", len(completions),
+                     "exact_match")
+    return [float(_normalise(c) == _normalise(a)) for c, a in zip(completions, answers)]
+
+
+@register_reward("arithmetic")
+def arithmetic(prompts: list[str], completions: list[str], answer: Sequence | None = None, **fields
+               ) -> list[float]:
+    """1.0 where the completion's first integer equals the row's integer ``answer``, else 0.0.
+
+    The toy task of the demo ("12+7=" -> "19"); a completion with no
+    integer scores 0.
+    """
+    answers = _field({"answer": answer} if answer is not None else fields, "answer", len(completions),
+                     "arithmetic")
+    out = []
+    for i, (c, a) in enumerate(zip(completions, answers)):
+        try:
+            want = int(a)
+        except (TypeError, ValueError):
+            raise ValueError(f"reward 'arithmetic': answer {a!r} of completion {i} is not an integer") from None
+        got = first_integer(c)
+        out.append(float(got is not None and got == want))
+    return out
+
+
+@gin.configurable
+def format_reward(prompts: list[str], completions: list[str], pattern: str = r"^\s*[-+]?\d+\s*$", **_
+                  ) -> list[float]:
+    """1.0 where the whole completion matches the regex ``pattern`` (``re.fullmatch``), else 0.0.
+
+    The default pattern accepts a bare integer (optionally surrounded by
+    whitespace): the answer format of the arithmetic task.
+    """
+    rx = re.compile(pattern, re.DOTALL)
+    return [float(rx.fullmatch(c) is not None) for c in completions]
+
+
+register_reward("format")(format_reward)
+
+
+@gin.configurable
+def length_reward(prompts: list[str], completions: list[str], target_chars: int = 64, **_) -> list[float]:
+    """``-|len(completion) - target_chars| / target_chars``: 0 at the target length, negative away from it."""
+    if target_chars <= 0:
+        raise ValueError(f"length_reward: target_chars must be > 0, got {target_chars}")
+    return [-abs(len(c) - target_chars) / target_chars for c in completions]
+
+
+register_reward("length")(length_reward)
+
+
+@gin.configurable
+def make_reward(names: str | Sequence[str] = ("arithmetic",), weights: Sequence[float] | None = None
+                ) -> RewardFn:
+    """A reward function ``sum_k weights[k] * REWARDS[names[k]](...)`` (weights default to 1).
+
+    The result obeys the same contract; each term is checked to return one
+    finite float per completion, with an error naming the reward.
+    """
+    names = [names] if isinstance(names, str) else list(names)
+    if not names:
+        raise ValueError("make_reward needs at least one reward name")
+    fns = [get_reward(n) for n in names]
+    weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(names):
+        raise ValueError(f"make_reward: {len(weights)} weights for {len(names)} rewards {names}")
+
+    def combined(prompts: list[str], completions: list[str], **row_fields) -> list[float]:
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
+        total = [0.0] * len(completions)
+        for name, fn, w in zip(names, fns, weights):
+            values = list(fn(prompts, completions, **row_fields))
+            if len(values) != len(completions):
+                raise ValueError(f"reward {name!r} returned {len(values)} values for {len(completions)} completions")
+            bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+            if bad:
+                raise ValueError(f"reward {name!r} returned non-finite values at {bad[:8]}")
+            total = [t + w * float(v) for t, v in zip(total, values)]
+        return total
+
+    combined.__name__ = "+".join(names)
+    return combined

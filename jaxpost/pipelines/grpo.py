@@ -1,0 +1,105 @@
+"""GRPO, Dr. GRPO and RLOO (critic-free online RL), start to finish.
+
+    jaxpost train --gin_file=configs/algorithms/grpo.gin --gin_file=my_experiment.gin
+
+Per rollout: ``group_size`` completions of every prompt, scored by reward
+functions (or a reward model); group-relative advantages (``grpo``:
+``(r - mean_g) / (std_g + eps)``; ``dr_grpo``: ``r - mean_g``; ``rloo``:
+leave-one-out ``r - mean_{j != i} r_j``); then ``num_iterations`` (mu)
+passes of shuffled minibatch updates with the clipped surrogate of
+:func:`jaxpost.losses.grpo_loss` (asymmetric clipping, optional k3 KL to the
+frozen reference with weight ``beta``, aggregation configured on
+``make_grpo_loss``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import gin
+import jax
+import numpy as np
+
+from jaxpost import models
+from jaxpost.algorithms import LM_KEYS
+from jaxpost.algorithms.online import make_grpo_loss
+from jaxpost.data import load_rows, load_tokenizer, make_prompt_pipeline
+from jaxpost.losses.grpo import group_advantages, rloo_advantages
+from jaxpost.models.config import ModelConfig
+from jaxpost.pipelines.common import export, load_model, prepare_run_dir, write_operative_config, write_summary
+from jaxpost.pipelines.online import (OnlineConfig, OnlineTrainer, check_single_process, minibatch_orders,
+                                      rollout_rng)
+from jaxpost.pipelines.rollout import Roller, RolloutConfig
+from jaxpost.pipelines.scorers import make_scorer
+from jaxpost.sharding import Partitioner
+
+ADVANTAGES = ("grpo", "dr_grpo", "rloo")
+
+
+def compute_advantages(scores: np.ndarray, group_size: int, kind: str) -> np.ndarray:
+    """``[B*G]`` advantages of the scores of contiguous groups; see the module docstring for ``kind``."""
+    if kind == "rloo":
+        return np.asarray(rloo_advantages(scores, group_size))
+    if kind in ("grpo", "dr_grpo"):
+        return np.asarray(group_advantages(scores, group_size, scale=kind == "grpo"))
+    raise ValueError(f"Unknown advantage estimator {kind!r}; choose one of {ADVANTAGES}")
+
+
+@gin.configurable
+def grpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: str = gin.REQUIRED,
+         model: ModelConfig | None = None, init_from: str | None = None, advantage: str = "grpo",
+         rollout: RolloutConfig = RolloutConfig(group_size=8), online: OnlineConfig = OnlineConfig(),
+         num_iterations: int = 1, minibatch_size: int | None = None) -> dict:
+    """Trains a policy with GRPO/RLOO from prompt-only data; exports ``run_dir/final``.
+
+    ``advantage``: ``grpo``, ``dr_grpo`` or ``rloo``. The reference (for
+    ``beta`` and the logged ``objective/kl``) is a frozen copy of the
+    initial policy. Summary: the last rollout's metrics.
+    """
+    check_single_process("GRPO")
+    if advantage not in ADVANTAGES:
+        raise ValueError(f"Unknown advantage estimator {advantage!r}; choose one of {ADVANTAGES}")
+    if rollout.group_size < 2:
+        raise ValueError(f"{advantage} needs RolloutConfig.group_size >= 2, got {rollout.group_size}")
+    run = prepare_run_dir(run_dir)
+    part = Partitioner()
+    tok = load_tokenizer(tokenizer)
+    config, graphdef, params = load_model(model, init_from, part, seed=online.seed)
+    reference = jax.tree.map(lambda x: x.copy(), params)  # the train step donates the policy's buffers
+    param_shardings = part.shardings(models.logical_axes(config), params)
+
+    rows_per_rollout = online.prompts_per_rollout * rollout.group_size
+    minibatch_size = minibatch_size or rows_per_rollout
+    updates = online.num_rollouts * num_iterations * (rows_per_rollout // minibatch_size)
+    loss_fn = make_grpo_loss(graphdef, config, max_len=rollout.max_new_tokens)
+    trainer = OnlineTrainer(run, loss_fn, params, param_shardings, part, online, total_updates=updates)
+    roller = Roller(graphdef, config, tok, part, make_scorer(part, policy_vocab_size=config.vocab_size), rollout)
+    prompts = make_prompt_pipeline(load_rows(train_data), tok, online.max_prompt_len, online.prompts_per_rollout,
+                                   online.seed, num_epochs=None)
+    extras = trainer.restore(prompts) or {"rollout": 0}
+    record: dict = {}
+    try:
+        with part.activate():
+            for i in range(extras["rollout"], online.num_rollouts):
+                start = time.perf_counter()
+                r = roller(trainer.state.params, reference, None, next(prompts), rollout_rng(online.seed, i))
+                adv = compute_advantages(r.scores, rollout.group_size, advantage)
+                batch = {k: r.batch[k] for k in (*LM_KEYS, "old_logp", "ref_logp")}
+                batch["advantages"] = jax.device_put(adv, part.batch_sharding(1))
+                train = trainer.update(batch, minibatch_orders(rows_per_rollout, minibatch_size, num_iterations,
+                                                               online.seed, i))
+                groups = r.scores.reshape(-1, rollout.group_size)
+                extras = {"rollout": i + 1}
+                seconds = time.perf_counter() - start
+                record = {**r.metrics, **train, "reward/std_within_group": float(groups.std(axis=1).mean()),
+                          "reward/zero_std_fraction": float((groups.std(axis=1) == 0).mean()),
+                          "time/rollout_s": seconds, "time/generate_fraction": r.metrics["time/generate_s"] / seconds}
+                trainer.log(i + 1, record)
+                trainer.save(i + 1, prompts, extras)
+    finally:
+        trainer.close()
+    write_operative_config(run)
+    export(run, config, trainer.state.params, tok)
+    summary = {"rollout": extras["rollout"], "step": int(trainer.state.step), **record}
+    write_summary(run, summary)
+    return summary

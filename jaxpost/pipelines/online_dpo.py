@@ -1,0 +1,120 @@
+"""Online DPO, start to finish: DPO on fresh pairs sampled from the current policy.
+
+    jaxpost train --gin_file=configs/algorithms/online_dpo.gin --gin_file=my_experiment.gin
+
+Per round: ``group_size >= 2`` completions of every prompt from the current
+policy, ranked by the reward model or reward functions; the best and the
+worst completion of each prompt form a (chosen, rejected) pair (prompts
+whose completions all score the same are skipped); then ``updates_per_round``
+DPO steps (the loss ``make_dpo_loss`` is gin-configured with; reference =
+the initial policy) on the fresh pairs.
+"""
+
+from __future__ import annotations
+
+import time
+
+import gin
+import jax
+import numpy as np
+
+from jaxpost import models
+from jaxpost.algorithms import LM_KEYS, make_dpo_loss
+from jaxpost.data import load_rows, load_tokenizer, make_prompt_pipeline
+from jaxpost.models.config import ModelConfig
+from jaxpost.pipelines.common import (export, load_model, on_mesh, prepare_run_dir, write_operative_config,
+                                      write_summary)
+from jaxpost.pipelines.online import (OnlineConfig, OnlineTrainer, check_single_process, minibatch_orders,
+                                      rollout_rng)
+from jaxpost.pipelines.rollout import Roller, RolloutConfig
+from jaxpost.pipelines.scorers import make_scorer
+from jaxpost.sharding import Partitioner
+
+
+def best_worst_pairs(scores: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(chosen, rejected, valid)`` row indices ``[num_prompts]`` into ``scores`` ``[num_prompts * G]``.
+
+    For group ``g`` (rows ``g*G .. g*G+G-1``): ``chosen = argmax``,
+    ``rejected = argmin`` (first occurrence on ties), ``valid = max > min``
+    (a group whose scores are all equal gives no preference and is skipped).
+    """
+    s = np.asarray(scores, np.float64)
+    if group_size < 2 or s.ndim != 1 or s.shape[0] % group_size:
+        raise ValueError(f"scores of shape {s.shape} cannot form pairs from groups of group_size={group_size} "
+                         "(need group_size >= 2 dividing the number of scores)")
+    g = s.reshape(-1, group_size)
+    base = np.arange(g.shape[0]) * group_size
+    return (base + g.argmax(1)).astype(np.int32), (base + g.argmin(1)).astype(np.int32), g.max(1) > g.min(1)
+
+
+def pair_batch(host: dict[str, np.ndarray], chosen: np.ndarray, rejected: np.ndarray, valid: np.ndarray
+               ) -> dict[str, np.ndarray]:
+    """Preference batch (``PREFERENCE_KEYS`` + ``pair_mask``) from rollout rows picked as pairs."""
+    out = {f"chosen_{k}": host[k][chosen] for k in LM_KEYS}
+    out.update({f"rejected_{k}": host[k][rejected] for k in LM_KEYS})
+    out["pair_mask"] = valid.astype(np.float32)
+    return out
+
+
+@gin.configurable
+def online_dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: str = gin.REQUIRED,
+               model: ModelConfig | None = None, init_from: str | None = None,
+               rollout: RolloutConfig = RolloutConfig(group_size=2), online: OnlineConfig = OnlineConfig(),
+               updates_per_round: int = 1, minibatch_size: int | None = None) -> dict:
+    """Trains a policy with online DPO; exports ``run_dir/final``.
+
+    ``updates_per_round`` shuffled passes over each round's pairs, in
+    minibatches of ``minibatch_size`` pairs (default: all). A round with no
+    valid pair makes no update (``pairs/valid_fraction`` = 0). Summary: the
+    last round's metrics.
+    """
+    check_single_process("Online DPO")
+    if rollout.group_size < 2:
+        raise ValueError(f"online DPO needs RolloutConfig.group_size >= 2, got {rollout.group_size}")
+    run = prepare_run_dir(run_dir)
+    part = Partitioner()
+    tok = load_tokenizer(tokenizer)
+    config, graphdef, params = load_model(model, init_from, part, seed=online.seed)
+    param_shardings = part.shardings(models.logical_axes(config), params)
+    reference = jax.tree.map(lambda x: x.copy(), params)  # the train step donates the policy's buffers
+    loss_fn = make_dpo_loss(graphdef, config)
+    frozen = frozen_shardings = None
+    if loss_fn.needs_reference:
+        frozen, frozen_shardings = {"reference": reference}, {"reference": param_shardings}
+
+    pairs = online.prompts_per_rollout
+    minibatch_size = minibatch_size or pairs
+    updates = online.num_rollouts * updates_per_round * (pairs // minibatch_size)
+    trainer = OnlineTrainer(run, loss_fn, params, param_shardings, part, online, total_updates=updates,
+                            frozen=frozen, frozen_shardings=frozen_shardings)
+    roller = Roller(graphdef, config, tok, part, make_scorer(part, policy_vocab_size=config.vocab_size), rollout)
+    prompts = make_prompt_pipeline(load_rows(train_data), tok, online.max_prompt_len, online.prompts_per_rollout,
+                                   online.seed, num_epochs=None)
+    extras = trainer.restore(prompts) or {"rollout": 0}
+    record: dict = {}
+    try:
+        with part.activate():
+            for i in range(extras["rollout"], online.num_rollouts):
+                start = time.perf_counter()
+                r = roller(trainer.state.params, reference, None, next(prompts), rollout_rng(online.seed, i))
+                chosen, rejected, valid = best_worst_pairs(r.scores, rollout.group_size)
+                train = {}
+                if valid.any():
+                    batch = on_mesh(pair_batch(r.host, chosen, rejected, valid), part)
+                    train = trainer.update(batch, minibatch_orders(pairs, minibatch_size, updates_per_round,
+                                                                   online.seed, i))
+                extras = {"rollout": i + 1}
+                seconds = time.perf_counter() - start
+                record = {**r.metrics, **train, "pairs/valid_fraction": float(valid.mean()),
+                          "pairs/score_gap": float((r.scores[chosen] - r.scores[rejected])[valid].mean())
+                          if valid.any() else 0.0,
+                          "time/rollout_s": seconds, "time/generate_fraction": r.metrics["time/generate_s"] / seconds}
+                trainer.log(i + 1, record)
+                trainer.save(i + 1, prompts, extras)
+    finally:
+        trainer.close()
+    write_operative_config(run)
+    export(run, config, trainer.state.params, tok)
+    summary = {"rollout": extras["rollout"], "step": int(trainer.state.step), **record}
+    write_summary(run, summary)
+    return summary

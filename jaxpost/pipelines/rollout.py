@@ -1,0 +1,181 @@
+"""Rollouts for online runs: sample, decode, score, and measure log-probs and values.
+
+One rollout turns a batch of left-padded prompts into training rows::
+
+    slot      0 .. P-1                    P .. P+N-1
+    tokens    [pad .. pad, prompt]        completion (pad after the stop token)
+    segment   0 .. 0, 1 .. 1              1 up to and including the stop token, then 0
+    loss_mask 1 at t = P-1 .. P+N-2 where targets[t] is a completion token
+
+the same layout the sampler's KV cache used, so the training forward
+reproduces the sampler's log-probs. Scores come from a scorer
+(:mod:`jaxpost.pipelines.scorers`); ``old_logp``/``ref_logp``/``old_values``
+from training forwards (:func:`jaxpost.algorithms.online.make_rollout_logprobs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import gin
+import jax
+import numpy as np
+
+from jaxpost.algorithms.online import make_rollout_logprobs
+from jaxpost.data.encode import pad_id
+from jaxpost.data.tokenizer import stop_token_ids
+from jaxpost.generate.sampler import Sampler, SamplingConfig
+from jaxpost.models.config import ModelConfig
+from jaxpost.pipelines.common import on_mesh
+from jaxpost.sharding import Partitioner
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """How completions are sampled and scored.
+
+    ``group_size`` completions per prompt (GRPO/RLOO groups, online DPO
+    candidates). ``missing_eos_penalty`` (TRL): subtracted from the score of
+    every completion that hit ``max_new_tokens`` without a stop token
+    (None = no penalty). ``stop_token_ids`` end a completion (None: the
+    tokenizer's eos and end-of-turn tokens). Log-probs are those of the untempered model (the
+    sampler's ``logprobs``); with ``temperature != 1`` the samples come from
+    the tempered distribution, so keep ``temperature = 1`` for exact
+    on-policy ratios.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    group_size: int = 1
+    missing_eos_penalty: float | None = None
+    stop_token_ids: tuple[int, ...] | None = None
+    chunk_size: int = 512
+
+
+@dataclasses.dataclass
+class Rollout:
+    """One rollout batch; every per-completion entry has ``B = prompts * group_size`` rows.
+
+    ``batch``: LM keys (``tokens, positions, segment_ids, targets,
+    loss_mask`` ``[B, P+N]``) as global arrays on the mesh, plus the
+    measured ``old_logp``, ``ref_logp``, ``token_entropy`` and (PPO)
+    ``old_values``. ``host``: the LM keys as numpy. ``scores`` float32 ``[B]``
+    after the missing-EOS penalty, ``raw_scores`` before it; ``finished``
+    bool ``[B]``: the completion ended with a stop token.
+    """
+
+    batch: dict[str, jax.Array]
+    host: dict[str, np.ndarray]
+    completions: list[str]
+    prompts: list[Any]
+    rows: list[Any]
+    finished: np.ndarray
+    scores: np.ndarray | None = None
+    raw_scores: np.ndarray | None = None
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def rollout_sequences(prompt_tokens: np.ndarray, prompt_mask: np.ndarray, completion_tokens: np.ndarray,
+                      completion_mask: np.ndarray, pad: int) -> dict[str, np.ndarray]:
+    """Prompt ``[B,P]`` (left-padded) + completion ``[B,N]`` -> LM arrays ``[B, P+N]``.
+
+    ``segment_ids = [prompt_mask, completion_mask]`` (1 = real);
+    ``positions = cumsum(segment_ids) - 1`` on real tokens, 0 on padding;
+    ``targets[t] = tokens[t+1]`` when ``t`` and ``t+1`` are real, else ``pad``;
+    ``loss_mask[t] = completion_mask[t+1-P]`` (1 where ``targets[t]`` is a
+    sampled completion token, the stop token included).
+    """
+    B, P = prompt_tokens.shape
+    if completion_tokens.shape[0] != B or completion_mask.shape != completion_tokens.shape:
+        raise ValueError(f"completion_tokens {completion_tokens.shape} and completion_mask {completion_mask.shape} "
+                         f"must be [B={B}, N]")
+    seg = np.concatenate([prompt_mask != 0, completion_mask != 0], axis=1)
+    tokens = np.where(seg, np.concatenate([prompt_tokens, completion_tokens], axis=1), pad).astype(np.int32)
+    positions = np.where(seg, np.cumsum(seg, axis=1) - 1, 0).astype(np.int32)
+    nxt = seg & np.concatenate([seg[:, 1:], np.zeros((B, 1), bool)], axis=1)  # t and t+1 in the one segment
+    targets = np.where(nxt, np.concatenate([tokens[:, 1:], np.full((B, 1), pad, np.int32)], axis=1), pad)
+    comp = np.concatenate([np.zeros((B, P), bool), completion_mask != 0], axis=1)
+    loss_mask = np.concatenate([comp[:, 1:], np.zeros((B, 1), bool)], axis=1)
+    return {"tokens": tokens, "positions": positions, "segment_ids": seg.astype(np.int32),
+            "targets": targets.astype(np.int32), "loss_mask": loss_mask.astype(np.float32)}
+
+
+def decode_completions(tokenizer: Any, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
+    """Text of each completion's masked tokens, special tokens (stop tokens) dropped."""
+    return [tokenizer.decode([int(t) for t, m in zip(row, mrow) if m], skip_special_tokens=True)
+            for row, mrow in zip(tokens, mask)]
+
+
+def check_prompt_batch(batch: dict) -> None:
+    """Raises naming the rows of a prompt batch that hold no prompt (padding rows)."""
+    empty = np.flatnonzero(~np.asarray(batch["prompt_mask"]).astype(bool).any(-1))
+    if empty.size:
+        raise ValueError(f"prompt batch rows {empty.tolist()} are padding (no prompt tokens); online runs read "
+                         "prompts forever (num_epochs=None), so every batch must be full")
+
+
+class Roller:
+    """Samples completions for prompt batches and measures them; compiled once per shape.
+
+    ``roller(policy, reference, value, prompt_batch, rng) -> Rollout`` with
+    ``prompt_batch`` from :func:`jaxpost.data.make_prompt_pipeline` and
+    ``value`` the value-model params (PPO) or None.
+    """
+
+    def __init__(self, graphdef, config: ModelConfig, tokenizer: Any, partitioner: Partitioner,
+                 scorer: Callable[[Rollout], np.ndarray], rollout: RolloutConfig, value_graphdef=None):
+        self.tokenizer, self.partitioner, self.scorer, self.cfg = tokenizer, partitioner, scorer, rollout
+        self.pad = pad_id(tokenizer)
+        stops = rollout.stop_token_ids if rollout.stop_token_ids is not None else stop_token_ids(tokenizer)
+        sampling = SamplingConfig(max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
+                                  top_k=rollout.top_k, top_p=rollout.top_p,
+                                  stop_token_ids=tuple(stops), pad_token_id=self.pad,
+                                  group_size=rollout.group_size)
+        self.sampler = Sampler(graphdef, config, sampling, partitioner)
+        self._measure = jax.jit(make_rollout_logprobs(graphdef, config, value_graphdef, rollout.chunk_size))
+        self.has_value = value_graphdef is not None
+
+    def __call__(self, policy, reference, value, prompt_batch: dict, rng: jax.Array) -> Rollout:
+        check_prompt_batch(prompt_batch)
+        G = self.cfg.group_size
+        start = time.perf_counter()
+        out = jax.device_get(self.sampler(policy, prompt_batch["prompt_tokens"], prompt_batch["prompt_mask"], rng))
+        generate_s = time.perf_counter() - start
+        prompt_tokens = np.repeat(np.asarray(prompt_batch["prompt_tokens"]), G, axis=0)
+        prompt_mask = np.repeat(np.asarray(prompt_batch["prompt_mask"]), G, axis=0)
+        host = rollout_sequences(prompt_tokens, prompt_mask, out.tokens, out.completion_mask, self.pad)
+        batch = on_mesh(host, self.partitioner)
+        r = Rollout(batch=batch, host=host,
+                    completions=decode_completions(self.tokenizer, out.tokens, out.completion_mask),
+                    prompts=[p for p in prompt_batch["prompt"] for _ in range(G)],
+                    rows=[row for row in prompt_batch["row"] for _ in range(G)],
+                    finished=np.asarray(out.finished, bool))
+        raw = np.asarray(self.scorer(r), np.float32)
+        if raw.shape != (len(r.completions),):
+            raise ValueError(f"scorer returned shape {raw.shape}, expected ({len(r.completions)},)")
+        penalty = self.cfg.missing_eos_penalty
+        r.raw_scores = raw
+        r.scores = raw - np.float32(penalty or 0.0) * (~r.finished).astype(np.float32)
+        measured = self._measure(policy, reference, value if self.has_value else None, batch)
+        batch.update(measured)
+        got = jax.device_get({k: measured[k] for k in ("old_logp", "ref_logp", "token_entropy")})
+        mask = host["loss_mask"]
+        lengths = mask.sum(-1)
+        r.metrics = {
+            "objective/scores": float(r.scores.mean()),
+            "objective/raw_scores": float(raw.mean()),
+            # TRL: summed per sequence, averaged over sequences.
+            "objective/kl": float(((got["old_logp"] - got["ref_logp"]) * mask).sum(-1).mean()),
+            "objective/entropy": float((-got["old_logp"] * mask).sum(-1).mean()),
+            "policy/token_entropy": float((got["token_entropy"] * mask).sum() / max(mask.sum(), 1.0)),
+            "rollout/completion_length": float(lengths.mean()),
+            "rollout/missing_eos_fraction": float((~r.finished).mean()),
+            "rollout/tokens_per_s": float(lengths.sum() / max(generate_s, 1e-9)),
+            "time/generate_s": generate_s,
+        }
+        return r

@@ -1,0 +1,110 @@
+"""Reward sources for online runs: a Python reward function or a trained reward model.
+
+A scorer is called once per rollout as ``scorer(rollout) -> float32 [B]``
+where ``rollout`` is a :class:`jaxpost.pipelines.rollout.Rollout` (token
+arrays of prompt + completion, decoded completion texts, the prompts and
+the raw source rows, one entry per completion).
+
+Reward functions follow TRL's convention::
+
+    fn(prompts: list, completions: list[str], **columns) -> Sequence[float]
+
+where ``columns`` holds every field of the source rows as a list aligned
+with ``completions`` (e.g. ``answer=[...]`` for a reference answer).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import gin
+import jax
+import numpy as np
+
+from jaxpost.losses.reward import gather_last
+from jaxpost.models import forward
+from jaxpost.models.heads import scores as score_head
+from jaxpost.pipelines.common import load_model
+from jaxpost.sharding import Partitioner
+
+
+class FunctionScorer:
+    """Scores completions with Python reward functions, summed with ``weights``.
+
+    ``score_b = sum_k weights[k] * fn_k(prompts, completions, **columns)[b]``.
+    A function returning the wrong number of values, or a non-finite value,
+    raises naming the function and the offending row.
+    """
+
+    def __init__(self, functions: Callable | Sequence[Callable], weights: Sequence[float] | None = None):
+        self.functions = list(functions) if isinstance(functions, (list, tuple)) else [functions]
+        if not self.functions:
+            raise ValueError("FunctionScorer needs at least one reward function")
+        self.weights = [1.0] * len(self.functions) if weights is None else [float(w) for w in weights]
+        if len(self.weights) != len(self.functions):
+            raise ValueError(f"{len(self.weights)} reward weights for {len(self.functions)} reward functions")
+
+    def __call__(self, rollout) -> np.ndarray:
+        rows = rollout.rows
+        keys = sorted({k for r in rows if r for k in r})
+        columns = {k: [(r or {}).get(k) for r in rows] for k in keys if k not in ("prompts", "completions")}
+        total = np.zeros(len(rollout.completions), np.float32)
+        for fn, w in zip(self.functions, self.weights):
+            name = getattr(fn, "__name__", repr(fn))
+            out = np.asarray(fn(prompts=list(rollout.prompts), completions=list(rollout.completions), **columns),
+                             np.float32)
+            if out.shape != total.shape:
+                raise ValueError(f"reward function {name} returned shape {out.shape} for "
+                                 f"{len(rollout.completions)} completions (expected one float per completion)")
+            bad = np.flatnonzero(~np.isfinite(out))
+            if bad.size:
+                raise ValueError(f"reward function {name} returned a non-finite reward for completion {bad[0]}: "
+                                 f"{rollout.completions[bad[0]]!r}")
+            total += w * out
+        return total
+
+
+class RewardModelScorer:
+    """Scores prompt + completion with a ``head="score"`` model: the value at the last real token.
+
+    ``model_dir`` is a Hugging Face ``*ForSequenceClassification`` directory
+    (what :func:`jaxpost.pipelines.reward.reward_model` exports). The reward
+    model must share the policy's tokenizer: it reads the rollout's token
+    ids as they are.
+    """
+
+    def __init__(self, model_dir: str, partitioner: Partitioner, policy_vocab_size: int | None = None):
+        config, graphdef, params = load_model(None, model_dir, partitioner, head="score")
+        if policy_vocab_size is not None and config.vocab_size < policy_vocab_size:
+            raise ValueError(f"reward model {model_dir} has vocab_size {config.vocab_size} < the policy's "
+                             f"{policy_vocab_size}; it must use the policy's tokenizer")
+        self.config, self.params, self.partitioner = config, params, partitioner
+
+        @jax.jit
+        def score(params, tokens, positions, segment_ids):
+            hidden, _ = forward(graphdef, params, tokens, positions, segment_ids)
+            return gather_last(score_head(params, hidden), segment_ids)
+
+        self._score = score
+
+    def __call__(self, rollout) -> np.ndarray:
+        b = rollout.batch
+        with self.partitioner.activate():
+            out = self._score(self.params, b["tokens"], b["positions"], b["segment_ids"])
+        return np.asarray(jax.device_get(out), np.float32)
+
+
+@gin.configurable
+def make_scorer(partitioner: Partitioner, reward_functions: Any = None, reward_weights: Sequence[float] | None = None,
+                reward_model: str | None = None, policy_vocab_size: int | None = None):
+    """The run's reward source: ``reward_model`` (a directory) or ``reward_functions`` (callables).
+
+    Exactly one must be given; gin binds them (``make_scorer.reward_model =
+    'runs/rm/final'`` or ``make_scorer.reward_functions = [@my_reward]``).
+    """
+    if (reward_model is None) == (reward_functions is None):
+        raise ValueError("Give exactly one reward source: make_scorer.reward_model (a reward model directory) "
+                         "or make_scorer.reward_functions (Python reward functions)")
+    if reward_model is not None:
+        return RewardModelScorer(reward_model, partitioner, policy_vocab_size)
+    return FunctionScorer(reward_functions, reward_weights)

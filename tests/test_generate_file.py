@@ -1,0 +1,96 @@
+"""generate_to_jsonl: prompt file -> one row per completion, matching the sampler run directly."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxpost.data.encode import encode_prompt
+from jaxpost.data.tokenizer import build_tokenizer, stop_token_ids
+from jaxpost.generate.generate_file import generate_to_jsonl
+from jaxpost.generate.sampler import Sampler, SamplingConfig, left_pad
+from jaxpost.models import ModelConfig, create, save_hf
+
+ROWS = [
+    {"prompt": "12+7=", "answer": 19},
+    {"prompt": [{"role": "user", "content": "What is 3*4?"}], "answer": 12, "id": "conv"},
+    {"prompt": "5-9=", "answer": -4, "completion": "overridden"},
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gen")
+    tok = build_tokenizer(["12+7=19", "What is 3*4? 12", "5-9=-4"] * 5, vocab_size=300)
+    tok.save_pretrained(tmp / "tok")
+    config = ModelConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                         num_kv_heads=2)
+    graphdef, params = create(config, seed=3)
+    params = jax.tree.map(lambda x: x * 20.0 if x.ndim == 2 else x, params)
+    save_hf(tmp / "model", config, params)
+    prompts = tmp / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n\n")
+    return tmp, tok, config, graphdef, params, prompts
+
+
+@pytest.mark.slow
+def test_rows_fields_and_completions(setup):
+    tmp, tok, config, graphdef, params, prompts = setup
+    sampling = SamplingConfig(max_new_tokens=6, temperature=1.0)
+    out = tmp / "out" / "gen.jsonl"
+    n = generate_to_jsonl(str(tmp / "model"), str(tmp / "tok"), prompts, out, sampling,
+                          n_samples_per_prompt=2, batch_size=2, seed=4)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert n == len(rows) == 6
+    assert [r["sample_index"] for r in rows] == [0, 1] * 3
+    for k, r in enumerate(rows):
+        src = ROWS[k // 2]
+        assert r["prompt"] == src["prompt"] and r["answer"] == src["answer"]
+        assert isinstance(r["completion"], str)
+    assert rows[2]["id"] == "conv" and "id" not in rows[0]
+
+    # The same draws from the sampler called directly: batches of 2 prompts, key fold_in(seed, batch).
+    s = sampling.replace(group_size=2, stop_token_ids=tuple(stop_token_ids(tok)))
+    sampler = Sampler(graphdef, config, s)
+    ids = [encode_prompt(tok, r["prompt"]) for r in ROWS]
+    # Conversational prompts go through the chat template with the assistant header.
+    assert tok.decode(ids[1]).endswith("<|im_start|>assistant\n")
+    assert tok.decode(ids[0]).startswith("<|bos|>")
+    want = []
+    for k, chunk in enumerate([ids[:2], ids[2:]]):
+        res = jax.device_get(sampler(params, *left_pad(chunk), jax.random.fold_in(jax.random.PRNGKey(4), k)))
+        for r in range(res.tokens.shape[0]):
+            keep = int(res.lengths[r]) - int(res.finished[r])
+            want.append(tok.decode(res.tokens[r, :keep].tolist(), skip_special_tokens=True))
+    assert [r["completion"] for r in rows] == want
+    assert len(set(want)) > 1
+
+    # Same seed, same file -> same output; another seed -> different samples.
+    out2 = tmp / "gen2.jsonl"
+    generate_to_jsonl((config, graphdef, params), tok, prompts, out2, sampling, 2, 2, seed=4)
+    assert out2.read_text() == out.read_text()
+    generate_to_jsonl((config, graphdef, params), tok, prompts, out2, sampling, 2, 2, seed=5)
+    assert out2.read_text() != out.read_text()
+
+
+def test_bad_prompt_files(setup, tmp_path):
+    _, tok, config, graphdef, params, _ = setup
+    model = (config, graphdef, params)
+    s = SamplingConfig(max_new_tokens=2)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"prompt": "b"\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: malformed JSON"):
+        generate_to_jsonl(model, tok, bad, tmp_path / "o.jsonl", s)
+    bad.write_text('{"prompt": "a"}\n\n{"question": "b"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: no 'prompt' field \(fields: \['question'\]\)"):
+        generate_to_jsonl(model, tok, bad, tmp_path / "o.jsonl", s)
+    bad.write_text('{"prompt": [{"role": "user"}]}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: 'prompt' must be a string or a non-empty list"):
+        generate_to_jsonl(model, tok, bad, tmp_path / "o.jsonl", s)
+    bad.write_text('{"prompt": "a long prompt that has many tokens"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: prompt has \d+ tokens, more than max_prompt_length=3"):
+        generate_to_jsonl(model, tok, bad, tmp_path / "o.jsonl", s, max_prompt_length=3)
+    small = (config.replace(vocab_size=100), graphdef, params)
+    with pytest.raises(ValueError, match="vocab_size is 100"):
+        generate_to_jsonl(small, tok, bad, tmp_path / "o.jsonl", s)

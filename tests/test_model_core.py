@@ -1,0 +1,186 @@
+"""Transformer semantics: masking, packing, KV cache, chunked log-probs, remat, RoPE."""
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpost.models import (ModelConfig, RopeScaling, abstract, attention_mask, create, forward, init_cache,
+                            logical_axes, logits, token_logprobs)
+from jaxpost.models.layers import rope_inv_freq
+
+CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+                  qkv_bias=True, qk_norm=True, tie_embeddings=False, architecture="llama")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return create(CFG, seed=0)
+
+
+fwd = jax.jit(forward, static_argnums=0)
+
+
+def test_attention_mask_by_hand():
+    seg = jnp.array([[1, 1, 2, 2, 0]])
+    m = np.asarray(attention_mask(seg, seg, 0))[0, 0].astype(int)
+    expected = np.array([[1, 0, 0, 0, 0],
+                         [1, 1, 0, 0, 0],
+                         [0, 0, 1, 0, 0],
+                         [0, 0, 1, 1, 0],
+                         [0, 0, 0, 0, 1]])
+    np.testing.assert_array_equal(m, expected)
+    win = np.asarray(attention_mask(jnp.ones((1, 4), int), jnp.ones((1, 4), int), 0, sliding_window=2))[0, 0]
+    np.testing.assert_array_equal(win.astype(int), np.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]))
+
+
+def test_rope_frequencies_by_hand():
+    np.testing.assert_allclose(rope_inv_freq(4, 10000.0), [1.0, 0.01], rtol=1e-6)
+    # llama3 scaling with L=16, factors (lo=1, hi=4): wavelengths 2pi/f; lo_wave=16, hi_wave=4.
+    # f=1 (w=6.28, medium): s = (16/6.283 - 1)/3 = 0.5155, f' = (1-s)/8 + s = 0.5761
+    # f=0.01 (w=628 > 16): f/8 = 0.00125
+    got = rope_inv_freq(4, 10000.0, RopeScaling(8.0, 1.0, 4.0, 16))
+    s = (16 / (2 * np.pi) - 1) / 3
+    np.testing.assert_allclose(got, [(1 - s) / 8 + s, 0.00125], rtol=1e-5)
+
+
+def test_param_tree_and_logical_axes(model):
+    _, params = model
+    axes = logical_axes(CFG)
+    flat_p = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat_a = dict(jax.tree_util.tree_flatten_with_path(axes, is_leaf=lambda x: isinstance(x, tuple))[0])
+    assert len(flat_p) == len(flat_a)
+    for path, x in flat_p:
+        assert len(flat_a[path]) == x.ndim, path
+    assert axes["layers"][0]["attn"]["q_proj"]["kernel"] == ("embed", "heads")
+    assert axes["layers"][1]["mlp"]["down_proj"]["kernel"] == ("mlp", "embed")
+    assert axes["lm_head"]["kernel"] == ("embed", "vocab")
+    assert params["layers"][0]["attn"]["k_proj"]["kernel"].shape == (32, 2 * 8)
+    n = sum(x.size for x in jax.tree.leaves(params))
+    assert n == CFG.num_params()
+
+
+def test_packed_rows_equal_separate_documents(model):
+    graphdef, params = model
+    rng = np.random.RandomState(0)
+    a, b = rng.randint(0, 64, 5), rng.randint(0, 64, 4)
+    packed = np.concatenate([a, b, [0, 0, 0]])[None].astype(np.int32)
+    seg = np.array([[1] * 5 + [2] * 4 + [0] * 3], np.int32)
+    pos = np.array([list(range(5)) + list(range(4)) + [0, 0, 0]], np.int32)
+    h_packed, _ = fwd(graphdef, params, packed, pos, seg)
+    h_a, _ = fwd(graphdef, params, a[None].astype(np.int32), np.arange(5)[None], np.ones((1, 5), np.int32))
+    h_b, _ = fwd(graphdef, params, b[None].astype(np.int32), np.arange(4)[None], np.ones((1, 4), np.int32))
+    np.testing.assert_allclose(h_packed[0, :5], h_a[0], atol=1e-5)
+    np.testing.assert_allclose(h_packed[0, 5:9], h_b[0], atol=1e-5)
+    assert np.all(np.isfinite(np.asarray(h_packed)))  # padding rows are finite too
+
+
+def test_kv_cache_decode_equals_full_forward_left_padded(model):
+    graphdef, params = model
+    B, P, G = 2, 6, 4  # prompt slots (left-padded), generated tokens
+    rng = np.random.RandomState(1)
+    tokens = rng.randint(1, 64, (B, P + G)).astype(np.int32)
+    prompt_len = np.array([6, 3])
+    pad = P - prompt_len
+    seg = (np.arange(P + G)[None] >= pad[:, None]).astype(np.int32)
+    tokens = tokens * seg
+    pos = np.maximum(np.arange(P + G)[None] - pad[:, None], 0).astype(np.int32)
+    full, _ = fwd(graphdef, params, tokens, pos, seg)
+
+    cache = init_cache(CFG, B, P + G + 2)
+    h, cache = fwd(graphdef, params, tokens[:, :P], pos[:, :P], seg[:, :P], cache)
+    steps = [h]
+    for t in range(P, P + G):
+        h, cache = fwd(graphdef, params, tokens[:, t:t + 1], pos[:, t:t + 1], seg[:, t:t + 1], cache)
+        steps.append(h)
+    assert int(cache.index) == P + G
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(cache.segment_ids)[:, :P + G], seg)
+
+
+def _dense_logprobs(params, hidden, targets):
+    z = logits(params, CFG, hidden)
+    return jnp.take_along_axis(jax.nn.log_softmax(z, -1), targets[..., None], -1)[..., 0]
+
+
+@pytest.mark.parametrize("chunk_size", [4, 5, 64])  # divides L, does not divide L, larger than L
+def test_chunked_logprobs_values_and_gradients(model, chunk_size):
+    _, params = model
+    rng = np.random.RandomState(2)
+    hidden = jnp.asarray(rng.randn(2, 12, 32), jnp.float32)
+    targets = jnp.asarray(rng.randint(0, 64, (2, 12)), jnp.int32)
+    w = jnp.asarray(rng.randn(2, 12), jnp.float32)  # a non-uniform cotangent
+    chunked = token_logprobs(params, CFG, hidden, targets, chunk_size=chunk_size)
+    dense = _dense_logprobs(params, hidden, targets)
+    assert chunked.dtype == jnp.float32 and chunked.shape == (2, 12)
+    np.testing.assert_allclose(chunked, dense, atol=1e-5)
+    loss = lambda fn: lambda p, h: jnp.sum(w * fn(p, h))
+    g_chunk = jax.grad(loss(lambda p, h: token_logprobs(p, CFG, h, targets, chunk_size=chunk_size)), (0, 1))(
+        params, hidden)
+    g_dense = jax.grad(loss(lambda p, h: _dense_logprobs(p, h, targets)), (0, 1))(params, hidden)
+    np.testing.assert_allclose(g_chunk[1], g_dense[1], atol=1e-5)
+    np.testing.assert_allclose(g_chunk[0]["lm_head"]["kernel"], g_dense[0]["lm_head"]["kernel"], atol=1e-5)
+
+
+def test_entropy_and_hand_checked_logprob():
+    # One position, D=1, V=3, weight [[0, ln 2, ln 3]] and h=1: logits = ln(1, 2, 3),
+    # p = (1/6, 2/6, 3/6); log p(target=2) = ln 0.5; H = -sum p ln p.
+    cfg = ModelConfig(vocab_size=3, hidden_size=4, intermediate_size=4, num_layers=1, num_heads=1,
+                      num_kv_heads=1, head_dim=2)
+    params = {"lm_head": {"kernel": jnp.array([[0.0, np.log(2), np.log(3)]] + [[0.0] * 3] * 3)}}
+    hidden = jnp.array([[[1.0, 0.0, 0.0, 0.0]]])
+    lp, ent = token_logprobs(params, cfg, hidden, jnp.array([[2]]), return_entropy=True)
+    p = np.array([1, 2, 3]) / 6
+    np.testing.assert_allclose(lp, [[np.log(0.5)]], rtol=1e-6)
+    np.testing.assert_allclose(ent, [[-(p * np.log(p)).sum()]], rtol=1e-6)
+
+
+def test_tied_embeddings_use_embedding_transpose():
+    cfg = CFG.replace(tie_embeddings=True)
+    _, params = create(cfg, seed=1)
+    assert "lm_head" not in params
+    h = jnp.ones((1, 1, 32))
+    np.testing.assert_allclose(logits(params, cfg, h)[0, 0], params["embed"]["embedding"].sum(-1), rtol=1e-5)
+
+
+_REMAT_TOKENS = jnp.asarray(np.random.RandomState(3).randint(0, 64, (2, 8)), jnp.int32)
+
+
+def _remat_grad(graphdef, params):
+    pos = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    seg = jnp.ones((2, 8), jnp.int32)
+
+    def loss(p):
+        h, _ = forward(graphdef, p, _REMAT_TOKENS, pos, seg)
+        return token_logprobs(p, CFG, h, _REMAT_TOKENS).sum()
+
+    return jax.jit(jax.grad(loss))(params)
+
+
+@pytest.mark.slow
+def test_remat_gives_same_gradients(model):
+    graphdef, params = model
+    ref = _remat_grad(graphdef, params)
+    for remat in ("full", "save_dots"):
+        got = _remat_grad(abstract(CFG.replace(remat=remat))[0], params)  # same params, rematted graph
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), ref, got)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logprobs():
+    cfg = CFG.replace(dtype="bfloat16")
+    graphdef, params = create(cfg, seed=0)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    h, _ = fwd(graphdef, params, tokens, jnp.arange(4)[None], jnp.ones((1, 4), jnp.int32))
+    assert h.dtype == jnp.bfloat16
+    assert token_logprobs(params, cfg, h, tokens).dtype == jnp.float32
+
+
+def test_bad_input_shapes_are_reported(model):
+    graphdef, params = model
+    with pytest.raises(ValueError, match="tokens, positions, segment_ids"):
+        forward(graphdef, params, jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 3), jnp.int32),
+                jnp.ones((1, 4), jnp.int32))
+    with pytest.raises(ValueError, match="targets shape"):
+        token_logprobs(params, CFG, jnp.zeros((1, 4, 32)), jnp.zeros((1, 5), jnp.int32))

@@ -1,0 +1,117 @@
+"""Online runs end to end: crash + resume gives identical results, PPO against a trained reward model, gin files."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from jaxpost import config as jp_config
+from jaxpost.models import forward
+from jaxpost.models.heads import scores as score_head
+from jaxpost.pipelines.common import LoopConfig, load_model
+from jaxpost.pipelines.grpo import grpo
+from jaxpost.pipelines.online import OnlineConfig
+from jaxpost.pipelines.ppo import ppo
+from jaxpost.pipelines.reward import reward_model
+from jaxpost.pipelines.rollout import RolloutConfig, rollout_sequences
+from jaxpost.pipelines.scorers import RewardModelScorer
+from jaxpost.sharding import Partitioner
+from online_helpers import CONFIG, data, gin_scope, lowercase_fraction, scores_and_kl  # noqa: F401
+
+CRASH = {"at": None, "calls": 0}
+
+
+def crashing_reward(prompts, completions, **kw):
+    """The toy reward, raising on call number ``CRASH["at"]`` (simulates a killed run)."""
+    CRASH["calls"] += 1
+    if CRASH["at"] is not None and CRASH["calls"] == CRASH["at"]:
+        raise RuntimeError("simulated crash")
+    return lowercase_fraction(prompts, completions)
+
+
+def _grpo(data, name):
+    return grpo(run_dir=str(data / name), train_data=str(data / "prompts.jsonl"), tokenizer=str(data / "tok"),
+                model=CONFIG, rollout=RolloutConfig(max_new_tokens=6, group_size=2), num_iterations=2,
+                minibatch_size=8, online=OnlineConfig(num_rollouts=4, prompts_per_rollout=8, max_prompt_len=16,
+                                                      save_every=2, progress=False))
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_same_rollout(gin_scope, data):
+    gin_scope.bind_parameter("make_scorer.reward_functions", [crashing_reward])
+    gin_scope.bind_parameter("make_optimizer.learning_rate", 1e-2)
+    CRASH.update(at=None, calls=0)
+    _grpo(data, "straight")
+    CRASH.update(at=3, calls=0)  # dies in rollout 3, after the checkpoint of rollout 2
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _grpo(data, "resumed")
+    assert sorted(p.name for p in (data / "resumed" / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+    CRASH.update(at=None, calls=0)
+    summary = _grpo(data, "resumed")
+    assert CRASH["calls"] == 2 and summary["rollout"] == 4 and summary["step"] == 4 * 2 * 2
+    _, _, straight = scores_and_kl(data / "straight")
+    _, _, resumed = scores_and_kl(data / "resumed")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(straight[2:], resumed[2:]):
+        for k in a:
+            if not k.startswith(("time/", "rollout/tokens_per_s")):
+                assert a[k] == b[k], (k, a[k], b[k])
+    pa, pb = load_file(data / "straight/final/model.safetensors"), load_file(data / "resumed/final/model.safetensors")
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+
+
+@pytest.mark.slow
+def test_ppo_with_trained_reward_model(gin_scope, data):
+    with open(data / "prefs.jsonl", "w") as f:
+        for i in range(16):
+            f.write(json.dumps({"prompt": f"Q{i}: say", "chosen": "abc def", "rejected": "XYZ 123"}) + "\n")
+    gin_scope.bind_parameter("make_optimizer.learning_rate", 3e-3)
+    reward_model(run_dir=str(data / "rm"), train_data=str(data / "prefs.jsonl"), tokenizer=str(data / "tok"),
+                 model=CONFIG, seq_len=32, batch_size=8, loop=LoopConfig(num_steps=3, progress=False))
+    rm_dir = str(data / "rm" / "final")
+
+    # The scorer reads the score head at the last real token; check against an unpadded forward.
+    part = Partitioner()
+    scorer = RewardModelScorer(rm_dir, part, policy_vocab_size=CONFIG.vocab_size)
+    host = rollout_sequences(np.array([[0, 0, 5, 6], [7, 8, 9, 10]] * 4), np.array([[0, 0, 1, 1], [1, 1, 1, 1]] * 4),
+                             np.array([[11, 12, 0], [13, 0, 0]] * 4), np.array([[1, 1, 0], [1, 0, 0]] * 4), 0)
+
+    class R:
+        batch = host
+
+    got = scorer(R)
+    _, graphdef, params = load_model(None, rm_dir, part, head="score")
+    for row, ids in ((0, [5, 6, 11, 12]), (1, [7, 8, 9, 10, 13])):
+        t = np.array([ids], np.int32)
+        h, _ = forward(graphdef, params, t, np.arange(len(ids), dtype=np.int32)[None], np.ones_like(t))
+        np.testing.assert_allclose(got[row], np.asarray(score_head(params, h))[0, -1], atol=1e-5)
+
+    gin_scope.bind_parameter("make_scorer.reward_model", rm_dir)
+    summary = ppo(run_dir=str(data / "ppo_rm"), train_data=str(data / "prompts.jsonl"), tokenizer=str(data / "tok"),
+                  model=CONFIG, value_from=rm_dir, rollout=RolloutConfig(max_new_tokens=6, missing_eos_penalty=1.0),
+                  online=OnlineConfig(num_rollouts=2, prompts_per_rollout=8, max_prompt_len=16, progress=False),
+                  ppo_epochs=2, minibatch_size=8, kl_coef=0.2, kl_target=0.01, kl_horizon=100.0)
+    _, _, rows = scores_and_kl(data / "ppo_rm")
+    for key in ("objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward", "policy/approxkl",
+                "policy/clipfrac", "loss/policy", "loss/value", "val/clipfrac", "rollout/tokens_per_s",
+                "time/generate_fraction"):
+        assert all(np.isfinite(r[key]) for r in rows), key
+    assert 0 < rows[0]["time/generate_fraction"] < 1
+    # Adaptive KL: coef_2 = coef_1 * (1 + clip(kl_1 / target - 1, -0.2, 0.2) * n / horizon), n = 8 completions.
+    err = np.clip(rows[0]["objective/kl"] / 0.01 - 1, -0.2, 0.2)
+    assert rows[1]["objective/kl_coef"] == pytest.approx(0.2 * (1 + err * 8 / 100.0), rel=1e-6)
+    assert summary["step"] == 2 * 2 and (data / "ppo_rm" / "value" / "config.json").exists()
+
+
+@pytest.mark.parametrize("name,task", [("ppo", "ppo"), ("grpo", "grpo"), ("rloo", "grpo"),
+                                       ("online_dpo", "online_dpo")])
+def test_algorithm_gin_files_parse(gin_scope, name, task):
+    import jaxpost.cli  # noqa: F401  (registers run)
+    jp_config.parse([f"algorithms/{name}.gin"], finalize=False)
+    assert gin_scope.query_parameter("run.task").selector.endswith(task)
+    if name == "rloo":
+        assert gin_scope.query_parameter("grpo.advantage") == "rloo"

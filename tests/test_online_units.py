@@ -1,0 +1,200 @@
+"""Online training pieces: rollout layout and log-probs, missing-EOS penalty, pairs, PPO advantages and loss."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpost.algorithms.online import make_ppo_loss, make_rollout_logprobs, ppo_advantages
+from jaxpost.data import build_tokenizer, make_prompt_pipeline
+from jaxpost.generate.sampler import Sampler, SamplingConfig
+from jaxpost.models import ModelConfig, create, forward, scores
+from jaxpost.pipelines.common import on_mesh
+from jaxpost.pipelines.online import OnlineConfig, OnlineTrainer, minibatch_orders
+from jaxpost.pipelines.online_dpo import best_worst_pairs, pair_batch
+from jaxpost.pipelines.rollout import Roller, RolloutConfig, rollout_sequences
+from jaxpost.pipelines.scorers import FunctionScorer
+from jaxpost.sharding import Partitioner
+from jaxpost.train import NonFiniteLossError
+
+CONFIG = ModelConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                     num_kv_heads=2)
+N = 6
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer(None)
+
+
+@pytest.fixture(scope="module")
+def model():
+    graphdef, params = create(CONFIG, seed=3)
+    # Larger weights: peaked, context-dependent distributions (the default init is near uniform).
+    return graphdef, jax.tree.map(lambda x: x * 10.0 if x.ndim == 2 else x, params)
+
+
+def prompt_batch(tok, n=8, seed=0):
+    rows = [{"prompt": f"question {i} " * (1 + i % 3), "answer": str(i)} for i in range(n)]
+    return next(make_prompt_pipeline(rows, tok, 16, n, seed, num_epochs=None))
+
+
+def test_rollout_sequences_layout_by_hand():
+    out = rollout_sequences(np.array([[0, 7, 8]]), np.array([[0, 1, 1]]), np.array([[9, 2, 0]]),
+                            np.array([[1.0, 1.0, 0.0]]), pad=0)
+    np.testing.assert_array_equal(out["tokens"], [[0, 7, 8, 9, 2, 0]])
+    np.testing.assert_array_equal(out["segment_ids"], [[0, 1, 1, 1, 1, 0]])
+    np.testing.assert_array_equal(out["positions"], [[0, 0, 1, 2, 3, 0]])
+    np.testing.assert_array_equal(out["targets"], [[0, 8, 9, 2, 0, 0]])
+    np.testing.assert_array_equal(out["loss_mask"], [[0, 0, 1, 1, 0, 0]])
+
+
+def test_rollout_logprobs_equal_sampler_and_scorer_gets_rows(tok, model):
+    graphdef, params = model
+    part = Partitioner()
+    seen = {}
+
+    def reward(prompts, completions, answer, **_):
+        seen.update(prompts=prompts, completions=completions, answer=answer)
+        return [float(len(c)) for c in completions]
+
+    rcfg = RolloutConfig(max_new_tokens=N, temperature=1.0, group_size=2, stop_token_ids=(7, 9))
+    roller = Roller(graphdef, CONFIG, tok, part, FunctionScorer(reward), rcfg)
+    pb = prompt_batch(tok, 4)
+    rng = jax.random.PRNGKey(5)
+    with part.activate():
+        r = roller(params, params, None, pb, rng)
+        out = jax.device_get(roller.sampler(params, pb["prompt_tokens"], pb["prompt_mask"], rng))
+    P = pb["prompt_tokens"].shape[1]
+    cm = out.completion_mask
+    assert 0 < cm.sum() < cm.size  # some rows stopped early: the mask matters
+    np.testing.assert_array_equal(r.host["tokens"][:, P:] * cm, out.tokens * cm)
+    np.testing.assert_array_equal(r.host["loss_mask"][:, P - 1:P - 1 + N], cm)
+    old = np.asarray(jax.device_get(r.batch["old_logp"]))
+    np.testing.assert_allclose(old[:, P - 1:P - 1 + N], out.logprobs * cm, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(jax.device_get(r.batch["ref_logp"])), old, atol=1e-6)
+    assert r.metrics["objective/kl"] == pytest.approx(0.0, abs=1e-5)
+    # Group layout: completion 2b and 2b+1 belong to prompt b, and the scorer saw its row fields.
+    assert seen["answer"] == [row["answer"] for row in pb["row"] for _ in range(2)]
+    assert len(set(seen["answer"])) == 4
+    assert seen["prompts"][::2] == pb["prompt"]
+    np.testing.assert_array_equal(r.scores, [len(c) for c in r.completions])
+
+
+def test_missing_eos_penalty(tok, model):
+    graphdef, params = model
+    part = Partitioner()
+    pb = prompt_batch(tok, 8)
+    greedy = Sampler(graphdef, CONFIG, SamplingConfig(max_new_tokens=N, temperature=0.0))
+    out = jax.device_get(greedy(params, pb["prompt_tokens"], pb["prompt_mask"], jax.random.PRNGKey(0)))
+    # A stop token that some greedy rows emit and others do not.
+    counts = {t: sum(t in row for row in out.tokens.tolist()) for t in set(out.tokens.ravel().tolist())}
+    stop = next(t for t, c in sorted(counts.items()) if 0 < c < len(out.tokens))
+    rcfg = RolloutConfig(max_new_tokens=N, temperature=0.0, missing_eos_penalty=0.5, stop_token_ids=(stop,))
+    roller = Roller(graphdef, CONFIG, tok, part, FunctionScorer(lambda prompts, completions, **_: [1.0] * len(completions)),
+                    rcfg)
+    with part.activate():
+        r = roller(params, params, None, pb, jax.random.PRNGKey(0))
+    expected_finished = np.array([stop in row for row in out.tokens.tolist()])
+    np.testing.assert_array_equal(r.finished, expected_finished)
+    np.testing.assert_allclose(r.scores, np.where(expected_finished, 1.0, 0.5))
+    np.testing.assert_allclose(r.raw_scores, 1.0)
+    assert r.metrics["rollout/missing_eos_fraction"] == pytest.approx(1 - expected_finished.mean())
+
+
+def test_best_worst_pairs_skip_ties():
+    s = np.array([1.0, 3.0, 2.0, 5.0, 5.0, 5.0, 0.0, -1.0, 4.0])
+    chosen, rejected, valid = best_worst_pairs(s, 3)
+    np.testing.assert_array_equal(chosen, [1, 3, 8])
+    np.testing.assert_array_equal(rejected, [0, 3, 7])
+    np.testing.assert_array_equal(valid, [True, False, True])
+    host = {k: np.arange(9 * 2).reshape(9, 2) * (i + 1) for i, k in
+            enumerate(("tokens", "positions", "segment_ids", "targets", "loss_mask"))}
+    b = pair_batch(host, chosen, rejected, valid)
+    np.testing.assert_array_equal(b["chosen_tokens"], host["tokens"][[1, 3, 8]])
+    np.testing.assert_array_equal(b["rejected_loss_mask"], host["loss_mask"][[0, 3, 7]])
+    np.testing.assert_array_equal(b["pair_mask"], [1.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="group_size=4"):
+        best_worst_pairs(s, 4)
+
+
+def test_minibatch_orders_are_permutations_and_resume_stable():
+    a = minibatch_orders(16, 4, 2, seed=1, rollout=7)
+    assert len(a) == 8
+    for e in range(2):
+        np.testing.assert_array_equal(np.sort(np.concatenate(a[4 * e:4 * e + 4])), np.arange(16))
+    assert not np.array_equal(np.concatenate(a[:4]), np.concatenate(a[4:]))
+    for x, y in zip(a, minibatch_orders(16, 4, 2, seed=1, rollout=7)):
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(ValueError, match="minibatch_size=5"):
+        minibatch_orders(16, 5, 1, 0, 0)
+
+
+def test_ppo_advantages_by_hand():
+    # kl = [., 0.1, 0.2], kl_coef 0.5 -> rewards [0, -0.05, -0.1 + 1]; gamma = lam = 1:
+    # A_2 = 0.9 - 0.4 = 0.5; A_1 = (-0.05 + 0.4 - 0.3) + 0.5 = 0.55; returns = A + V.
+    mask = jnp.array([[0.0, 1.0, 1.0]])
+    adv, ret, m = ppo_advantages(jnp.array([[0.0, -1.0, -2.0]]), jnp.array([[0.0, -1.1, -2.2]]),
+                                 jnp.array([[0.0, 0.3, 0.4]]), jnp.array([1.0]), mask, 0.5, gamma=1.0, lam=1.0,
+                                 whiten_advantages=False)
+    np.testing.assert_allclose(adv, [[0.0, 0.55, 0.5]], atol=1e-6)
+    np.testing.assert_allclose(ret, [[0.0, 0.85, 0.9]], atol=1e-6)
+    assert float(m["objective/kl"]) == pytest.approx(0.3)
+    assert float(m["objective/rlhf_reward"]) == pytest.approx(1.0 - 0.15)
+    adv_w, _, _ = ppo_advantages(jnp.array([[0.0, -1.0, -2.0]]), jnp.array([[0.0, -1.1, -2.2]]),
+                                 jnp.array([[0.0, 0.3, 0.4]]), jnp.array([1.0]), mask, 0.5, gamma=1.0, lam=1.0)
+    # Whitened over the two masked entries: mean 0.525, unbiased std 0.0354 -> +-0.7071.
+    np.testing.assert_allclose(adv_w, [[0.0, 0.7071, -0.7071]], atol=1e-3)
+
+
+def test_ppo_loss_at_old_policy_and_gradients_reach_both_models(tok, model):
+    graphdef, policy = model
+    v_config = CONFIG.replace(head="score")
+    v_graphdef, value = create(v_config, seed=4)
+    pb = prompt_batch(tok, 2)
+    rng = np.random.default_rng(0)
+    comp = rng.integers(10, 200, (2, 4)).astype(np.int32)
+    host = rollout_sequences(pb["prompt_tokens"], pb["prompt_mask"], comp, np.ones((2, 4), np.float32), 0)
+    measured = make_rollout_logprobs(graphdef, CONFIG, v_graphdef)(policy, policy, value, host)
+    mask = host["loss_mask"]
+    adv = rng.normal(size=mask.shape).astype(np.float32) * mask
+    ret = rng.normal(size=mask.shape).astype(np.float32) * mask
+    batch = {**host, "old_logp": measured["old_logp"], "old_values": measured["old_values"], "advantages": adv,
+             "returns": ret}
+    loss_fn = make_ppo_loss(graphdef, CONFIG, v_graphdef, vf_coef=0.3)
+    params = {"policy": policy, "value": value}
+    (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+    # Independent value forward: the score head at every position.
+    hidden, _ = forward(v_graphdef, value, host["tokens"], host["positions"], host["segment_ids"])
+    v = np.asarray(scores(value, hidden))
+    n = mask.sum()
+    expected = -(adv * mask).sum() / n + 0.3 * 0.5 * (((v - ret) ** 2) * mask).sum() / n
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert float(m["policy/approxkl"]) == pytest.approx(0.0, abs=1e-10)
+    assert float(m["policy/clipfrac"]) == 0.0 and float(m["val/clipfrac"]) == 0.0
+    for part in ("policy", "value"):
+        assert float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads[part])))) > 0
+    with pytest.raises(KeyError, match="returns"):
+        loss_fn(params, {k: v for k, v in batch.items() if k != "returns"})
+
+
+def test_non_finite_loss_stops_the_trainer(tmp_path):
+    part = Partitioner()
+    params = {"w": jnp.ones((8,))}
+
+    def loss_fn(p, batch, frozen=None):
+        return jnp.sum(p["w"] * batch["x"]), {}
+
+    shardings = {"w": part.replicated}
+    trainer = OnlineTrainer(tmp_path, loss_fn, params, shardings, part, OnlineConfig(num_rollouts=2), total_updates=2)
+    try:
+        good = on_mesh({"x": np.ones((8, 8), np.float32)}, part)
+        trainer.update(good, minibatch_orders(8, 8, 1, 0, 0))
+        bad = on_mesh({"x": np.full((8, 8), np.nan, np.float32)}, part)
+        with pytest.raises(NonFiniteLossError, match="step 2"):
+            trainer.update(bad, minibatch_orders(8, 8, 1, 0, 1))
+        assert trainer.step_fn._cache_size() == 1  # one compile for every minibatch
+    finally:
+        trainer.close()
