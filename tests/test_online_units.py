@@ -81,8 +81,13 @@ def test_rollout_logprobs_equal_sampler_and_scorer_gets_rows(tok, model):
     assert len(set(seen["answer"])) == 4
     assert seen["prompts"][::2] == pb["prompt"]
     np.testing.assert_array_equal(r.scores, [len(c) for c in r.completions])
+    # A second rollout (other prompts, other key) reuses every compiled function.
+    with part.activate():
+        roller(params, params, None, prompt_batch(tok, 4, seed=1), jax.random.PRNGKey(6))
+    assert len(roller.sampler.compiled_shapes) == 1 and roller._measure._cache_size() == 1
 
 
+@pytest.mark.slow
 def test_missing_eos_penalty(tok, model):
     graphdef, params = model
     part = Partitioner()
@@ -149,6 +154,7 @@ def test_ppo_advantages_by_hand():
     np.testing.assert_allclose(adv_w, [[0.0, 0.7071, -0.7071]], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_ppo_loss_at_old_policy_and_gradients_reach_both_models(tok, model):
     graphdef, policy = model
     v_config = CONFIG.replace(head="score")
@@ -157,7 +163,7 @@ def test_ppo_loss_at_old_policy_and_gradients_reach_both_models(tok, model):
     rng = np.random.default_rng(0)
     comp = rng.integers(10, 200, (2, 4)).astype(np.int32)
     host = rollout_sequences(pb["prompt_tokens"], pb["prompt_mask"], comp, np.ones((2, 4), np.float32), 0)
-    measured = make_rollout_logprobs(graphdef, CONFIG, v_graphdef)(policy, policy, value, host)
+    measured = jax.jit(make_rollout_logprobs(graphdef, CONFIG, v_graphdef))(policy, policy, value, host)
     mask = host["loss_mask"]
     adv = rng.normal(size=mask.shape).astype(np.float32) * mask
     ret = rng.normal(size=mask.shape).astype(np.float32) * mask
@@ -165,9 +171,9 @@ def test_ppo_loss_at_old_policy_and_gradients_reach_both_models(tok, model):
              "returns": ret}
     loss_fn = make_ppo_loss(graphdef, CONFIG, v_graphdef, vf_coef=0.3)
     params = {"policy": policy, "value": value}
-    (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+    (loss, m), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, batch)  # eager is minutes
     # Independent value forward: the score head at every position.
-    hidden, _ = forward(v_graphdef, value, host["tokens"], host["positions"], host["segment_ids"])
+    hidden, _ = jax.jit(forward, static_argnums=0)(v_graphdef, value, host["tokens"], host["positions"], host["segment_ids"])
     v = np.asarray(scores(value, hidden))
     n = mask.sum()
     expected = -(adv * mask).sum() / n + 0.3 * 0.5 * (((v - ret) ** 2) * mask).sum() / n

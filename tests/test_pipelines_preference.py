@@ -1,6 +1,9 @@
-"""Reward model and DPO runs end to end on the demo task's preference pairs."""
+"""Reward model and DPO runs end to end on a synthetic preference set."""
 
 from __future__ import annotations
+
+import json
+import random
 
 import numpy as np
 import pytest
@@ -9,14 +12,30 @@ import transformers
 from pipeline_utils import losses, make_task, run_task
 
 
+def _letters_preference(path, n, seed=0):
+    """A synthetic preference: replies drawn from 'abcd' are preferred to replies from 'efgh'."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        word = "".join(rng.choice("abcdefgh") for _ in range(4))
+        good = "".join(rng.choice("abcd") for _ in range(rng.randint(2, 5)))
+        bad = "".join(rng.choice("efgh") for _ in range(rng.randint(2, 5)))
+        rows.append({"prompt": f"say: {word} ", "chosen": good, "rejected": bad, "margin": 0.5})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
-    return make_task(tmp_path_factory.mktemp("task"), n_sft=50, n_pref=400, n_prompts=20, n_eval=16)
+    root = tmp_path_factory.mktemp("task")
+    paths = make_task(root, n_sft=50, n_pref=50, n_prompts=20, n_eval=16)
+    paths["letters"] = _letters_preference(root / "letters.jsonl", 300)
+    return paths
 
 
 def _bindings(kind, task, run_dir, steps, extra=()):
-    return [f"{kind}.run_dir = '{run_dir}'", f"{kind}.train_data = '{task['preference']}'",
-            f"{kind}.tokenizer = '{task['tokenizer']}'", f"{kind}.seq_len = 48", f"{kind}.batch_size = 8",
+    return [f"{kind}.run_dir = '{run_dir}'", f"{kind}.train_data = '{task['letters']}'",
+            f"{kind}.tokenizer = '{task['tokenizer']}'", f"{kind}.seq_len = 64", f"{kind}.max_prompt_len = 48", f"{kind}.batch_size = 8",
             f"{kind}.eval_fraction = 0.1", f"LoopConfig.num_steps = {steps}", "LoopConfig.log_every = 1",
             "LoopConfig.eval_batches = 8", *extra]
 
@@ -24,10 +43,11 @@ def _bindings(kind, task, run_dir, steps, extra=()):
 @pytest.mark.slow
 def test_reward_model_reaches_high_held_out_accuracy(task, tmp_path):
     run_dir = tmp_path / "rm"
-    summary = run_task("reward_model", _bindings("reward_model", task, run_dir, 60,
+    summary = run_task("reward_model", _bindings("reward_model", task, run_dir, 40,
                                                  ["make_optimizer.learning_rate = 2e-3",
                                                   "make_optimizer.warmup_steps = 5"]))
-    assert summary["eval/accuracy"] >= 0.85, summary
+    assert summary["eval/accuracy"] >= 0.9, summary
+    assert summary["eval/margin"] > 0.5
     # Exported in the Hugging Face sequence-classification layout.
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(run_dir / "final")
     assert hf.config.num_labels == 1
@@ -36,12 +56,13 @@ def test_reward_model_reaches_high_held_out_accuracy(task, tmp_path):
 @pytest.mark.slow
 def test_dpo_raises_held_out_reward_accuracy(task, tmp_path):
     run_dir = tmp_path / "dpo"
-    summary = run_task("dpo", _bindings("dpo", task, run_dir, 40, ["make_optimizer.learning_rate = 2e-3",
+    summary = run_task("dpo", _bindings("dpo", task, run_dir, 30, ["make_optimizer.learning_rate = 1e-3",
                                                                    "make_dpo_loss.beta = 0.1"]))
-    assert summary["eval/rewards/accuracies"] >= 0.8, summary
+    assert summary["eval/rewards/accuracies"] >= 0.9, summary  # chance is 0.5
+    assert summary["eval/rewards/margins"] > 0.5
     curve = losses(run_dir)
     assert curve[1] == pytest.approx(np.log(2), abs=1e-4)  # policy == reference at the first step
-    assert np.mean([curve[s] for s in (38, 39, 40)]) < 0.5
+    assert np.mean([curve[s] for s in (28, 29, 30)]) < 0.3
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from jaxpost.models.config import ModelConfig
-from jaxpost.models.layers import Linear, RMSNorm, apply_rope
+from jaxpost.models.layers import Linear, RMSNorm, apply_rope, lora_kwargs
 
 
 @struct.dataclass
@@ -85,10 +85,10 @@ class Attention(nnx.Module):
         self.config = c
         d, n, k, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.dim_per_head
         kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
-        self.q_proj = Linear(d, n * h, ("embed", "heads"), bias=c.qkv_bias, **kw)
-        self.k_proj = Linear(d, k * h, ("embed", "kv_heads"), bias=c.qkv_bias, **kw)
-        self.v_proj = Linear(d, k * h, ("embed", "kv_heads"), bias=c.qkv_bias, **kw)
-        self.o_proj = Linear(n * h, d, ("heads", "embed"), **kw)
+        self.q_proj = Linear(d, n * h, ("embed", "heads"), bias=c.qkv_bias, **kw, **lora_kwargs(c, "q_proj"))
+        self.k_proj = Linear(d, k * h, ("embed", "kv_heads"), bias=c.qkv_bias, **kw, **lora_kwargs(c, "k_proj"))
+        self.v_proj = Linear(d, k * h, ("embed", "kv_heads"), bias=c.qkv_bias, **kw, **lora_kwargs(c, "v_proj"))
+        self.o_proj = Linear(n * h, d, ("heads", "embed"), **kw, **lora_kwargs(c, "o_proj"))
         if c.qk_norm:
             self.q_norm = RMSNorm(h, c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
             self.k_norm = RMSNorm(h, c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)

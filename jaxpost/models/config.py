@@ -23,6 +23,69 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192
 
 
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+LORA_TARGET_PRESETS = {
+    "attention": ATTENTION_PROJECTIONS,
+    "mlp": MLP_PROJECTIONS,
+    "all": ATTENTION_PROJECTIONS + MLP_PROJECTIONS,
+}
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (LoRA, Hu et al. 2021) on the decoder's projections.
+
+    A targeted kernel ``W [in, out]`` gains ``lora_a [in, rank]`` and
+    ``lora_b [rank, out]``; the layer computes
+    ``y = x W + (alpha / rank) * (x A) B`` as two thin matmuls (``A B`` is
+    never formed). ``targets`` is a preset name (``"attention"``, ``"mlp"``,
+    ``"all"``) or projection names among ``q_proj k_proj v_proj o_proj
+    gate_proj up_proj down_proj``; it is stored as a tuple of names in the
+    decoder's order.
+
+    ``dropout`` must stay 0.0: the generic loss signature ``loss(params,
+    batch, frozen)`` carries no random key, so a dropout mask could not be
+    drawn per step without breaking the contract; a non-zero value raises
+    instead of being silently ignored.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: Any = "all"
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"LoraConfig.rank must be a positive int, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"LoraConfig.alpha must be > 0, got {self.alpha!r}")
+        if self.dropout != 0.0:
+            raise ValueError(
+                f"LoraConfig.dropout={self.dropout!r} is not supported: the loss signature loss(params, batch, "
+                "frozen) has no random key to draw a dropout mask from; use dropout=0.0")
+        targets = self.targets
+        if isinstance(targets, str):
+            if targets in LORA_TARGET_PRESETS:
+                targets = LORA_TARGET_PRESETS[targets]
+            else:
+                targets = (targets,)
+        targets = tuple(targets)
+        allowed = LORA_TARGET_PRESETS["all"]
+        unknown = [t for t in targets if t not in allowed]
+        if unknown or not targets:
+            raise ValueError(f"LoraConfig.targets has unknown projection(s) {unknown or targets!r}; use a preset "
+                             f"{sorted(LORA_TARGET_PRESETS)} or names among {allowed}")
+        # Canonical order and no duplicates, so equal configs compare (and hash) equal.
+        object.__setattr__(self, "targets", tuple(t for t in allowed if t in targets))
+
+    @property
+    def scale(self) -> float:
+        """The factor ``alpha / rank`` on the adapter branch."""
+        return self.alpha / self.rank
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -36,7 +99,10 @@ class ModelConfig:
     ``"full"`` or ``"save_dots"``. ``architecture`` names the Hugging Face
     family used on export (``llama``, ``mistral``, ``qwen2``, ``qwen3``).
     ``sliding_window`` (Mistral v0.1): a query attends only to the last
-    ``sliding_window`` slots, itself included.
+    ``sliding_window`` slots, itself included. ``lora`` (a
+    :class:`LoraConfig` or None) adds low-rank adapters to the projections
+    it targets (see :mod:`jaxpost.models.lora`); parameter and FLOP counts
+    below are those of the base model.
     """
 
     vocab_size: int = 256
@@ -59,8 +125,11 @@ class ModelConfig:
     remat: str = "none"
     architecture: str = "llama"
     sliding_window: int | None = None
+    lora: LoraConfig | None = None
 
     def __post_init__(self):
+        if self.lora is not None and not isinstance(self.lora, LoraConfig):
+            raise TypeError(f"ModelConfig.lora must be a LoraConfig or None, got {type(self.lora).__name__}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head not in ("lm", "score"):

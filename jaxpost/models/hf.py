@@ -114,6 +114,9 @@ def model_config_to_hf_config(config: ModelConfig, dtype=None) -> dict:
     ``rope_scaling`` for older readers.
     """
     c = config
+    if c.lora is not None:
+        raise ValueError("config.lora is set: Hugging Face configs describe the base model only; fold the adapters "
+                         "in with jaxpost.models.lora.merge_lora(config, params) first (or save_adapters)")
     family = c.architecture
     if family not in _CLASS_PREFIX:
         raise ValueError(f"config.architecture={family!r} cannot be exported; supported: {sorted(_CLASS_PREFIX)}")
@@ -265,6 +268,7 @@ def save_hf(path: str | os.PathLike, config: ModelConfig, params: dict, dtype=No
     merged into config.json (e.g. token ids).
     """
     path = Path(path)
+    model_config_to_hf_config(config)  # fail on an unexportable config (e.g. unmerged LoRA) before writing
     path.mkdir(parents=True, exist_ok=True)
     dtype = jnp.dtype(dtype or config.param_dtype)
     entries = weight_map(config)

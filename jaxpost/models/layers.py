@@ -23,22 +23,59 @@ class Linear(nnx.Module):
     """``y = x @ kernel (+ bias)`` with ``kernel`` of shape ``[in, out]``.
 
     The kernel is the transpose of a PyTorch ``nn.Linear.weight`` (``[out, in]``).
+    With ``lora_rank = r > 0`` the layer also holds LoRA adapters
+    ``lora_a [in, r]`` (uniform in ``+-1/sqrt(in)``, PEFT's default) and
+    ``lora_b [r, out]`` (zeros, so the adapted layer starts equal to the base)
+    and returns ``x W (+ b) + (lora_alpha / r) * (x A) B``, computed as two
+    thin matmuls. The rank dimension has no logical axis (replicated).
     """
 
     def __init__(self, in_features: int, out_features: int, axes: tuple, *, bias: bool = False,
                  bias_axes: tuple | None = None, dtype: str = "float32", param_dtype: str = "float32",
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, lora_rank: int = 0, lora_alpha: float = 0.0):
         self.dtype = jnp.dtype(dtype)
-        init = jax.random.normal(rngs.params(), (in_features, out_features), jnp.float32) * INIT_STD
+        key = rngs.params()
+        init = jax.random.normal(key, (in_features, out_features), jnp.float32) * INIT_STD
         self.kernel = nnx.Param(init.astype(param_dtype), logical_axes=axes)
         self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype), logical_axes=bias_axes or (axes[-1],))
                      if bias else None)
+        self.lora_scale = lora_alpha / lora_rank if lora_rank else 0.0
+        if lora_rank:
+            # Derived from the kernel's key so that the base weights draw the same numbers with or without LoRA.
+            a = lora_a_init(jax.random.fold_in(key, 1), in_features, lora_rank)
+            self.lora_a = nnx.Param(a.astype(param_dtype), logical_axes=(axes[0], None))
+            self.lora_b = nnx.Param(jnp.zeros((lora_rank, out_features), param_dtype), logical_axes=(None, axes[-1]))
+        else:
+            self.lora_a = self.lora_b = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora_a is not None:
+            # Scaling the rank-r activations is the cheapest place for alpha / r.
+            xa = jnp.dot(x, self.lora_a[...].astype(self.dtype)) * jnp.asarray(self.lora_scale, self.dtype)
+            y = y + jnp.dot(xa, self.lora_b[...].astype(self.dtype))
         return y
+
+
+def lora_a_init(key: jax.Array, in_features: int, rank: int) -> jax.Array:
+    """``A ~ U(-1/sqrt(in), 1/sqrt(in))`` of shape ``[in, rank]`` (float32).
+
+    PEFT's ``kaiming_uniform_(a=sqrt(5))`` on its ``[rank, in]`` weight: gain
+    ``sqrt(2 / (1 + 5))``, bound ``sqrt(3) * gain / sqrt(in) = 1 / sqrt(in)``.
+    """
+    bound = 1.0 / math.sqrt(in_features)
+    return jax.random.uniform(key, (in_features, rank), jnp.float32, -bound, bound)
+
+
+def lora_kwargs(config: ModelConfig, name: str) -> dict:
+    """``Linear`` keyword arguments that add adapters to projection ``name`` if ``config.lora`` targets it."""
+    lora = config.lora
+    if lora is None or name not in lora.targets:
+        return {}
+    return {"lora_rank": lora.rank, "lora_alpha": lora.alpha}
 
 
 class Embed(nnx.Module):

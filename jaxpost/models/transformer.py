@@ -16,6 +16,8 @@ Params layout (``nnx.to_pure_dict``)::
     layers/<i>/post_attn_norm/scale      [D]         (norm,)
     layers/<i>/mlp/{gate,up}_proj/kernel [D, F]      (embed, mlp)
     layers/<i>/mlp/down_proj/kernel      [F, D]      (mlp, embed)
+    .../<proj>/lora_a, lora_b            [in, r], [r, out]  (in axis, None), (None, out axis)
+                                         (only on the projections config.lora targets)
     final_norm/scale                     [D]         (norm,)
     lm_head/kernel                       [D, V]      (embed, vocab)     (head="lm", untied)
     score/kernel                         [D, 1]      (embed, None)      (head="score")
@@ -29,7 +31,7 @@ from flax import nnx
 
 from jaxpost.models.attention import Attention, KVCache
 from jaxpost.models.config import ModelConfig
-from jaxpost.models.layers import Embed, Linear, RMSNorm
+from jaxpost.models.layers import Embed, Linear, RMSNorm, lora_kwargs
 from jaxpost.sharding import constrain
 
 ACTIVATION_AXES = ("batch", "length", "embed")
@@ -46,9 +48,12 @@ class MLP(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         c = config
         kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
-        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, ("embed", "mlp"), **kw)
-        self.up_proj = Linear(c.hidden_size, c.intermediate_size, ("embed", "mlp"), **kw)
-        self.down_proj = Linear(c.intermediate_size, c.hidden_size, ("mlp", "embed"), **kw)
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, ("embed", "mlp"), **kw,
+                                **lora_kwargs(c, "gate_proj"))
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, ("embed", "mlp"), **kw,
+                              **lora_kwargs(c, "up_proj"))
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, ("mlp", "embed"), **kw,
+                                **lora_kwargs(c, "down_proj"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

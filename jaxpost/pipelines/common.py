@@ -23,6 +23,8 @@ from jaxpost import models
 from jaxpost.distributed import is_main_process
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.hf import load_hf, save_hf
+from jaxpost.models.lora import apply_lora, has_adapters, merge_lora, save_adapters, stop_frozen_gradients
+from jaxpost.models.lora import trainable_mask as lora_trainable_mask
 from jaxpost.sharding import Partitioner
 from jaxpost.train import (Checkpointer, MetricsWriter, abstract_state, batch_shardings, compile_train_step,
                            init_sharded_state, make_optimizer, make_train_step, state_shardings, train)
@@ -72,21 +74,26 @@ def load_model(model: ModelConfig | None, init_from: str | None, partitioner: Pa
     numerics (``dtype``, ``remat``) from ``model`` when given. ``head``
     converts between heads: an LM checkpoint loaded with ``head="score"``
     keeps its body and gets a fresh scalar head (reward/value model from an
-    SFT policy).
+    SFT policy). With ``model.lora`` set, LoRA adapters are added to the
+    loaded or initialised base (:func:`jaxpost.models.lora.apply_lora`) and
+    :func:`fit` then trains only the adapters (and a score head).
     """
+    lora = model.lora if model is not None else None
     if init_from is None:
         if model is None:
             raise ValueError("Either a ModelConfig or init_from (a Hugging Face model directory) is needed")
-        config = model if head is None else model.replace(head=head)
+        config = model.replace(lora=None) if head is None else model.replace(head=head, lora=None)
         graphdef, params = models.create(config, seed=seed, partitioner=partitioner)
-        return config, graphdef, params
-    config, graphdef, params = load_hf(init_from, partitioner=partitioner)
-    if model is not None:
-        config = config.replace(dtype=model.dtype, remat=model.remat)
-    if head is not None and head != config.head:
-        config, graphdef, params = _switch_head(config, params, head, partitioner, seed)
     else:
-        graphdef, _ = models.abstract(config)
+        config, graphdef, params = load_hf(init_from, partitioner=partitioner)
+        if model is not None:
+            config = config.replace(dtype=model.dtype, remat=model.remat)
+        if head is not None and head != config.head:
+            config, graphdef, params = _switch_head(config, params, head, partitioner, seed)
+        else:
+            graphdef, _ = models.abstract(config)
+    if lora is not None:
+        config, graphdef, params, _ = apply_lora(config, params, lora, seed=seed, partitioner=partitioner)
     return config, graphdef, params
 
 
@@ -147,12 +154,34 @@ class MeshBatches:
         self.it.set_state(state)
 
 
+@jax.jit
+def _global_sums(arrays: list[jax.Array]) -> list[jax.Array]:
+    # Replicated scalar outputs: every process holds the result, whereas a
+    # batch spanning several processes cannot be fetched by any one of them.
+    return [jnp.sum(jnp.asarray(x, jnp.float32)) for x in arrays]
+
+
+def global_sum(x: jax.Array | np.ndarray) -> float:
+    """``sum(x)`` over the whole global array, on every process.
+
+    Arrays this process holds entirely are summed on the host; a global
+    array split over several processes is summed on the devices (a collective:
+    every process must call this in the same order).
+    """
+    if isinstance(x, np.ndarray) or x.is_fully_addressable:
+        return float(np.asarray(jax.device_get(x), np.float64).sum())
+    return float(jax.device_get(_global_sums([x])[0]))
+
+
 def count_loss_tokens(batch: Mapping[str, jax.Array]) -> int:
-    """Real (non-padding) tokens of a batch, for tokens/s."""
+    """Real (non-padding) tokens of the global batch: ``sum(segment_ids != 0)``, for tokens/s."""
     n = 0
     for k, v in batch.items():
         if k.endswith("segment_ids"):
-            n += int(np.count_nonzero(np.asarray(jax.device_get(v))))
+            if isinstance(v, np.ndarray) or v.is_fully_addressable:
+                n += int(np.count_nonzero(np.asarray(jax.device_get(v))))
+            else:
+                n += int(global_sum(v != 0))
     return n
 
 
@@ -176,7 +205,7 @@ def make_evaluator(eval_step: Callable, make_batches: Callable[[], Iterator], nu
                 break
             m = jax.device_get(compiled(state.params, batch, frozen))
             if "pair_mask" in batch:
-                w = float(jax.device_get(batch["pair_mask"]).sum())
+                w = global_sum(batch["pair_mask"])
             else:
                 w = float(m.get("loss_tokens", 1.0))
             weight_sum += w
@@ -196,7 +225,14 @@ def fit(*, run_dir: Path, loss_fn: Callable, params: dict, param_shardings: Any,
 
     Resumes automatically from ``run_dir/checkpoints``. ``make_optimizer``
     is gin-configured (its ``total_steps`` is the run's ``num_steps``).
+    Params holding LoRA adapters train only those (and a score head) unless
+    ``trainable_mask`` says otherwise; under any trainable mask the frozen
+    leaves also get no gradients (``stop_frozen_gradients``).
     """
+    if trainable_mask is None and has_adapters(params):
+        trainable_mask = lora_trainable_mask(params)
+    if trainable_mask is not None:
+        loss_fn = stop_frozen_gradients(loss_fn, trainable_mask)
     optimizer = make_optimizer(total_steps=loop.num_steps, trainable_mask=trainable_mask)
     abstract = abstract_state(params, optimizer, loop.seed)
     shardings = state_shardings(abstract, param_shardings, partitioner)
@@ -243,11 +279,19 @@ def fit(*, run_dir: Path, loss_fn: Callable, params: dict, param_shardings: Any,
 
 
 def export(run_dir: Path, config: ModelConfig, params: dict, tokenizer: Any = None, name: str = "final") -> Path:
-    """Writes the trained weights (and tokenizer) as a Hugging Face directory ``run_dir/name``."""
+    """Writes the trained weights (and tokenizer) as a Hugging Face directory ``run_dir/name``.
+
+    With LoRA (``config.lora``) the adapters alone also go to
+    ``run_dir/<name>_adapters`` and ``run_dir/name`` holds the merged model.
+    """
     out = run_dir / name
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         params = multihost_utils.process_allgather(params, tiled=True)
+    if config.lora is not None:
+        if is_main_process():
+            save_adapters(run_dir / f"{name}_adapters", params, config.lora)
+        config, params = merge_lora(config, params)
     if is_main_process():
         extra = {}
         if tokenizer is not None:

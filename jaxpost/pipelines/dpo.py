@@ -6,7 +6,9 @@ The policy starts from ``init_from`` (usually an SFT export); the reference
 is a frozen copy of the same weights (or of ``reference_from``). With
 ``precompute_reference=True`` the reference log-probs are computed once
 over the whole dataset, stored beside the run, and the reference weights
-are dropped before training, so training holds one model.
+are dropped before training, so training holds one model. With LoRA
+(``ModelConfig.lora``) and no ``reference_from`` the reference is the
+policy's own frozen base with the adapters switched off: no second copy.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from jaxpost import models
 from jaxpost.algorithms import make_dpo_loss
 from jaxpost.data import DataStats, load_rows, load_tokenizer, make_preference_pipeline, train_eval_split
 from jaxpost.models.config import ModelConfig
+from jaxpost.models.lora import with_base_reference, without_adapters
 from jaxpost.pipelines.common import (LoopConfig, MeshBatches, export, fit, load_model, make_evaluator,
                                       prepare_run_dir, report_data_stats, write_operative_config, write_summary)
 from jaxpost.pipelines.reference import with_reference_logps
@@ -54,8 +57,11 @@ def dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
                                                        max_prompt_len=max_prompt_len, **kw)
 
     frozen = frozen_shardings = None
+    base_reference = config.lora is not None and reference_from is None
     if loss_fn.needs_reference:
-        if reference_from is not None:
+        if base_reference:  # LoRA: the frozen base itself, adapters off
+            ref_params = without_adapters(params)
+        elif reference_from is not None:
             _, _, ref_params = load_model(model, reference_from, part)
         else:  # a frozen copy; the policy's buffers are donated by the train step
             ref_params = jax.tree.map(lambda x: x.copy(), params)
@@ -66,8 +72,12 @@ def dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
                     held_out = with_reference_logps(held_out, graphdef, config, ref_params, pipeline, part,
                                                     run / "reference_eval")
             del ref_params
+        elif base_reference:
+            del ref_params
+            loss_fn = with_base_reference(loss_fn)
         else:
             frozen, frozen_shardings = {"reference": ref_params}, {"reference": param_shardings}
+    online_reference = loss_fn.needs_reference and not precompute_reference
 
     stats = DataStats()
     batches = MeshBatches(pipeline(rows, seed=loop.seed, stats=stats), part)
@@ -80,7 +90,7 @@ def dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
     with part.activate():
         state = fit(run_dir=run, loss_fn=loss_fn, params=params, param_shardings=param_shardings, partitioner=part,
                     batches=batches, loop=loop, frozen=frozen, frozen_shardings=frozen_shardings, evaluate=evaluate,
-                    data_stats=stats, flops_per_step=_dpo_flops(config, seq_len, batch_size, frozen is not None))
+                    data_stats=stats, flops_per_step=_dpo_flops(config, seq_len, batch_size, online_reference))
         summary = {"step": int(state.step), "loss_kind": kind, **report_data_stats(stats, "DPO")}
         if evaluate is not None:
             summary.update({f"eval/{k}": v for k, v in evaluate(state).items()})

@@ -6,7 +6,10 @@ Each step directory holds three items saved together with
 * ``state``: the :class:`TrainState` (sharded arrays, ``StandardSave``); each
   host writes its own shards, restore reads straight into the *target*
   shardings, so a run saved on one mesh resumes on another;
-* ``data``: the iterator's ``get_state()`` (``JsonSave``);
+* ``data``: the iterator's ``get_state()`` (``JsonSave``). Orbax writes JSON
+  items from process 0 only, so with several processes every process's
+  state is gathered first and saved as ``process_states``: each host reads
+  its own rows (``rows[h::n]``, packed), so the hosts' positions differ;
 * ``config``: ``{"gin": operative config text}`` (``JsonSave``).
 
 Orbax writes a step to ``<step>.orbax-checkpoint-tmp-*`` and renames it when
@@ -16,14 +19,19 @@ restart falls back to the last complete one.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from typing import Any, NamedTuple
 
 import gin
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxpost.train.state import TrainState
+
+log = logging.getLogger("jaxpost")
 
 __all__ = ["Checkpointer", "Restored", "abstract_with_shardings"]
 
@@ -35,6 +43,20 @@ class Restored(NamedTuple):
     state: TrainState
     data_state: Any
     config: str
+    data_states: list | None = None
+    """Every saving process's iterator state, in process order (None for
+    checkpoints written before per-process states were kept)."""
+
+
+def _allgather_json(value: Any) -> list:
+    """``value`` of every process (JSON-serialisable), in process order; a collective."""
+    from jax.experimental import multihost_utils
+    raw = np.frombuffer(json.dumps(value).encode(), dtype=np.uint8)
+    lengths = multihost_utils.process_allgather(np.asarray([raw.size], np.int32))
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:raw.size] = raw
+    every = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(row[:int(n)]).decode()) for row, n in zip(every, lengths.reshape(-1))]
 
 
 def abstract_with_shardings(tree: Any, shardings: Any = None) -> Any:
@@ -95,9 +117,12 @@ class Checkpointer:
             return False
         if config is None:
             config = gin.operative_config_str()
+        data = {"state": data_state}
+        if jax.process_count() > 1:
+            data["process_states"] = _allgather_json(data_state)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave({"state": data_state}),
+            data=ocp.args.JsonSave(data),
             config=ocp.args.JsonSave({"gin": config}),
         )
         return bool(self._manager.save(step, args=args, force=True))
@@ -118,6 +143,13 @@ class Checkpointer:
         ``abstract_state``: a tree of ``jax.ShapeDtypeStruct`` with ``sharding``
         set (:func:`abstract_with_shardings`); arrays are read directly into
         those shards, whatever mesh the checkpoint was written from.
+
+        ``data_state`` is this process's own saved iterator state when the
+        checkpoint was written by as many processes as are running now;
+        otherwise (hosts added or removed, so each host's ``rows[h::n]`` shard
+        changes) it is process 0's state, which keeps the epoch position but
+        not the exact example order, and a warning says so. ``data_states``
+        holds every saving process's state for iterators that can use them.
         """
         if step not in self.all_steps():
             raise FileNotFoundError(f"No complete checkpoint for step {step} in {self.directory}; "
@@ -131,8 +163,25 @@ class Checkpointer:
             data=ocp.args.JsonRestore(),
             config=ocp.args.JsonRestore(),
         ))
-        return Restored(step=step, state=out["state"], data_state=out["data"]["state"],
-                        config=out["config"]["gin"])
+        data = out["data"]
+        states = data.get("process_states")
+        data_state = data["state"]
+        if states is not None and len(states) == jax.process_count():
+            data_state = states[jax.process_index()]
+        elif (len(states) if states is not None else 1) != jax.process_count():
+            log.warning("Checkpoint step %d was written by %d processes, restoring in %d: the data iterators "
+                        "resume from process 0's position; the example order differs from the saved run.",
+                        step, len(states) if states is not None else 1, jax.process_count())
+        return Restored(step=step, state=out["state"], data_state=data_state, config=out["config"]["gin"],
+                        data_states=states if states is not None else [data["state"]])
+
+    def data_states(self, step: int) -> list:
+        """Every saving process's iterator state at ``step`` (reads only the ``data`` item)."""
+        if step not in self.all_steps():
+            raise FileNotFoundError(f"No complete checkpoint for step {step} in {self.directory}; "
+                                    f"available: {self.all_steps()}")
+        data = self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+        return data.get("process_states") or [data["state"]]
 
     def restore_latest(self, abstract_state: TrainState) -> Restored | None:
         """:meth:`restore` of :meth:`latest_step`, or None when there is no complete checkpoint."""

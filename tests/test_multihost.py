@@ -1,0 +1,205 @@
+"""Real multi-process runs on one machine: 2 processes x 4 CPU devices, gloo collectives.
+
+How the runs are compared. Each host of an N-process run reads its own
+shard ``rows[h::N]`` and contributes ``B/N`` rows; the global batch is the
+hosts' rows in host order (``make_array_from_process_local_data``). A plain
+single-process run reads ``rows[0::1]`` and so trains on different batches.
+The reference is therefore one process x 8 devices that *reads as 2 hosts*
+(``tests/multihost_worker.py``, ``JAXPOST_TEST_READ_AS_HOSTS=2``): it builds
+the pipelines of hosts 0 and 1 and concatenates their batches, then runs the
+unchanged ``sft``/``dpo`` code. Same global batches, same 8-device mesh, so
+losses, gradient norms and the exported weights must agree to float32
+round-off (only the order of the cross-process sums differs).
+
+All runs start together in one module fixture (they are mostly start-up and
+compilation), each bounded by a timeout and killed on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import portpicker
+import pytest
+from safetensors.numpy import load_file
+
+from jaxpost.train import Checkpointer
+from pipeline_utils import make_task
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = str(REPO / "tests" / "multihost_worker.py")
+EXPERIMENT = "configs/experiments/local_multihost_sft.gin"
+TIMEOUT_S = 420
+
+pytestmark = pytest.mark.slow
+
+
+def _env(devices: int, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAXPOST_")}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")]))
+    env.update(extra)
+    return env
+
+
+class Job:
+    """A subprocess in its own process group with its output in a log file."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log: Path):
+        self.name, self.log = name, log
+        self._out = open(log, "w")
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait(self, deadline: float) -> int | None:
+        try:
+            return self.proc.wait(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            return None
+        finally:
+            self._out.flush()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the group this job started: launcher and its children
+            self.proc.wait()
+        self._out.close()
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+def _wait(jobs: list[Job], deadline: float) -> None:
+    for job in jobs:
+        rc = job.wait(deadline)
+        if rc != 0:
+            raise AssertionError(f"{job.name} {'timed out' if rc is None else f'exited with {rc}'}:\n{job.tail()}")
+
+
+def _two_processes(name: str, args: list[str], root: Path) -> list[Job]:
+    port = portpicker.pick_unused_port()
+    return [Job(f"{name}[process {i}]", [sys.executable, WORKER, str(root / f"{name}_{{process}}.json"), *args],
+                _env(4, JAXPOST_COORDINATOR=f"127.0.0.1:{port}", JAXPOST_NUM_PROCESSES="2",
+                     JAXPOST_PROCESS_ID=str(i)), root / f"{name}_{i}.log")
+            for i in range(2)]
+
+
+def _one_process_as_two_hosts(name: str, args: list[str], root: Path) -> Job:
+    return Job(name, [sys.executable, WORKER, str(root / f"{name}_{{process}}.json"), *args],
+               _env(8, JAXPOST_TEST_READ_AS_HOSTS="2"), root / f"{name}.log")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multihost")
+    task = make_task(root, n_sft=200, n_pref=96, n_prompts=8, n_eval=8)
+
+    def sft_args(run_dir: Path, steps: int) -> list[str]:
+        return [f"--gin_file={EXPERIMENT}", f"--gin.sft.train_data={task['sft']}",
+                f"--gin.sft.tokenizer={task['tokenizer']}", f"--gin.sft.run_dir={run_dir}",
+                f"--gin.LoopConfig.num_steps={steps}"]
+
+    def dpo_args(run_dir: Path) -> list[str]:
+        return [f"--gin_file={EXPERIMENT}", "--gin.run.task=@dpo", "--gin.dpo.model=@ModelConfig()",
+                "--gin.dpo.loop=@LoopConfig()", f"--gin.dpo.train_data={task['preference']}",
+                f"--gin.dpo.tokenizer={task['tokenizer']}", f"--gin.dpo.run_dir={run_dir}",
+                "--gin.dpo.seq_len=64", "--gin.dpo.batch_size=8", "--gin.dpo.eval_fraction=0.1",
+                "--gin.LoopConfig.num_steps=2", "--gin.LoopConfig.eval_every=2", "--gin.LoopConfig.eval_batches=2"]
+
+    dirs = {k: root / k for k in ("sft_launcher", "sft_reference", "dpo_2proc", "dpo_reference", "sft_resumed")}
+    launcher = Job("launch/local.sh", ["bash", "launch/local.sh", "2", "jaxpost", "train",
+                                       *sft_args(dirs["sft_launcher"], 3)],
+                   _env(4, PORT=str(portpicker.pick_unused_port()), DEVICES_PER_PROCESS="4",
+                        LOG_DIR=str(root / "launcher_logs")), root / "launcher.log")
+    jobs = [launcher]
+    deadline = time.monotonic() + TIMEOUT_S
+    try:  # on any failure or timeout every job is killed and the failing one's log shown
+        jobs += [*_two_processes("dpo_2proc", dpo_args(dirs["dpo_2proc"]), root),
+                 _one_process_as_two_hosts("sft_reference", sft_args(dirs["sft_reference"], 6), root),
+                 _one_process_as_two_hosts("dpo_reference", dpo_args(dirs["dpo_reference"]), root)]
+        _wait([launcher], deadline)
+        # The 2-process run stopped after step 3 with a checkpoint; one process (8 devices) takes it to step 6.
+        shutil.copytree(dirs["sft_launcher"], dirs["sft_resumed"])
+        jobs.append(_one_process_as_two_hosts("sft_resumed", sft_args(dirs["sft_resumed"], 6), root))
+        _wait(jobs[1:], deadline)
+    finally:
+        for job in jobs:
+            job.kill()
+    return {"root": root, **dirs}
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _by_step(run_dir: Path, key: str) -> dict[int, float]:
+    return {r["step"]: r[key] for r in _records(run_dir) if key in r}
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(str(a / "final" / "model.safetensors")), load_file(str(b / "final" / "model.safetensors"))
+    assert sorted(wa) == sorted(wb)
+    for name in wa:
+        np.testing.assert_allclose(wa[name], wb[name], rtol=2e-5, atol=2e-6, err_msg=name)
+
+
+def test_two_processes_sft_equals_one_process_with_eight_devices(runs):
+    two, one = runs["sft_launcher"], runs["sft_reference"]
+    for key in ("loss", "grad_norm"):
+        a, b = _by_step(two, key), _by_step(one, key)
+        assert sorted(a) == [1, 2, 3]
+        for step in a:
+            assert a[step] == pytest.approx(b[step], rel=2e-6), (key, step, a[step], b[step])
+    losses = _by_step(one, "loss")
+    assert losses[3] < losses[1]  # it trains, so the comparison is of a moving run
+
+
+def test_two_processes_dpo_equals_one_process_with_eight_devices(runs):
+    two, one = runs["dpo_2proc"], runs["dpo_reference"]
+    a, b = _records(two), _records(one)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "grad_norm", "rewards/accuracies", "rewards/margins", "eval/loss", "eval/rewards/margins"):
+            if key in rb:
+                assert ra[key] == pytest.approx(rb[key], rel=2e-5, abs=1e-6), (ra["step"], key, ra[key], rb[key])
+    assert any("eval/loss" in r for r in a)  # the held-out evaluation ran across both processes
+    _assert_same_weights(two, one)
+    for i in range(2):
+        info = json.loads((runs["root"] / f"dpo_2proc_{i}.json").read_text())
+        assert (info["process_index"], info["process_count"], info["device_count"],
+                info["local_device_count"]) == (i, 2, 8, 4)
+
+
+def test_checkpoint_of_two_processes_resumes_in_one_process_identically(runs):
+    resumed, straight = runs["sft_resumed"], runs["sft_reference"]
+    # Every host's data position was saved, not only process 0's (Orbax writes JSON from process 0).
+    ckpt = Checkpointer(runs["sft_launcher"] / "checkpoints")
+    states = ckpt.data_states(3)
+    ckpt.close()
+    assert len(states) == 2 and all(set(s) == {"grain", "stats"} for s in states)
+    a, b = _by_step(resumed, "loss"), _by_step(straight, "loss")
+    assert sorted(a) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        assert a[step] == pytest.approx(b[step], rel=2e-6), (step, a[step], b[step])
+    _assert_same_weights(resumed, straight)
+
+
+def test_launcher_run_writes_run_files_once_from_process_zero(runs):
+    run_dir, logs = runs["sft_launcher"], runs["root"] / "launcher_logs"
+    steps = [r["step"] for r in _records(run_dir)]
+    assert steps == [1, 2, 3]  # one record per step: process 1 wrote nothing
+    assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 1
+    for name in ("config.gin", "operative_config.gin", "summary.json", "final/model.safetensors"):
+        assert (run_dir / name).is_file(), name
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == 3
+    assert (logs / "process_0.log").is_file() and (logs / "process_1.log").is_file()
+    assert "Traceback" not in (logs / "process_1.log").read_text()
