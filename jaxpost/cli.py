@@ -1,6 +1,7 @@
 """``jaxpost`` command line: train | generate | export | demo | plot.
 
     jaxpost train --gin_file=configs/experiments/demo/sft.gin --gin.LoopConfig.num_steps=50
+    jaxpost generate --model runs/demo/sft/final --prompts prompts.jsonl --out samples.jsonl --n 4
     jaxpost demo [--out runs/demo] [--quick]
     jaxpost plot runs/demo/sft [runs/demo/dpo ...] [--out curves.png]
 """
@@ -35,8 +36,35 @@ def _train(argv: Sequence[str]) -> int:
         print(f"jaxpost: {e}", file=sys.stderr)
         return 2
     summary = run()
-    if summary:
+    if summary and distributed.is_main_process():
         print({k: v for k, v in summary.items()})
+    return 0
+
+
+def _generate(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="jaxpost generate",
+                                description="Sample completions for a prompt file (jsonl with 'prompt') to jsonl.")
+    p.add_argument("--model", required=True, help="Hugging Face model directory (e.g. RUN_DIR/final)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    p.add_argument("--prompts", required=True, help="jsonl with a 'prompt' field (text or messages)")
+    p.add_argument("--out", required=True, help="output jsonl: prompt, completion, sample_index + input fields")
+    p.add_argument("--n", type=int, default=1, help="samples per prompt")
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    from jaxpost import distributed
+    from jaxpost.generate import SamplingConfig, generate_to_jsonl
+
+    distributed.initialize()
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p)
+    n = generate_to_jsonl(args.model, args.tokenizer or args.model, args.prompts, args.out, sampling,
+                          n_samples_per_prompt=args.n, batch_size=args.batch_size, seed=args.seed)
+    print(f"wrote {n} completions to {args.out}")
     return 0
 
 
@@ -62,7 +90,7 @@ def _plot(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "demo": _demo, "plot": _plot}
+COMMANDS = {"train": _train, "generate": _generate, "demo": _demo, "plot": _plot}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,6 +8,7 @@ configurable or parameter raises :class:`ConfigError` naming the key.
 from __future__ import annotations
 
 import ast
+import logging
 import pathlib
 import re
 from typing import Sequence
@@ -24,6 +25,7 @@ class ConfigError(ValueError):
 
 def register_configurables() -> None:
     """Imports every module that defines gin configurables."""
+    import jaxpost.demo.task  # noqa: F401  (registers the demo's reward function)
     import jaxpost.pipelines  # noqa: F401  (imports models, train, data, losses)
 
 
@@ -43,12 +45,23 @@ def parse(gin_files: Sequence[str] = (), bindings: Sequence[str] = (), *, finali
     gin.add_config_file_search_path(str(REPO_ROOT))
     gin.add_config_file_search_path(str(CONFIG_DIR))
     files = [resolve_config_path(f) for f in gin_files]
+    quiet = _DropGinProbes()
+    logging.getLogger().addFilter(quiet)
     try:
         gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=finalize)
     except (ValueError, KeyError, SyntaxError, ImportError) as e:
         key = _key_in_error(str(e))
         hint = f" (unknown or invalid key: {key})" if key else ""
         raise ConfigError(f"Invalid gin configuration{hint}: {e}") from None
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
+class _DropGinProbes(logging.Filter):
+    """gin logs an error for every search-path candidate of an include before it finds the file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("Path not found:")
 
 
 def _key_in_error(msg: str) -> str | None:

@@ -14,6 +14,8 @@ import random
 from pathlib import Path
 from typing import Sequence
 
+from jaxpost.generate.rewards import register_reward
+
 ALPHABET = "abcdefgh"
 
 
@@ -39,6 +41,7 @@ def mistake(word: str, rng: random.Random) -> str:
     return "".join(out)
 
 
+@register_reward("reversal")
 def reversal_reward(prompts: Sequence, completions: Sequence[str], answer: Sequence[str] | None = None,
                     **_) -> list[float]:
     """1.0 for the exact reversal; else the fraction of positions right, times 0.5.

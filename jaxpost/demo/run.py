@@ -1,0 +1,167 @@
+"""``jaxpost demo``: the whole post-training story on CPU, offline, in minutes.
+
+Every stage is an ordinary gin experiment under ``configs/experiments/demo/``
+run exactly as ``jaxpost train`` runs it; the demo only points their paths
+at its own directory, then samples from each resulting policy on held-out
+prompts. Every number in the table comes from training in this run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import gin
+
+from jaxpost import config as gin_config
+from jaxpost.cli import run as run_task
+from jaxpost.demo.evaluate import evaluate_policy
+from jaxpost.demo.task import write_task_data
+
+EXPERIMENTS = "configs/experiments/demo"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One demo stage: a gin experiment, the paths it reads/writes, and how it is judged."""
+
+    name: str
+    title: str
+    task: str                      # the gin configurable the experiment runs (sft, dpo, ...)
+    paths: dict                    # binding -> path relative to the demo directory
+    quick: tuple = ()              # extra bindings for --quick
+    kind: str = "policy"           # "policy": judged by sampling; "reward": by held-out pair accuracy
+    baseline: str = "sft"          # the stage whose metric this one must beat
+
+
+def _common(task: str, run: str, data: str, init: str | None = "sft/final") -> dict:
+    paths = {f"{task}.run_dir": run, f"{task}.train_data": data, f"{task}.tokenizer": "tokenizer"}
+    if init:
+        paths[f"{task}.init_from"] = init
+    return paths
+
+
+STAGES = (
+    Stage("sft", "SFT on noisy demonstrations", "sft", _common("sft", "sft", "data/sft.jsonl", None),
+          quick=("LoopConfig.num_steps = 150",), baseline="init"),
+    Stage("reward", "Reward model (Bradley-Terry)", "reward_model",
+          _common("reward_model", "reward", "data/preference.jsonl"),
+          quick=("LoopConfig.num_steps = 100",), kind="reward", baseline="chance"),
+    Stage("ppo", "PPO vs the reward model (RLHF)", "ppo",
+          {**_common("ppo", "ppo", "data/prompts.jsonl"), "ppo.value_from": "reward/final",
+           "make_scorer.reward_model": "reward/final"},
+          quick=("OnlineConfig.num_rollouts = 12",)),
+    Stage("dpo", "DPO on the preference pairs", "dpo", _common("dpo", "dpo", "data/preference.jsonl"),
+          quick=("LoopConfig.num_steps = 60",)),
+    Stage("grpo", "GRPO with a programmatic reward", "grpo", _common("grpo", "grpo", "data/prompts.jsonl"),
+          quick=("OnlineConfig.num_rollouts = 12",)),
+)
+
+
+def run_stage(stage: Stage, root: Path, quick: bool) -> dict:
+    """Runs one stage's gin experiment with the demo's paths; returns its summary."""
+    bindings = [f"{k} = '{root / v}'" for k, v in stage.paths.items()]
+    bindings += ["LoopConfig.progress = False", "OnlineConfig.progress = False"]
+    if quick:
+        bindings += list(stage.quick)
+    gin_config.parse([f"{EXPERIMENTS}/{stage.name}.gin"], bindings)
+    try:
+        return run_task()
+    finally:
+        gin.clear_config()
+
+
+def _initial_policy(root: Path) -> Path:
+    """The SFT stage's random initialisation, exported, so 'before SFT' is measured too."""
+    from jaxpost import models
+    from jaxpost.models.config import ModelConfig
+    from jaxpost.models.hf import save_hf
+
+    gin_config.parse([f"{EXPERIMENTS}/model.gin"])
+    try:
+        config = ModelConfig()
+    finally:
+        gin.clear_config()
+    _, params = models.create(config, seed=0)
+    save_hf(root / "init", config, params)
+    return root / "init"
+
+
+def run_demo(out: str | Path = "runs/demo", quick: bool = False,
+             log: Callable[[str], None] = lambda s: print(s, flush=True)) -> list[dict]:
+    """Writes the data, runs every stage, evaluates, and writes ``report.md`` + ``curves.png``.
+
+    Returns one row per stage: ``stage``, ``metric``, ``value``, ``baseline``,
+    ``baseline_value``, ``improved``, ``seconds``.
+    """
+    from jaxpost.data import build_tokenizer
+
+    root = Path(out).resolve()
+    sizes = dict(n_sft=1500, n_pref=600, n_prompts=400, n_eval=48) if quick else {}
+    write_task_data(root / "data", **sizes)
+    build_tokenizer(None, vocab_size=261).save_pretrained(root / "tokenizer")
+    eval_prompts = root / "data" / "eval_prompts.jsonl"
+    samples = 2 if quick else 4
+
+    log(f"[demo] task: reverse a string; data in {root / 'data'}")
+    scores = {"init": evaluate_policy(_initial_policy(root), root / "tokenizer", eval_prompts, root / "init",
+                                      samples_per_prompt=samples)}
+    table = [{"stage": "init", "title": "Untrained policy (random init)", "metric": "held-out reward",
+              "value": scores["init"]["reward"], **_extra(scores["init"]), "seconds": 0.0}]
+    log(f"[demo] untrained policy: held-out reward {scores['init']['reward']:.3f}")
+    for stage in STAGES:
+        log(f"[demo] stage {stage.name}: {stage.title} ({EXPERIMENTS}/{stage.name}.gin)")
+        start = time.perf_counter()
+        summary = run_stage(stage, root, quick)
+        seconds = time.perf_counter() - start
+        if stage.kind == "reward":
+            value, base_value = float(summary["eval/accuracy"]), 0.5
+            row = {"metric": "held-out pair accuracy", "value": value}
+        else:
+            scores[stage.name] = evaluate_policy(root / stage.name / "final", root / "tokenizer", eval_prompts,
+                                                 root / stage.name, samples_per_prompt=samples)
+            value, base_value = scores[stage.name]["reward"], scores[stage.baseline]["reward"]
+            row = {"metric": "held-out reward", "value": value, **_extra(scores[stage.name])}
+        row.update(stage=stage.name, title=stage.title, baseline=stage.baseline, baseline_value=base_value,
+                   improved=value > base_value, seconds=seconds)
+        table.append(row)
+        log(f"[demo]   {row['metric']} {value:.3f} (before: {stage.baseline} {base_value:.3f}) in {seconds:.0f}s")
+    _write_report(root, table)
+    log(_format_table(table))
+    log(f"[demo] report: {root / 'report.md'}; curves: {root / 'curves.png'}")
+    return table
+
+
+def _extra(s: dict) -> dict:
+    return {"exact": s["exact"], "greedy_exact": s["greedy_exact"]}
+
+
+def _format_table(table: list[dict]) -> str:
+    lines = ["| stage | what | metric | value | exact (T=1) | exact (greedy) | before | time |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in table:
+        before = "" if r["stage"] == "init" else f"{r['baseline']} {r['baseline_value']:.3f}"
+        ex = f"{r['exact']:.3f}" if "exact" in r else ""
+        gx = f"{r['greedy_exact']:.3f}" if "greedy_exact" in r else ""
+        lines.append(f"| {r['stage']} | {r['title']} | {r['metric']} | {r['value']:.3f} | {ex} | {gx} | {before} "
+                     f"| {r['seconds']:.0f}s |")
+    return "\n".join(lines)
+
+
+def _write_report(root: Path, table: list[dict]) -> None:
+    from jaxpost.plot import plot_runs
+
+    runs = [root / s.name for s in STAGES if (root / s.name / "metrics.jsonl").exists()]
+    plot_runs(runs, root / "curves.png", metrics=["loss", "eval/accuracy", "objective/scores", "objective/kl"],
+              title="jaxpost demo: training curves")
+    (root / "results.json").write_text(json.dumps(table, indent=2))
+    (root / "report.md").write_text(
+        "# jaxpost demo report\n\n"
+        "Task: reverse a string of 3-6 letters (`reverse: cabd` -> `dbac`). The SFT data is noisy: about a third "
+        "of its answers are mistakes. 'held-out reward' is the mean task reward of completions sampled at "
+        "temperature 1 on prompts never seen in training (1.0 exact, at most 0.5 otherwise); 'exact' columns "
+        "are exact-match rates. Each stage starts from the SFT policy unless noted; the reward stage is judged "
+        "by held-out pair accuracy against chance.\n\n" + _format_table(table) + "\n\n![curves](curves.png)\n")

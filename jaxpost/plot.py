@@ -1,0 +1,73 @@
+"""``jaxpost plot``: draw the metrics of one or more runs (``metrics.jsonl``) to a PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+DEFAULT_METRICS = ("loss", "eval/loss", "eval/accuracy", "eval/token_accuracy", "eval/rewards/accuracies",
+                   "objective/scores", "objective/kl", "reward/mean")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The rows of ``run_dir/metrics.jsonl`` (one JSON object per logged step)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a jaxpost run directory?")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not JSON ({e})") from None
+    return rows
+
+
+def series(rows: Sequence[dict], metric: str) -> tuple[list[float], list[float]]:
+    """``(steps, values)`` of one metric over the logged rows that have it."""
+    pts = [(r["step"], r[metric]) for r in rows if metric in r and isinstance(r[metric], (int, float))]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None,
+              metrics: Sequence[str] | None = None, title: str | None = None) -> Path:
+    """One panel per metric, one line per run; returns the PNG path.
+
+    ``metrics`` defaults to those of :data:`DEFAULT_METRICS` that any run has.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {str(d): read_metrics(d) for d in run_dirs}
+    if metrics is None:
+        present = {k for rows in runs.values() for r in rows for k in r}
+        metrics = [m for m in DEFAULT_METRICS if m in present]
+    if not metrics:
+        raise ValueError(f"None of the metrics {DEFAULT_METRICS} is in {list(runs)}; pass --metrics")
+    cols = min(3, len(metrics))
+    rows_n = math.ceil(len(metrics) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, 3.4 * rows_n), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics):
+        for name, rows in runs.items():
+            steps, values = series(rows, metric)
+            if steps:
+                ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=Path(name).name)
+        ax.set_title(metric)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(runs) > 1:
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out) if out else Path(run_dirs[0]) / "curves.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
