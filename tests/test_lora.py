@@ -94,6 +94,7 @@ def test_linear_with_lora_matches_formula_and_never_forms_AB():
     assert (16, 24) not in shapes and (24, 16) not in shapes
 
 
+@pytest.mark.slow  # several compilations of the tiny model: 20-60 s on 2 shared cores
 def test_apply_lora_starts_equal_to_base_and_shards_adapters():
     graphdef, params = models.create(CFG, seed=0)
     lcfg = LoraConfig(rank=4, alpha=8.0, targets=["q_proj", "down_proj"])
@@ -147,6 +148,7 @@ def _train(loss_fn, params, mask, batch, steps, lr=1e-2):
     return state, losses
 
 
+@pytest.mark.slow  # several compilations of the tiny model: 20-60 s on 2 shared cores
 def test_lora_sft_trains_only_adapters_with_state_only_for_adapters():
     _, params = models.create(CFG, seed=0)
     config, graphdef, params, mask = apply_lora(CFG, params, LoraConfig(rank=4, alpha=8.0), seed=0)
@@ -171,6 +173,7 @@ def test_lora_sft_trains_only_adapters_with_state_only_for_adapters():
     assert adapter_bytes < 0.2 * sum(x.nbytes for x in before.values())
 
 
+@pytest.mark.slow  # several compilations of the tiny model: 20-60 s on 2 shared cores
 def test_stop_frozen_gradients_keeps_adapter_gradients_and_zeroes_base():
     _, params = models.create(CFG, seed=0)
     config, graphdef, params, mask = apply_lora(CFG, params, LoraConfig(rank=2, targets="attention"), seed=0)
@@ -187,6 +190,7 @@ def test_stop_frozen_gradients_keeps_adapter_gradients_and_zeroes_base():
             assert not np.any(g_stop[k]), k
 
 
+@pytest.mark.slow  # several compilations of the tiny model: 20-60 s on 2 shared cores
 def test_lora_dpo_reference_is_base_without_adapters():
     _, base = models.create(CFG, seed=0)
     base_copy = jax.tree.map(np.asarray, base)

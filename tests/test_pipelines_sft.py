@@ -102,3 +102,37 @@ def test_packing_gives_the_same_loss_as_unpacked(task):
     (nll_p, n_p), (nll_u, n_u) = totals(True), totals(False)
     assert n_p == n_u > 0
     assert nll_p / n_p == pytest.approx(nll_u / n_u, rel=1e-5)
+
+
+def test_fsdp_sft_steps_match_one_device(task):
+    """Three SFT steps of the transformer on 8 devices (FSDP) equal the same steps on 1 device."""
+    from jaxpost.sharding import Partitioner, make_mesh
+    from jaxpost.train import (abstract_state, batch_shardings, compile_train_step, init_sharded_state,
+                               make_optimizer, make_train_step, state_shardings)
+
+    tok = load_tokenizer(task["tokenizer"])
+    config = ModelConfig(vocab_size=264, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                         num_kv_heads=2)
+    batches = [{k: np.asarray(v) for k, v in b.items()} for b, _ in
+               zip(make_lm_pipeline(load_rows(task["sft"]), tok, seq_len=64, batch_size=8, seed=3), range(3))]
+
+    def run(part):
+        graphdef, params = models.create(config, seed=0, partitioner=part)
+        opt = make_optimizer(learning_rate=1e-3, total_steps=3, schedule="constant")
+        shardings = state_shardings(abstract_state(params, opt), part.shardings(models.logical_axes(config), params),
+                                    part)
+        state = init_sharded_state(params, opt, shardings)
+        step = compile_train_step(make_train_step(make_sft_loss(graphdef, config), opt), shardings,
+                                  batch_shardings(batches[0], part))
+        out = []
+        with part.activate():
+            for b in batches:
+                state, m = step(state, {k: jax.device_put(v, part.batch_sharding(v.ndim)) for k, v in b.items()}, None)
+                out.append(float(m["loss"]))
+        return out, state.params
+
+    one, p1 = run(Partitioner(make_mesh(fsdp=1, devices=jax.devices()[:1]), "fsdp"))
+    eight, p8 = run(Partitioner(make_mesh(fsdp=8), "fsdp"))
+    assert p8["layers"][0]["mlp"]["up_proj"]["kernel"].sharding.spec[0] == "fsdp"
+    np.testing.assert_allclose(one, eight, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5), p1, p8)

@@ -14,3 +14,9 @@ from jaxpost.pipelines.ppo import ppo  # noqa: E402
 from jaxpost.pipelines.rollout import RolloutConfig  # noqa: E402
 
 __all__ += ["OnlineConfig", "RolloutConfig", "grpo", "online_dpo", "ppo"]
+
+from jaxpost.pipelines.distill import distill  # noqa: E402  (distillation and synthetic data)
+from jaxpost.pipelines.synthetic import synthesize, synthesize_main  # noqa: E402
+from jaxpost.pipelines.teacher_cache import TeacherCache, build_teacher_cache  # noqa: E402
+
+__all__ += ["TeacherCache", "build_teacher_cache", "distill", "synthesize", "synthesize_main"]

@@ -42,6 +42,7 @@ from jaxpost.data.tokenizer import stop_token_ids
 from jaxpost.generate import SamplingConfig, generate_to_jsonl
 from jaxpost.generate.sampler import Sampler, left_pad
 from jaxpost.models.config import ModelConfig
+from jaxpost.models.hf import hf_config_to_model_config
 from jaxpost.pipelines.common import (LoopConfig, MeshBatches, export, fit, load_model, make_evaluator, on_mesh,
                                       prepare_run_dir, report_data_stats, write_operative_config, write_summary)
 from jaxpost.pipelines.online import OnlineConfig, OnlineTrainer, check_single_process, rollout_rng
@@ -91,6 +92,10 @@ def distill(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokeniz
         raise ValueError("distill needs teacher_from (a Hugging Face model directory) unless teacher_cache is a "
                          "finished cache")
 
+    if teacher_from is not None and not cached_ready and model is not None and init_from is None:
+        # Fail before any weights are built or read.
+        t_hf = json.loads((Path(teacher_from) / "config.json").read_text())
+        check_same_vocab(model, hf_config_to_model_config(t_hf))
     run = prepare_run_dir(run_dir)
     part = Partitioner()
     tok = load_tokenizer(tokenizer)

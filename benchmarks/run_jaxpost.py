@@ -1,0 +1,103 @@
+"""jaxpost side of the benchmark: the SFT or DPO train step through the public API, timed per step.
+
+Runs in its own process (started by ``cpu_workload.py``): builds the model
+with ``jaxpost.models.create`` (seed 0, the weights the torch systems load
+from the ``save_hf`` export), the loss with ``make_sft_loss`` /
+``make_dpo_loss`` (frozen reference params passed as ``frozen`` and run in
+the same jit every step), AdamW from ``make_optimizer``, the generic step
+from ``make_train_step`` compiled by ``compile_train_step`` (explicit
+shardings, donated state).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+import workload as W
+
+
+def model_config(gin_file: str, dtype: str, remat: str = "none"):
+    """``ModelConfig`` from a gin preset, with compute ``dtype`` and ``remat`` overridden."""
+    import gin
+
+    from jaxpost.models import ModelConfig
+
+    gin.clear_config()
+    gin.parse_config_file(gin_file)
+    return ModelConfig().replace(dtype=dtype, remat=remat)
+
+
+def step_flops(config, task: str, shape: W.Shape) -> float:
+    """Model FLOPs of one step.
+
+    SFT: ``flops_per_token(L) * B * L`` (forward + backward = 3 forwards).
+    DPO: the policy trains on ``2B`` sequences (3 forwards' worth) and the
+    reference runs one forward over the same ``2B`` sequences, so
+    ``flops_per_token(L) * (1 + 1/3) * 2B * L``.
+    """
+    f = config.flops_per_token(shape.seq) * shape.batch * shape.seq
+    return f if task == "sft" else f * 2 * (4.0 / 3.0)
+
+
+def run(task: str, gin_file: str, shape: W.Shape, steps: int, warmup: int, dtype: str = "float32",
+        chunk: int = 512, remat: str = "none", lr: float | None = None) -> dict:
+    """Train ``warmup + steps`` steps; returns timings (seconds), losses and throughput.
+
+    ``first_step_s`` = trace + compile + first execution of the step;
+    ``step_s`` = per-step wall times of the ``steps`` steps after warm-up,
+    each ended by ``block_until_ready`` on the new state and metrics.
+    """
+    import jax
+
+    from jaxpost.algorithms import make_dpo_loss, make_sft_loss
+    from jaxpost.models import create, logical_axes
+    from jaxpost.sharding import Partitioner
+    from jaxpost.train import (abstract_state, batch_shardings, compile_train_step, init_sharded_state,
+                               make_optimizer, make_train_step, state_shardings)
+
+    t_setup = time.perf_counter()
+    config = model_config(gin_file, dtype, remat)
+    partitioner = Partitioner(rules="fsdp")
+    graphdef, params = create(config, seed=0, partitioner=partitioner)
+    param_sh = partitioner.shardings(logical_axes(config), params)
+    if task == "sft":
+        batch = W.lm_batch(W.sft_ids(shape, config.vocab_size))
+        loss_fn = make_sft_loss(graphdef, config, chunk_size=chunk)
+        lr = 1e-4 if lr is None else lr
+        frozen, frozen_sh = None, None
+    else:
+        batch = W.dpo_batch(W.dpo_ids(shape, config.vocab_size))
+        loss_fn = make_dpo_loss(graphdef, config, kind="sigmoid", beta=0.1, chunk_size=chunk)
+        lr = 1e-6 if lr is None else lr
+        # A separate copy: the policy's buffers are donated to the step and must not alias the reference.
+        frozen = {"reference": jax.tree.map(lambda x: x.copy(), params)}
+        frozen_sh = {"reference": param_sh}
+    opt = make_optimizer("adamw", learning_rate=lr, schedule="constant", weight_decay=0.0, clip_norm=1.0)
+    shardings = state_shardings(abstract_state(params, opt), param_sh, partitioner)
+    state = init_sharded_state(params, opt, shardings)
+    del params
+    b_sh = batch_shardings(batch, partitioner)
+    batch = jax.device_put(batch, b_sh)
+    mixed = "bfloat16" if dtype == "bfloat16" else None
+    step = compile_train_step(make_train_step(loss_fn, opt, mixed_precision=mixed), shardings, b_sh, frozen_sh)
+    jax.block_until_ready((state, batch, frozen))
+    setup_s = time.perf_counter() - t_setup
+
+    times, losses = [], []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        state, metrics = step(state, batch, frozen)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t0)
+        losses.append(float(metrics["loss"]))
+    measured = times[warmup:]
+    med = float(np.median(measured))
+    dev = jax.devices()[0]
+    return {
+        "setup_s": setup_s, "first_step_s": times[0], "step_s": measured, "median_step_s": med,
+        "losses": losses, "flops_per_step": step_flops(config, task, shape),
+        "device_kind": dev.device_kind, "n_devices": jax.device_count(), "platform": dev.platform,
+        "trained_tokens": W.trained_tokens(batch), "chunk": chunk, "remat": remat, "dtype": dtype,
+    }
