@@ -59,6 +59,13 @@ def _cut_prompt(prompt_ids: np.ndarray, max_len: int, bos: int | None) -> np.nda
     return prompt_ids[len(prompt_ids) - max_len:]
 
 
+def _end_at_last_trained(encoded):
+    ids, trained = encoded
+    hits = np.flatnonzero(trained)
+    end = int(hits[-1]) + 1 if hits.size else len(ids)
+    return ids[:end], trained[:end]
+
+
 def prepare_preference(tokenizer: Any, example: Mapping[str, Any], seq_len: int, *,
                        max_prompt_len: int | None = None, overlong: str = "truncate"
                        ) -> tuple[dict[str, np.ndarray] | None, tuple[str, ...]]:
@@ -77,6 +84,11 @@ def prepare_preference(tokenizer: Any, example: Mapping[str, Any], seq_len: int,
         raise ValueError(f"max_prompt_len={max_prompt_len} must be in [1, seq_len - 2={seq_len - 2}] so "
                          "that a completion token always fits")
     prompt_ids, chosen, rejected = encode.encode_preference(tokenizer, example)
+    # End each reply at its last trained token (the end-of-turn marker): a
+    # reward model reads its score at the last token, and sampled replies stop
+    # there too, so training and scoring see the same position. The template's
+    # trailing newline is never trained, so DPO is unaffected.
+    chosen, rejected = _end_at_last_trained(chosen), _end_at_last_trained(rejected)
     special = encode.special_ids(tokenizer)
     if not all(encode.has_content(ids, tr, special) for ids, tr in (chosen, rejected)):
         return None, ("dropped_empty",)

@@ -33,7 +33,7 @@ class Stage:
     task: str                      # the gin configurable the experiment runs (sft, dpo, ...)
     paths: dict                    # binding -> path relative to the demo directory
     quick: tuple = ()              # extra bindings for --quick
-    kind: str = "policy"           # "policy": judged by sampling; "reward": by held-out pair accuracy
+    kind: str = "policy"           # "policy": judged by sampling; "reward": held-out pair accuracy; "data": scores
     baseline: str = "sft"          # the stage whose metric this one must beat
 
 
@@ -47,15 +47,21 @@ def _common(task: str, run: str, data: str, init: str | None = "sft/final") -> d
 STAGES = (
     Stage("sft", "SFT on noisy demonstrations", "sft", _common("sft", "sft", "data/sft.jsonl", None),
           quick=("LoopConfig.num_steps = 150",), baseline="init"),
-    Stage("reward", "Reward model (Bradley-Terry)", "reward_model",
-          _common("reward_model", "reward", "data/preference.jsonl"),
-          quick=("LoopConfig.num_steps = 100",), kind="reward", baseline="chance"),
+    Stage("label", "Label 4 samples/prompt of the SFT policy", "synthesize",
+          {"synthesize.model_dir": "sft/final", "synthesize.tokenizer": "tokenizer",
+           "synthesize.prompts": "data/prompts.jsonl", "synthesize.out_dir": "label"},
+          kind="data", baseline="single samples"),
+    Stage("reward", "Reward model on the labelled pairs", "reward_model",
+          _common("reward_model", "reward", "label/preference.jsonl"),
+          quick=("LoopConfig.num_steps = 150",), kind="reward", baseline="chance"),
     Stage("ppo", "PPO vs the reward model (RLHF)", "ppo",
           {**_common("ppo", "ppo", "data/prompts.jsonl"), "ppo.value_from": "reward/final",
            "make_scorer.reward_model": "reward/final"},
           quick=("OnlineConfig.num_rollouts = 12",)),
-    Stage("dpo", "DPO on the preference pairs", "dpo", _common("dpo", "dpo", "data/preference.jsonl"),
+    Stage("dpo", "DPO (+RPO) on static preference pairs", "dpo", _common("dpo", "dpo", "data/preference.jsonl"),
           quick=("LoopConfig.num_steps = 60",)),
+    Stage("best_of_n", "SFT on best-of-4 synthetic data", "sft",
+          _common("sft", "best_of_n", "label/sft.jsonl"), quick=("LoopConfig.num_steps = 50",)),
     Stage("grpo", "GRPO with a programmatic reward", "grpo", _common("grpo", "grpo", "data/prompts.jsonl"),
           quick=("OnlineConfig.num_rollouts = 12",)),
 )
@@ -120,6 +126,9 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False,
         if stage.kind == "reward":
             value, base_value = float(summary["eval/accuracy"]), 0.5
             row = {"metric": "held-out pair accuracy", "value": value}
+        elif stage.kind == "data":
+            value, base_value = float(summary["mean_score_best"]), float(summary["mean_score_all"])
+            row = {"metric": "mean reward of kept data", "value": value}
         else:
             scores[stage.name] = evaluate_policy(root / stage.name / "final", root / "tokenizer", eval_prompts,
                                                  root / stage.name, samples_per_prompt=samples)
@@ -164,4 +173,5 @@ def _write_report(root: Path, table: list[dict]) -> None:
         "of its answers are mistakes. 'held-out reward' is the mean task reward of completions sampled at "
         "temperature 1 on prompts never seen in training (1.0 exact, at most 0.5 otherwise); 'exact' columns "
         "are exact-match rates. Each stage starts from the SFT policy unless noted; the reward stage is judged "
-        "by held-out pair accuracy against chance.\n\n" + _format_table(table) + "\n\n![curves](curves.png)\n")
+        "by held-out pair accuracy against chance, the label stage by the mean reward of its best-of-4 picks against "
+        "all samples.\n\n" + _format_table(table) + "\n\n![curves](curves.png)\n")

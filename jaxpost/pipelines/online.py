@@ -19,6 +19,8 @@ import gin
 import jax
 import numpy as np
 
+from jaxpost.models.lora import has_adapters, stop_frozen_gradients
+from jaxpost.models.lora import trainable_mask as lora_trainable_mask
 from jaxpost.sharding import Partitioner
 from jaxpost.train import (Checkpointer, MetricsWriter, NonFiniteLossError, abstract_state,
                            abstract_with_shardings, batch_shardings, compile_train_step, init_sharded_state,
@@ -85,7 +87,11 @@ class OnlineTrainer:
                  partitioner: Partitioner, online: OnlineConfig, total_updates: int, frozen: Any = None,
                  frozen_shardings: Any = None):
         self.partitioner, self.online, self.frozen, self.frozen_shardings = partitioner, online, frozen, frozen_shardings
-        self.optimizer = make_optimizer(total_steps=max(total_updates, 1))
+        # With LoRA adapters only they (and score heads) train, as in offline runs.
+        mask = lora_trainable_mask(params) if has_adapters(params) else None
+        if mask is not None:
+            loss_fn = stop_frozen_gradients(loss_fn, mask)
+        self.optimizer = make_optimizer(total_steps=max(total_updates, 1), trainable_mask=mask)
         self.shardings = state_shardings(abstract_state(params, self.optimizer, online.seed), param_shardings,
                                          partitioner)
         self.state = init_sharded_state(params, self.optimizer, self.shardings, seed=online.seed)
