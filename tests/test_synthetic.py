@@ -92,9 +92,10 @@ def test_best_of_n_beats_single_samples_and_sft_on_it_raises_reward(tmp_path):
     task = make_task(tmp_path, n_sft=400, n_pref=8, n_prompts=96, n_eval=32)
     sft = lambda run, data, steps, extra=(): run_task("sft", [
         f"sft.run_dir = '{run}'", f"sft.train_data = '{data}'", f"sft.tokenizer = '{task['tokenizer']}'",
-        "sft.seq_len = 64", "sft.batch_size = 8", f"LoopConfig.num_steps = {steps}", "LoopConfig.log_every = 10",
+        "sft.seq_len = 128", "sft.batch_size = 16", f"LoopConfig.num_steps = {steps}", "LoopConfig.log_every = 10",
         *extra])
-    sft(tmp_path / "policy", task["sft"], 60, ["make_optimizer.learning_rate = 3e-3"])
+    # A policy that has partly learnt the task, so best-of-N has right answers to pick.
+    sft(tmp_path / "policy", task["sft"], 250, ["make_optimizer.learning_rate = 3e-3", "make_optimizer.warmup_steps = 20"])
     if "reversal" not in REWARDS:  # the CLI picks rewards by registered name
         register_reward("reversal")(reversal_reward)
     policy = tmp_path / "policy" / "final"
@@ -108,15 +109,15 @@ def test_best_of_n_beats_single_samples_and_sft_on_it_raises_reward(tmp_path):
     before = mean_reward(policy, tmp_path / "eval_before")
     assert synthesize_main(["--model", str(policy), "--tokenizer", str(task["tokenizer"]), "--prompts",
                             str(task["prompts"]), "--out", str(tmp_path / "syn"), "--n", "8", "--mode", "all",
-                            "--reward", "reversal", "--max_new_tokens", "12", "--min_score", "0.2"]) == 0
+                            "--reward", "reversal", "--max_new_tokens", "12", "--min_score", "0.1"]) == 0
     stats = json.loads((tmp_path / "syn" / "stats.json").read_text())
     assert stats["prompts"] == 96 and stats["samples"] == 96 * 8
     assert stats["mean_score_best"] > stats["mean_score_all"] + 0.05, stats
     assert stats["sft_rows"] + stats["sft_below_min_score"] + stats["prompts_without_samples"] == 96
-    assert stats["sft_rows"] >= 16, stats
+    assert stats["sft_rows"] >= 8, stats
     sft_rows = [json.loads(x) for x in (tmp_path / "syn" / "sft.jsonl").read_text().splitlines()]
-    assert all(r["score"] >= 0.2 for r in sft_rows)
-    sft(tmp_path / "bon", tmp_path / "syn" / "sft.jsonl", 30,
-        [f"sft.init_from = '{policy}'", "make_optimizer.learning_rate = 1e-3"])
+    assert all(r["score"] >= 0.1 for r in sft_rows)
+    sft(tmp_path / "bon", tmp_path / "syn" / "sft.jsonl", 60,
+        [f"sft.init_from = '{policy}'", "make_optimizer.learning_rate = 5e-4"])
     after = mean_reward(tmp_path / "bon" / "final", tmp_path / "eval_after")
     assert after > before + 0.05, (before, after)

@@ -106,7 +106,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False,
     from jaxpost.data import build_tokenizer
 
     root = Path(out).resolve()
-    sizes = dict(n_sft=1500, n_pref=600, n_prompts=400, n_eval=48) if quick else {}
+    sizes = dict(n_eval=48) if quick else {}  # the full training sets: smaller ones get memorised
     write_task_data(root / "data", **sizes)
     build_tokenizer(None, vocab_size=261).save_pretrained(root / "tokenizer")
     eval_prompts = root / "data" / "eval_prompts.jsonl"
