@@ -1,7 +1,8 @@
-"""``jaxpost`` command line: train | generate | export | demo | plot.
+"""``jaxpost`` command line: train | generate | synthesize | demo | plot.
 
     jaxpost train --gin_file=configs/experiments/demo/sft.gin --gin.LoopConfig.num_steps=50
     jaxpost generate --model runs/demo/sft/final --prompts prompts.jsonl --out samples.jsonl --n 4
+    jaxpost synthesize --model runs/demo/sft/final --prompts prompts.jsonl --out data/ --n 8 --mode all --reward exact_match
     jaxpost demo [--out runs/demo] [--quick]
     jaxpost plot runs/demo/sft [runs/demo/dpo ...] [--out curves.png]
 """
@@ -68,6 +69,11 @@ def _generate(argv: Sequence[str]) -> int:
     return 0
 
 
+def _synthesize(argv: Sequence[str]) -> int:
+    from jaxpost.pipelines.synthetic import synthesize_main
+    return synthesize_main(list(argv))
+
+
 def _demo(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="jaxpost demo", description="The whole post-training story on CPU, offline.")
     p.add_argument("--out", default="runs/demo", help="run directory")
@@ -90,7 +96,7 @@ def _plot(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "generate": _generate, "demo": _demo, "plot": _plot}
+COMMANDS = {"train": _train, "generate": _generate, "synthesize": _synthesize, "demo": _demo, "plot": _plot}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -221,3 +221,13 @@ def test_bad_row_from_file_names_file_and_row(tok, tmp_path):
                                    shard_count=1, read_options=SYNC)
     with pytest.raises(ValueError, match=rf"row 1 of {path}: messages\[0\] is missing required field 'content'"):
         list(it)
+
+
+def test_a_pass_that_drops_every_example_is_an_error_not_a_hang():
+    from jaxpost.data import build_tokenizer
+
+    tok = build_tokenizer(None, vocab_size=261)
+    rows = [{"text": "x" * 100} for _ in range(5)]
+    it = pipeline.make_lm_pipeline(rows, tok, seq_len=16, batch_size=2, overlong="drop")  # repeats forever
+    with pytest.raises(ValueError, match=r"Every example .* was dropped.*'dropped_too_long': 5"):
+        next(it)

@@ -99,13 +99,34 @@ def _rows_dataset(rows: Any, allowed: tuple[str, ...], kind: str, *, seed: int, 
     return ds.repeat(num_epochs), fmt, source
 
 
-def _counted(stats: DataStats, fn: Callable[[int, Mapping[str, Any]], tuple[Any, tuple[str, ...]]]):
+_DROPS = ("dropped_empty", "dropped_too_long", "dropped_truncated_empty")
+
+
+def _counted(stats: DataStats, fn: Callable[[int, Mapping[str, Any]], tuple[Any, tuple[str, ...]]],
+             epoch_len: int, source: str | None):
+    """Wraps an encoder so every element is counted, and a pass that keeps nothing is an error.
+
+    Without the check, a pipeline repeating forever over rows that are all
+    dropped (e.g. every example longer than ``seq_len`` with ``overlong="drop"``)
+    would loop without ever yielding a batch.
+    """
     def apply(index: int, indexed_row: tuple[int, Mapping[str, Any]]):
         row_index, row = indexed_row
         out, events = fn(row_index, row)
         stats.record(index, events)
+        if out is None and index + 1 >= epoch_len:
+            counts = stats.counts()
+            if counts["examples"] >= epoch_len and sum(counts[r] for r in _DROPS) >= counts["examples"]:
+                raise ValueError(f"Every example of {source or 'the data'} ({counts['examples']} seen) was dropped: "
+                                 f"{ {r: counts[r] for r in _DROPS} }; check seq_len and the data format")
         return out
     return apply
+
+
+def _epoch_len(rows: Any, shard_index: int | None, shard_count: int | None) -> int:
+    count = jax.process_count() if shard_count is None else shard_count
+    index = jax.process_index() if shard_index is None else shard_index
+    return len(range(index, len(rows), count))
 
 
 def _finish(ds: grain.MapDataset, batch_size: int, read_options: grain.ReadOptions | None,
@@ -154,7 +175,7 @@ def make_lm_pipeline(rows: Any, tokenizer: Any, seq_len: int, batch_size: int, s
             arrays = pad_lm(arrays, seq_len, pad)
         return arrays, events
 
-    ds = ds.map_with_index(_counted(stats, encode_row))
+    ds = ds.map_with_index(_counted(stats, encode_row, _epoch_len(rows, shard_index, shard_count), source))
     pack = (lambda it: pack_lm(it, seq_len, num_bins=packing_bins or batch_size, pad=pad, seed=seed)) \
         if packing else None
     return _finish(ds, batch_size, read_options, {"tokens": pad, "targets": pad}, pack, stats)
@@ -198,7 +219,7 @@ def make_preference_pipeline(rows: Any, tokenizer: Any, seq_len: int, batch_size
                     arrays[key] = np.float32(row[key])
         return arrays, events
 
-    ds = ds.map_with_index(_counted(stats, encode_row))
+    ds = ds.map_with_index(_counted(stats, encode_row, _epoch_len(rows, shard_index, shard_count), source))
     fill = {f"{side}_{k}": pad for side in ("chosen", "rejected") for k in ("tokens", "targets")}
     fill.update(row_index=-1, pair_mask=0.0)
     return _finish(ds, batch_size, read_options, fill, None, stats)
@@ -234,7 +255,7 @@ def make_prompt_pipeline(rows: Any, tokenizer: Any, max_prompt_len: int, batch_s
             arrays = {**arrays, "prompt": example["prompt"], "row": dict(row)}
         return arrays, events
 
-    ds = ds.map_with_index(_counted(stats, encode_row))
+    ds = ds.map_with_index(_counted(stats, encode_row, _epoch_len(rows, shard_index, shard_count), source))
     return _finish(ds, batch_size, read_options, {"prompt_tokens": pad}, None, stats)
 
 
