@@ -159,5 +159,5 @@ class OnlineTrainer:
 def check_single_process(what: str) -> None:
     """Online runs decode and score on one host; raise clearly on multi-process launches."""
     if jax.process_count() > 1:
-        raise NotImplementedError(f"{what} runs in one process (rollouts are decoded and scored on one host); "
+        raise RuntimeError(f"{what} runs in one process (rollouts are decoded and scored on one host); "
                                   f"got jax.process_count()={jax.process_count()}")

@@ -141,7 +141,7 @@ def synthesize(model_dir: str = gin.REQUIRED, tokenizer: str | None = None, prom
     if max_chars is not None and max_chars < min_chars:
         raise ValueError(f"max_chars={max_chars} < min_chars={min_chars}")
     if jax.process_count() > 1:
-        raise NotImplementedError("synthesize runs in one process")
+        raise RuntimeError("synthesize runs in one process")
     part = Partitioner()
     tok = load_tokenizer(tokenizer or model_dir)
     config, graphdef, params = load_hf(model_dir, partitioner=part)

@@ -48,7 +48,7 @@ def build_teacher_cache(out_dir: str | os.PathLike, rows: Any, tokenizer: Any, t
     Single process only.
     """
     if jax.process_count() > 1:
-        raise NotImplementedError("build_teacher_cache runs in one process; build the cache once, then train")
+        raise RuntimeError("build_teacher_cache runs in one process; build the cache once, then train")
     config, graphdef, params = teacher
     part = partitioner or Partitioner()
     out = Path(out_dir)
