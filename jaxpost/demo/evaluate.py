@@ -38,3 +38,35 @@ def evaluate_policy(model_dir: str | Path, tokenizer_dir: str | Path, prompts_pa
         else:
             results["greedy_exact"] = exact_match_rate(completions, answers)
     return results
+
+
+def reward_model_score(reward_model_dir: str | Path, tokenizer_dir: str | Path, samples_path: str | Path) -> float:
+    """Mean reward-model score of sampled completions (a ``samples_*.jsonl`` of :func:`evaluate_policy`).
+
+    Each prompt is rendered with the generation prompt, followed by the
+    completion and the end-of-turn token -- the sequence PPO's rollouts hand
+    the reward model -- and scored at its last token.
+    """
+    from types import SimpleNamespace
+
+    import jax
+    import numpy as np
+
+    from jaxpost.data import load_tokenizer
+    from jaxpost.data.encode import encode_prompt, encode_text
+    from jaxpost.pipelines.scorers import RewardModelScorer
+    from jaxpost.sharding import Partitioner, make_mesh
+
+    tok = load_tokenizer(tokenizer_dir)
+    rows = [json.loads(line) for line in Path(samples_path).read_text().splitlines()]
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    seqs = [np.r_[encode_prompt(tok, r["prompt"]), encode_text(tok, r["completion"]), end].astype(np.int32)
+            for r in rows]
+    length = max(len(s) for s in seqs)
+    batch = {k: np.zeros((len(seqs), length), np.int32) for k in ("tokens", "positions", "segment_ids")}
+    for i, s in enumerate(seqs):
+        batch["tokens"][i, :len(s)] = s
+        batch["positions"][i, :len(s)] = np.arange(len(s))
+        batch["segment_ids"][i, :len(s)] = 1
+    scorer = RewardModelScorer(str(reward_model_dir), Partitioner(make_mesh(fsdp=1, devices=jax.devices()[:1])))
+    return float(np.mean(scorer(SimpleNamespace(batch=batch))))

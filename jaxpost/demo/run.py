@@ -18,7 +18,7 @@ import gin
 
 from jaxpost import config as gin_config
 from jaxpost.cli import run as run_task
-from jaxpost.demo.evaluate import evaluate_policy
+from jaxpost.demo.evaluate import evaluate_policy, reward_model_score
 from jaxpost.demo.task import write_task_data
 
 EXPERIMENTS = "configs/experiments/demo"
@@ -33,7 +33,8 @@ class Stage:
     task: str                      # the gin configurable the experiment runs (sft, dpo, ...)
     paths: dict                    # binding -> path relative to the demo directory
     quick: tuple = ()              # extra bindings for --quick
-    kind: str = "policy"           # "policy": judged by sampling; "reward": held-out pair accuracy; "data": scores
+    kind: str = "policy"           # "policy": task reward of samples; "rlhf": reward-model score of samples;
+    #                                "reward": held-out pair accuracy; "data": scores of kept vs all samples
     baseline: str = "sft"          # the stage whose metric this one must beat
 
 
@@ -57,7 +58,7 @@ STAGES = (
     Stage("ppo", "PPO vs the reward model (RLHF)", "ppo",
           {**_common("ppo", "ppo", "data/prompts.jsonl"), "ppo.value_from": "reward/final",
            "make_scorer.reward_model": "reward/final"},
-          quick=("OnlineConfig.num_rollouts = 15",)),
+          kind="rlhf"),
     Stage("dpo", "DPO (+RPO) on static preference pairs", "dpo", _common("dpo", "dpo", "data/preference.jsonl"),
           quick=("LoopConfig.num_steps = 100",)),
     Stage("best_of_n", "SFT on best-of-4 synthetic data", "sft",
@@ -134,6 +135,13 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False,
                                                  root / stage.name, samples_per_prompt=samples)
             value, base_value = scores[stage.name]["reward"], scores[stage.baseline]["reward"]
             row = {"metric": "held-out reward", "value": value, **_extra(scores[stage.name])}
+            if stage.kind == "rlhf":
+                # PPO maximises the reward model's score: judge it by that score on held-out
+                # prompts; the task reward beside it shows how well the reward model generalises.
+                rm = root / "reward" / "final"
+                value = reward_model_score(rm, root / "tokenizer", root / stage.name / "samples_t1.jsonl")
+                base_value = reward_model_score(rm, root / "tokenizer", root / stage.baseline / "samples_t1.jsonl")
+                row.update(metric="held-out reward-model score", value=value, task_reward=scores[stage.name]["reward"])
         row.update(stage=stage.name, title=stage.title, baseline=stage.baseline, baseline_value=base_value,
                    improved=value > base_value, seconds=seconds)
         table.append(row)
@@ -171,7 +179,9 @@ def _write_report(root: Path, table: list[dict]) -> None:
         "# jaxpost demo report\n\n"
         "Task: reverse a string of 3-6 letters (`reverse: cabd` -> `dbac`). The SFT data is noisy: about a third "
         "of its answers are mistakes. 'held-out reward' is the mean task reward of completions sampled at "
-        "temperature 1 on prompts never seen in training (1.0 exact, at most 0.5 otherwise); 'exact' columns "
+        "temperature 1 on prompts never seen in training (1.0 exact, at most 0.5 otherwise); PPO is judged by "
+        "what it maximises, the reward model's score of its held-out samples (its task reward is in results.json); "
+        "'exact' columns "
         "are exact-match rates. Each stage starts from the SFT policy unless noted; the reward stage is judged "
         "by held-out pair accuracy against chance, the label stage by the mean reward of its best-of-4 picks against "
         "all samples.\n\n" + _format_table(table) + "\n\n![curves](curves.png)\n")
