@@ -67,7 +67,7 @@ def test_sft_loss_is_only_on_response_tokens(task):
                          num_kv_heads=1)
     graphdef, params = models.create(config, seed=1)
     rows = [{"messages": [{"role": "user", "content": "reverse: abc"}, {"role": "assistant", "content": "cba"}]}]
-    batch = next(make_lm_pipeline(rows, tok, seq_len=32, batch_size=1, packing=False, shuffle=False))
+    batch = next(make_lm_pipeline(rows, tok, seq_len=64, batch_size=1, packing=False, shuffle=False))
     loss, _ = make_sft_loss(graphdef, config)(params, {k: jnp.asarray(v) for k, v in batch.items()})
 
     # Independently: render the chat, find the reply "cba<|im_end|>" by its text, score it with full logits.
