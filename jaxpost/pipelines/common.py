@@ -303,6 +303,17 @@ def export(run_dir: Path, config: ModelConfig, params: dict, tokenizer: Any = No
     return out
 
 
+def finish_run(run_dir: Path, config: ModelConfig, state: Any, tokenizer: Any, summary: dict,
+               evaluate: Callable | None = None) -> dict:
+    """End of an offline run: final held-out evaluation, operative config, HF export, ``summary.json``."""
+    if evaluate is not None:
+        summary.update({f"eval/{k}": v for k, v in evaluate(state).items()})
+    write_operative_config(run_dir)
+    export(run_dir, config, state.params, tokenizer)
+    write_summary(run_dir, summary)
+    return summary
+
+
 def write_summary(run_dir: Path, summary: Mapping[str, Any]) -> None:
     """``run_dir/summary.json``: final metrics of the run, for pipelines and reports."""
     if is_main_process():

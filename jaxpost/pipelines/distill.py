@@ -43,7 +43,7 @@ from jaxpost.generate import SamplingConfig, generate_to_jsonl
 from jaxpost.generate.sampler import Sampler, left_pad
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.hf import hf_config_to_model_config
-from jaxpost.pipelines.common import (LoopConfig, MeshBatches, export, fit, load_model, make_evaluator, on_mesh,
+from jaxpost.pipelines.common import (finish_run, LoopConfig, MeshBatches, export, fit, load_model, make_evaluator, on_mesh,
                                       prepare_run_dir, report_data_stats, write_operative_config, write_summary)
 from jaxpost.pipelines.online import OnlineConfig, OnlineTrainer, check_single_process, rollout_rng
 from jaxpost.pipelines.rollout import rollout_sequences
@@ -177,12 +177,7 @@ def distill(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokeniz
         summary = {"step": int(state.step), "mode": mode, **extra}
         if stats is not None:
             summary.update(report_data_stats(stats, "distillation"))
-        if evaluate is not None:
-            summary.update({f"eval/{k}": v for k, v in evaluate(state).items()})
-    write_operative_config(run)
-    export(run, config, state.params, tok)
-    write_summary(run, summary)
-    return summary
+    return finish_run(run, config, state, tok, summary, evaluate)
 
 
 def prompt_of(row: dict) -> Any:

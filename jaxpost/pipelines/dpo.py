@@ -21,8 +21,8 @@ from jaxpost.algorithms import make_dpo_loss
 from jaxpost.data import DataStats, load_rows, load_tokenizer, make_preference_pipeline, train_eval_split
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.lora import with_base_reference, without_adapters
-from jaxpost.pipelines.common import (LoopConfig, MeshBatches, export, fit, load_model, make_evaluator,
-                                      prepare_run_dir, report_data_stats, write_operative_config, write_summary)
+from jaxpost.pipelines.common import (finish_run, LoopConfig, MeshBatches, fit, load_model, make_evaluator,
+                                      prepare_run_dir, report_data_stats)
 from jaxpost.pipelines.reference import with_reference_logps
 from jaxpost.sharding import Partitioner
 from jaxpost.train import make_eval_step
@@ -92,12 +92,7 @@ def dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
                     batches=batches, loop=loop, frozen=frozen, frozen_shardings=frozen_shardings, evaluate=evaluate,
                     data_stats=stats, flops_per_step=_dpo_flops(config, seq_len, batch_size, online_reference))
         summary = {"step": int(state.step), "loss_kind": kind, **report_data_stats(stats, "DPO")}
-        if evaluate is not None:
-            summary.update({f"eval/{k}": v for k, v in evaluate(state).items()})
-    write_operative_config(run)
-    export(run, config, state.params, tok)
-    write_summary(run, summary)
-    return summary
+    return finish_run(run, config, state, tok, summary, evaluate)
 
 
 def _dpo_flops(config: ModelConfig, seq_len: int, batch_size: int, with_reference: bool) -> float:

@@ -16,8 +16,8 @@ from jaxpost import models
 from jaxpost.algorithms import make_sft_eval, make_sft_loss
 from jaxpost.data import DataStats, load_rows, load_tokenizer, make_lm_pipeline, train_eval_split
 from jaxpost.models.config import ModelConfig
-from jaxpost.pipelines.common import (LoopConfig, MeshBatches, export, fit, load_model, make_evaluator,
-                                      prepare_run_dir, report_data_stats, write_operative_config, write_summary)
+from jaxpost.pipelines.common import (finish_run, LoopConfig, MeshBatches, fit, load_model, make_evaluator,
+                                      prepare_run_dir, report_data_stats)
 from jaxpost.sharding import Partitioner
 
 
@@ -61,10 +61,5 @@ def sft(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
                     evaluate=evaluate, flops_per_step=config.flops_per_token(seq_len) * batch_size * seq_len,
                     data_stats=stats)
         summary = {"step": int(state.step), **report_data_stats(stats, "SFT")}
-        if evaluate is not None:
-            summary.update({f"eval/{k}": v for k, v in evaluate(state).items()})
-    write_operative_config(run)
-    export(run, config, state.params, tok)
-    write_summary(run, summary)
-    return summary
+    return finish_run(run, config, state, tok, summary, evaluate)
 
