@@ -82,7 +82,8 @@ def child_main(a) -> None:
     shape = task_shape(a.task, a.batch, a.seq)
     if a.child == "jaxpost":
         import run_jaxpost
-        res = run_jaxpost.run(a.task, a.model, shape, a.steps, a.warmup, a.dtype, a.chunk, a.remat)
+        res = run_jaxpost.run(a.task, a.model, shape, a.steps, a.warmup, a.dtype, a.chunk, a.remat,
+                              attention=a.attention)
     else:
         import run_torch
         fn = run_torch.run_trl if a.child == "trl" else run_torch.run_torch
@@ -108,7 +109,8 @@ def spawn(system: str, a, result_path: str, weights: str | None) -> dict:
     """Run ``system`` in a fresh (pinned) process; returns its result dict."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", system, "--result", result_path,
            "--task", a.task_now, "--steps", str(a.steps), "--warmup", str(a.warmup), "--model", a.model,
-           "--dtype", a.dtype, "--chunk", str(a.chunk), "--remat", a.remat, "--threads", str(a.threads)]
+           "--dtype", a.dtype, "--chunk", str(a.chunk), "--remat", a.remat, "--attention", a.attention,
+           "--threads", str(a.threads)]
     if a.batch:
         cmd += ["--batch", str(a.batch)]
     if a.seq:
@@ -222,6 +224,8 @@ def main(argv=None) -> dict | None:
                     help="compute dtype (bfloat16: fp32 master weights, bf16 forward/backward)")
     ap.add_argument("--chunk", type=int, default=512, help="jaxpost token_logprobs chunk size")
     ap.add_argument("--remat", choices=("none", "full", "save_dots"), default="none", help="jaxpost remat policy")
+    ap.add_argument("--attention", choices=("xla", "cudnn", "auto"), default="auto",
+                    help="jaxpost attention kernel (cudnn: fused flash attention on NVIDIA GPUs, bf16)")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU")
     ap.add_argument("--cpus", default="0,1", help="taskset CPU list for every child, or 'none'")
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="results folder ('' = do not write)")

@@ -18,15 +18,15 @@ import numpy as np
 import workload as W
 
 
-def model_config(gin_file: str, dtype: str, remat: str = "none"):
-    """``ModelConfig`` from a gin preset, with compute ``dtype`` and ``remat`` overridden."""
+def model_config(gin_file: str, dtype: str, remat: str = "none", attention: str = "auto"):
+    """``ModelConfig`` from a gin preset, with compute ``dtype``, ``remat`` and ``attention`` overridden."""
     import gin
 
     from jaxpost.models import ModelConfig
 
     gin.clear_config()
     gin.parse_config_file(gin_file)
-    return ModelConfig().replace(dtype=dtype, remat=remat)
+    return ModelConfig().replace(dtype=dtype, remat=remat, attention=attention)
 
 
 def step_flops(config, task: str, shape: W.Shape) -> float:
@@ -42,7 +42,7 @@ def step_flops(config, task: str, shape: W.Shape) -> float:
 
 
 def run(task: str, gin_file: str, shape: W.Shape, steps: int, warmup: int, dtype: str = "float32",
-        chunk: int = 512, remat: str = "none", lr: float | None = None) -> dict:
+        chunk: int = 512, remat: str = "none", lr: float | None = None, attention: str = "auto") -> dict:
     """Train ``warmup + steps`` steps; returns timings (seconds), losses and throughput.
 
     ``first_step_s`` = trace + compile + first execution of the step;
@@ -58,7 +58,7 @@ def run(task: str, gin_file: str, shape: W.Shape, steps: int, warmup: int, dtype
                                make_optimizer, make_train_step, state_shardings)
 
     t_setup = time.perf_counter()
-    config = model_config(gin_file, dtype, remat)
+    config = model_config(gin_file, dtype, remat, attention)
     partitioner = Partitioner(rules="fsdp")
     graphdef, params = create(config, seed=0, partitioner=partitioner)
     param_sh = partitioner.shardings(logical_axes(config), params)
@@ -100,4 +100,5 @@ def run(task: str, gin_file: str, shape: W.Shape, steps: int, warmup: int, dtype
         "losses": losses, "flops_per_step": step_flops(config, task, shape),
         "device_kind": dev.device_kind, "n_devices": jax.device_count(), "platform": dev.platform,
         "trained_tokens": W.trained_tokens(batch), "chunk": chunk, "remat": remat, "dtype": dtype,
+        "attention": attention,
     }

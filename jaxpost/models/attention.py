@@ -71,6 +71,32 @@ def attention_mask(q_segments: jax.Array, k_segments: jax.Array, q_start: jax.Ar
     return (allowed[None] & same)[:, None]
 
 
+def attention_kernel(config: ModelConfig, dtype) -> str:
+    """The kernel ``config.attention`` resolves to for compute ``dtype``: ``"xla"`` or ``"cudnn"``.
+
+    ``"auto"`` picks cuDNN only where its fused kernel applies: default
+    backend GPU, bf16/fp16 compute, head dim a multiple of 8 up to 128.
+    """
+    if config.attention != "auto":
+        return config.attention
+    h = config.dim_per_head
+    fits = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and h % 8 == 0 and h <= 128
+    return "cudnn" if fits and jax.default_backend() == "gpu" else "xla"
+
+
+def _cudnn_attention(q, k, v, segment_ids, sliding_window):
+    """cuDNN fused attention: causal (and sliding window) in the kernel, segments as an additive mask.
+
+    The segment mask ``[B, 1, T, T]`` (queries see only keys of their own
+    packed sequence) is what keeps packed and padded rows exact; cuDNN adds
+    it as a bias, so no ``[B, N, T, T]`` score tensor is stored.
+    """
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    window = None if sliding_window is None else (sliding_window - 1, 0)
+    return jax.nn.dot_product_attention(q, k, v, mask=same, scale=q.shape[-1] ** -0.5, is_causal=True,
+                                        local_window_size=window, implementation="cudnn")
+
+
 class Attention(nnx.Module):
     """Multi-head attention with ``num_kv_heads`` shared key/value heads (GQA).
 
@@ -113,6 +139,9 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, c), apply_rope(k, positions, c)
         if kv is None:
+            if attention_kernel(c, q.dtype) == "cudnn":
+                out = _cudnn_attention(q, k, v, segment_ids, c.sliding_window)
+                return self.o_proj(out.reshape(B, T, c.num_heads * h)), None
             mask = attention_mask(segment_ids, segment_ids, 0, c.sliding_window)
             new_kv = None
         else:
