@@ -136,6 +136,26 @@ def test_temperature_sampling_is_deterministic_and_batch_independent(model):
     assert a.tokens.shape == (3, 6) and alone.tokens.shape == (1, 6)
 
 
+def test_group_shares_prefill_and_equals_repeated_prompts(model):
+    """group_size=G prefills each prompt once and repeats its cache; rows match prompts repeated by hand."""
+    graphdef, params = model
+    G = 3
+    tokens, mask = left_pad(PROMPTS)
+    grouped = sample(graphdef, params, CONFIG, tokens, mask, jax.random.key(3),
+                     SamplingConfig(max_new_tokens=6, temperature=1.0, group_size=G))
+    repeated = sample(graphdef, params, CONFIG, np.repeat(tokens, G, 0), np.repeat(mask, G, 0), jax.random.key(3),
+                      SamplingConfig(max_new_tokens=6, temperature=1.0))
+    np.testing.assert_array_equal(np.asarray(grouped.tokens), np.asarray(repeated.tokens))
+    np.testing.assert_allclose(np.asarray(grouped.logprobs), np.asarray(repeated.logprobs), atol=1e-5)
+    assert len({tuple(r) for r in np.asarray(grouped.tokens)[:G].tolist()}) > 1  # the group's samples differ
+    # The prefill forward runs over the 3 prompts, not the 9 rows.
+    hlo = jax.jit(lambda p: sample(graphdef, p, CONFIG, tokens, mask, jax.random.key(3),
+                                   SamplingConfig(max_new_tokens=6, temperature=1.0, group_size=G))
+                  ).lower(params).as_text()
+    width = tokens.shape[1]
+    assert f"tensor<3x{width}x" in hlo and f"tensor<9x{width}x" not in hlo
+
+
 def test_bounded_compilation(model, greedy_run):
     graphdef, params = model
     tokens, mask, free = greedy_run

@@ -151,17 +151,24 @@ def _decode(graphdef, params, prompt_tokens, prompt_mask, rng, config, sampling)
     real = prompt_mask.astype(bool)
     # Ids under padding may be anything (e.g. -100); a gather out of range yields NaN.
     tokens = jnp.where(real, prompt_tokens, 0).astype(jnp.int32)
-    if G > 1:
-        tokens, real = jnp.repeat(tokens, G, axis=0), jnp.repeat(real, G, axis=0)
     tokens, real = constrain(tokens, ("batch", "length")), constrain(real, ("batch", "length"))
-    B, P = tokens.shape
+    prompts, P = tokens.shape
+    B = prompts * G
     segments = real.astype(jnp.int32)
     n_real = segments.sum(-1)
     positions = jnp.maximum(jnp.cumsum(segments, axis=-1) - 1, 0)
 
-    cache = _constrain_cache(init_cache(config, B, P + N), config)
+    # Prefill each prompt once; the G samples of a group share its keys/values (prefix sharing),
+    # so prefill costs 1/G of prefilling the repeated batch.
+    cache = _constrain_cache(init_cache(config, prompts, P + N), config)
     hidden, cache = forward(graphdef, params, tokens, positions, segments, cache)
-    first_logits = lm_logits(params, config, hidden[:, -1])  # [B, V]: the only prompt logits computed
+    first_logits = lm_logits(params, config, hidden[:, -1])  # [prompts, V]: the only prompt logits computed
+    if G > 1:
+        grow = lambda x: jnp.repeat(x, G, axis=0)
+        cache = cache.replace(k=tuple(map(grow, cache.k)), v=tuple(map(grow, cache.v)),
+                              segment_ids=grow(cache.segment_ids))
+        first_logits, n_real = grow(first_logits), grow(n_real)
+    cache = _constrain_cache(cache, config)
 
     rows = jnp.arange(B, dtype=jnp.uint32)
     stops = jnp.asarray(s.stop_token_ids, jnp.int32)
