@@ -1,8 +1,8 @@
-"""Attention kernel choice: ``ModelConfig.attention`` = xla | cudnn | auto.
+"""Attention kernels: ``ModelConfig.attention`` = xla | cudnn | splash | auto.
 
 The cuDNN comparison runs only where a GPU is present (the device check in
-``benchmarks/gpu_run.sh`` runs this file there); on CPU the resolution rules
-are checked.
+``benchmarks/gpu_run.sh`` runs this file there). The Pallas splash kernel
+runs everywhere: interpreted off TPU, so CPU checks its masks and gradients.
 """
 
 import dataclasses
@@ -19,7 +19,7 @@ ON_GPU = jax.default_backend() == "gpu"
 
 
 def test_attention_choice_is_validated():
-    with pytest.raises(ValueError, match="attention must be 'xla', 'cudnn' or 'auto', got 'flash'"):
+    with pytest.raises(ValueError, match="attention must be 'xla', 'cudnn', 'splash' or 'auto', got 'flash'"):
         ModelConfig(attention="flash")
 
 
@@ -34,6 +34,9 @@ def test_auto_resolution_rules():
     assert attention_kernel(ModelConfig(attention="cudnn"), jnp.float32) == "cudnn"
     assert attention_kernel(ModelConfig(), jnp.bfloat16) == expected  # "auto" is the default
     assert attention_kernel(ModelConfig(attention="xla"), jnp.bfloat16) == "xla"
+    on_tpu = jax.default_backend() == "tpu"
+    assert attention_kernel(ModelConfig(), jnp.float32, 256) == ("splash" if on_tpu else "xla")
+    assert attention_kernel(ModelConfig(), jnp.float32, 100) == "xla"  # not a multiple of 128
 
 
 def _packed_batch():
@@ -90,3 +93,59 @@ def test_cudnn_is_as_accurate_as_xla_against_float32(sliding_window):
     print("relative error vs fp32 (hidden, worst gradient):", errs)
     for i, what in enumerate(("hidden", "gradient")):
         assert errs["cudnn"][i] <= 1.5 * errs["xla"][i] + 1e-2, f"{what}: cuDNN {errs['cudnn']} vs XLA {errs['xla']}"
+
+
+def _splash_batch(length=128):
+    """Row 0 packs documents of 40 and 60 tokens then pads; row 1 is one document of 110 tokens + pads."""
+    seg = np.zeros((2, length), np.int32)
+    seg[0, :40], seg[0, 40:100], seg[1, :110] = 1, 2, 1
+    pos = np.zeros_like(seg)
+    for b in range(2):
+        for s in set(seg[b].tolist()) - {0}:
+            idx = np.nonzero(seg[b] == s)[0]
+            pos[b, idx] = np.arange(len(idx))
+    tokens = np.random.default_rng(1).integers(0, 128, seg.shape).astype(np.int32)
+    return jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(seg)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 24])
+def test_splash_equals_xla_values_and_gradients(sliding_window):
+    """fp32: the splash kernel (interpreted off TPU) against the XLA path, packed and padded rows, GQA."""
+    base = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                       num_kv_heads=2, sliding_window=sliding_window)
+    batch = _splash_batch()
+    h_x, g_x = _grads_and_hidden(dataclasses.replace(base, attention="xla"), batch)
+    h_s, g_s = _grads_and_hidden(dataclasses.replace(base, attention="splash"), batch)
+    np.testing.assert_allclose(h_s, h_x, atol=2e-5, rtol=2e-5)
+    for a, b in zip(g_s, g_x):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_splash_under_fsdp_tp_shards_matches_single_device():
+    """Under a 2 x 2 x 2 data/fsdp/tensor mesh the kernel runs per (batch, heads) shard via shard_map."""
+    from jaxpost.sharding import Partitioner, make_mesh
+
+    config = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4,
+                         num_kv_heads=2, attention="splash")
+    # 4 rows, so that the batch splits over data x fsdp = 4 shards.
+    tokens, pos, seg = (jnp.concatenate([x, x[::-1]]) for x in _splash_batch())
+    graphdef, params = create(config, seed=0)
+    single, _ = jax.jit(lambda p: forward(graphdef, p, tokens, pos, seg))(params)
+    part = Partitioner(make_mesh(data=2, fsdp=2, tensor=2), "fsdp_tp")
+    _, sharded_params = create(config, seed=0, partitioner=part)
+
+    def run(p, t, q, s):
+        with part.activate():
+            return forward(graphdef, p, t, q, s)[0]
+
+    b_sh = part.batch_sharding()
+    sharded = jax.jit(run, in_shardings=(None, b_sh, b_sh, b_sh))(sharded_params, tokens, pos, seg)
+    np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), atol=2e-5, rtol=2e-5)
+
+
+def test_splash_rejects_lengths_off_its_block_multiple():
+    config = ModelConfig(vocab_size=128, hidden_size=64, num_layers=1, attention="splash")
+    graphdef, params = create(config, seed=0)
+    tokens, pos, seg = _packed_batch()  # length 16
+    with pytest.raises(ValueError, match="multiple of 128; got 16"):
+        forward(graphdef, params, tokens, pos, seg)

@@ -15,6 +15,7 @@ from flax import nnx, struct
 
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.layers import Linear, RMSNorm, apply_rope, lora_kwargs
+from jaxpost.models.splash import SPLASH_BLOCK_MULTIPLE, splash_attention
 
 
 @struct.dataclass
@@ -71,17 +72,23 @@ def attention_mask(q_segments: jax.Array, k_segments: jax.Array, q_start: jax.Ar
     return (allowed[None] & same)[:, None]
 
 
-def attention_kernel(config: ModelConfig, dtype) -> str:
-    """The kernel ``config.attention`` resolves to for compute ``dtype``: ``"xla"`` or ``"cudnn"``.
+def attention_kernel(config: ModelConfig, dtype, length: int | None = None) -> str:
+    """The kernel ``config.attention`` resolves to: ``"xla"``, ``"cudnn"`` or ``"splash"``.
 
-    ``"auto"`` picks cuDNN only where its fused kernel applies: default
-    backend GPU, bf16/fp16 compute, head dim a multiple of 8 up to 128.
+    ``"auto"`` picks cuDNN on a GPU where its fused kernel applies (bf16/fp16
+    compute, head dim a multiple of 8 up to 128), the Pallas splash kernel
+    on a TPU where the sequence ``length`` is a multiple of 128 (its block
+    size), and XLA otherwise.
     """
     if config.attention != "auto":
         return config.attention
+    backend = jax.default_backend()
     h = config.dim_per_head
-    fits = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and h % 8 == 0 and h <= 128
-    return "cudnn" if fits and jax.default_backend() == "gpu" else "xla"
+    if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and h % 8 == 0 and h <= 128:
+        return "cudnn"
+    if backend == "tpu" and length is not None and length % SPLASH_BLOCK_MULTIPLE == 0:
+        return "splash"
+    return "xla"
 
 
 def _cudnn_attention(q, k, v, segment_ids, sliding_window):
@@ -139,8 +146,10 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, c), apply_rope(k, positions, c)
         if kv is None:
-            if attention_kernel(c, q.dtype) == "cudnn":
-                out = _cudnn_attention(q, k, v, segment_ids, c.sliding_window)
+            kernel = attention_kernel(c, q.dtype, T)
+            if kernel != "xla":
+                fused = _cudnn_attention if kernel == "cudnn" else splash_attention
+                out = fused(q, k, v, segment_ids, c.sliding_window)
                 return self.o_proj(out.reshape(B, T, c.num_heads * h)), None
             mask = attention_mask(segment_ids, segment_ids, 0, c.sliding_window)
             new_kv = None

@@ -101,8 +101,11 @@ class ModelConfig:
     ``attention`` picks the kernel of forwards without a KV cache (training,
     scoring): ``"xla"`` (any backend), ``"cudnn"`` (the fused flash-attention
     kernel of NVIDIA GPUs; bf16/fp16 compute, head dim a multiple of 8 up
-    to 128) or ``"auto"`` (the default: cuDNN where those hold on a GPU, XLA
-    elsewhere). Sampling (prefill and decode against the cache) uses XLA.
+    to 128), ``"splash"`` (the Pallas splash-attention kernel of TPUs;
+    sequence length a multiple of 128; runs interpreted, slowly, elsewhere)
+    or ``"auto"`` (the default: cuDNN or splash where they apply on a GPU or
+    TPU, XLA elsewhere). Sampling (prefill and decode against the cache)
+    uses XLA.
     ``sliding_window`` (Mistral v0.1): a query attends only to the last
     ``sliding_window`` slots, itself included. ``lora`` (a
     :class:`LoraConfig` or None) adds low-rank adapters to the projections
@@ -142,8 +145,8 @@ class ModelConfig:
             raise ValueError(f"head must be 'lm' or 'score', got {self.head!r}")
         if self.remat not in ("none", "full", "save_dots"):
             raise ValueError(f"remat must be 'none', 'full' or 'save_dots', got {self.remat!r}")
-        if self.attention not in ("xla", "cudnn", "auto"):
-            raise ValueError(f"attention must be 'xla', 'cudnn' or 'auto', got {self.attention!r}")
+        if self.attention not in ("xla", "cudnn", "splash", "auto"):
+            raise ValueError(f"attention must be 'xla', 'cudnn', 'splash' or 'auto', got {self.attention!r}")
         if self.head_dim is None and self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
                              "set head_dim explicitly")
