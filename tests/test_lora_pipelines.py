@@ -44,3 +44,62 @@ def test_lora_dpo_run_uses_base_as_reference(task, tmp_path):
     assert sorted(curve) == list(range(1, 7)) and all(np.isfinite(list(curve.values())))
     assert np.mean([curve[s] for s in (5, 6)]) < np.log(2)
     assert (run_dir / "final_adapters" / "adapter_model.safetensors").exists()
+
+
+def test_online_reference_under_lora_is_the_base_without_a_copy():
+    import jax
+
+    from jaxpost.models import LoraConfig, ModelConfig, create
+    from jaxpost.models.lora import has_adapters
+    from jaxpost.pipelines.online import reference_policy
+
+    config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, lora=LoraConfig(rank=2))
+    _, params = create(config, seed=0)
+    params["layers"][0]["attn"]["q_proj"]["lora_b"] += 1.0  # as if trained
+    ref = reference_policy(params)(params)
+    assert has_adapters(params)
+    q, ref_q = params["layers"][0]["attn"]["q_proj"], ref["layers"][0]["attn"]["q_proj"]
+    assert not np.any(np.asarray(ref_q["lora_b"]))  # adapters off: x W + s (x A) 0 = x W
+    assert ref_q["kernel"] is q["kernel"]  # the base is the same buffer, not a copy
+    plain = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64)
+    _, p = create(plain, seed=0)
+    frozen = reference_policy(p)
+    p_leaf, f_leaf = jax.tree.leaves(p)[0], jax.tree.leaves(frozen(None))[0]
+    assert f_leaf is not p_leaf and np.array_equal(np.asarray(f_leaf), np.asarray(p_leaf))  # a copy
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["grpo", "online_dpo"])
+def test_lora_online_runs_measure_kl_to_the_base(method, tmp_path):
+    """Adapters start at B = 0, so KL to the base is 0 at the first rollout and grows as they train."""
+    import gin
+
+    from jaxpost.models import LoraConfig
+    from jaxpost.pipelines.grpo import grpo
+    from jaxpost.pipelines.online import OnlineConfig
+    from jaxpost.pipelines.online_dpo import online_dpo
+    from jaxpost.pipelines.rollout import RolloutConfig
+    from jaxpost.data import build_tokenizer
+    from online_helpers import CONFIG, lowercase_fraction, scores_and_kl
+
+    build_tokenizer(None).save_pretrained(tmp_path / "tok")
+    with open(tmp_path / "prompts.jsonl", "w") as f:
+        for i in range(16):
+            f.write(f'{{"prompt": "Q{i}: say"}}\n')
+    gin.clear_config()
+    try:
+        gin.bind_parameter("make_scorer.reward_functions", [lowercase_fraction])
+        gin.bind_parameter("make_optimizer.learning_rate", 3e-2)
+        gin.bind_parameter("make_optimizer.schedule", "constant")
+        if method == "online_dpo":
+            gin.bind_parameter("make_dpo_loss.beta", 0.1)
+        {"grpo": grpo, "online_dpo": online_dpo}[method](
+            run_dir=str(tmp_path / method), train_data=str(tmp_path / "prompts.jsonl"),
+            tokenizer=str(tmp_path / "tok"), model=CONFIG.replace(lora=LoraConfig(rank=4, alpha=8.0)),
+            online=OnlineConfig(num_rollouts=4, prompts_per_rollout=8, max_prompt_len=16, progress=False),
+            rollout=RolloutConfig(max_new_tokens=8, group_size=4))
+    finally:
+        gin.clear_config()
+    _, kl, _ = scores_and_kl(tmp_path / method)
+    assert abs(kl[0]) < 1e-5, kl
+    assert max(kl[1:]) > 1e-4, kl

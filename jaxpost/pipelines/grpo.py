@@ -28,7 +28,7 @@ from jaxpost.losses.grpo import group_advantages, rloo_advantages
 from jaxpost.models.config import ModelConfig
 from jaxpost.pipelines.common import export, load_model, prepare_run_dir, write_operative_config, write_summary
 from jaxpost.pipelines.online import (OnlineConfig, OnlineTrainer, check_single_process, minibatch_orders,
-                                      rollout_rng)
+                                      reference_policy, rollout_rng)
 from jaxpost.pipelines.rollout import Roller, RolloutConfig
 from jaxpost.pipelines.scorers import make_scorer
 from jaxpost.sharding import Partitioner
@@ -54,7 +54,7 @@ def grpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer:
 
     ``advantage``: ``grpo``, ``dr_grpo`` or ``rloo``. The reference (for
     ``beta`` and the logged ``objective/kl``) is a frozen copy of the
-    initial policy. Summary: the last rollout's metrics.
+    initial policy, or under LoRA the base with adapters off. Summary: the last rollout's metrics.
     """
     check_single_process("GRPO")
     if advantage not in ADVANTAGES:
@@ -65,7 +65,7 @@ def grpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer:
     part = Partitioner()
     tok = load_tokenizer(tokenizer)
     config, graphdef, params = load_model(model, init_from, part, seed=online.seed)
-    reference = jax.tree.map(lambda x: x.copy(), params)  # the train step donates the policy's buffers
+    reference = reference_policy(params)
     param_shardings = part.shardings(models.logical_axes(config), params)
 
     rows_per_rollout = online.prompts_per_rollout * rollout.group_size
@@ -82,7 +82,7 @@ def grpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer:
         with part.activate():
             for i in range(extras["rollout"], online.num_rollouts):
                 start = time.perf_counter()
-                r = roller(trainer.state.params, reference, None, next(prompts), rollout_rng(online.seed, i))
+                r = roller(trainer.state.params, reference(trainer.state.params), None, next(prompts), rollout_rng(online.seed, i))
                 adv = compute_advantages(r.scores, rollout.group_size, advantage)
                 batch = {k: r.batch[k] for k in (*LM_KEYS, "old_logp", "ref_logp")}
                 batch["advantages"] = jax.device_put(adv, part.batch_sharding(1))

@@ -19,7 +19,7 @@ import gin
 import jax
 import numpy as np
 
-from jaxpost.models.lora import has_adapters, stop_frozen_gradients
+from jaxpost.models.lora import has_adapters, stop_frozen_gradients, without_adapters
 from jaxpost.models.lora import trainable_mask as lora_trainable_mask
 from jaxpost.sharding import Partitioner
 from jaxpost.train import (Checkpointer, MetricsWriter, NonFiniteLossError, abstract_state,
@@ -74,6 +74,21 @@ def mean_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     records = jax.device_get(list(records))
     keys = {k for r in records for k in r if k != "is_finite"}
     return {k: float(np.mean([np.asarray(r[k], np.float64) for r in records if k in r])) for k in sorted(keys)}
+
+
+def reference_policy(params: Any) -> Callable[[Any], Any]:
+    """The frozen reference of an online run, as ``current policy params -> reference params``.
+
+    Under LoRA (``params`` carry adapters) the reference is the policy's own
+    base with the adapters off, read from the current state at each use:
+    the base never trains, so no second copy of the weights exists.
+    Otherwise it is a copy of the initial ``params``, taken now (a copy,
+    because the train step donates the policy's buffers).
+    """
+    if has_adapters(params):
+        return without_adapters
+    initial = jax.tree.map(lambda x: x.copy(), params)
+    return lambda current: initial
 
 
 class OnlineTrainer:

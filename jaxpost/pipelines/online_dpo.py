@@ -15,17 +15,17 @@ from __future__ import annotations
 import time
 
 import gin
-import jax
 import numpy as np
 
 from jaxpost import models
 from jaxpost.algorithms import LM_KEYS, make_dpo_loss
 from jaxpost.data import load_rows, load_tokenizer, make_prompt_pipeline
 from jaxpost.models.config import ModelConfig
+from jaxpost.models.lora import has_adapters, with_base_reference
 from jaxpost.pipelines.common import (export, load_model, on_mesh, prepare_run_dir, write_operative_config,
                                       write_summary)
 from jaxpost.pipelines.online import (OnlineConfig, OnlineTrainer, check_single_process, minibatch_orders,
-                                      rollout_rng)
+                                      reference_policy, rollout_rng)
 from jaxpost.pipelines.rollout import Roller, RolloutConfig
 from jaxpost.pipelines.scorers import make_scorer
 from jaxpost.sharding import Partitioner
@@ -76,11 +76,14 @@ def online_dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, toke
     tok = load_tokenizer(tokenizer)
     config, graphdef, params = load_model(model, init_from, part, seed=online.seed)
     param_shardings = part.shardings(models.logical_axes(config), params)
-    reference = jax.tree.map(lambda x: x.copy(), params)  # the train step donates the policy's buffers
+    reference = reference_policy(params)
     loss_fn = make_dpo_loss(graphdef, config)
     frozen = frozen_shardings = None
     if loss_fn.needs_reference:
-        frozen, frozen_shardings = {"reference": reference}, {"reference": param_shardings}
+        if has_adapters(params):  # LoRA: the step reads the base (adapters off) from the trained params
+            loss_fn = with_base_reference(loss_fn)
+        else:
+            frozen, frozen_shardings = {"reference": reference(params)}, {"reference": param_shardings}
 
     pairs = online.prompts_per_rollout
     minibatch_size = minibatch_size or pairs
@@ -96,7 +99,7 @@ def online_dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, toke
         with part.activate():
             for i in range(extras["rollout"], online.num_rollouts):
                 start = time.perf_counter()
-                r = roller(trainer.state.params, reference, None, next(prompts), rollout_rng(online.seed, i))
+                r = roller(trainer.state.params, reference(trainer.state.params), None, next(prompts), rollout_rng(online.seed, i))
                 chosen, rejected, valid = best_worst_pairs(r.scores, rollout.group_size)
                 train = {}
                 if valid.any():

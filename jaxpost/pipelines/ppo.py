@@ -29,7 +29,7 @@ from jaxpost.losses.ppo import AdaptiveKLController
 from jaxpost.models.config import ModelConfig
 from jaxpost.pipelines.common import export, load_model, prepare_run_dir, write_operative_config, write_summary
 from jaxpost.pipelines.online import (OnlineConfig, OnlineTrainer, check_single_process, minibatch_orders,
-                                      rollout_rng)
+                                      reference_policy, rollout_rng)
 from jaxpost.pipelines.rollout import Roller, RolloutConfig
 from jaxpost.pipelines.scorers import make_scorer
 from jaxpost.sharding import Partitioner
@@ -45,7 +45,8 @@ def ppo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
     """Trains a policy and a value model with PPO against the gin-configured scorer.
 
     The policy starts from ``init_from`` (an SFT export) or a fresh
-    ``model``; the reference is a frozen copy of it. The value model starts
+    ``model``; the reference is a frozen copy of it (under LoRA, its base
+    with adapters off). The value model starts
     from ``value_from`` (usually the reward model) or the policy's body,
     with a ``score`` head. Exports ``run_dir/final`` (policy) and
     ``run_dir/value``. Summary: the last rollout's metrics.
@@ -56,7 +57,7 @@ def ppo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
     tok = load_tokenizer(tokenizer)
     config, graphdef, policy = load_model(model, init_from, part, seed=online.seed)
     v_config, v_graphdef, value = load_model(model, value_from or init_from, part, seed=online.seed, head="score")
-    reference = jax.tree.map(lambda x: x.copy(), policy)  # the train step donates the policy's buffers
+    reference = reference_policy(policy)
     params = {"policy": policy, "value": value}
     shardings = {"policy": part.shardings(models.logical_axes(config), policy),
                  "value": part.shardings(models.logical_axes(v_config), value)}
@@ -80,7 +81,7 @@ def ppo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
             for i in range(extras["rollout"], online.num_rollouts):
                 start = time.perf_counter()
                 p = trainer.state.params
-                r = roller(p["policy"], reference, p["value"], next(prompts), rollout_rng(online.seed, i))
+                r = roller(p["policy"], reference(p["policy"]), p["value"], next(prompts), rollout_rng(online.seed, i))
                 coef = extras["kl_coef"]
                 adv, ret, obj = advantages(r.batch["old_logp"], r.batch["ref_logp"], r.batch["old_values"],
                                            jnp.asarray(r.scores), r.batch["loss_mask"], jnp.float32(coef))
