@@ -156,6 +156,23 @@ def test_group_shares_prefill_and_equals_repeated_prompts(model):
     assert f"tensor<3x{width}x" in hlo and f"tensor<9x{width}x" not in hlo
 
 
+def test_bfloat16_cache_for_a_float32_model(model, greedy_run):
+    """cache_dtype='bfloat16': the cache is stored in bf16 and greedy decoding barely moves."""
+    graphdef, params = model
+    tokens, mask, fp32 = greedy_run
+    s = SamplingConfig(max_new_tokens=N, temperature=0.0, cache_dtype="bfloat16")
+    hlo = jax.jit(lambda p: sample(graphdef, p, CONFIG, tokens, mask, jax.random.key(0), s)).lower(params).as_text()
+    head = f"{CONFIG.num_kv_heads}x{CONFIG.dim_per_head}"
+    assert f"x{head}xbf16>" in hlo and f"x{head}xf32>" in hlo  # bf16 cache; f32 keys/values computed
+    out = jax.device_get(sample(graphdef, params, CONFIG, tokens, mask, jax.random.key(0), s))
+    same = np.asarray(out.tokens) == np.asarray(fp32.tokens)
+    assert same[:, 0].all() and same.mean() > 0.8, same
+    first = np.asarray(out.logprobs)[:, 0]
+    np.testing.assert_allclose(first, np.asarray(fp32.logprobs)[:, 0], atol=0.05)
+    with pytest.raises(ValueError, match="cache_dtype must be"):
+        SamplingConfig(cache_dtype="int8")
+
+
 def test_bounded_compilation(model, greedy_run):
     graphdef, params = model
     tokens, mask, free = greedy_run

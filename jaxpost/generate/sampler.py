@@ -52,7 +52,12 @@ class SamplingConfig:
     off. A row stops after emitting any of ``stop_token_ids`` (the stop
     token is part of the completion); later slots hold ``pad_token_id``.
     ``group_size`` G repeats every prompt G times (GRPO/RLOO groups): output
-    row ``b * G + g`` is sample ``g`` of prompt ``b``.
+    row ``b * G + g`` is sample ``g`` of prompt ``b``; the group shares one
+    prefill of its prompt. ``cache_dtype`` is the KV cache's dtype (None:
+    the model's compute dtype); ``"bfloat16"`` halves the cache of an fp32
+    model. Rollouts re-measure log-probs with a training forward, so a
+    lower-precision cache changes which tokens are drawn, not the losses'
+    inputs.
     """
 
     max_new_tokens: int = 64
@@ -62,6 +67,7 @@ class SamplingConfig:
     stop_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
     group_size: int = 1
+    cache_dtype: str | None = None
 
     def __post_init__(self):
         # gin and JSON hand over lists; a tuple keeps the config hashable (a jit static arg).
@@ -76,6 +82,9 @@ class SamplingConfig:
             raise ValueError(f"SamplingConfig.top_p must be in (0, 1] (1 = off), got {self.top_p}")
         if self.group_size < 1:
             raise ValueError(f"SamplingConfig.group_size must be >= 1, got {self.group_size}")
+        if self.cache_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"SamplingConfig.cache_dtype must be None, 'float32', 'bfloat16' or 'float16', "
+                             f"got {self.cache_dtype!r}")
 
     def replace(self, **changes) -> "SamplingConfig":
         return dataclasses.replace(self, **changes)
@@ -160,7 +169,7 @@ def _decode(graphdef, params, prompt_tokens, prompt_mask, rng, config, sampling)
 
     # Prefill each prompt once; the G samples of a group share its keys/values (prefix sharing),
     # so prefill costs 1/G of prefilling the repeated batch.
-    cache = _constrain_cache(init_cache(config, prompts, P + N), config)
+    cache = _constrain_cache(init_cache(config, prompts, P + N, dtype=s.cache_dtype), config)
     hidden, cache = forward(graphdef, params, tokens, positions, segments, cache)
     first_logits = lm_logits(params, config, hidden[:, -1])  # [prompts, V]: the only prompt logits computed
     if G > 1:
