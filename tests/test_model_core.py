@@ -104,20 +104,24 @@ def _dense_logprobs(params, hidden, targets):
     return jnp.take_along_axis(jax.nn.log_softmax(z, -1), targets[..., None], -1)[..., 0]
 
 
+@pytest.mark.parametrize("stored", [0, 2**28], ids=["remat", "stored"])  # head recomputed / logits kept
 @pytest.mark.parametrize("chunk_size", [4, 5, 64])  # divides L, does not divide L, larger than L
-def test_chunked_logprobs_values_and_gradients(model, chunk_size):
+def test_chunked_logprobs_values_and_gradients(model, chunk_size, stored):
     _, params = model
     rng = np.random.RandomState(2)
     hidden = jnp.asarray(rng.randn(2, 12, 32), jnp.float32)
     targets = jnp.asarray(rng.randint(0, 64, (2, 12)), jnp.int32)
     w = jnp.asarray(rng.randn(2, 12), jnp.float32)  # a non-uniform cotangent
-    chunked = token_logprobs(params, CFG, hidden, targets, chunk_size=chunk_size)
+    chunked = token_logprobs(params, CFG, hidden, targets, chunk_size=chunk_size, stored_logits_bytes=stored)
     dense = _dense_logprobs(params, hidden, targets)
     assert chunked.dtype == jnp.float32 and chunked.shape == (2, 12)
     np.testing.assert_allclose(chunked, dense, atol=1e-5)
     loss = lambda fn: lambda p, h: jnp.sum(w * fn(p, h))
-    g_chunk = jax.grad(loss(lambda p, h: token_logprobs(p, CFG, h, targets, chunk_size=chunk_size)), (0, 1))(
-        params, hidden)
+    g_chunk = jax.grad(loss(lambda p, h: token_logprobs(p, CFG, h, targets, chunk_size=chunk_size,
+                                                        stored_logits_bytes=stored)), (0, 1))(params, hidden)
+    jaxpr = str(jax.make_jaxpr(lambda h: token_logprobs(params, CFG, h, targets, chunk_size=chunk_size,
+                                                        stored_logits_bytes=stored))(hidden))
+    assert ("checkpoint" in jaxpr or "remat" in jaxpr) == (stored == 0)
     g_dense = jax.grad(loss(lambda p, h: _dense_logprobs(p, h, targets)), (0, 1))(params, hidden)
     np.testing.assert_allclose(g_chunk[1], g_dense[1], atol=1e-5)
     np.testing.assert_allclose(g_chunk[0]["lm_head"]["kernel"], g_dense[0]["lm_head"]["kernel"], atol=1e-5)

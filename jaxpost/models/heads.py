@@ -50,15 +50,22 @@ def _chunk_logprobs(weight, h, t, *, dtype, return_entropy):
     return logp, ent
 
 
+STORED_LOGITS_BYTES = 256 * 2**20
+
+
 def token_logprobs(params: dict, config: ModelConfig, hidden: jax.Array, targets: jax.Array,
-                   chunk_size: int = 512, return_entropy: bool = False):
+                   chunk_size: int = 512, return_entropy: bool = False,
+                   stored_logits_bytes: int = STORED_LOGITS_BYTES):
     """``log p(targets[b, t] | hidden[b, t])`` as float32 ``[B, L]``, chunked over positions.
 
     ``log p = z[target] - logsumexp(z)`` with ``z = hidden @ W`` (float32).
     Positions are processed ``chunk_size`` at a time with ``jax.lax.map``;
     each chunk body is under ``jax.checkpoint`` so that autodiff stores only
     the chunk's hidden states, never its ``[B, C, V]`` logits: peak memory is
-    O(B * chunk_size * V) instead of O(B * L * V). With ``return_entropy``
+    O(B * chunk_size * V) instead of O(B * L * V). When the float32 logits
+    of the whole batch fit in ``stored_logits_bytes`` (256 MiB) autodiff
+    keeps them instead: recomputing the head would cost a fourth matmul
+    to save memory that small runs do not need. With ``return_entropy``
     also returns the entropy ``H = logsumexp(z) - sum softmax(z) * z``
     ``[B, L]``. Targets may hold any id in ``[0, V)`` where unused (masked by
     the caller).
@@ -76,8 +83,9 @@ def token_logprobs(params: dict, config: ModelConfig, hidden: jax.Array, targets
         targets = jnp.pad(targets, ((0, 0), (0, pad)))
     hs = hidden.reshape(B, n, c, D).swapaxes(0, 1)
     ts = targets.reshape(B, n, c).swapaxes(0, 1)
-    body = jax.checkpoint(functools.partial(_chunk_logprobs, dtype=jnp.dtype(config.dtype),
-                                            return_entropy=return_entropy))
+    body = functools.partial(_chunk_logprobs, dtype=jnp.dtype(config.dtype), return_entropy=return_entropy)
+    if B * n * c * weight.shape[-1] * 4 > stored_logits_bytes:
+        body = jax.checkpoint(body)
     logp, ent = jax.lax.map(lambda a: body(weight, *a), (hs, ts))
     unchunk = lambda x: x.swapaxes(0, 1).reshape(B, n * c)[:, :L]
     if return_entropy:
