@@ -14,9 +14,10 @@ def test_demo_quick_every_stage_improves(tmp_path):
     table = run_demo(tmp_path / "demo", quick=True, log=lambda s: None)
     stages = [row["stage"] for row in table]
     assert stages[:2] == ["init", "sft"] and "reward" in stages and "ppo" in stages
+    assert stages[-1] == "distill"  # the smaller student, distilled from GRPO, must beat SFT
     for row in table[1:]:
         assert row["improved"], f"stage {row['stage']} did not beat {row['baseline']}: {row}"
     assert (tmp_path / "demo" / "curves.png").stat().st_size > 10_000
     report = (tmp_path / "demo" / "report.md").read_text()
-    assert "| ppo |" in report and "| grpo |" in report
+    assert "| ppo |" in report and "| grpo |" in report and "| distill |" in report
     assert json.loads((tmp_path / "demo" / "results.json").read_text()) == json.loads(json.dumps(table))

@@ -99,7 +99,8 @@ def test_sequence_kd_and_cached_teacher_runs(setup, tmp_path):
     small.write_text("".join(setup["sft"].read_text().splitlines(keepends=True)[:16]))
     summary = run_task("distill", _bindings(setup, tmp_path / "seq", 3, [
         f"distill.train_data = '{small}'", "distill.mode = 'sequence'", "distill.sampling = @SamplingConfig()",
-        "SamplingConfig.max_new_tokens = 12", "distill.teacher_samples_per_prompt = 2"]))
+        "SamplingConfig.max_new_tokens = 12", "distill.teacher_samples_per_prompt = 2",
+        "distill.teacher_batch_size = 5"]))  # 16 prompts: the last sampler call is a partial batch
     samples = [json.loads(x) for x in (tmp_path / "seq" / "teacher_samples.jsonl").read_text().splitlines()]
     assert len(samples) == 32 and summary["teacher_samples"] == 32 and summary["step"] == 3
     assert all(s["prompt"][-1]["role"] == "user" for s in samples)

@@ -4,6 +4,18 @@ Every stage is an ordinary gin experiment under ``configs/experiments/demo/``
 run exactly as ``jaxpost train`` runs it; the demo only points their paths
 at its own directory, then samples from each resulting policy on held-out
 prompts. Every number in the table comes from training in this run.
+
+Stages, in order: ``sft`` (noisy demonstrations), ``label`` (best-of-4
+samples of the SFT policy, scored: synthetic data), ``reward`` (reward
+model), ``ppo`` (RLHF against it), ``dpo``, ``best_of_n`` (SFT on the
+labelled best samples), ``grpo`` (online RL with the task reward) and
+``distill``: sequence-level distillation of the GRPO policy into a student
+of hidden size 48 instead of 64 (80,880 parameters against 132,416),
+trained from scratch on the teacher's greedy answers; it must beat the SFT
+policy, which saw only the noisy demonstrations.
+
+Each run writes into ``out``; a stage whose run directory already holds
+checkpoints resumes from them, so use a fresh ``out`` for a fresh demo.
 """
 
 from __future__ import annotations
@@ -65,6 +77,9 @@ STAGES = (
           _common("sft", "best_of_n", "label/sft.jsonl"), quick=("LoopConfig.num_steps = 60",)),
     Stage("grpo", "GRPO with a programmatic reward", "grpo", _common("grpo", "grpo", "data/prompts.jsonl"),
           quick=("OnlineConfig.num_rollouts = 12",)),
+    Stage("distill", "Distil GRPO into a 1.6x smaller student", "distill",
+          {**_common("distill", "distill", "data/sft.jsonl", None), "distill.teacher_from": "grpo/final"},
+          quick=("LoopConfig.num_steps = 400",)),
 )
 
 
@@ -182,6 +197,7 @@ def _write_report(root: Path, table: list[dict]) -> None:
         "temperature 1 on prompts never seen in training (1.0 exact, at most 0.5 otherwise); PPO is judged by "
         "what it maximises, the reward model's score of its held-out samples (its task reward is in results.json); "
         "'exact' columns "
-        "are exact-match rates. Each stage starts from the SFT policy unless noted; the reward stage is judged "
+        "are exact-match rates. Each stage starts from the SFT policy, except the distillation student, trained from "
+        "scratch on the GRPO policy's greedy answers; the reward stage is judged "
         "by held-out pair accuracy against chance, the label stage by the mean reward of its best-of-4 picks against "
         "all samples.\n\n" + _format_table(table) + "\n\n![curves](curves.png)\n")

@@ -62,6 +62,7 @@ def distill(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokeniz
             eval_data: str | None = None, eval_fraction: float | None = None, seq_len: int = 512,
             batch_size: int = 8, packing: bool = True, max_prompt_len: int | None = None,
             sampling: SamplingConfig = SamplingConfig(), teacher_samples_per_prompt: int = 1,
+            teacher_batch_size: int = 8,
             chunk_size: int = 128, loop: LoopConfig = LoopConfig()) -> dict:
     """Distils ``teacher_from`` (an HF directory) into the student; exports ``run_dir/final``.
 
@@ -72,7 +73,10 @@ def distill(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokeniz
     keeps only the teacher's top-k tokens (forward KL; required with
     ``teacher_cache``). ``lmbda``: on-policy fraction of steps (GKD).
     ``sampling``: teacher sampling (``sequence``) or student sampling
-    (``on_policy``; its ``max_new_tokens`` is ``seq_len - max_prompt_len``).
+    (``on_policy``; its ``max_new_tokens`` is ``seq_len - max_prompt_len``);
+    ``sampling.temperature = 0`` gives the teacher's greedy answers.
+    ``teacher_samples_per_prompt`` and ``teacher_batch_size`` (prompts per
+    sampler call): the teacher's sampling in ``sequence`` mode.
     Summary: step, data counts, and held-out ``eval/*`` metrics (the
     distillation loss terms with a live teacher, else SFT loss/accuracy).
     """
@@ -127,7 +131,8 @@ def distill(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokeniz
     eval_loss = None
     extra: dict[str, Any] = {}
     if mode == "sequence":
-        rows = _teacher_samples(run, rows, tok, teacher, sampling, teacher_samples_per_prompt, part, loop.seed)
+        rows = _teacher_samples(run, rows, tok, teacher, sampling, teacher_samples_per_prompt, part, loop.seed,
+                                batch_size=teacher_batch_size)
         extra["teacher_samples"] = len(rows)
         teacher = None  # SFT on the samples: the teacher is no longer needed
         loss_fn = make_sft_loss(graphdef, config, chunk_size)
@@ -197,7 +202,7 @@ def prompt_of(row: dict) -> Any:
 
 
 def _teacher_samples(run: Path, rows: Any, tok: Any, teacher: tuple, sampling: SamplingConfig, n: int,
-                     part: Partitioner, seed: int) -> list[dict]:
+                     part: Partitioner, seed: int, batch_size: int = 8) -> list[dict]:
     """Teacher completions of the rows' prompts as prompt/completion rows (generated once per run dir)."""
     out = run / "teacher_samples.jsonl"
     if not out.exists():  # a resumed run reuses the samples its checkpoints were trained on
@@ -208,7 +213,7 @@ def _teacher_samples(run: Path, rows: Any, tok: Any, teacher: tuple, sampling: S
         tmp = out.with_suffix(".partial")
         with part.activate():
             generate_to_jsonl(teacher, tok, prompts, tmp, sampling=sampling.replace(pad_token_id=pad_id(tok)),
-                              n_samples_per_prompt=n, batch_size=8, seed=seed, partitioner=part)
+                              n_samples_per_prompt=n, batch_size=batch_size, seed=seed, partitioner=part)
         tmp.rename(out)
     samples = []
     for line in out.read_text(encoding="utf-8").splitlines():
