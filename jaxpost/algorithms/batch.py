@@ -22,6 +22,25 @@ Optional extras: ``margin`` ``[B]`` (reward model), ``ref_chosen_logps`` and
 ``ref_rejected_logps`` ``[B]`` (precomputed reference), ``pair_mask`` ``[B]``.
 """
 
+PACKED_PREFERENCE_KEYS: Mapping[str, type] = {
+    **LM_KEYS, "pair_ids": np.int32, "pair_sides": np.int32, "pair_mask": np.float32,
+}
+"""A packed preference batch (DPO family, reward model; layout in :mod:`jaxpost.data.pair_packing`).
+
+Token keys ``[B, L]``: the LM keys, every chosen or rejected sequence its
+own segment (``segment_ids`` ``2k - 1`` and ``2k`` for pair slot ``k``);
+``pair_ids`` (slot ``1..K`` of the row, 0 = padding) and ``pair_sides``
+(1 = chosen, 2 = rejected, 0 = padding). Pair keys ``[B, K]``, slot ``k`` at
+index ``k - 1``: ``pair_mask`` (0 = empty slot), and optionally
+``row_index``, ``margin``, ``ref_chosen_logps``, ``ref_rejected_logps``.
+A pair's two sequences always share a row, so rows are independent.
+"""
+
+
+def is_packed_preference(batch: Mapping) -> bool:
+    """True for the packed preference layout (it has ``pair_ids``), False for one pair per row."""
+    return "pair_ids" in batch
+
 
 def check_batch(batch: Mapping, spec: Mapping[str, type], what: str) -> None:
     """Raises ``KeyError`` naming every key of ``spec`` missing from ``batch``."""

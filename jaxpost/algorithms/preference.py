@@ -1,4 +1,11 @@
-"""Preference algorithms over ``PREFERENCE_KEYS`` batches: the DPO family and reward models."""
+"""Preference algorithms: the DPO family and reward models.
+
+Both take either batch layout of :mod:`jaxpost.algorithms.batch`: one pair
+per row (``PREFERENCE_KEYS``) or packed rows (``PACKED_PREFERENCE_KEYS``).
+Either way the model is run once and reduced to per-pair arrays, flattened
+to ``[N]`` (``N = B`` unpacked, ``B * K`` packed, empty slots masked by
+``pair_mask``), which the loss math in :mod:`jaxpost.losses` reads unchanged.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +13,9 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from jaxpost.algorithms.batch import PREFERENCE_KEYS, check_batch
+from jaxpost.algorithms.batch import PACKED_PREFERENCE_KEYS, PREFERENCE_KEYS, check_batch, is_packed_preference
 from jaxpost.algorithms.lm import pair_scores, pair_token_logprobs
+from jaxpost.algorithms.packed_pairs import packed_pair_logps, packed_pair_scores
 from jaxpost.losses.dpo import PREFERENCE_LOSSES
 from jaxpost.losses.reward import bradley_terry_loss
 from jaxpost.models.config import ModelConfig
@@ -18,6 +26,34 @@ REFERENCE_FREE = ("simpo", "orpo")
 def sequence_logps(token_logps, loss_mask):
     """Summed response log-prob and response length per row: ``([B], [B])``."""
     return jnp.sum(token_logps * loss_mask, axis=-1), jnp.sum(loss_mask, axis=-1)
+
+
+def pair_column(batch, key: str):
+    """A per-pair entry of either layout as ``[N]`` (packed ``[B, K]`` flattened), or None if absent."""
+    value = batch.get(key)
+    return None if value is None else jnp.reshape(value, (-1,))
+
+
+def check_preference_batch(batch, what: str) -> bool:
+    """Checks ``batch`` against the spec of its layout; returns True when it is packed."""
+    packed = is_packed_preference(batch)
+    check_batch(batch, PACKED_PREFERENCE_KEYS if packed else PREFERENCE_KEYS, what)
+    return packed
+
+
+def pair_sequence_logps(graphdef, config: ModelConfig, params, batch, *, chunk_size: int = 512):
+    """Summed response log-probs and lengths per pair, either layout: ``(pi_c, pi_r, len_c, len_r)`` ``[N]``.
+
+    ``pi = sum_t log p(target_t) loss_mask_t`` over one response,
+    ``len = sum_t loss_mask_t``; one forward over all sequences of the batch.
+    """
+    if is_packed_preference(batch):
+        out = packed_pair_logps(graphdef, config, params, batch, chunk_size=chunk_size)
+        return tuple(jnp.reshape(x, (-1,)) for x in out)
+    c_tok, r_tok = pair_token_logprobs(graphdef, config, params, batch, chunk_size=chunk_size)
+    pc, lc = sequence_logps(c_tok, batch["chosen_loss_mask"])
+    pr, lr = sequence_logps(r_tok, batch["rejected_loss_mask"])
+    return pc, pr, lc, lr
 
 
 @gin.configurable(denylist=["graphdef", "config"])
@@ -32,28 +68,32 @@ def make_dpo_loss(graphdef, config: ModelConfig, kind: str = "sigmoid", beta: fl
     ``frozen["reference"]`` (a frozen params tree on the same mesh, run under
     ``stop_gradient``). SimPO and ORPO need no reference. ``hparams`` go to
     the loss (``label_smoothing``, ``gamma``, ``rpo_alpha``, ``tau``...).
+
+    Packed batches give the same loss, metrics and gradients as the same
+    pairs unpacked; they also return ``loss_tokens`` = the number of real
+    pairs (what the loss averages over), so gradient accumulation weights
+    micro-batches, which hold different numbers of pairs, exactly.
     """
     if kind not in PREFERENCE_LOSSES:
         raise ValueError(f"Unknown preference loss {kind!r}; choose one of {sorted(PREFERENCE_LOSSES)}")
     loss_math = PREFERENCE_LOSSES[kind]
 
     def loss_fn(params, batch, frozen=None):
-        check_batch(batch, PREFERENCE_KEYS, f"DPO ({kind})")
-        pc_tok, pr_tok = pair_token_logprobs(graphdef, config, params, batch, chunk_size=chunk_size)
-        pc, lc = sequence_logps(pc_tok, batch["chosen_loss_mask"])
-        pr, lr = sequence_logps(pr_tok, batch["rejected_loss_mask"])
+        packed = check_preference_batch(batch, f"DPO ({kind})")
+        pc, pr, lc, lr = pair_sequence_logps(graphdef, config, params, batch, chunk_size=chunk_size)
         rc = rr = None
         if "ref_chosen_logps" in batch:
-            rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+            rc, rr = pair_column(batch, "ref_chosen_logps"), pair_column(batch, "ref_rejected_logps")
         elif kind not in REFERENCE_FREE:
             if not frozen or "reference" not in frozen:
                 raise ValueError(f"{kind} DPO needs a reference: frozen['reference'] params or precomputed "
                                  "ref_chosen_logps/ref_rejected_logps in the batch")
             ref = jax.lax.stop_gradient(frozen["reference"])
-            rc_tok, rr_tok = pair_token_logprobs(graphdef, config, ref, batch, chunk_size=chunk_size)
-            rc, _ = sequence_logps(rc_tok, batch["chosen_loss_mask"])
-            rr, _ = sequence_logps(rr_tok, batch["rejected_loss_mask"])
-        loss, metrics = loss_math(pc, pr, rc, rr, lc, lr, beta=beta, pair_mask=batch.get("pair_mask"), **hparams)
+            rc, rr, _, _ = pair_sequence_logps(graphdef, config, ref, batch, chunk_size=chunk_size)
+        pair_mask = pair_column(batch, "pair_mask")
+        loss, metrics = loss_math(pc, pr, rc, rr, lc, lr, beta=beta, pair_mask=pair_mask, **hparams)
+        if packed:
+            metrics["loss_tokens"] = jnp.sum(pair_mask)
         return loss, metrics
 
     loss_fn.kind = kind
@@ -67,15 +107,23 @@ def make_reward_loss(graphdef, config: ModelConfig, center_coef: float = 0.0):
 
     ``-log sigmoid(r_c - r_r - margin) + center_coef * mean((r_c + r_r)^2)``
     with ``r`` the score at each sequence's last real token; ``margin`` is
-    the optional ``batch["margin"]`` column.
+    the optional ``batch["margin"]`` column. Either batch layout; packed
+    batches read each sequence's last token by ``(pair_ids, pair_sides)``
+    and return ``loss_tokens`` = the number of real pairs (see
+    :func:`make_dpo_loss`).
     """
     if config.head != "score":
         raise ValueError(f"A reward model needs ModelConfig.head='score', got {config.head!r}")
 
     def loss_fn(params, batch, frozen=None):
-        check_batch(batch, PREFERENCE_KEYS, "reward")
-        rc, rr = pair_scores(graphdef, params, batch)
-        return bradley_terry_loss(rc, rr, margin=batch.get("margin"), center_coef=center_coef,
-                                  pair_mask=batch.get("pair_mask"))
+        packed = check_preference_batch(batch, "reward")
+        rc, rr = packed_pair_scores(graphdef, params, batch) if packed else pair_scores(graphdef, params, batch)
+        pair_mask = pair_column(batch, "pair_mask")
+        loss, metrics = bradley_terry_loss(jnp.reshape(rc, (-1,)), jnp.reshape(rr, (-1,)),
+                                           margin=pair_column(batch, "margin"), center_coef=center_coef,
+                                           pair_mask=pair_mask)
+        if packed:
+            metrics["loss_tokens"] = jnp.sum(pair_mask)
+        return loss, metrics
 
     return loss_fn

@@ -78,7 +78,8 @@ def required_fields(fmt: str, columns: Iterable[str] = ()) -> tuple[str, ...]:
             PROMPT_ONLY: ("prompt",)}[fmt]
 
 
-def _columns(rows: Any) -> list[str]:
+def columns(rows: Any) -> list[str]:
+    """Column names of ``rows`` (a ``datasets.Dataset`` or a list of dicts: the union of their keys)."""
     if isinstance(rows, datasets.Dataset):
         return list(rows.column_names)
     if len(rows) == 0:
@@ -98,7 +99,7 @@ def check_rows(rows: Any, source: str | None = None) -> str:
     """
     if len(rows) == 0:
         raise ValueError(f"No rows in {source or 'the dataset'}")
-    cols = _columns(rows)
+    cols = columns(rows)
     fmt = detect_format(cols, source)
     fields = required_fields(fmt, cols)
     if isinstance(rows, datasets.Dataset):

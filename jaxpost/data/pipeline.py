@@ -8,7 +8,7 @@ Each pipeline is, in grain terms::
       .repeat(num_epochs)              # None = forever
       .map_with_index(encode + limits) # counts events in DataStats; None = dropped
       .to_iter_dataset(read_options)   # prefetch threads (no worker processes)
-      [pack]                           # LM with packing only
+      [pack]                           # LM / preference with packing only
       .batch(batch_size)               # fixed [B, ...] numpy arrays
 
 and is iterated through a :class:`PipelineIterator`, whose
@@ -37,7 +37,8 @@ import numpy as np
 
 from jaxpost.data import encode, formats
 from jaxpost.data.packing import pack_lm, pad_lm, stack_rows
-from jaxpost.data.prepare import prepare_lm, prepare_preference, prepare_prompt
+from jaxpost.data.pair_packing import pack_pairs, pair_element
+from jaxpost.data.prepare import prepare_lm, prepare_preference, prepare_preference_pair, prepare_prompt
 from jaxpost.data.sources import source_name
 from jaxpost.data.stats import DataStats
 
@@ -184,21 +185,36 @@ def make_lm_pipeline(rows: Any, tokenizer: Any, seq_len: int, batch_size: int, s
 @gin.configurable
 def make_preference_pipeline(rows: Any, tokenizer: Any, seq_len: int, batch_size: int, seed: int = 0, *,
                              max_prompt_len: int | None = None, overlong: str = "truncate",
+                             packing: bool = False, max_pairs_per_row: int | None = None,
+                             packing_bins: int | None = None,
                              shard_index: int | None = None, shard_count: int | None = None,
                              num_epochs: int | None = None, shuffle: bool = True,
                              read_options: grain.ReadOptions | None = None,
                              stats: DataStats | None = None) -> PipelineIterator:
-    """DPO / reward batches: the LM keys prefixed ``chosen_`` and ``rejected_``,
+    """DPO / reward batches, one pair per row or (``packing``) several pairs per row.
+
+    Unpacked (default): the LM keys prefixed ``chosen_`` and ``rejected_``,
     each ``[batch_size, seq_len]``; ``row_index`` int32 ``[B]`` (the source
     row, -1 for padding rows) and ``pair_mask`` float32 ``[B]`` (0 for
     padding rows); ``margin`` float32 ``[B]`` when the data has a ``margin``
     column, and ``ref_chosen_logps``/``ref_rejected_logps`` when it carries
-    precomputed reference log-probs. No packing.
+    precomputed reference log-probs.
 
-    Chosen and rejected rows start with the same prompt ids; the prompt keeps
-    its end when longer than ``max_prompt_len`` (default ``seq_len // 2``)
-    and completions are cut at their end to fit (see
-    :func:`jaxpost.data.prepare.prepare_preference`).
+    Packed (``PACKED_PREFERENCE_KEYS``, layout in
+    :mod:`jaxpost.data.pair_packing`): the LM keys plus ``pair_ids`` and
+    ``pair_sides``, each ``[batch_size, 2 * seq_len]`` (a row holds the
+    tokens of one unpacked pair, so a batch costs the same and carries more
+    pairs); the per-pair keys above become ``[batch_size, K]`` with
+    ``K = max_pairs_per_row`` (default ``seq_len``: a pair has at least 2
+    tokens, so the default never binds; the ``[B, K]`` arrays are small). Rows are filled first-fit over
+    ``packing_bins`` rows at a time (default ``batch_size``). Each side is
+    limited and truncated exactly as unpacked, so both layouts train the
+    same pairs.
+
+    Chosen and rejected start with the same prompt ids; the prompt keeps its
+    end when longer than ``max_prompt_len`` (default ``seq_len // 2``) and
+    completions are cut at their end to fit (see
+    :func:`jaxpost.data.prepare.prepare_preference_pair`).
     """
     stats = stats if stats is not None else DataStats()
     ds, fmt, source = _rows_dataset(
@@ -206,20 +222,38 @@ def make_preference_pipeline(rows: Any, tokenizer: Any, seq_len: int, batch_size
         shard_index=jax.process_index() if shard_index is None else shard_index,
         shard_count=jax.process_count() if shard_count is None else shard_count, num_epochs=num_epochs)
     pad = encode.pad_id(tokenizer)
+    # Packed rows hold one array per pair-level key, so a key must be on every pair or on none.
+    pair_keys = ["pair_mask", "row_index"]
+    if packing:
+        present = set(formats.columns(rows))
+        pair_keys += [k for k in ("margin", *REFERENCE_COLUMNS) if k in present]
 
     def encode_row(row_index: int, row: Mapping[str, Any]):
         example = formats.normalize_row(row, fmt, row_index, source)
-        arrays, events = prepare_preference(tokenizer, example, seq_len, max_prompt_len=max_prompt_len,
-                                            overlong=overlong)
-        if arrays is not None:
-            arrays["row_index"] = np.int32(row_index)
-            arrays["pair_mask"] = np.float32(1.0)
-            for key in REFERENCE_COLUMNS:
-                if row.get(key) is not None:
-                    arrays[key] = np.float32(row[key])
+        prepare = prepare_preference_pair if packing else prepare_preference
+        arrays, events = prepare(tokenizer, example, seq_len, max_prompt_len=max_prompt_len, overlong=overlong)
+        if arrays is None:
+            return arrays, events
+        arrays["row_index"] = np.int32(row_index)
+        arrays["pair_mask"] = np.float32(1.0)
+        for key in REFERENCE_COLUMNS:
+            if row.get(key) is not None:
+                arrays[key] = np.float32(row[key])
+        if packing:
+            missing = [k for k in pair_keys if k not in arrays]
+            if missing:
+                raise ValueError(f"{source or 'the data'} row {row_index}: {missing} is null; packed preference "
+                                 "batches need it on every row")
+            arrays = pair_element(arrays["chosen"], arrays["rejected"], {k: arrays[k] for k in pair_keys})
         return arrays, events
 
     ds = ds.map_with_index(_counted(stats, encode_row, _epoch_len(rows, shard_index, shard_count), source))
+    if packing:
+        max_pairs = max_pairs_per_row or seq_len
+        pack = lambda it: pack_pairs(it, 2 * seq_len, max_pairs, num_bins=packing_bins or batch_size, pad=pad,
+                                     pair_keys=pair_keys, seed=seed)
+        fill = {"tokens": pad, "targets": pad, "row_index": -1, "pair_mask": 0.0}
+        return _finish(ds, batch_size, read_options, fill, pack, stats)
     fill = {f"{side}_{k}": pad for side in ("chosen", "rejected") for k in ("tokens", "targets")}
     fill.update(row_index=-1, pair_mask=0.0)
     return _finish(ds, batch_size, read_options, fill, None, stats)

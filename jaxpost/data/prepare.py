@@ -66,15 +66,17 @@ def _end_at_last_trained(encoded):
     return ids[:end], trained[:end]
 
 
-def prepare_preference(tokenizer: Any, example: Mapping[str, Any], seq_len: int, *,
-                       max_prompt_len: int | None = None, overlong: str = "truncate"
-                       ) -> tuple[dict[str, np.ndarray] | None, tuple[str, ...]]:
-    """Preference example -> fixed ``[seq_len]`` ``chosen_*`` and ``rejected_*`` arrays.
+def prepare_preference_pair(tokenizer: Any, example: Mapping[str, Any], seq_len: int, *,
+                            max_prompt_len: int | None = None, overlong: str = "truncate"
+                            ) -> tuple[dict[str, Any] | None, tuple[str, ...]]:
+    """Preference example -> unpadded ``{"chosen": lm, "rejected": lm}`` of at most ``seq_len`` each.
 
-    Both sequences start with the same prompt ids. TRL-style limits: a prompt
-    longer than ``max_prompt_len`` (default ``seq_len // 2``) keeps its last
-    tokens (and its bos): ``prompt_truncated``; a completion that does not
-    fit after the prompt is cut at its end: ``truncated`` (policy drop:
+    ``lm`` holds ``tokens, targets, loss_mask`` ``[n]`` (prompt + reply, as
+    :func:`jaxpost.data.encode.lm_arrays`). Both sequences start with the
+    same prompt ids. TRL-style limits: a prompt longer than
+    ``max_prompt_len`` (default ``seq_len // 2``) keeps its last tokens (and
+    its bos): ``prompt_truncated``; a completion that does not fit after the
+    prompt is cut at its end: ``truncated`` (policy drop:
     ``dropped_too_long``). Either completion without trained content:
     ``dropped_empty``. ``margin`` (float32 scalar) is passed through.
     """
@@ -101,19 +103,39 @@ def prepare_preference(tokenizer: Any, example: Mapping[str, Any], seq_len: int,
         prompt_ids = _cut_prompt(prompt_ids, max_prompt_len, tokenizer.bos_token_id)
         events.append("prompt_truncated")
     pad = encode.pad_id(tokenizer)
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, Any] = {}
     room = seq_len - len(prompt_ids)
     for key, (ids, trained) in (("chosen", chosen), ("rejected", rejected)):
         if len(ids) > room:
             ids, trained = ids[:room], trained[:room]
             if "truncated" not in events:
                 events.append("truncated")
-        full = encode.lm_arrays(np.r_[prompt_ids, ids], np.r_[np.zeros(len(prompt_ids), bool), trained], pad)
-        for name, arr in pad_lm(full, seq_len, pad).items():
-            out[f"{key}_{name}"] = arr
+        out[key] = encode.lm_arrays(np.r_[prompt_ids, ids], np.r_[np.zeros(len(prompt_ids), bool), trained], pad)
     if "margin" in example:
         out["margin"] = np.float32(example["margin"])
     return out, tuple(events)
+
+
+def prepare_preference(tokenizer: Any, example: Mapping[str, Any], seq_len: int, *,
+                       max_prompt_len: int | None = None, overlong: str = "truncate"
+                       ) -> tuple[dict[str, np.ndarray] | None, tuple[str, ...]]:
+    """Preference example -> fixed ``[seq_len]`` ``chosen_*`` and ``rejected_*`` arrays.
+
+    :func:`prepare_preference_pair` (same limits and events), each side
+    right-padded to one row by :func:`jaxpost.data.packing.pad_lm`.
+    """
+    pair, events = prepare_preference_pair(tokenizer, example, seq_len, max_prompt_len=max_prompt_len,
+                                           overlong=overlong)
+    if pair is None:
+        return None, events
+    pad = encode.pad_id(tokenizer)
+    out: dict[str, np.ndarray] = {}
+    for key in ("chosen", "rejected"):
+        for name, arr in pad_lm(pair[key], seq_len, pad).items():
+            out[f"{key}_{name}"] = arr
+    if "margin" in pair:
+        out["margin"] = pair["margin"]
+    return out, events
 
 
 def prepare_prompt(tokenizer: Any, prompt: str | list, max_prompt_len: int, *, overlong: str = "truncate"

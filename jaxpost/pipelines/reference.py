@@ -9,8 +9,7 @@ import datasets
 import jax
 import numpy as np
 
-from jaxpost.algorithms.lm import pair_token_logprobs
-from jaxpost.algorithms.preference import sequence_logps
+from jaxpost.algorithms.preference import pair_column, pair_sequence_logps
 from jaxpost.pipelines.common import MeshBatches
 from jaxpost.sharding import Partitioner
 
@@ -19,17 +18,19 @@ def reference_logps(graphdef, config, ref_params, batches: MeshBatches) -> tuple
     """Summed response log-probs of chosen and rejected under the reference, per source row.
 
     Returns ``(row_index, ref_chosen_logps, ref_rejected_logps)`` over every
-    real (non-padding) row the batches hold, gathered from all hosts.
+    real (non-padding) pair the batches hold, gathered from all hosts. Either
+    batch layout (one pair per row or packed): pairs are keyed by their
+    ``row_index`` (-1 on padding rows and empty packed slots).
     """
     @jax.jit
     def score(params, batch):
-        c_tok, r_tok = pair_token_logprobs(graphdef, config, params, batch)
-        return sequence_logps(c_tok, batch["chosen_loss_mask"])[0], sequence_logps(r_tok, batch["rejected_loss_mask"])[0]
+        c, r, _, _ = pair_sequence_logps(graphdef, config, params, batch)
+        return pair_column(batch, "row_index"), c, r
 
     idx, chosen, rejected = [], [], []
     for batch in batches:
-        c, r = score(ref_params, batch)
-        got = _to_host({"i": batch["row_index"], "c": c, "r": r})
+        i, c, r = score(ref_params, batch)
+        got = _to_host({"i": i, "c": c, "r": r})
         keep = got["i"] >= 0
         idx.append(got["i"][keep]); chosen.append(got["c"][keep]); rejected.append(got["r"][keep])
     return (np.concatenate(idx) if idx else np.zeros(0, np.int64),
