@@ -3,7 +3,7 @@
     jaxpost train --gin_file=configs/experiments/demo/sft.gin --gin.LoopConfig.num_steps=50
     jaxpost generate --model runs/demo/sft/final --prompts prompts.jsonl --out samples.jsonl --n 4
     jaxpost synthesize --model runs/demo/sft/final --prompts prompts.jsonl --out data/ --n 8 --mode all --reward exact_match
-    jaxpost demo [--out runs/demo] [--quick]
+    jaxpost demo [--out runs/demo] [--quick] [--resume]
     jaxpost plot runs/demo/sft [runs/demo/dpo ...] [--out curves.png]
 """
 
@@ -78,9 +78,14 @@ def _demo(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="jaxpost demo", description="The whole post-training story on CPU, offline.")
     p.add_argument("--out", default="runs/demo", help="run directory")
     p.add_argument("--quick", action="store_true", help="a reduced size (used by the tests)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
     args = p.parse_args(argv)
     from jaxpost.demo import run_demo
-    run_demo(args.out, quick=args.quick)
+    try:
+        run_demo(args.out, quick=args.quick, resume=args.resume)
+    except FileExistsError as e:
+        print(f"jaxpost demo: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -21,3 +21,15 @@ def test_demo_quick_every_stage_improves(tmp_path):
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "| ppo |" in report and "| grpo |" in report and "| distill |" in report
     assert json.loads((tmp_path / "demo" / "results.json").read_text()) == json.loads(json.dumps(table))
+
+
+def test_demo_refuses_an_out_dir_holding_an_earlier_run(tmp_path, capsys):
+    from jaxpost.cli import main
+
+    (tmp_path / "demo" / "sft" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "demo" / "grpo").mkdir()
+    with pytest.raises(FileExistsError, match=r"already holds a demo run \(stages sft, grpo\).*--resume"):
+        run_demo(tmp_path / "demo", quick=True, log=lambda s: None)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--quick"]) == 2
+    assert "--out NEW_DIR" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["grpo", "sft"]  # nothing written or deleted

@@ -14,8 +14,10 @@ of hidden size 48 instead of 64 (80,880 parameters against 132,416),
 trained from scratch on the teacher's greedy answers; it must beat the SFT
 policy, which saw only the noisy demonstrations.
 
-Each run writes into ``out``; a stage whose run directory already holds
-checkpoints resumes from them, so use a fresh ``out`` for a fresh demo.
+Each run writes into ``out``. A stage whose run directory already holds
+checkpoints resumes from them, so an ``out`` that holds an earlier demo is
+refused unless ``resume=True`` (``jaxpost demo --resume``), which continues
+an interrupted demo.
 """
 
 from __future__ import annotations
@@ -112,16 +114,28 @@ def _initial_policy(root: Path) -> Path:
     return root / "init"
 
 
-def run_demo(out: str | Path = "runs/demo", quick: bool = False,
+def earlier_stages(root: Path) -> list[str]:
+    """Names of the stage run directories an earlier demo left in ``root``."""
+    return [s.name for s in STAGES if (root / s.name).exists()]
+
+
+def run_demo(out: str | Path = "runs/demo", quick: bool = False, resume: bool = False,
              log: Callable[[str], None] = lambda s: print(s, flush=True)) -> list[dict]:
     """Writes the data, runs every stage, evaluates, and writes ``report.md`` + ``curves.png``.
 
     Returns one row per stage: ``stage``, ``metric``, ``value``, ``baseline``,
-    ``baseline_value``, ``improved``, ``seconds``.
+    ``baseline_value``, ``improved``, ``seconds``. Raises ``FileExistsError``
+    when ``out`` holds an earlier demo's stages and ``resume`` is False:
+    they would resume from their checkpoints and mix two runs' numbers.
     """
     from jaxpost.data import build_tokenizer
 
     root = Path(out).resolve()
+    found = earlier_stages(root)
+    if found and not resume:
+        raise FileExistsError(f"{root} already holds a demo run (stages {', '.join(found)}); its checkpoints "
+                              "would be resumed and mixed into this run. Pass --out NEW_DIR for a fresh demo, "
+                              "delete the directory, or pass --resume to continue that run.")
     sizes = dict(n_eval=48) if quick else {}  # the full training sets: smaller ones get memorised
     write_task_data(root / "data", **sizes)
     build_tokenizer(None, vocab_size=261).save_pretrained(root / "tokenizer")
