@@ -59,7 +59,7 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None,
         ax.set_title(metric)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if len(runs) > 1:
+        if len(runs) > 1 and ax.get_legend_handles_labels()[0]:  # a metric no run logged has no lines
             ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
