@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Sequence
+
+from jaxpost.train.metrics import read_jsonl
 
 DEFAULT_METRICS = ("loss", "eval/loss", "eval/accuracy", "eval/token_accuracy", "eval/rewards/accuracies",
                    "objective/scores", "objective/kl", "reward/mean")
@@ -16,14 +17,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a jaxpost run directory?")
-    rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not JSON ({e})") from None
-    return rows
+    return read_jsonl(path)
 
 
 def series(rows: Sequence[dict], metric: str) -> tuple[list[float], list[float]]:
@@ -36,18 +30,20 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None,
               metrics: Sequence[str] | None = None, title: str | None = None) -> Path:
     """One panel per metric, one line per run; returns the PNG path.
 
-    ``metrics`` defaults to those of :data:`DEFAULT_METRICS` that any run has.
+    ``metrics`` defaults to those of :data:`DEFAULT_METRICS` that any run
+    has; metrics asked for that no run logged are left out (an empty panel
+    says nothing), and ``ValueError`` names them if none is left.
     """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = {str(d): read_metrics(d) for d in run_dirs}
-    if metrics is None:
-        present = {k for rows in runs.values() for r in rows for k in r}
-        metrics = [m for m in DEFAULT_METRICS if m in present]
+    present = {k for rows in runs.values() for r in rows for k in r}
+    wanted = DEFAULT_METRICS if metrics is None else tuple(metrics)
+    metrics = [m for m in wanted if m in present]
     if not metrics:
-        raise ValueError(f"None of the metrics {DEFAULT_METRICS} is in {list(runs)}; pass --metrics")
+        raise ValueError(f"None of the metrics {list(wanted)} is in {list(runs)}; logged: {sorted(present)}")
     cols = min(3, len(metrics))
     rows_n = math.ceil(len(metrics) / cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, 3.4 * rows_n), squeeze=False)

@@ -201,7 +201,8 @@ def _write_report(root: Path, table: list[dict]) -> None:
     from jaxpost.plot import plot_runs
 
     runs = [root / s.name for s in STAGES if (root / s.name / "metrics.jsonl").exists()]
-    plot_runs(runs, root / "curves.png", metrics=["loss", "eval/accuracy", "objective/scores", "objective/kl"],
+    plot_runs(runs, root / "curves.png", metrics=["loss", "accuracy", "rewards/accuracies", "objective/scores",
+                                                  "objective/kl"],
               title="jaxpost demo: training curves")
     (root / "results.json").write_text(json.dumps(table, indent=2))
     (root / "report.md").write_text(

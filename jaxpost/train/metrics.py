@@ -142,9 +142,16 @@ class MetricsWriter:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """All records of a ``metrics.jsonl`` file, in order."""
+    """All records of a ``metrics.jsonl`` file, in order; a line that is not JSON is named ``path:line``."""
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: not JSON ({e})") from None
+    return rows
 
 
 class ProgressBar:
