@@ -96,7 +96,7 @@ def test_lora_online_runs_measure_kl_to_the_base(method, tmp_path):
         {"grpo": grpo, "online_dpo": online_dpo}[method](
             run_dir=str(tmp_path / method), train_data=str(tmp_path / "prompts.jsonl"),
             tokenizer=str(tmp_path / "tok"), model=CONFIG.replace(lora=LoraConfig(rank=4, alpha=8.0)),
-            online=OnlineConfig(num_rollouts=4, prompts_per_rollout=8, max_prompt_len=16, progress=False),
+            online=OnlineConfig(num_rollouts=3, prompts_per_rollout=8, max_prompt_len=16, progress=False),
             rollout=RolloutConfig(max_new_tokens=8, group_size=4))
     finally:
         gin.clear_config()
