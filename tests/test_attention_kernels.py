@@ -39,16 +39,20 @@ def test_auto_resolution_rules():
     assert attention_kernel(ModelConfig(), jnp.float32, 100) == "xla"  # not a multiple of 128
 
 
-def _packed_batch():
-    """Two rows: row 0 packs documents of 5 and 7 tokens then 4 pads; row 1 is one 13-token doc + 3 pads."""
-    seg = np.array([[1] * 5 + [2] * 7 + [0] * 4, [1] * 13 + [0] * 3], np.int32)
+def _batch_from_segments(seg, seed):
+    """``(tokens, positions, segment_ids)`` for segment ids ``seg``: positions restart per document."""
     pos = np.zeros_like(seg)
-    for b in range(2):
+    for b in range(seg.shape[0]):
         for s in set(seg[b].tolist()) - {0}:
             idx = np.nonzero(seg[b] == s)[0]
             pos[b, idx] = np.arange(len(idx))
-    tokens = np.random.default_rng(0).integers(0, 128, seg.shape).astype(np.int32)
+    tokens = np.random.default_rng(seed).integers(0, 128, seg.shape).astype(np.int32)
     return jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(seg)
+
+
+def _packed_batch():
+    """Two rows: row 0 packs documents of 5 and 7 tokens then 4 pads; row 1 is one 13-token doc + 3 pads."""
+    return _batch_from_segments(np.array([[1] * 5 + [2] * 7 + [0] * 4, [1] * 13 + [0] * 3], np.int32), seed=0)
 
 
 def _grads_and_hidden(config, batch, check_kernel=None):
@@ -99,13 +103,7 @@ def _splash_batch(length=128):
     """Row 0 packs documents of 40 and 60 tokens then pads; row 1 is one document of 110 tokens + pads."""
     seg = np.zeros((2, length), np.int32)
     seg[0, :40], seg[0, 40:100], seg[1, :110] = 1, 2, 1
-    pos = np.zeros_like(seg)
-    for b in range(2):
-        for s in set(seg[b].tolist()) - {0}:
-            idx = np.nonzero(seg[b] == s)[0]
-            pos[b, idx] = np.arange(len(idx))
-    tokens = np.random.default_rng(1).integers(0, 128, seg.shape).astype(np.int32)
-    return jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(seg)
+    return _batch_from_segments(seg, seed=1)
 
 
 @pytest.mark.parametrize("sliding_window", [None, 24])
