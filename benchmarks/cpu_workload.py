@@ -1,6 +1,7 @@
-"""Side-by-side benchmark: jaxpost vs TRL (and the bare torch loop) on the shared workload.
+"""Side-by-side benchmark: jaxpost vs TRL, Tunix (and the bare torch loop) on the shared workload.
 
-    python benchmarks/cpu_workload.py [--task sft|dpo|all] [--steps 20] [--warmup 3]
+    python benchmarks/cpu_workload.py [--task sft|dpo|all] [--steps 20] [--warmup 3] \\
+        [--tunix-python /work/venvs/tunix/bin/python]
 
 runs /work/shared/bench/WORKLOAD.md (SFT: 8 x 512 tokens, lr 1e-4; DPO: 4
 pairs of 128 + 384 tokens, sigmoid beta 0.1, frozen reference run every
@@ -8,6 +9,9 @@ step, lr 1e-6; Llama 4 x 256, vocab 8192, fp32, AdamW, clip 1.0). Each
 system runs in its own subprocess, pinned with ``taskset -c 0,1``, torch
 threads = 2, one at a time; all start from the same seed-0 weights
 (jaxpost's, exported with ``save_hf``) and train on the same token ids.
+Tunix runs under the Python of its own virtualenv (``--tunix-python`` or
+``$JAXPOST_TUNIX_PYTHON``; skipped when neither names one that has
+``tunix``), see ``run_tunix.py``.
 
 Printed per task and system: time to first step (jaxpost: trace + compile
 + run), median step seconds after the warm-up, tokens/s (SFT: B*L / step)
@@ -61,7 +65,30 @@ def throughput(task: str, shape: W.Shape, step_s: float) -> float:
     return (shape.batch * shape.seq if task == "sft" else shape.batch) / step_s
 
 
-def available_systems() -> dict[str, str | None]:
+TUNIX_ENV = "JAXPOST_TUNIX_PYTHON"
+
+
+def tunix_unavailable(python: str | None, dtype: str = "float32") -> str | None:
+    """Why Tunix cannot run with interpreter ``python`` (None: it can).
+
+    Tunix lives in its own virtualenv (its pins would downgrade transformers
+    here), so it needs that venv's Python; ``find_spec`` checks the package
+    without importing it.
+    """
+    if not python:
+        return f"no Tunix interpreter: pass --tunix-python PATH or set ${TUNIX_ENV} (see benchmarks/README.md)"
+    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+        return f"Tunix interpreter {python} does not exist or is not executable"
+    has_tunix = "import importlib.util, sys; sys.exit(importlib.util.find_spec('tunix') is None)"
+    probe = subprocess.run([python, "-c", has_tunix], capture_output=True)
+    if probe.returncode != 0:
+        return f"{python} has no tunix package (pip install google-tunix into that venv)"
+    if dtype != "float32":
+        return f"Tunix's Llama 3 has no mixed-precision mode; only float32 is compared (got --dtype {dtype})"
+    return None
+
+
+def available_systems(tunix_python: str | None = None, dtype: str = "float32") -> dict[str, str | None]:
     """``{system: None if runnable else the reason it is not}``."""
     import importlib.util
 
@@ -69,8 +96,7 @@ def available_systems() -> dict[str, str | None]:
     has_torch = importlib.util.find_spec("torch") is not None
     out["torch"] = None if has_torch else "torch is not installed"
     out["trl"] = None if (has_torch and importlib.util.find_spec("trl") is not None) else "trl is not installed"
-    out["tunix"] = ("google-tunix cannot be installed beside this environment (its pins would downgrade "
-                    "transformers 5.24 -> 5.12.1, tokenizers and safetensors), so it is not benchmarked")
+    out["tunix"] = tunix_unavailable(tunix_python, dtype)
     return out
 
 
@@ -84,6 +110,9 @@ def child_main(a) -> None:
         import run_jaxpost
         res = run_jaxpost.run(a.task, a.model, shape, a.steps, a.warmup, a.dtype, a.chunk, a.remat,
                               attention=a.attention)
+    elif a.child == "tunix":  # under the Tunix venv's Python
+        import run_tunix
+        res = run_tunix.run(a.task, a.weights, shape, a.steps, a.warmup, a.dtype)
     else:
         import run_torch
         fn = run_torch.run_trl if a.child == "trl" else run_torch.run_torch
@@ -107,7 +136,8 @@ def _child_env(threads: int) -> dict:
 
 def spawn(system: str, a, result_path: str, weights: str | None) -> dict:
     """Run ``system`` in a fresh (pinned) process; returns its result dict."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", system, "--result", result_path,
+    python = a.tunix_python if system == "tunix" else sys.executable
+    cmd = [python, os.path.abspath(__file__), "--child", system, "--result", result_path,
            "--task", a.task_now, "--steps", str(a.steps), "--warmup", str(a.warmup), "--model", a.model,
            "--dtype", a.dtype, "--chunk", str(a.chunk), "--remat", a.remat, "--attention", a.attention,
            "--threads", str(a.threads)]
@@ -215,8 +245,10 @@ def main(argv=None) -> dict | None:
     ap.add_argument("--task", choices=("sft", "dpo", "all"), default="all")
     ap.add_argument("--steps", type=int, default=20, help="measured steps (after the warm-up)")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--systems", default="jaxpost,trl,torch",
+    ap.add_argument("--systems", default="jaxpost,trl,torch,tunix",
                     help=f"comma-separated among {SYSTEMS}; ones that are not installed are skipped")
+    ap.add_argument("--tunix-python", default=os.environ.get(TUNIX_ENV),
+                    help=f"Python of the virtualenv with google-tunix (default: ${TUNIX_ENV}); unset: Tunix is skipped")
     ap.add_argument("--model", default=os.path.join(ROOT, "configs/models/bench.gin"), help="gin model preset")
     ap.add_argument("--batch", type=int, default=None, help="override the workload batch (sequences / pairs)")
     ap.add_argument("--seq", type=int, default=None, help="override the sequence length")
@@ -246,7 +278,7 @@ def main(argv=None) -> dict | None:
     bad = [s for s in wanted if s not in SYSTEMS]
     if bad:
         ap.error(f"--systems: unknown {bad}; choose among {SYSTEMS}")
-    avail = available_systems()
+    avail = available_systems(a.tunix_python, a.dtype)
     skipped = {s: avail[s] for s in wanted if avail[s] is not None}
     for s in ("trl", "tunix"):
         if s not in wanted and avail.get(s):
@@ -261,7 +293,7 @@ def main(argv=None) -> dict | None:
     weights = None
     summaries = []
     try:
-        if any(s in ("trl", "torch") for s in run_systems):
+        if any(s in ("trl", "torch", "tunix") for s in run_systems):
             weights = os.path.join(work, "model")
             proc = subprocess.run([sys.executable, "-c", "import sys; import run_torch; "
                                    "run_torch.export_weights(sys.argv[1], sys.argv[2])", a.model, weights],

@@ -66,6 +66,21 @@ def test_throughput_ratios_and_mfu_by_hand():
     assert s["systems"]["trl"]["mfu"] is None  # no peak known for CPU
 
 
+def test_tunix_is_skipped_without_its_interpreter(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    assert "--tunix-python" in C.tunix_unavailable(None)
+    if importlib.util.find_spec("tunix") is None:  # Tunix lives in its own venv, not in this one
+        assert "no tunix package" in C.tunix_unavailable(sys.executable)
+    # The interpreter defaults to $JAXPOST_TUNIX_PYTHON; a missing one skips Tunix with the reason printed.
+    missing = str(tmp_path / "venv" / "bin" / "python")
+    monkeypatch.setenv(C.TUNIX_ENV, missing)
+    report = C.main(["--systems", "tunix", "--task", "sft", "--out", ""])
+    assert missing in report["skipped"]["tunix"] and "does not exist" in report["skipped"]["tunix"]
+    assert report["tasks"][0]["systems"] == {} and report["settings"]["tunix_python"] == missing
+    assert f"[skip] tunix: Tunix interpreter {missing}" in capsys.readouterr().out
+
+
 def test_dpo_flops_count_reference_forward():
     import run_jaxpost
 
