@@ -5,7 +5,9 @@
         --variant batch=16,attention=cudnn,remat=save_dots
 
 Each ``--variant`` is ``key=value`` pairs among ``batch``, ``chunk``,
-``remat``, ``attention``, ``dtype`` (default bfloat16). All variants run in
+``remat``, ``attention``, ``dtype`` (default bfloat16) and
+``stored_logits_mib`` (keep the LM head's logits for autodiff up to this
+size instead of recomputing them). All variants run in
 this one process, one after the other, through the same path as
 ``cpu_workload.py`` (``run_jaxpost.run``: public loss, optimizer and compiled
 sharded step); a variant that runs out of memory is reported as such and the
@@ -27,7 +29,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 import run_jaxpost  # noqa: E402
 import workload as W  # noqa: E402
 
-KEYS = {"batch": int, "chunk": int, "remat": str, "attention": str, "dtype": str}
+KEYS = {"batch": int, "chunk": int, "remat": str, "attention": str, "dtype": str, "stored_logits_mib": int}
 
 
 def parse_variant(text: str) -> dict:
@@ -57,8 +59,9 @@ def main(argv=None):
              **parse_variant(text)}
         shape = W.Shape(batch=v["batch"], seq=a.seq, prompt=0 if a.task == "sft" else a.seq // 4)
         try:
+            overrides = {"stored_logits_mib": v["stored_logits_mib"]} if "stored_logits_mib" in v else {}
             r = run_jaxpost.run(a.task, a.model, shape, a.steps, a.warmup, v["dtype"], v["chunk"], v["remat"],
-                                attention=v["attention"])
+                                attention=v["attention"], model_overrides=overrides)
         except Exception as e:  # noqa: BLE001 — an OOM variant is a result, not the end of the sweep
             rows.append({**v, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
             print(f"{text}: {rows[-1]['error']}", flush=True)

@@ -18,15 +18,16 @@ import numpy as np
 import workload as W
 
 
-def model_config(gin_file: str, dtype: str, remat: str = "none", attention: str = "auto"):
-    """``ModelConfig`` from a gin preset, with compute ``dtype``, ``remat`` and ``attention`` overridden."""
+def model_config(gin_file: str, dtype: str, remat: str = "none", attention: str = "auto", **overrides):
+    """``ModelConfig`` from a gin preset, with compute ``dtype``, ``remat``, ``attention`` (and any
+    other ``ModelConfig`` field in ``overrides``) replaced."""
     import gin
 
     from jaxpost.models import ModelConfig
 
     gin.clear_config()
     gin.parse_config_file(gin_file)
-    return ModelConfig().replace(dtype=dtype, remat=remat, attention=attention)
+    return ModelConfig().replace(dtype=dtype, remat=remat, attention=attention, **overrides)
 
 
 def step_flops(config, task: str, shape: W.Shape) -> float:
@@ -42,12 +43,15 @@ def step_flops(config, task: str, shape: W.Shape) -> float:
 
 
 def run(task: str, gin_file: str, shape: W.Shape, steps: int, warmup: int, dtype: str = "float32",
-        chunk: int = 512, remat: str = "none", lr: float | None = None, attention: str = "auto") -> dict:
+        chunk: int = 512, remat: str = "none", lr: float | None = None, attention: str = "auto",
+        model_overrides: dict | None = None, profile_dir: str | None = None) -> dict:
     """Train ``warmup + steps`` steps; returns timings (seconds), losses and throughput.
 
     ``first_step_s`` = trace + compile + first execution of the step;
     ``step_s`` = per-step wall times of the ``steps`` steps after warm-up,
     each ended by ``block_until_ready`` on the new state and metrics.
+    With ``profile_dir`` the last 3 measured steps are traced there with
+    ``jax.profiler`` (see ``gpu_profile.py``).
     """
     import jax
 
@@ -58,7 +62,7 @@ def run(task: str, gin_file: str, shape: W.Shape, steps: int, warmup: int, dtype
                                make_optimizer, make_train_step, state_shardings)
 
     t_setup = time.perf_counter()
-    config = model_config(gin_file, dtype, remat, attention)
+    config = model_config(gin_file, dtype, remat, attention, **(model_overrides or {}))
     partitioner = Partitioner(rules="fsdp")
     graphdef, params = create(config, seed=0, partitioner=partitioner)
     param_sh = partitioner.shardings(logical_axes(config), params)
@@ -87,11 +91,15 @@ def run(task: str, gin_file: str, shape: W.Shape, steps: int, warmup: int, dtype
 
     times, losses = [], []
     for i in range(warmup + steps):
+        if profile_dir and i == warmup + steps - 3:
+            jax.profiler.start_trace(profile_dir)
         t0 = time.perf_counter()
         state, metrics = step(state, batch, frozen)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
         losses.append(float(metrics["loss"]))
+    if profile_dir:
+        jax.profiler.stop_trace()
     measured = times[warmup:]
     med = float(np.median(measured))
     dev = jax.devices()[0]

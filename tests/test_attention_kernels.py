@@ -77,18 +77,25 @@ def _rel_err(a, b):
     return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-12))
 
 
+def _single_document_batch():
+    """Rows of one document then padding (cuDNN's sequence-length branch): 13 tokens + 3 pads, 16, 0."""
+    return _batch_from_segments(np.array([[1] * 13 + [0] * 3, [1] * 16, [0] * 16], np.int32), seed=0)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="cuDNN fused attention needs an NVIDIA GPU")
+@pytest.mark.parametrize("rows", ["packed", "single"])
 @pytest.mark.parametrize("sliding_window", [None, 4])
-def test_cudnn_is_as_accurate_as_xla_against_float32(sliding_window):
+def test_cudnn_is_as_accurate_as_xla_against_float32(sliding_window, rows):
     """bf16 cuDNN and bf16 XLA attention against an fp32 XLA reference on packed, padded rows.
 
     Both bf16 paths round differently, so neither equals the other; a wrong
     mask (segments, causality, window) would put cuDNN's error far above
-    XLA's, which is what this bounds.
+    XLA's, which is what this bounds. ``single`` rows take cuDNN's
+    sequence-length branch, ``packed`` rows its segment-mask branch.
     """
     base = ModelConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
                        num_kv_heads=2, dtype="bfloat16", sliding_window=sliding_window)
-    batch = _packed_batch()
+    batch = _packed_batch() if rows == "packed" else _single_document_batch()
     h_ref, g_ref = _grads_and_hidden(dataclasses.replace(base, dtype="float32"), batch)
     errs = {}
     for kernel in ("xla", "cudnn"):
@@ -178,3 +185,55 @@ def test_blocked_xla_attention_equals_one_masked_call(sliding_window):
     grad = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * w), argnums=(0, 1, 2)))(q, k, v)
     for a, b in zip(grad(blocked), grad(one_call)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 7])
+@pytest.mark.parametrize("rows", ["single", "packed"])
+def test_cudnn_branches_follow_the_mask_rule(rows, sliding_window):
+    """The cuDNN wrapper's two branches, run through XLA: sequence lengths for rows of one
+    document then padding (an all-padding row included), the segment mask for packed rows.
+
+    Compared with one masked call on the real slots (values and gradients);
+    padding slots come out 0 on the lengths branch.
+    """
+    from jaxpost.models.attention import attention_mask, cudnn_attention, single_segment_lengths
+
+    rng = np.random.default_rng(3)
+    B, T, N, K, H = 3, 24, 4, 2, 8
+    q, k, v = (jnp.asarray(rng.normal(size=(B, T, n, H)).astype(np.float32)) for n in (N, K, K))
+    seg = np.zeros((B, T), np.int32)
+    seg[0, :24], seg[1, :17] = 1, 1  # row 2 is all padding
+    if rows == "packed":
+        seg[0, 10:] = 2
+    seg = jnp.asarray(seg)
+    lengths, single = single_segment_lengths(seg)
+    assert bool(single) == (rows == "single") and lengths.tolist() == [24, 17, 0]
+    real = (seg > 0)[:, :, None, None]
+
+    def reference(q, k, v):
+        out = jax.nn.dot_product_attention(q, k, v, mask=attention_mask(seg, seg, 0, sliding_window), scale=H ** -0.5)
+        return jnp.where(real, out, 0.0)
+
+    def wrapped(q, k, v):
+        return jnp.where(real, cudnn_attention(q, k, v, seg, sliding_window, implementation="xla"), 0.0)
+
+    out = np.asarray(jax.jit(lambda *a: cudnn_attention(*a, seg, sliding_window, implementation="xla"))(q, k, v))
+    np.testing.assert_allclose(np.where(np.asarray(real), out, 0.0), np.asarray(jax.jit(reference)(q, k, v)),
+                               atol=1e-5)
+    if rows == "single":
+        assert np.all(out[np.asarray(seg) == 0] == 0.0)
+    w = jnp.asarray(rng.normal(size=(B, T, N, H)).astype(np.float32))
+    grad = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * w), argnums=(0, 1, 2)))(q, k, v)
+    for a, b in zip(grad(wrapped), grad(reference)):
+        assert np.all(np.isfinite(np.asarray(a)))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_single_segment_lengths_rejects_left_padding_and_gaps():
+    from jaxpost.models.attention import single_segment_lengths
+
+    for row in ([0, 0, 1, 1], [1, 0, 1, 0], [1, 1, 2, 0]):
+        lengths, single = single_segment_lengths(jnp.asarray([row, [1, 1, 1, 0]], jnp.int32))
+        assert not bool(single), row
+    lengths, single = single_segment_lengths(jnp.asarray([[1, 1, 1, 0], [1, 1, 1, 1]], jnp.int32))
+    assert bool(single) and lengths.tolist() == [3, 4]

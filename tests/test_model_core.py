@@ -127,6 +127,52 @@ def test_chunked_logprobs_values_and_gradients(model, chunk_size, stored):
     np.testing.assert_allclose(g_chunk[0]["lm_head"]["kernel"], g_dense[0]["lm_head"]["kernel"], atol=1e-5)
 
 
+def test_stored_logits_threshold_comes_from_the_config(model):
+    """``config.stored_logits_mib`` decides whether the head is recomputed (jaxpr has a checkpoint)."""
+    _, params = model
+    hidden = jnp.zeros((2, 12, 32), jnp.float32)
+    targets = jnp.zeros((2, 12), jnp.int32)
+    for mib, recomputed in ((0, True), (1, False)):  # 2 x 12 x 64 float32 logits = 6 KiB
+        cfg = CFG.replace(stored_logits_mib=mib)
+        jaxpr = str(jax.make_jaxpr(lambda h: token_logprobs(params, cfg, h, targets, chunk_size=4))(hidden))
+        assert ("checkpoint" in jaxpr or "remat" in jaxpr) == recomputed, mib
+
+
+def _dot_operand_dtypes(jaxpr, size):
+    """Operand dtypes of every dot_general (nested jaxprs included) with an axis of ``size``."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general" and any(size in v.aval.shape for v in eqn.invars):
+            found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += _dot_operand_dtypes(sub, size)
+    return found
+
+
+@pytest.mark.parametrize("stored", [0, 2**28], ids=["remat", "stored"])
+def test_bf16_head_backward_multiplies_in_bf16(model, stored):
+    """With bf16 compute every vocabulary-sized matmul, forward and backward, takes bf16 operands.
+
+    (Plain autodiff would multiply the float32 logits cotangent by bf16
+    weights, i.e. two float32 matmuls of the size of the head.) The
+    gradients stay within bf16 rounding of the float32 computation.
+    """
+    _, params = model
+    cfg = CFG.replace(dtype="bfloat16")
+    rng = np.random.RandomState(3)
+    hidden = jnp.asarray(rng.randn(2, 12, 32), jnp.float32)
+    targets = jnp.asarray(rng.randint(0, 64, (2, 12)), jnp.int32)
+    loss = lambda c: lambda p, h: jnp.sum(token_logprobs(p, c, h, targets, chunk_size=4, stored_logits_bytes=stored))
+    jaxpr = jax.make_jaxpr(jax.grad(loss(cfg), (0, 1)))(params, hidden).jaxpr
+    dots = _dot_operand_dtypes(jaxpr, CFG.vocab_size)
+    assert len(dots) >= 3 and all(d == ("bfloat16", "bfloat16") for d in dots), dots
+    g16 = jax.grad(loss(cfg), (0, 1))(params, hidden)
+    g32 = jax.grad(loss(CFG), (0, 1))(params, hidden)
+    for a, b in ((g16[1], g32[1]), (g16[0]["lm_head"]["kernel"], g32[0]["lm_head"]["kernel"])):
+        assert a.dtype == b.dtype == jnp.float32
+        assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 2e-2
+
+
 def test_entropy_and_hand_checked_logprob():
     # One position, D=1, V=3, weight [[0, ln 2, ln 3]] and h=1: logits = ln(1, 2, 3),
     # p = (1/6, 2/6, 3/6); log p(target=2) = ln 0.5; H = -sum p ln p.

@@ -115,17 +115,48 @@ def attention_kernel(config: ModelConfig, dtype, length: int | None = None) -> s
     return "xla"
 
 
-def _cudnn_attention(q, k, v, segment_ids, sliding_window):
-    """cuDNN fused attention: causal (and sliding window) in the kernel, segments as an additive mask.
+def single_segment_lengths(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(lengths [B], ok)``: ``ok`` when every row is one document then padding.
 
-    The segment mask ``[B, 1, T, T]`` (queries see only keys of their own
-    packed sequence) is what keeps packed and padded rows exact; cuDNN adds
-    it as a bias, so no ``[B, N, T, T]`` score tensor is stored.
+    Such a row's segment ids are ``1`` on its first ``lengths[b]`` slots and
+    ``0`` after; causal attention within the first ``lengths[b]`` slots is
+    then exactly the segment rule. Unpacked SFT, preference and reward
+    batches are all of this form; packed rows are not.
     """
-    same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    T = segment_ids.shape[1]
+    lengths = jnp.sum(segment_ids > 0, axis=1, dtype=jnp.int32)
+    leading = jnp.arange(T, dtype=jnp.int32)[None, :] < lengths[:, None]
+    return lengths, jnp.all(segment_ids == leading.astype(segment_ids.dtype))
+
+
+def cudnn_attention(q, k, v, segment_ids, sliding_window, implementation="cudnn"):
+    """cuDNN fused attention: causal (and sliding window) in the kernel.
+
+    When every row is one document then padding (:func:`single_segment_lengths`)
+    the padding goes to cuDNN as sequence lengths, so the kernel needs no
+    mask at all. Otherwise (packed rows) the segment mask ``[B, 1, T, T]``
+    is passed, which cuDNN adds as a bias and differentiates (a ``[B, 1, T, T]``
+    bias gradient in every layer's backward pass); ``lax.cond`` picks the
+    branch on the device, per batch. Outputs at padding slots are 0 on the
+    lengths branch (they attend padding on the mask branch); losses never
+    read them. ``implementation="xla"`` runs the same branches through
+    XLA (how CPU tests check them).
+    """
     window = None if sliding_window is None else (sliding_window - 1, 0)
-    return jax.nn.dot_product_attention(q, k, v, mask=same, scale=q.shape[-1] ** -0.5, is_causal=True,
-                                        local_window_size=window, implementation="cudnn")
+    common = dict(scale=q.shape[-1] ** -0.5, is_causal=True, local_window_size=window,
+                  implementation=implementation)
+    lengths, single = single_segment_lengths(segment_ids)
+
+    def by_lengths(q, k, v):
+        n = jnp.maximum(lengths, 1)  # an all-padding row keeps its first slot, so no row is empty
+        out = jax.nn.dot_product_attention(q, k, v, query_seq_lengths=n, key_value_seq_lengths=n, **common)
+        return jnp.where((segment_ids > 0)[:, :, None, None], out, jnp.zeros((), out.dtype))
+
+    def by_mask(q, k, v):
+        same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        return jax.nn.dot_product_attention(q, k, v, mask=same, **common)
+
+    return jax.lax.cond(single, by_lengths, by_mask, q, k, v)
 
 
 class Attention(nnx.Module):
@@ -170,7 +201,7 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, c), apply_rope(k, positions, c)
         if kv is None:
-            attend = {"xla": blocked_causal_attention, "cudnn": _cudnn_attention,
+            attend = {"xla": blocked_causal_attention, "cudnn": cudnn_attention,
                       "splash": splash_attention}[attention_kernel(c, q.dtype, T)]
             out = attend(q, k, v, segment_ids, c.sliding_window)
             return self.o_proj(out.reshape(B, T, c.num_heads * h)), None

@@ -106,6 +106,10 @@ class ModelConfig:
     or ``"auto"`` (the default: cuDNN or splash where they apply on a GPU or
     TPU, XLA elsewhere). Sampling (prefill and decode against the cache)
     uses XLA.
+    ``stored_logits_mib``: the LM head's float32 logits of a whole batch are
+    kept for autodiff when they fit in this many MiB; above it each chunk of
+    positions is recomputed in the backward pass (a fourth head matmul in
+    exchange for O(chunk) memory; see :func:`jaxpost.models.heads.token_logprobs`).
     ``sliding_window`` (Mistral v0.1): a query attends only to the last
     ``sliding_window`` slots, itself included. ``lora`` (a
     :class:`LoraConfig` or None) adds low-rank adapters to the projections
@@ -132,6 +136,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     attention: str = "auto"
+    stored_logits_mib: int = 256
     architecture: str = "llama"
     sliding_window: int | None = None
     lora: LoraConfig | None = None
