@@ -72,28 +72,47 @@ def attention_mask(q_segments: jax.Array, k_segments: jax.Array, q_start: jax.Ar
     return (allowed[None] & same)[:, None]
 
 
-XLA_QUERY_BLOCK = 128
+def query_block(length: int) -> int:
+    """Query block of :func:`blocked_causal_attention`: 128, or ``length / 16`` when longer (at most 16 blocks)."""
+    return max(128, -(-length // 16))
 
 
 def blocked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
-                             sliding_window: int | None = None, block: int = XLA_QUERY_BLOCK) -> jax.Array:
+                             sliding_window: int | None = None, block: int | None = None) -> jax.Array:
     """Causal attention of a whole sequence with XLA, ``block`` queries at a time.
 
     Query block ``[s, e)`` attends only keys ``[k0, e)`` (``k0 = 0``, or
     ``max(0, s - sliding_window + 1)`` with a window): the key blocks above
     the diagonal, which the mask would zero anyway, are never multiplied.
-    For ``T`` = 4 blocks that skips 3/8 of the score and value matmuls
-    (forward and backward). Same result as one call under
-    :func:`attention_mask`; ``q [B, T, N, Hd]``, ``k, v [B, T, Nkv, Hd]``.
+    With 4 blocks that skips 3/8 of the score and value matmuls (forward
+    and backward). Same result as one call under :func:`attention_mask`;
+    ``q [B, T, N, Hd]``, ``k, v [B, T, Nkv, Hd]``, ``block`` defaults to
+    :func:`query_block`.
+
+    Queries, keys and values are moved to a heads-major layout once
+    (``q [B, Nkv, G, T, Hd]`` with ``G = N / Nkv`` query heads per key head,
+    so grouped heads share their keys without a copy) and every block's
+    matmuls slice it; on CPU that is a quarter faster, forward and backward,
+    than per-block ``jax.nn.dot_product_attention`` calls, which relayout
+    each block's operands.
     """
-    T, scale = q.shape[1], q.shape[-1] ** -0.5
+    B, T, N, Hd = q.shape
+    K = k.shape[2]
+    block = query_block(T) if block is None else block
+    qt = jnp.transpose(q.reshape(B, T, K, N // K, Hd), (0, 2, 3, 1, 4)) * jnp.asarray(Hd ** -0.5, q.dtype)
+    kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, Nkv, T, Hd]
     outs = []
     for s in range(0, T, block):
         e = min(s + block, T)
         k0 = 0 if sliding_window is None else max(0, s - sliding_window + 1)
         mask = attention_mask(segment_ids[:, s:e], segment_ids[:, k0:e], s, sliding_window, k_start=k0)
-        outs.append(jax.nn.dot_product_attention(q[:, s:e], k[:, k0:e], v[:, k0:e], mask=mask, scale=scale))
-    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+        scores = jnp.einsum("bkgth,bksh->bkgts", qt[:, :, :, s:e], kt[:, :, k0:e],
+                            preferred_element_type=jnp.float32)
+        scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        outs.append(jnp.einsum("bkgts,bksh->bkgth", probs, vt[:, :, k0:e]))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, T, N, Hd)
 
 
 def attention_kernel(config: ModelConfig, dtype, length: int | None = None) -> str:
