@@ -148,8 +148,11 @@ def _by_step(run_dir: Path, key: str) -> dict[int, float]:
 def _assert_same_weights(a: Path, b: Path) -> None:
     wa, wb = load_file(str(a / "final" / "model.safetensors")), load_file(str(b / "final" / "model.safetensors"))
     assert sorted(wa) == sorted(wb)
+    # AdamW divides by sqrt(v) + 1e-8: an element whose gradient sums to ~1e-8 out of cancelling terms turns
+    # summation-order noise (8 shards vs 2 x 4) into update noise of up to the learning rate (3e-3). 1e-5 is
+    # 0.3% of one step; a real sharding bug moves many weights by whole steps.
     for name in wa:
-        np.testing.assert_allclose(wa[name], wb[name], rtol=2e-5, atol=2e-6, err_msg=name)
+        np.testing.assert_allclose(wa[name], wb[name], rtol=2e-5, atol=1e-5, err_msg=name)
 
 
 def test_two_processes_sft_equals_one_process_with_eight_devices(runs):
