@@ -149,6 +149,16 @@ def _dot_operand_dtypes(jaxpr, size):
     return found
 
 
+def _primitive_names(jaxpr) -> set[str]:
+    """Names of every primitive in ``jaxpr``, nested jaxprs included."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            names |= _primitive_names(sub)
+    return names
+
+
 @pytest.mark.parametrize("stored", [0, 2**28], ids=["remat", "stored"])
 def test_bf16_head_backward_multiplies_in_bf16(model, stored):
     """With bf16 compute every vocabulary-sized matmul, forward and backward, takes bf16 operands.
@@ -184,6 +194,23 @@ def test_entropy_and_hand_checked_logprob():
     p = np.array([1, 2, 3]) / 6
     np.testing.assert_allclose(lp, [[np.log(0.5)]], rtol=1e-6)
     np.testing.assert_allclose(ent, [[-(p * np.log(p)).sum()]], rtol=1e-6)
+
+
+def test_logprob_gradient_is_onehot_minus_softmax_without_a_scatter():
+    # Same head as above: d log p(2) / d z = onehot(2) - p = (-1/6, -2/6, 1/2),
+    # and with h = e_0 that is the gradient of W's first row.
+    cfg = ModelConfig(vocab_size=3, hidden_size=4, intermediate_size=4, num_layers=1, num_heads=1,
+                      num_kv_heads=1, head_dim=2)
+    params = {"lm_head": {"kernel": jnp.array([[0.0, np.log(2), np.log(3)]] + [[0.0] * 3] * 3)}}
+    hidden = jnp.array([[[1.0, 0.0, 0.0, 0.0]]])
+    loss = lambda p: jnp.sum(token_logprobs(p, cfg, hidden, jnp.array([[2]])))
+    grad = jax.grad(loss)(params)["lm_head"]["kernel"]
+    np.testing.assert_allclose(grad[0], [-1 / 6, -2 / 6, 1 / 2], rtol=1e-6)
+    np.testing.assert_allclose(grad[1:], 0.0, atol=1e-7)
+    # The closed form is one elementwise pass: autodiff of take_along_axis
+    # would scatter-add into a zero [*, V] array.
+    prims = _primitive_names(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    assert "dot_general" in prims and not any("scatter" in p for p in prims), prims
 
 
 def test_tied_embeddings_use_embedding_transpose():

@@ -202,9 +202,10 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], segment_ids: jax.Array,
                  kv: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None):
-        """``x`` ``[B, T, D]``; ``kv`` = (k cache, v cache, cache segment ids, index) or None.
+        """``x`` ``[B, T, D]``; ``rope`` = :func:`rope_tables` of the positions;
+        ``kv`` = (k cache, v cache, cache segment ids, index) or None.
 
         Returns ``(out [B, T, D], (k cache, v cache) or None)``. With a cache
         the new keys/values are written at slots ``[index, index + T)`` and
@@ -218,7 +219,7 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(B, T, c.num_kv_heads, h)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, positions, c), apply_rope(k, positions, c)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         if kv is None:
             attend = {"xla": blocked_causal_attention, "cudnn": cudnn_attention,
                       "splash": splash_attention}[attention_kernel(c, q.dtype, T)]

@@ -11,6 +11,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxpost.models.config import ModelConfig
 
@@ -62,12 +63,39 @@ def logits(params: dict, config: ModelConfig, hidden: jax.Array) -> jax.Array:
     return _project(hidden, lm_head_weight(params, config), jnp.dtype(config.dtype))
 
 
+@jax.custom_vjp
+def _target_logprob(z: jax.Array, t: jax.Array) -> jax.Array:
+    """``z[t] - logsumexp(z)`` over the last axis of float32 logits ``z``.
+
+    Its backward is the closed form ``dz = g * (onehot(t) - softmax(z))``:
+    one elementwise pass over ``[*, V]``, where autodiff would scatter the
+    target's cotangent into a zero ``[*, V]`` array and add a second pass
+    for the ``logsumexp``.
+    """
+    return _target_logprob_fwd(z, t)[0]
+
+
+def _target_logprob_fwd(z, t):
+    lse = jax.nn.logsumexp(z, axis=-1)
+    return jnp.take_along_axis(z, t[..., None], axis=-1)[..., 0] - lse, (z, t, lse)
+
+
+def _target_logprob_bwd(residuals, g):
+    z, t, lse = residuals
+    onehot = jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1) == t[..., None]
+    dz = g[..., None] * (onehot.astype(z.dtype) - jnp.exp(z - lse[..., None]))
+    return dz, np.zeros(t.shape, jax.dtypes.float0)
+
+
+_target_logprob.defvjp(_target_logprob_fwd, _target_logprob_bwd)
+
+
 def _chunk_logprobs(weight, h, t, *, dtype, return_entropy):
     z = _project(h, weight, dtype)  # [B, C, V] float32
+    if not return_entropy:
+        return _target_logprob(z, t), None
     lse = jax.nn.logsumexp(z, axis=-1)
     logp = jnp.take_along_axis(z, t[..., None], axis=-1)[..., 0] - lse
-    if not return_entropy:
-        return logp, None
     # H = -sum p log p = lse - sum p z, with p = softmax(z).
     ent = lse - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)
     return logp, ent

@@ -135,19 +135,25 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = Non
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, config: ModelConfig) -> jax.Array:
+def rope_tables(positions: jax.Array, head_dim: int, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """``(cos(a), sin(a))`` as float32 ``[B, T, 1, H/2]`` with ``a = pos * f``, ``f`` from :func:`rope_inv_freq`.
+
+    Computed once per forward and shared by every layer's queries and keys.
+    """
+    inv = jnp.asarray(rope_inv_freq(head_dim, config.rope_theta, config.rope_scaling))
+    angles = (positions.astype(jnp.float32)[..., None] * inv)[:, :, None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, tables: tuple[jax.Array, jax.Array]) -> jax.Array:
     """Rotary embedding in the "rotate_half" convention of Hugging Face.
 
-    ``x``: ``[B, T, N, H]``, ``positions``: ``[B, T]``. With ``a = pos * f``
-    (``f`` from :func:`rope_inv_freq`, repeated to length H as ``[f, f]``),
-    ``y = x * cos(a) + rotate_half(x) * sin(a)`` where
-    ``rotate_half([x1, x2]) = [-x2, x1]`` on the two halves of the head dim.
-    Angles and the rotation are computed in float32.
+    ``x``: ``[B, T, N, H]``; ``tables`` from :func:`rope_tables`. With
+    ``x = [x1, x2]`` the two halves of the head dim,
+    ``y = [x1 cos(a) - x2 sin(a), x2 cos(a) + x1 sin(a)]``, which is HF's
+    ``x * cos([a, a]) + rotate_half(x) * sin([a, a])``,
+    ``rotate_half([x1, x2]) = [-x2, x1]``. Computed in float32.
     """
-    inv = jnp.asarray(rope_inv_freq(x.shape[-1], config.rope_theta, config.rope_scaling))
-    angles = positions.astype(jnp.float32)[..., None] * inv  # [B, T, H/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    x32 = x.astype(jnp.float32)
-    x1, x2 = jnp.split(x32, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+    cos, sin = tables
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)

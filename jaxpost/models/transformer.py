@@ -31,7 +31,7 @@ from flax import nnx
 
 from jaxpost.models.attention import Attention, KVCache
 from jaxpost.models.config import ModelConfig
-from jaxpost.models.layers import Embed, Linear, RMSNorm, lora_kwargs
+from jaxpost.models.layers import Embed, Linear, RMSNorm, lora_kwargs, rope_tables
 from jaxpost.sharding import constrain
 
 ACTIVATION_AXES = ("batch", "length", "embed")
@@ -69,15 +69,15 @@ class Block(nnx.Module):
         self.post_attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
         self.mlp = MLP(c, rngs=rngs)
 
-    def __call__(self, x, positions, segment_ids, kv=None):
-        attn_out, new_kv = self.attn(self.input_norm(x), positions, segment_ids, kv)
+    def __call__(self, x, rope, segment_ids, kv=None):
+        attn_out, new_kv = self.attn(self.input_norm(x), rope, segment_ids, kv)
         x = x + attn_out
         x = x + self.mlp(self.post_attn_norm(x))
         return constrain(x, ACTIVATION_AXES), new_kv
 
 
-def _call_block(block: Block, x, positions, segment_ids, kv):
-    return block(x, positions, segment_ids, kv)
+def _call_block(block: Block, x, rope, segment_ids, kv):
+    return block(x, rope, segment_ids, kv)
 
 
 class Transformer(nnx.Module):
@@ -112,10 +112,11 @@ class Transformer(nnx.Module):
             if cache.segment_ids.shape[0] != tokens.shape[0]:
                 raise ValueError(f"cache batch {cache.segment_ids.shape[0]} != tokens batch {tokens.shape[0]}")
             cache_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index))
+        rope = rope_tables(positions, c.dim_per_head, c)
         new_k, new_v = [], []
         for i, block in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i], cache_segments, cache.index)
-            x, layer_kv = call(block, x, positions, segment_ids, kv)
+            x, layer_kv = call(block, x, rope, segment_ids, kv)
             if layer_kv is not None:
                 new_k.append(layer_kv[0])
                 new_v.append(layer_kv[1])
