@@ -20,3 +20,14 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 import jax  # noqa: E402  (imported after XLA_FLAGS on purpose)
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first, so that a worker never starts a minutes-long file at the end.
+
+    With ``-n 2 --dist loadfile`` each file goes to one worker, in the order
+    its first test is collected (``--no-loadscope-reorder`` in pyproject:
+    xdist would otherwise order files by their number of tests, which put
+    the 4-minute demo test last and left one worker idle for minutes).
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
