@@ -194,6 +194,9 @@ def test_entropy_and_hand_checked_logprob():
     p = np.array([1, 2, 3]) / 6
     np.testing.assert_allclose(lp, [[np.log(0.5)]], rtol=1e-6)
     np.testing.assert_allclose(ent, [[-(p * np.log(p)).sum()]], rtol=1e-6)
+    # With the entropy asked for, log p keeps its gradient onehot(2) - p (W's first row, h = e_0).
+    grad = jax.grad(lambda q: jnp.sum(token_logprobs(q, cfg, hidden, jnp.array([[2]]), return_entropy=True)[0]))
+    np.testing.assert_allclose(grad(params)["lm_head"]["kernel"][0], [-1 / 6, -2 / 6, 1 / 2], rtol=1e-6)
 
 
 def test_logprob_gradient_is_onehot_minus_softmax_without_a_scatter():

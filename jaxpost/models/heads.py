@@ -92,10 +92,10 @@ _target_logprob.defvjp(_target_logprob_fwd, _target_logprob_bwd)
 
 def _chunk_logprobs(weight, h, t, *, dtype, return_entropy):
     z = _project(h, weight, dtype)  # [B, C, V] float32
+    logp = _target_logprob(z, t)
     if not return_entropy:
-        return _target_logprob(z, t), None
+        return logp, None
     lse = jax.nn.logsumexp(z, axis=-1)
-    logp = jnp.take_along_axis(z, t[..., None], axis=-1)[..., 0] - lse
     # H = -sum p log p = lse - sum p z, with p = softmax(z).
     ent = lse - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)
     return logp, ent
