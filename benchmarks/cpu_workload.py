@@ -109,7 +109,7 @@ def child_main(a) -> None:
     if a.child == "jaxpost":
         import run_jaxpost
         res = run_jaxpost.run(a.task, a.model, shape, a.steps, a.warmup, a.dtype, a.chunk, a.remat,
-                              attention=a.attention)
+                              attention=a.attention, dpo_layout=a.dpo_layout)
     elif a.child == "tunix":  # under the Tunix venv's Python
         import run_tunix
         res = run_tunix.run(a.task, a.weights, shape, a.steps, a.warmup, a.dtype)
@@ -140,7 +140,7 @@ def spawn(system: str, a, result_path: str, weights: str | None) -> dict:
     cmd = [python, os.path.abspath(__file__), "--child", system, "--result", result_path,
            "--task", a.task_now, "--steps", str(a.steps), "--warmup", str(a.warmup), "--model", a.model,
            "--dtype", a.dtype, "--chunk", str(a.chunk), "--remat", a.remat, "--attention", a.attention,
-           "--threads", str(a.threads)]
+           "--dpo-layout", a.dpo_layout, "--threads", str(a.threads)]
     if a.batch:
         cmd += ["--batch", str(a.batch)]
     if a.seq:
@@ -256,6 +256,9 @@ def main(argv=None) -> dict | None:
                     help="compute dtype (bfloat16: fp32 master weights, bf16 forward/backward)")
     ap.add_argument("--chunk", type=int, default=512, help="jaxpost token_logprobs chunk size")
     ap.add_argument("--remat", choices=("none", "full", "save_dots"), default="none", help="jaxpost remat policy")
+    ap.add_argument("--dpo-layout", choices=("shared", "unpacked"), default="shared",
+                    help="jaxpost DPO batch layout: the prompt run once for both completions, or one row per "
+                         "sequence (what TRL, Tunix and the torch loop run)")
     ap.add_argument("--attention", choices=("xla", "cudnn", "auto"), default="auto",
                     help="jaxpost attention kernel (cudnn: fused flash attention on NVIDIA GPUs, bf16)")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU")

@@ -30,28 +30,35 @@ def model_config(gin_file: str, dtype: str, remat: str = "none", attention: str 
     return ModelConfig().replace(dtype=dtype, remat=remat, attention=attention, **overrides)
 
 
-def step_flops(config, task: str, shape: W.Shape) -> float:
+def step_flops(config, task: str, shape: W.Shape, dpo_layout: str = "unpacked") -> float:
     """Model FLOPs of one step.
 
     SFT: ``flops_per_token(L) * B * L`` (forward + backward = 3 forwards).
     DPO: the policy trains on ``2B`` sequences (3 forwards' worth) and the
     reference runs one forward over the same ``2B`` sequences, so
-    ``flops_per_token(L) * (1 + 1/3) * 2B * L``.
+    ``flops_per_token(L) * (1 + 1/3) * 2B * L``. With the shared-prompt
+    layout the rows hold ``P + 2C`` tokens, not ``2 (P + C)``; counted as
+    that many tokens at ``flops_per_token(L)``.
     """
-    f = config.flops_per_token(shape.seq) * shape.batch * shape.seq
-    return f if task == "sft" else f * 2 * (4.0 / 3.0)
+    f = config.flops_per_token(shape.seq) * shape.batch
+    if task == "sft":
+        return f * shape.seq
+    tokens = shape.prompt + 2 * shape.completion if dpo_layout == "shared" else 2 * shape.seq
+    return f * tokens * (4.0 / 3.0)
 
 
 def run(task: str, gin_file: str, shape: W.Shape, steps: int, warmup: int, dtype: str = "float32",
         chunk: int = 512, remat: str = "none", lr: float | None = None, attention: str = "auto",
-        model_overrides: dict | None = None, profile_dir: str | None = None) -> dict:
+        model_overrides: dict | None = None, profile_dir: str | None = None, dpo_layout: str = "shared") -> dict:
     """Train ``warmup + steps`` steps; returns timings (seconds), losses and throughput.
 
     ``first_step_s`` = trace + compile + first execution of the step;
     ``step_s`` = per-step wall times of the ``steps`` steps after warm-up,
     each ended by ``block_until_ready`` on the new state and metrics.
     With ``profile_dir`` the last 3 measured steps are traced there with
-    ``jax.profiler`` (see ``gpu_profile.py``).
+    ``jax.profiler`` (see ``gpu_profile.py``). ``dpo_layout``: ``"shared"``
+    (the prompt run once for both completions, ``SHARED_PROMPT_KEYS``) or
+    ``"unpacked"`` (``PREFERENCE_KEYS``, one row per sequence).
     """
     import jax
 
@@ -72,7 +79,8 @@ def run(task: str, gin_file: str, shape: W.Shape, steps: int, warmup: int, dtype
         lr = 1e-4 if lr is None else lr
         frozen, frozen_sh = None, None
     else:
-        batch = W.dpo_batch(W.dpo_ids(shape, config.vocab_size))
+        pairs = W.dpo_ids(shape, config.vocab_size)
+        batch = W.shared_dpo_batch(pairs) if dpo_layout == "shared" else W.dpo_batch(pairs)
         loss_fn = make_dpo_loss(graphdef, config, kind="sigmoid", beta=0.1, chunk_size=chunk)
         lr = 1e-6 if lr is None else lr
         # A separate copy: the policy's buffers are donated to the step and must not alias the reference.
@@ -100,13 +108,17 @@ def run(task: str, gin_file: str, shape: W.Shape, steps: int, warmup: int, dtype
         losses.append(float(metrics["loss"]))
     if profile_dir:
         jax.profiler.stop_trace()
+    t0 = time.perf_counter()
+    temp = step.lower(state, batch, frozen).compile().memory_analysis()
+    temp_mib = None if temp is None else temp.temp_size_in_bytes / 2**20
+    print(f"xla temp {temp_mib} MiB (analysis {time.perf_counter() - t0:.1f} s)", flush=True)
     measured = times[warmup:]
     med = float(np.median(measured))
     dev = jax.devices()[0]
     return {
         "setup_s": setup_s, "first_step_s": times[0], "step_s": measured, "median_step_s": med,
-        "losses": losses, "flops_per_step": step_flops(config, task, shape),
+        "losses": losses, "flops_per_step": step_flops(config, task, shape, dpo_layout),
         "device_kind": dev.device_kind, "n_devices": jax.device_count(), "platform": dev.platform,
         "trained_tokens": W.trained_tokens(batch), "chunk": chunk, "remat": remat, "dtype": dtype,
-        "attention": attention,
+        "attention": attention, "dpo_layout": dpo_layout if task == "dpo" else None, "xla_temp_mib": temp_mib,
     }

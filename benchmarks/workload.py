@@ -95,6 +95,21 @@ def dpo_batch(pairs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+def shared_dpo_batch(pairs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The same pairs as :func:`dpo_batch` in jaxpost's shared-prompt layout (``SHARED_PROMPT_KEYS``).
+
+    The prompt is run once for both completions; the loss weighs the same
+    completion tokens (every one of them).
+    """
+    B, P = pairs["prompt"].shape
+    out = {"prompt_tokens": pairs["prompt"].astype(np.int32), "prompt_mask": np.ones((B, P), np.int32)}
+    for side in ("chosen", "rejected"):
+        ids = pairs[side].astype(np.int32)
+        out.update({f"{side}_tokens": ids, f"{side}_mask": np.ones(ids.shape, np.int32),
+                    f"{side}_loss_mask": np.ones(ids.shape, np.float32)})
+    return out
+
+
 def trained_tokens(batch: dict[str, np.ndarray]) -> int:
     """Number of trained predictions (sum of every ``*loss_mask``)."""
     return int(sum(v.sum() for k, v in batch.items() if k.endswith("loss_mask")))

@@ -156,28 +156,33 @@ def test_splash_rejects_lengths_off_its_block_multiple():
         forward(graphdef, params, tokens, pos, seg)
 
 
+@pytest.mark.parametrize("prefix", [0, 70])
 @pytest.mark.parametrize("sliding_window", [None, 30])
-def test_blocked_xla_attention_equals_one_masked_call(sliding_window):
+def test_blocked_xla_attention_equals_one_masked_call(sliding_window, prefix):
     """Query blocks that skip keys above the diagonal (and outside the window) change nothing.
 
     T = 150 is not a multiple of the block of 64 (a short last block); row 0
-    packs three documents, row 1 ends in padding.
+    packs three documents, row 1 ends in padding. With a prefix, the keys
+    are ``prefix + T`` long and the queries sit after them (``q_start``).
     """
     from jaxpost.models.attention import attention_mask, blocked_causal_attention
 
     rng = np.random.default_rng(2)
     B, T, N, K, H = 2, 150, 4, 2, 16
-    q, k, v = (jnp.asarray(rng.normal(size=(B, T, n, H)).astype(np.float32)) for n in (N, K, K))
-    seg = np.ones((B, T), np.int32)
-    seg[0, 45:100], seg[0, 100:], seg[1, 125:] = 2, 3, 0
+    q = jnp.asarray(rng.normal(size=(B, T, N, H)).astype(np.float32))
+    k, v = (jnp.asarray(rng.normal(size=(B, prefix + T, K, H)).astype(np.float32)) for _ in range(2))
+    seg = np.ones((B, prefix + T), np.int32)
+    seg[0, prefix + 45:prefix + 100], seg[0, prefix + 100:], seg[1, prefix + 125:] = 2, 3, 0
+    seg[1, :prefix // 2] = 0  # a left-padded prefix in row 1
     seg = jnp.asarray(seg)
+    q_seg = seg[:, prefix:]
 
     def one_call(q, k, v):
-        mask = attention_mask(seg, seg, 0, sliding_window)
+        mask = attention_mask(q_seg, seg, prefix, sliding_window)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=H ** -0.5)
 
     def blocked(q, k, v):
-        return blocked_causal_attention(q, k, v, seg, sliding_window, block=64)
+        return blocked_causal_attention(q, k, v, q_seg, sliding_window, block=64, k_segments=seg if prefix else None)
 
     np.testing.assert_allclose(np.asarray(jax.jit(blocked)(q, k, v)), np.asarray(jax.jit(one_call)(q, k, v)),
                                atol=1e-5)
@@ -185,6 +190,60 @@ def test_blocked_xla_attention_equals_one_masked_call(sliding_window):
     grad = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * w), argnums=(0, 1, 2)))(q, k, v)
     for a, b in zip(grad(blocked), grad(one_call)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 4])
+def test_branches_equal_separate_rows(sliding_window):
+    """A row ``prefix | branch 1 | branch 2`` under ``Branches`` gives each branch the hidden
+    states (and the parameters the gradients) of its own row ``prefix | branch``."""
+    from jaxpost.models import Branches, ModelConfig, create, forward
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=8, max_position_embeddings=64, sliding_window=sliding_window)
+    graphdef, params = create(cfg, seed=3)
+    rng = np.random.default_rng(0)
+    B, P, R = 2, 6, 9
+    prefix = rng.integers(1, 64, (B, P)).astype(np.int32)
+    prefix_seg = np.ones((B, P), np.int32)
+    prefix_seg[1, :2] = 0  # row 1's prefix is left-padded: 4 real tokens
+    n_real = prefix_seg.sum(1)
+    branch = [rng.integers(1, 64, (B, R)).astype(np.int32) for _ in range(2)]
+    branch_seg = [np.ones((B, R), np.int32), np.ones((B, R), np.int32)]
+    branch_seg[1][0, 5:] = 0  # right padding in one branch
+    prefix_pos = np.maximum(np.cumsum(prefix_seg, 1) - 1, 0).astype(np.int32)
+    branch_pos = (n_real[:, None] + np.arange(R)[None]).astype(np.int32)
+
+    row = lambda parts: np.concatenate(parts, axis=1)
+    tokens, seg = row([prefix, *branch]), row([prefix_seg, *branch_seg])
+    pos = row([prefix_pos, branch_pos, branch_pos])
+    weights = rng.normal(size=(B, P + 2 * R, cfg.hidden_size)).astype(np.float32)
+    weights[:, :P] = 0.0  # one loss over the branch slots only
+
+    def joint(p):
+        h, _ = forward(graphdef, p, tokens, pos, seg, branches=Branches(prefix=P, count=2))
+        return h, jnp.sum(h * weights)
+
+    def separate(p):
+        hs, total = [], 0.0
+        for i in range(2):
+            h, _ = forward(graphdef, p, row([prefix, branch[i]]), row([prefix_pos, branch_pos]),
+                           row([prefix_seg, branch_seg[i]]))
+            hs.append(h[:, P:])
+            total = total + jnp.sum(h[:, P:] * weights[:, P + i * R:P + (i + 1) * R])
+        return hs, total
+
+    h_joint, _ = jax.jit(joint)(params)
+    h_sep, _ = jax.jit(separate)(params)
+    for i in range(2):
+        real = branch_seg[i].astype(bool)
+        np.testing.assert_allclose(np.asarray(h_joint[:, P + i * R:P + (i + 1) * R])[real],
+                                   np.asarray(h_sep[i])[real], atol=1e-5)
+    g_joint = jax.jit(jax.grad(lambda p: joint(p)[1]))(params)
+    g_sep = jax.jit(jax.grad(lambda p: separate(p)[1]))(params)
+    for a, b in zip(jax.tree.leaves(g_joint), jax.tree.leaves(g_sep)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="not a prefix of 6 plus 2 equal branches"):
+        forward(graphdef, params, tokens[:, :-1], pos[:, :-1], seg[:, :-1], branches=Branches(prefix=P, count=2))
 
 
 @pytest.mark.parametrize("sliding_window", [None, 7])

@@ -8,7 +8,7 @@ import pytest
 
 from jaxpost.models import (ModelConfig, RopeScaling, abstract, attention_mask, create, forward, init_cache,
                             logical_axes, logits, token_logprobs)
-from jaxpost.models.layers import rope_inv_freq
+from jaxpost.models.layers import rope_inv_freq, swiglu
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
                   qkv_bias=True, qk_norm=True, tie_embeddings=False, architecture="llama")
@@ -214,6 +214,22 @@ def test_logprob_gradient_is_onehot_minus_softmax_without_a_scatter():
     # would scatter-add into a zero [*, V] array.
     prims = _primitive_names(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
     assert "dot_general" in prims and not any("scatter" in p for p in prims), prims
+
+
+def test_swiglu_gradient_hand_values():
+    # y = silu(g) u, silu(g) = g s, s = sigmoid(g): dy/dg = u s (1 + g (1 - s)), dy/du = g s.
+    # g = 0: s = 1/2, so dg = u / 2, du = 0. g = ln 3: s = 3/4, du = (3/4) ln 3,
+    # dg = u (3/4)(1 + ln(3) / 4).
+    gate = jnp.array([0.0, np.log(3.0)])
+    up = jnp.array([2.0, 4.0])
+    dg, du = jax.grad(lambda g, u: jnp.sum(swiglu(g, u)), argnums=(0, 1))(gate, up)
+    np.testing.assert_allclose(dg, [1.0, 4 * 0.75 * (1 + np.log(3) / 4)], rtol=1e-6)
+    np.testing.assert_allclose(du, [0.0, 0.75 * np.log(3)], rtol=1e-6)
+    np.testing.assert_allclose(swiglu(gate, up), [0.0, 4 * 0.75 * np.log(3)], rtol=1e-6)
+    # Gradients keep each input's dtype.
+    bf = jax.grad(lambda g, u: jnp.sum(swiglu(g, u)).astype(jnp.float32), argnums=(0, 1))(
+        gate.astype(jnp.bfloat16), up.astype(jnp.bfloat16))
+    assert [x.dtype for x in bf] == [jnp.bfloat16, jnp.bfloat16]
 
 
 def test_tied_embeddings_use_embedding_transpose():

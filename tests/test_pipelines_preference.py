@@ -66,11 +66,15 @@ def test_dpo_raises_held_out_reward_accuracy(task, tmp_path):
 
 
 @pytest.mark.slow
-def test_precomputed_reference_gives_the_same_curve(task, tmp_path):
+def test_precomputed_reference_and_shared_prompt_give_the_same_curve(task, tmp_path):
+    """Three runs train the same pairs: reference run online, precomputed, and the prompt shared by both replies."""
     common = ["make_optimizer.learning_rate = 1e-3", "LoopConfig.eval_every = 0"]
     run_task("dpo", _bindings("dpo", task, tmp_path / "online", 8, common))
     run_task("dpo", _bindings("dpo", task, tmp_path / "cached", 8, common + ["dpo.precompute_reference = True"]))
-    a, b = losses(tmp_path / "online"), losses(tmp_path / "cached")
-    assert sorted(a) == sorted(b) == list(range(1, 9))
+    run_task("dpo", _bindings("dpo", task, tmp_path / "shared", 8, common + ["dpo.shared_prompt = True"]))
+    a, b, c = losses(tmp_path / "online"), losses(tmp_path / "cached"), losses(tmp_path / "shared")
+    assert sorted(a) == sorted(b) == sorted(c) == list(range(1, 9))
     np.testing.assert_allclose([a[s] for s in a], [b[s] for s in a], atol=2e-5)
+    np.testing.assert_allclose([a[s] for s in a], [c[s] for s in a], atol=1e-4)
+    assert a[8] < a[1] - 0.01  # the curve moves, so equal curves are not equal constants
     assert (tmp_path / "cached" / "reference" / "ref_logps.npz").exists()

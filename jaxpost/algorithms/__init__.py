@@ -8,12 +8,12 @@ Each ``make_*_loss(graphdef, config, ...)`` closes over the model structure
 
 from jaxpost.algorithms.distill import (CACHED_KEYS, make_cached_distill_loss, make_distill_loss,
                                        make_teacher_topk_fn)
-from jaxpost.algorithms.batch import LM_KEYS, PACKED_PREFERENCE_KEYS, PREFERENCE_KEYS, check_batch
+from jaxpost.algorithms.batch import LM_KEYS, PACKED_PREFERENCE_KEYS, PREFERENCE_KEYS, SHARED_PROMPT_KEYS, check_batch
 from jaxpost.algorithms.lm import lm_token_logprobs, pair_token_logprobs, predictions
 from jaxpost.algorithms.preference import make_dpo_loss, make_reward_loss
 from jaxpost.algorithms.sft import make_sft_eval, make_sft_loss
 
-__all__ = ["LM_KEYS", "PACKED_PREFERENCE_KEYS", "PREFERENCE_KEYS", "check_batch", "lm_token_logprobs",
+__all__ = ["LM_KEYS", "PACKED_PREFERENCE_KEYS", "PREFERENCE_KEYS", "SHARED_PROMPT_KEYS", "check_batch", "lm_token_logprobs",
            "pair_token_logprobs", "predictions", "make_dpo_loss", "make_reward_loss", "make_sft_eval",
            "make_sft_loss"]
 

@@ -37,6 +37,21 @@ A pair's two sequences always share a row, so rows are independent.
 """
 
 
+SHARED_PROMPT_KEYS: Mapping[str, type] = {
+    "prompt_tokens": np.int32, "prompt_mask": np.int32,
+    **{f"{side}_{k}": v for side in ("chosen", "rejected")
+       for k, v in (("tokens", np.int32), ("mask", np.int32), ("loss_mask", np.float32))},
+}
+"""A preference batch whose prompt is shared by both replies (layout in :mod:`jaxpost.algorithms.shared_prompt`).
+
+``prompt_tokens``, ``prompt_mask`` ``[B, P]``: the prompt left-padded
+(mask 1 on real tokens). ``{side}_tokens``, ``{side}_mask``,
+``{side}_loss_mask`` ``[B, R]``: the reply alone, right-padded; the loss
+weight of reply token ``t`` is ``{side}_loss_mask[t]``. Pair keys ``[B]`` as
+in ``PREFERENCE_KEYS``.
+"""
+
+
 def is_packed_preference(batch: Mapping) -> bool:
     """True for the packed preference layout (it has ``pair_ids``), False for one pair per row."""
     return "pair_ids" in batch

@@ -1,10 +1,12 @@
 """Preference algorithms: the DPO family and reward models.
 
-Both take either batch layout of :mod:`jaxpost.algorithms.batch`: one pair
-per row (``PREFERENCE_KEYS``) or packed rows (``PACKED_PREFERENCE_KEYS``).
-Either way the model is run once and reduced to per-pair arrays, flattened
-to ``[N]`` (``N = B`` unpacked, ``B * K`` packed, empty slots masked by
-``pair_mask``), which the loss math in :mod:`jaxpost.losses` reads unchanged.
+Both take any preference layout of :mod:`jaxpost.algorithms.batch`: one
+pair per row (``PREFERENCE_KEYS``), packed rows (``PACKED_PREFERENCE_KEYS``)
+or one row per pair with the prompt run once for both replies
+(``SHARED_PROMPT_KEYS``). Either way the model is run once and reduced to
+per-pair arrays, flattened to ``[N]`` (``N = B``, or ``B * K`` packed, empty
+slots masked by ``pair_mask``), which the loss math in :mod:`jaxpost.losses`
+reads unchanged.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from jaxpost.algorithms.batch import PACKED_PREFERENCE_KEYS, PREFERENCE_KEYS, check_batch, is_packed_preference
+from jaxpost.algorithms.batch import (PACKED_PREFERENCE_KEYS, PREFERENCE_KEYS, SHARED_PROMPT_KEYS, check_batch,
+                                      is_packed_preference)
 from jaxpost.algorithms.lm import pair_scores, pair_token_logprobs
 from jaxpost.algorithms.packed_pairs import packed_pair_logps, packed_pair_scores
+from jaxpost.algorithms.shared_prompt import (check_shared_shapes, is_shared_prompt, shared_pair_logps,
+                                              shared_pair_scores)
 from jaxpost.losses.dpo import PREFERENCE_LOSSES
 from jaxpost.losses.reward import bradley_terry_loss
 from jaxpost.models.config import ModelConfig
@@ -36,17 +41,23 @@ def pair_column(batch, key: str):
 
 def check_preference_batch(batch, what: str) -> bool:
     """Checks ``batch`` against the spec of its layout; returns True when it is packed."""
+    if is_shared_prompt(batch):
+        check_batch(batch, SHARED_PROMPT_KEYS, what)
+        check_shared_shapes(batch)
+        return False
     packed = is_packed_preference(batch)
     check_batch(batch, PACKED_PREFERENCE_KEYS if packed else PREFERENCE_KEYS, what)
     return packed
 
 
 def pair_sequence_logps(graphdef, config: ModelConfig, params, batch, *, chunk_size: int = 512):
-    """Summed response log-probs and lengths per pair, either layout: ``(pi_c, pi_r, len_c, len_r)`` ``[N]``.
+    """Summed response log-probs and lengths per pair, any layout: ``(pi_c, pi_r, len_c, len_r)`` ``[N]``.
 
     ``pi = sum_t log p(target_t) loss_mask_t`` over one response,
     ``len = sum_t loss_mask_t``; one forward over all sequences of the batch.
     """
+    if is_shared_prompt(batch):
+        return shared_pair_logps(graphdef, config, params, batch, chunk_size=chunk_size)
     if is_packed_preference(batch):
         out = packed_pair_logps(graphdef, config, params, batch, chunk_size=chunk_size)
         return tuple(jnp.reshape(x, (-1,)) for x in out)
@@ -117,7 +128,10 @@ def make_reward_loss(graphdef, config: ModelConfig, center_coef: float = 0.0):
 
     def loss_fn(params, batch, frozen=None):
         packed = check_preference_batch(batch, "reward")
-        rc, rr = packed_pair_scores(graphdef, params, batch) if packed else pair_scores(graphdef, params, batch)
+        if is_shared_prompt(batch):
+            rc, rr = shared_pair_scores(graphdef, params, batch)
+        else:
+            rc, rr = packed_pair_scores(graphdef, params, batch) if packed else pair_scores(graphdef, params, batch)
         pair_mask = pair_column(batch, "pair_mask")
         loss, metrics = bradley_terry_loss(jnp.reshape(rc, (-1,)), jnp.reshape(rr, (-1,)),
                                            margin=pair_column(batch, "margin"), center_coef=center_coef,

@@ -15,7 +15,7 @@ from jaxpost.data.formats import check_rows, detect_format, extract_prompt, norm
 from jaxpost.data.packing import pack_lm, pad_lm
 from jaxpost.data.pipeline import (PipelineIterator, array_entries, make_lm_pipeline,
                                    make_preference_pipeline, make_prompt_pipeline)
-from jaxpost.data.prepare import prepare_lm, prepare_preference, prepare_prompt
+from jaxpost.data.prepare import prepare_lm, prepare_preference, prepare_preference_shared, prepare_prompt
 from jaxpost.data.sources import load_rows, train_eval_split
 from jaxpost.data.stats import DataStats
 from jaxpost.data.tokenizer import build_tokenizer, load_tokenizer, stop_token_ids
@@ -24,6 +24,6 @@ __all__ = [
     "DataStats", "PipelineIterator", "array_entries", "build_tokenizer", "chat_encode", "check_rows",
     "detect_format", "encode_lm", "encode_preference", "encode_prompt", "extract_prompt", "lm_arrays",
     "load_rows", "load_tokenizer", "make_lm_pipeline", "make_preference_pipeline", "make_prompt_pipeline",
-    "normalize_row", "pack_lm", "pad_lm", "prepare_lm", "prepare_preference", "prepare_prompt",
-    "stop_token_ids", "train_eval_split",
+    "normalize_row", "pack_lm", "pad_lm", "prepare_lm", "prepare_preference", "prepare_preference_shared",
+    "prepare_prompt", "stop_token_ids", "train_eval_split",
 ]

@@ -38,7 +38,8 @@ import numpy as np
 from jaxpost.data import encode, formats
 from jaxpost.data.packing import pack_lm, pad_lm, stack_rows
 from jaxpost.data.pair_packing import pack_pairs, pair_element
-from jaxpost.data.prepare import prepare_lm, prepare_preference, prepare_preference_pair, prepare_prompt
+from jaxpost.data.prepare import (prepare_lm, prepare_preference, prepare_preference_pair,
+                                  prepare_preference_shared, prepare_prompt)
 from jaxpost.data.sources import source_name
 from jaxpost.data.stats import DataStats
 
@@ -186,7 +187,7 @@ def make_lm_pipeline(rows: Any, tokenizer: Any, seq_len: int, batch_size: int, s
 def make_preference_pipeline(rows: Any, tokenizer: Any, seq_len: int, batch_size: int, seed: int = 0, *,
                              max_prompt_len: int | None = None, overlong: str = "truncate",
                              packing: bool = False, max_pairs_per_row: int | None = None,
-                             packing_bins: int | None = None,
+                             packing_bins: int | None = None, shared_prompt: bool = False,
                              shard_index: int | None = None, shard_count: int | None = None,
                              num_epochs: int | None = None, shuffle: bool = True,
                              read_options: grain.ReadOptions | None = None,
@@ -211,11 +212,20 @@ def make_preference_pipeline(rows: Any, tokenizer: Any, seq_len: int, batch_size
     limited and truncated exactly as unpacked, so both layouts train the
     same pairs.
 
+    Shared prompt (``shared_prompt``, ``SHARED_PROMPT_KEYS``, see
+    :mod:`jaxpost.algorithms.shared_prompt`): one pair per row,
+    ``prompt_tokens``/``prompt_mask`` ``[B, P]`` with ``P = max_prompt_len``
+    and each reply ``[B, seq_len - P]``; the model runs the prompt once for
+    both replies. Replies longer than ``seq_len - P`` are cut there
+    (counted ``truncated``).
+
     Chosen and rejected start with the same prompt ids; the prompt keeps its
     end when longer than ``max_prompt_len`` (default ``seq_len // 2``) and
     completions are cut at their end to fit (see
     :func:`jaxpost.data.prepare.prepare_preference_pair`).
     """
+    if shared_prompt and packing:
+        raise ValueError("shared_prompt and packing are two layouts; choose one")
     stats = stats if stats is not None else DataStats()
     ds, fmt, source = _rows_dataset(
         rows, (formats.PREFERENCE,), "Preference", seed=seed, shuffle=shuffle,
@@ -230,7 +240,8 @@ def make_preference_pipeline(rows: Any, tokenizer: Any, seq_len: int, batch_size
 
     def encode_row(row_index: int, row: Mapping[str, Any]):
         example = formats.normalize_row(row, fmt, row_index, source)
-        prepare = prepare_preference_pair if packing else prepare_preference
+        prepare = (prepare_preference_pair if packing else
+                   prepare_preference_shared if shared_prompt else prepare_preference)
         arrays, events = prepare(tokenizer, example, seq_len, max_prompt_len=max_prompt_len, overlong=overlong)
         if arrays is None:
             return arrays, events
@@ -254,8 +265,11 @@ def make_preference_pipeline(rows: Any, tokenizer: Any, seq_len: int, batch_size
                                      pair_keys=pair_keys, seed=seed)
         fill = {"tokens": pad, "targets": pad, "row_index": -1, "pair_mask": 0.0}
         return _finish(ds, batch_size, read_options, fill, pack, stats)
-    fill = {f"{side}_{k}": pad for side in ("chosen", "rejected") for k in ("tokens", "targets")}
+    token_keys = ("tokens",) if shared_prompt else ("tokens", "targets")
+    fill = {f"{side}_{k}": pad for side in ("chosen", "rejected") for k in token_keys}
     fill.update(row_index=-1, pair_mask=0.0)
+    if shared_prompt:
+        fill["prompt_tokens"] = pad
     return _finish(ds, batch_size, read_options, fill, None, stats)
 
 

@@ -113,6 +113,48 @@ def prepare_preference_pair(tokenizer: Any, example: Mapping[str, Any], seq_len:
         out[key] = encode.lm_arrays(np.r_[prompt_ids, ids], np.r_[np.zeros(len(prompt_ids), bool), trained], pad)
     if "margin" in example:
         out["margin"] = np.float32(example["margin"])
+    out["prompt_len"] = len(prompt_ids)
+    return out, tuple(events)
+
+
+def prepare_preference_shared(tokenizer: Any, example: Mapping[str, Any], seq_len: int, *,
+                              max_prompt_len: int | None = None, overlong: str = "truncate"
+                              ) -> tuple[dict[str, np.ndarray] | None, tuple[str, ...]]:
+    """Preference example -> the shared-prompt layout (``SHARED_PROMPT_KEYS``) of one pair.
+
+    ``prompt_tokens``/``prompt_mask`` ``[P]`` left-padded, ``P = max_prompt_len``
+    (default ``seq_len // 2``); each reply's ``{side}_tokens``, ``{side}_mask``,
+    ``{side}_loss_mask`` ``[R]`` right-padded, ``R = seq_len - P``. The limits
+    and events are :func:`prepare_preference_pair`'s, and a reply longer than
+    ``R`` is cut at its end (``truncated``; policy drop: ``dropped_too_long``).
+    Reply token ``t`` weighs ``trained[t]``, as in the unshared row, except
+    the first token after an empty prompt, which nothing predicts.
+    """
+    P = seq_len // 2 if max_prompt_len is None else max_prompt_len
+    pair, events = prepare_preference_pair(tokenizer, example, seq_len, max_prompt_len=P, overlong=overlong)
+    if pair is None:
+        return None, events
+    R, p, pad = seq_len - P, pair["prompt_len"], encode.pad_id(tokenizer)
+    tokens = pair["chosen"]["tokens"]
+    out = {"prompt_tokens": np.full(P, pad, np.int32), "prompt_mask": np.zeros(P, np.int32)}
+    out["prompt_tokens"][P - p:], out["prompt_mask"][P - p:] = tokens[:p], 1
+    events = list(events)
+    for side in ("chosen", "rejected"):
+        lm = pair[side]
+        reply = lm["tokens"][p:]
+        weight = np.r_[lm["loss_mask"][p - 1:p] if p else np.zeros(1, np.float32), lm["loss_mask"][p:]]
+        if len(reply) > R:
+            if overlong == "drop":
+                return None, ("dropped_too_long",)
+            reply = reply[:R]
+            if "truncated" not in events:
+                events.append("truncated")
+        n = len(reply)
+        out[f"{side}_tokens"] = np.r_[reply, np.full(R - n, pad)].astype(np.int32)
+        out[f"{side}_mask"] = (np.arange(R) < n).astype(np.int32)
+        out[f"{side}_loss_mask"] = np.r_[weight[:n], np.zeros(R - n)].astype(np.float32)
+    if "margin" in pair:
+        out["margin"] = pair["margin"]
     return out, tuple(events)
 
 

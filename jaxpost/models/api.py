@@ -11,7 +11,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from jaxpost.models.attention import KVCache
+from jaxpost.models.attention import Branches, KVCache
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.transformer import Transformer
 
@@ -61,7 +61,8 @@ def create(config: ModelConfig, seed: int = 0, partitioner=None) -> tuple[nnx.Gr
 
 
 def forward(graphdef: nnx.GraphDef, params: dict, tokens: jax.Array, positions: jax.Array,
-            segment_ids: jax.Array, cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+            segment_ids: jax.Array, cache: KVCache | None = None,
+            branches: Branches | None = None) -> tuple[jax.Array, KVCache | None]:
     """Hidden states ``[B, T, D]`` after the final norm, and the advanced cache.
 
     Pure; call it inside ``jax.jit``. ``tokens``, ``positions`` and
@@ -69,9 +70,11 @@ def forward(graphdef: nnx.GraphDef, params: dict, tokens: jax.Array, positions: 
     restart at 0 per segment). With a cache from :func:`init_cache` the T
     tokens fill slots ``[cache.index, cache.index + T)`` and attend to all
     earlier slots of their segment; the returned cache has ``index += T``.
+    With :class:`~jaxpost.models.attention.Branches` (static) each row is a
+    shared prefix followed by branches that do not see each other.
     """
     model = nnx.merge(graphdef, params)
-    return model(tokens, positions, segment_ids, cache)
+    return model(tokens, positions, segment_ids, cache, branches)
 
 
 def param_count(params: Any) -> int:

@@ -9,8 +9,12 @@ row of the softmax is empty and nothing is NaN.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 from jaxpost.models.config import ModelConfig
@@ -77,8 +81,67 @@ def query_block(length: int) -> int:
     return max(128, -(-length // 16))
 
 
+def _query_blocks(Tq: int, block: int, sliding_window: int | None, q_start: int):
+    """``(s, e, k0, ke)`` per query block: queries ``[s, e)`` (slots ``q_start + s ...``) attend keys ``[k0, ke)``."""
+    out = []
+    for s in range(0, Tq, block):
+        e = min(s + block, Tq)
+        k0 = 0 if sliding_window is None else max(0, q_start + s - sliding_window + 1)
+        out.append((s, e, k0, q_start + e))
+    return out
+
+
+def _block_probs(qt, kt, q_segments, k_segments, blk, q_start, sliding_window):
+    """float32 softmax of one query block's masked scores, ``[B, Nkv, G, e - s, ke - k0]``."""
+    s, e, k0, ke = blk
+    mask = attention_mask(q_segments[:, s:e], k_segments[:, k0:ke], q_start + s, sliding_window, k_start=k0)
+    scores = jnp.einsum("bkgth,bksh->bkgts", qt[:, :, :, s:e], kt[:, :, k0:ke], preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _blocked_attention(qt, kt, vt, q_segments, k_segments, block, sliding_window, q_start):
+    """``softmax(qt kt^T + mask) vt`` block by block; heads-major ``qt [B, Nkv, G, Tq, Hd]`` (pre-scaled),
+    ``kt, vt [B, Nkv, q_start + Tq, Hd]``. Returns ``[B, Nkv, G, Tq, Hd]``."""
+    return _blocked_attention_fwd(qt, kt, vt, q_segments, k_segments, block, sliding_window, q_start)[0]
+
+
+def _blocked_attention_fwd(qt, kt, vt, q_segments, k_segments, block, sliding_window, q_start):
+    probs, outs = [], []
+    for blk in _query_blocks(qt.shape[3], block, sliding_window, q_start):
+        p = _block_probs(qt, kt, q_segments, k_segments, blk, q_start, sliding_window)
+        probs.append(p)
+        outs.append(jnp.einsum("bkgts,bksh->bkgth", p.astype(vt.dtype), vt[:, :, blk[2]:blk[3]]))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+    return out, (qt, kt, vt, q_segments, k_segments, tuple(probs))
+
+
+def _blocked_attention_bwd(block, sliding_window, q_start, residuals, dout):
+    qt, kt, vt, q_segments, k_segments, probs = residuals
+    Tk = kt.shape[2]
+    dq, dk, dv = [], jnp.zeros(kt.shape, jnp.float32), jnp.zeros(vt.shape, jnp.float32)
+    f32 = dict(preferred_element_type=jnp.float32)
+    for (s, e, k0, ke), p in zip(_query_blocks(qt.shape[3], block, sliding_window, q_start), probs):
+        do = dout[:, :, :, s:e]
+        dp = jnp.einsum("bkgth,bksh->bkgts", do, vt[:, :, k0:ke], **f32)
+        # Softmax backward: dS = P (dP - rowsum(P dP)); masked entries have P = 0, so dS = 0 there.
+        ds = (p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True))).astype(qt.dtype)
+        dq.append(jnp.einsum("bkgts,bksh->bkgth", ds, kt[:, :, k0:ke], **f32))
+        pad = ((0, 0), (0, 0), (k0, Tk - ke), (0, 0))
+        dk = dk + jnp.pad(jnp.einsum("bkgts,bkgth->bksh", ds, qt[:, :, :, s:e], **f32), pad)
+        dv = dv + jnp.pad(jnp.einsum("bkgts,bkgth->bksh", p.astype(do.dtype), do, **f32), pad)
+    dq = dq[0] if len(dq) == 1 else jnp.concatenate(dq, axis=3)
+    no_grad = lambda x: np.zeros(x.shape, jax.dtypes.float0)
+    return (dq.astype(qt.dtype), dk.astype(kt.dtype), dv.astype(vt.dtype), no_grad(q_segments), no_grad(k_segments))
+
+
+_blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
+
+
 def blocked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
-                             sliding_window: int | None = None, block: int | None = None) -> jax.Array:
+                             sliding_window: int | None = None, block: int | None = None,
+                             k_segments: jax.Array | None = None) -> jax.Array:
     """Causal attention of a whole sequence with XLA, ``block`` queries at a time.
 
     Query block ``[s, e)`` attends only keys ``[k0, e)`` (``k0 = 0``, or
@@ -89,30 +152,79 @@ def blocked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_i
     ``q [B, T, N, Hd]``, ``k, v [B, T, Nkv, Hd]``, ``block`` defaults to
     :func:`query_block`.
 
+    Keys may also be longer than queries (``k, v [B, P + T, Nkv, Hd]`` with
+    their own ``k_segments [B, P + T]``): the queries then sit at slots
+    ``[P, P + T)`` after a prefix of ``P`` keys, the rule of
+    :func:`attention_mask` with ``q_start = P``. ``segment_ids`` are the
+    queries' own.
+
     Queries, keys and values are moved to a heads-major layout once
     (``q [B, Nkv, G, T, Hd]`` with ``G = N / Nkv`` query heads per key head,
     so grouped heads share their keys without a copy) and every block's
     matmuls slice it; on CPU that is a quarter faster, forward and backward,
     than per-block ``jax.nn.dot_product_attention`` calls, which relayout
     each block's operands.
+
+    The backward pass is written out (``dS = P (dP - rowsum(P dP))``,
+    ``dQ = dS K``, ``dK = dS^T Q``, ``dV = P^T dO`` per block) so that the
+    only saved activations are q, k, v and each block's float32
+    probabilities ``P``; autodiff would also keep the masked scores and the
+    softmax's broadcast normaliser, two more score-sized arrays per block.
     """
     B, T, N, Hd = q.shape
     K = k.shape[2]
+    q_start = k.shape[1] - T
+    if q_start < 0 or (q_start and k_segments is None):
+        raise ValueError(f"keys ({k.shape[1]}) must be as long as the queries ({T}), or longer with k_segments")
     block = query_block(T) if block is None else block
     qt = jnp.transpose(q.reshape(B, T, K, N // K, Hd), (0, 2, 3, 1, 4)) * jnp.asarray(Hd ** -0.5, q.dtype)
-    kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, Nkv, T, Hd]
-    outs = []
-    for s in range(0, T, block):
-        e = min(s + block, T)
-        k0 = 0 if sliding_window is None else max(0, s - sliding_window + 1)
-        mask = attention_mask(segment_ids[:, s:e], segment_ids[:, k0:e], s, sliding_window, k_start=k0)
-        scores = jnp.einsum("bkgth,bksh->bkgts", qt[:, :, :, s:e], kt[:, :, k0:e],
-                            preferred_element_type=jnp.float32)
-        scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        outs.append(jnp.einsum("bkgts,bksh->bkgth", probs, vt[:, :, k0:e]))
-    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+    kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, Nkv, Tk, Hd]
+    segment_ids = segment_ids.astype(jnp.int32)
+    k_segments = segment_ids if k_segments is None else k_segments.astype(jnp.int32)
+    out = _blocked_attention(qt, kt, vt, segment_ids, k_segments, block, sliding_window, q_start)
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, T, N, Hd)
+
+
+@dataclasses.dataclass(frozen=True)
+class Branches:
+    """Row layout of a shared prefix and branches that each continue it (static).
+
+    A row of ``T = prefix + count * R`` slots holds a prefix (slots
+    ``[0, prefix)``) then ``count`` branches of ``R`` slots. Branch ``b``
+    attends to the prefix and causally to itself, never to another branch,
+    as if each branch were its own row ``prefix + branch``: the prefix is
+    computed once for all branches (a preference pair's prompt shared by
+    chosen and rejected). Positions must continue the prefix in every
+    branch. Within this, the usual segment rule (and window) applies.
+    """
+
+    prefix: int
+    count: int = 2
+
+    def branch_length(self, T: int) -> int:
+        R, rest = divmod(T - self.prefix, self.count)
+        if R <= 0 or rest:
+            raise ValueError(f"a row of {T} slots is not a prefix of {self.prefix} plus {self.count} equal branches")
+        return R
+
+
+def branched_attention(attend, q, k, v, segment_ids, sliding_window, branches: Branches, kernel: str):
+    """Attention over a :class:`Branches` row: ``attend`` (the kernel's whole-row function) on the
+    prefix and first branch, then each further branch against the prefix's keys and its own."""
+    P, R = branches.prefix, branches.branch_length(q.shape[1])
+    outs = [attend(q[:, :P + R], k[:, :P + R], v[:, :P + R], segment_ids[:, :P + R], sliding_window)]
+    for b in range(1, branches.count):
+        sl = slice(P + b * R, P + (b + 1) * R)
+        kb = jnp.concatenate([k[:, :P], k[:, sl]], axis=1)
+        vb = jnp.concatenate([v[:, :P], v[:, sl]], axis=1)
+        segb = jnp.concatenate([segment_ids[:, :P], segment_ids[:, sl]], axis=1)
+        if kernel == "xla":
+            outs.append(blocked_causal_attention(q[:, sl], kb, vb, segment_ids[:, sl], sliding_window,
+                                                 k_segments=segb))
+        else:  # the fused kernels take no query offset: an explicit mask (cuDNN applies it as a bias)
+            mask = attention_mask(segment_ids[:, sl], segb, P, sliding_window)
+            outs.append(jax.nn.dot_product_attention(q[:, sl], kb, vb, mask=mask, scale=q.shape[-1] ** -0.5))
+    return jnp.concatenate(outs, axis=1)
 
 
 def attention_kernel(config: ModelConfig, dtype, length: int | None = None) -> str:
@@ -203,13 +315,15 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], segment_ids: jax.Array,
-                 kv: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None):
+                 kv: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
+                 branches: Branches | None = None):
         """``x`` ``[B, T, D]``; ``rope`` = :func:`rope_tables` of the positions;
         ``kv`` = (k cache, v cache, cache segment ids, index) or None.
 
         Returns ``(out [B, T, D], (k cache, v cache) or None)``. With a cache
         the new keys/values are written at slots ``[index, index + T)`` and
         the queries attend over the whole cache under :func:`attention_mask`.
+        ``branches`` (no cache): the row is a shared prefix and its branches.
         """
         c = self.config
         B, T, _ = x.shape
@@ -221,9 +335,12 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         if kv is None:
-            attend = {"xla": blocked_causal_attention, "cudnn": cudnn_attention,
-                      "splash": splash_attention}[attention_kernel(c, q.dtype, T)]
-            out = attend(q, k, v, segment_ids, c.sliding_window)
+            kernel = attention_kernel(c, q.dtype, T if branches is None else None)
+            attend = {"xla": blocked_causal_attention, "cudnn": cudnn_attention, "splash": splash_attention}[kernel]
+            if branches is None:
+                out = attend(q, k, v, segment_ids, c.sliding_window)
+            else:
+                out = branched_attention(attend, q, k, v, segment_ids, c.sliding_window, branches, kernel)
             return self.o_proj(out.reshape(B, T, c.num_heads * h)), None
         k_cache, v_cache, cache_segments, index = kv
         k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))

@@ -109,6 +109,33 @@ class RMSNorm(nnx.Module):
         return self.scale[...].astype(self.dtype) * x32.astype(self.dtype)
 
 
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """``silu(gate) * up`` with ``silu(g) = g sigmoid(g)``; autodiff keeps only ``gate`` and ``up``.
+
+    Backward, with ``s = sigmoid(g)``: ``d gate = dy * up * s (1 + g (1 - s))``,
+    ``d up = dy * g s``, recomputed in float32 from ``gate`` in one
+    elementwise pass. Plain autodiff keeps ``sigmoid(g)`` and ``silu(g)`` as
+    two more ``[tokens, intermediate]`` residuals per layer; on CPU every
+    residual byte is also a fresh page to fault in on each step.
+    """
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(residuals, dy):
+    gate, up = residuals
+    g, u, d = gate.astype(jnp.float32), up.astype(jnp.float32), dy.astype(jnp.float32)
+    s = jax.nn.sigmoid(g)
+    return (d * u * s * (1 + g * (1 - s))).astype(gate.dtype), (d * g * s).astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
     """Inverse frequencies ``theta ** (-2i / head_dim)``, i = 0..head_dim/2-1 (float32).
 

@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpost.models.attention import Attention, KVCache
+from jaxpost.models.attention import Attention, Branches, KVCache
 from jaxpost.models.config import ModelConfig
-from jaxpost.models.layers import Embed, Linear, RMSNorm, lora_kwargs, rope_tables
+from jaxpost.models.layers import Embed, Linear, RMSNorm, lora_kwargs, rope_tables, swiglu
 from jaxpost.sharding import constrain
 
 ACTIVATION_AXES = ("batch", "length", "embed")
@@ -56,7 +56,7 @@ class MLP(nnx.Module):
                                 **lora_kwargs(c, "down_proj"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nnx.Module):
@@ -69,15 +69,11 @@ class Block(nnx.Module):
         self.post_attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
         self.mlp = MLP(c, rngs=rngs)
 
-    def __call__(self, x, rope, segment_ids, kv=None):
-        attn_out, new_kv = self.attn(self.input_norm(x), rope, segment_ids, kv)
+    def __call__(self, x, rope, segment_ids, kv=None, branches=None):
+        attn_out, new_kv = self.attn(self.input_norm(x), rope, segment_ids, kv, branches)
         x = x + attn_out
         x = x + self.mlp(self.post_attn_norm(x))
         return constrain(x, ACTIVATION_AXES), new_kv
-
-
-def _call_block(block: Block, x, rope, segment_ids, kv):
-    return block(x, rope, segment_ids, kv)
 
 
 class Transformer(nnx.Module):
@@ -98,16 +94,21 @@ class Transformer(nnx.Module):
         self.score = Linear(c.hidden_size, 1, ("embed", None), **kw) if c.head == "score" else None
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCache | None = None, branches: Branches | None = None) -> tuple[jax.Array, KVCache | None]:
         c = self.config
+        if branches is not None and cache is not None:
+            raise ValueError("branches apply to a whole-row forward, not to a cached (sampling) one")
         if tokens.ndim != 2 or positions.shape != tokens.shape or segment_ids.shape != tokens.shape:
             raise ValueError(f"tokens, positions, segment_ids must all be [B, T]; got {tokens.shape}, "
                              f"{positions.shape}, {segment_ids.shape}")
         segment_ids = segment_ids.astype(jnp.int32)
         x = constrain(self.embed(tokens), ACTIVATION_AXES)
-        call = _call_block
+
+        def call(block: Block, x, rope, segment_ids, kv):
+            return block(x, rope, segment_ids, kv, branches)  # branches are static: closed over
+
         if c.remat != "none":
-            call = nnx.remat(_call_block, policy=REMAT_POLICIES[c.remat])
+            call = nnx.remat(call, policy=REMAT_POLICIES[c.remat])
         if cache is not None:
             if cache.segment_ids.shape[0] != tokens.shape[0]:
                 raise ValueError(f"cache batch {cache.segment_ids.shape[0]} != tokens batch {tokens.shape[0]}")

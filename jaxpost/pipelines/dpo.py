@@ -33,13 +33,17 @@ def dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
         model: ModelConfig | None = None, init_from: str | None = None, reference_from: str | None = None,
         precompute_reference: bool = False, eval_data: str | None = None, eval_fraction: float | None = None,
         seq_len: int = 512, batch_size: int = 8, max_prompt_len: int | None = None, packing: bool = False,
-        loop: LoopConfig = LoopConfig()) -> dict:
+        shared_prompt: bool = False, loop: LoopConfig = LoopConfig()) -> dict:
     """Trains a policy on preference pairs with the loss ``make_dpo_loss`` is configured with.
 
     ``packing``: padding-free batches, several whole pairs per row of
     ``2 * seq_len`` tokens (see :func:`jaxpost.data.make_preference_pipeline`);
     the same pairs, the same per-pair loss, fewer rows when replies are short.
     ``batch_size`` then counts rows, so each step carries more pairs.
+    ``shared_prompt``: one row per pair, the prompt run once for both
+    replies (``max_prompt_len`` prompt slots, ``seq_len - max_prompt_len``
+    per reply); the same loss at ``P + 2R`` tokens per pair instead of
+    ``2 seq_len``, and no LM head on prompt slots.
 
     Summary: final step, data counts and, with held-out pairs,
     ``eval/rewards/accuracies`` (fraction of pairs whose implicit reward
@@ -59,7 +63,8 @@ def dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
         rows, held_out = train_eval_split(rows, eval_path=eval_data,
                                           eval_fraction=None if eval_data else eval_fraction, seed=loop.seed)
     pipeline = lambda r, **kw: make_preference_pipeline(r, tok, seq_len, batch_size // jax.process_count(),
-                                                       max_prompt_len=max_prompt_len, packing=packing, **kw)
+                                                       max_prompt_len=max_prompt_len, packing=packing,
+                                                       shared_prompt=shared_prompt, **kw)
 
     frozen = frozen_shardings = None
     base_reference = config.lora is not None and reference_from is None

@@ -28,12 +28,14 @@ from jaxpost.train import make_eval_step
 def reward_model(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: str = gin.REQUIRED,
                  model: ModelConfig | None = None, init_from: str | None = None, eval_data: str | None = None,
                  eval_fraction: float | None = None, seq_len: int = 512, batch_size: int = 8,
-                 max_prompt_len: int | None = None, packing: bool = False,
+                 max_prompt_len: int | None = None, packing: bool = False, shared_prompt: bool = False,
                  loop: LoopConfig = LoopConfig()) -> dict:
     """Trains a Bradley-Terry reward model; exports ``run_dir/final``.
 
     ``packing``: several whole pairs per row of ``2 * seq_len`` tokens (see
     :func:`jaxpost.data.make_preference_pipeline`); ``batch_size`` counts rows.
+    ``shared_prompt``: one row per pair with the prompt run once for both
+    replies (see :func:`jaxpost.pipelines.dpo.dpo`).
 
     Summary: final step, data counts and, with held-out pairs, ``eval/accuracy``
     (fraction of pairs ranked correctly), ``eval/margin`` and ``eval/loss``.
@@ -53,7 +55,7 @@ def reward_model(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, to
     stats = DataStats()
     host_batch = batch_size // jax.process_count()
     pipeline = lambda r, **kw: make_preference_pipeline(r, tok, seq_len, host_batch, max_prompt_len=max_prompt_len,
-                                                       packing=packing, **kw)
+                                                       packing=packing, shared_prompt=shared_prompt, **kw)
     batches = MeshBatches(pipeline(rows, seed=loop.seed, stats=stats), part)
     evaluate = None
     if held_out is not None:
