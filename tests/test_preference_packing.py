@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from jaxpost import models
+from preference_helpers import three_dpo_losses, value_and_grad
 from jaxpost.algorithms import make_dpo_loss, make_reward_loss
 from jaxpost.algorithms.packed_pairs import pair_last_index, pair_sums
 from jaxpost.data import build_tokenizer, make_preference_pipeline
@@ -74,12 +75,6 @@ def _assert_same(unpacked_out, packed_out, n_pairs):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
     assert sum(float(jnp.abs(g).sum()) for g in flat_u) > 0  # the comparison is not between zeros
 
-
-def _value_and_grad(loss_fn):
-    def run(params, batch, frozen=None):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, frozen)
-        return loss, metrics, grads
-    return run
 
 
 def test_layout_keeps_every_pair_once_and_saves_rows(tok):
@@ -167,19 +162,9 @@ def test_dpo_losses_packed_equal_unpacked_with_both_references(tok):
     unpacked, packed = _both(rows, tok)
     assert packed["tokens"].shape[0] < unpacked["chosen_tokens"].shape[0]
     assert packed["ref_chosen_logps"].shape == packed["pair_mask"].shape
-    losses = {"sigmoid": make_dpo_loss(graphdef, config, kind="sigmoid", beta=0.5, rpo_alpha=0.5),
-              "ipo": make_dpo_loss(graphdef, config, kind="ipo", beta=0.5),
-              "simpo": make_dpo_loss(graphdef, config, kind="simpo", beta=2.0, gamma=0.3)}
-
-    @jax.jit  # one compiled program per layout for all three losses
-    def all_losses(params, batch, ref):
-        online = {k: v for k, v in batch.items() if not k.startswith("ref_")}
-        return {"sigmoid": _value_and_grad(losses["sigmoid"])(params, batch),
-                "ipo": _value_and_grad(losses["ipo"])(params, online, {"reference": ref}),
-                "simpo": _value_and_grad(losses["simpo"])(params, online)}
-
+    all_losses = three_dpo_losses(graphdef, config)
     got_u, got_p = all_losses(params, unpacked, ref), all_losses(params, packed, ref)
-    for kind in losses:
+    for kind in got_u:
         _assert_same(got_u[kind], got_p[kind], len(rows))
 
 
@@ -187,7 +172,7 @@ def test_reward_loss_packed_equals_unpacked(tok):
     config, graphdef, params = _model(head="score")
     unpacked, packed = _both(_rows(seed=4, margin=True), tok)
     assert packed["margin"].shape == packed["pair_mask"].shape
-    run = jax.jit(_value_and_grad(make_reward_loss(graphdef, config, center_coef=0.01)))
+    run = jax.jit(value_and_grad(make_reward_loss(graphdef, config, center_coef=0.01)))
     _assert_same(run(params, unpacked), run(params, packed), N_PAIRS)
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxpost import models
+from preference_helpers import three_dpo_losses, value_and_grad
 from jaxpost.algorithms import SHARED_PROMPT_KEYS, make_dpo_loss, make_reward_loss
 from jaxpost.algorithms.shared_prompt import shared_rows
 from jaxpost.data import build_tokenizer, make_preference_pipeline
@@ -36,12 +37,6 @@ def _batch(rows, tok, shared):
                                   shuffle=False)
     return {k: jnp.asarray(v) for k, v in next(it).items()}
 
-
-def _value_and_grad(loss_fn):
-    def run(params, batch, frozen=None):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, frozen)
-        return loss, metrics, grads
-    return run
 
 
 def _assert_same(a, b):
@@ -112,19 +107,9 @@ def test_dpo_losses_shared_equal_unpacked_with_both_references(tok):
         row.update(ref_chosen_logps=float(c), ref_rejected_logps=float(r))
     unpacked, shared = _batch(rows, tok, False), _batch(rows, tok, True)
     assert shared["prompt_tokens"].shape[1] + 2 * shared["chosen_tokens"].shape[1] < 2 * SEQ_LEN
-    losses = {"sigmoid": make_dpo_loss(graphdef, config, kind="sigmoid", beta=0.5, rpo_alpha=0.5),
-              "ipo": make_dpo_loss(graphdef, config, kind="ipo", beta=0.5),
-              "simpo": make_dpo_loss(graphdef, config, kind="simpo", beta=2.0, gamma=0.3)}
-
-    @jax.jit
-    def all_losses(params, batch, ref):
-        online = {k: v for k, v in batch.items() if not k.startswith("ref_")}
-        return {"sigmoid": _value_and_grad(losses["sigmoid"])(params, batch),
-                "ipo": _value_and_grad(losses["ipo"])(params, online, {"reference": ref}),
-                "simpo": _value_and_grad(losses["simpo"])(params, online)}
-
+    all_losses = three_dpo_losses(graphdef, config)
     got_u, got_s = all_losses(params, unpacked, ref), all_losses(params, shared, ref)
-    for kind in losses:
+    for kind in got_u:
         _assert_same(got_u[kind], got_s[kind])
 
 
@@ -132,7 +117,7 @@ def test_reward_loss_shared_equals_unpacked(tok):
     config = ModelConfig(**TINY, head="score")
     graphdef, params = models.create(config, seed=0)
     rows = _rows(seed=4, margin=True)
-    run = jax.jit(_value_and_grad(make_reward_loss(graphdef, config, center_coef=0.01)))
+    run = jax.jit(value_and_grad(make_reward_loss(graphdef, config, center_coef=0.01)))
     _assert_same(run(params, _batch(rows, tok, False)), run(params, _batch(rows, tok, True)))
 
 
