@@ -109,7 +109,7 @@ def child_main(a) -> None:
     if a.child == "jaxpost":
         import run_jaxpost
         res = run_jaxpost.run(a.task, a.model, shape, a.steps, a.warmup, a.dtype, a.chunk, a.remat,
-                              attention=a.attention, dpo_layout=a.dpo_layout)
+                              attention=a.attention, dpo_layout=a.dpo_layout, steps_per_call=a.steps_per_call)
     elif a.child == "tunix":  # under the Tunix venv's Python
         import run_tunix
         res = run_tunix.run(a.task, a.weights, shape, a.steps, a.warmup, a.dtype)
@@ -140,7 +140,7 @@ def spawn(system: str, a, result_path: str, weights: str | None) -> dict:
     cmd = [python, os.path.abspath(__file__), "--child", system, "--result", result_path,
            "--task", a.task_now, "--steps", str(a.steps), "--warmup", str(a.warmup), "--model", a.model,
            "--dtype", a.dtype, "--chunk", str(a.chunk), "--remat", a.remat, "--attention", a.attention,
-           "--dpo-layout", a.dpo_layout, "--threads", str(a.threads)]
+           "--dpo-layout", a.dpo_layout, "--threads", str(a.threads), "--steps-per-call", str(a.steps_per_call)]
     if a.batch:
         cmd += ["--batch", str(a.batch)]
     if a.seq:
@@ -261,6 +261,8 @@ def main(argv=None) -> dict | None:
                          "sequence (what TRL, Tunix and the torch loop run)")
     ap.add_argument("--attention", choices=("xla", "cudnn", "auto"), default="auto",
                     help="jaxpost attention kernel (cudnn: fused flash attention on NVIDIA GPUs, bf16)")
+    ap.add_argument("--steps-per-call", type=int, default=1,
+                    help="jaxpost optimizer steps per compiled call (LoopConfig.steps_per_call, a lax.scan)")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU")
     ap.add_argument("--cpus", default="0,1", help="taskset CPU list for every child, or 'none'")
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="results folder ('' = do not write)")

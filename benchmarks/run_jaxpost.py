@@ -49,7 +49,8 @@ def step_flops(config, task: str, shape: W.Shape, dpo_layout: str = "unpacked") 
 
 def run(task: str, gin_file: str, shape: W.Shape, steps: int, warmup: int, dtype: str = "float32",
         chunk: int = 512, remat: str = "none", lr: float | None = None, attention: str = "auto",
-        model_overrides: dict | None = None, profile_dir: str | None = None, dpo_layout: str = "shared") -> dict:
+        model_overrides: dict | None = None, profile_dir: str | None = None, dpo_layout: str = "shared",
+        steps_per_call: int = 1) -> dict:
     """Train ``warmup + steps`` steps; returns timings (seconds), losses and throughput.
 
     ``first_step_s`` = trace + compile + first execution of the step;
@@ -59,6 +60,11 @@ def run(task: str, gin_file: str, shape: W.Shape, steps: int, warmup: int, dtype
     ``jax.profiler`` (see ``gpu_profile.py``). ``dpo_layout``: ``"shared"``
     (the prompt run once for both completions, ``SHARED_PROMPT_KEYS``) or
     ``"unpacked"`` (``PREFERENCE_KEYS``, one row per sequence).
+    ``steps_per_call = n``: the step is compiled as ``n`` optimizer steps in
+    one call (``jaxpost.train.scan_steps``, the batch stacked ``n`` times);
+    each call's time / ``n`` counts once per step it ran, ``warmup`` and
+    ``steps`` are rounded up to whole calls, and ``first_step_s`` is the first
+    call (compile + ``n`` steps).
     """
     import jax
 
@@ -66,7 +72,7 @@ def run(task: str, gin_file: str, shape: W.Shape, steps: int, warmup: int, dtype
     from jaxpost.models import create, logical_axes
     from jaxpost.sharding import Partitioner
     from jaxpost.train import (abstract_state, batch_shardings, compile_train_step, init_sharded_state,
-                               make_optimizer, make_train_step, state_shardings)
+                               make_optimizer, make_train_step, stack_batches, state_shardings)
 
     t_setup = time.perf_counter()
     config = model_config(gin_file, dtype, remat, attention, **(model_overrides or {}))
@@ -92,31 +98,37 @@ def run(task: str, gin_file: str, shape: W.Shape, steps: int, warmup: int, dtype
     del params
     b_sh = batch_shardings(batch, partitioner)
     batch = jax.device_put(batch, b_sh)
+    n = steps_per_call
+    call_batch = batch if n == 1 else stack_batches([batch] * n)
     mixed = "bfloat16" if dtype == "bfloat16" else None
-    step = compile_train_step(make_train_step(loss_fn, opt, mixed_precision=mixed), shardings, b_sh, frozen_sh)
-    jax.block_until_ready((state, batch, frozen))
+    step = compile_train_step(make_train_step(loss_fn, opt, mixed_precision=mixed), shardings, b_sh, frozen_sh,
+                              steps_per_call=n)
+    jax.block_until_ready((state, call_batch, frozen))
     setup_s = time.perf_counter() - t_setup
 
     times, losses = [], []
-    for i in range(warmup + steps):
-        if profile_dir and i == warmup + steps - 3:
+    warmup_calls, calls = -(-warmup // n), -(-steps // n)
+    for i in range(warmup_calls + calls):
+        if profile_dir and i == warmup_calls + calls - max(1, 3 // n):
             jax.profiler.start_trace(profile_dir)
         t0 = time.perf_counter()
-        state, metrics = step(state, batch, frozen)
+        state, metrics = step(state, call_batch, frozen)
         jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t0)
-        losses.append(float(metrics["loss"]))
+        times += [(time.perf_counter() - t0) / n] * n
+        losses += np.atleast_1d(np.asarray(metrics["loss"], np.float64)).tolist()
     if profile_dir:
         jax.profiler.stop_trace()
+    warmup = warmup_calls * n
     t0 = time.perf_counter()
-    temp = step.lower(state, batch, frozen).compile().memory_analysis()
+    temp = step.lower(state, call_batch, frozen).compile().memory_analysis()
     temp_mib = None if temp is None else temp.temp_size_in_bytes / 2**20
     print(f"xla temp {temp_mib} MiB (analysis {time.perf_counter() - t0:.1f} s)", flush=True)
     measured = times[warmup:]
     med = float(np.median(measured))
     dev = jax.devices()[0]
     return {
-        "setup_s": setup_s, "first_step_s": times[0], "step_s": measured, "median_step_s": med,
+        "setup_s": setup_s, "first_step_s": times[0] * n, "step_s": measured, "median_step_s": med,
+        "steps_per_call": n,
         "losses": losses, "flops_per_step": step_flops(config, task, shape, dpo_layout),
         "device_kind": dev.device_kind, "n_devices": jax.device_count(), "platform": dev.platform,
         "trained_tokens": W.trained_tokens(batch), "chunk": chunk, "remat": remat, "dtype": dtype,

@@ -97,7 +97,8 @@ def test_dpo_flops_count_reference_forward():
 def test_jaxpost_runner_bf16_tiny(task):
     import run_jaxpost
 
-    shape = C.task_shape(task, 2, 32)
+    # Batch 8: splits over the 8 fake devices of tests/conftest.py too, when both suites share a process.
+    shape = C.task_shape(task, 8, 32)
     res = run_jaxpost.run(task, TINY, shape, steps=2, warmup=1, dtype="bfloat16", chunk=16)
     assert len(res["step_s"]) == 2 and len(res["losses"]) == 3
     assert np.isfinite(res["losses"]).all()
@@ -105,4 +106,16 @@ def test_jaxpost_runner_bf16_tiny(task):
         assert abs(res["losses"][0] - np.log(256)) < 0.3
     else:  # policy == reference at step 0: -log sigmoid(0) = log 2
         assert res["losses"][0] == pytest.approx(np.log(2), abs=1e-3)
-    assert res["trained_tokens"] == (2 * 31 if task == "sft" else 2 * 2 * 24)
+    assert res["trained_tokens"] == (8 * 31 if task == "sft" else 8 * 2 * 24)
+
+
+def test_jaxpost_runner_steps_per_call():
+    """Two steps per call: per-step times count each call once per step, and the losses match one per call."""
+    import run_jaxpost
+
+    shape = C.task_shape("sft", 8, 32)
+    one = run_jaxpost.run("sft", TINY, shape, steps=4, warmup=2, chunk=16)
+    two = run_jaxpost.run("sft", TINY, shape, steps=4, warmup=2, chunk=16, steps_per_call=2)
+    assert two["steps_per_call"] == 2 and len(two["step_s"]) == 4 and len(two["losses"]) == 6
+    assert two["step_s"][0] == two["step_s"][1] and two["step_s"][2] == two["step_s"][3]
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)

@@ -15,6 +15,7 @@ from jaxpost.algorithms.distill import make_cached_distill_loss, make_distill_lo
 from jaxpost.data import build_tokenizer, make_lm_pipeline
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.heads import logits as full_logits
+from jaxpost.pipelines import LoopConfig
 from jaxpost.pipelines.distill import batch_prompts, distill
 from jaxpost.pipelines.rollout import rollout_sequences
 from jaxpost.pipelines.teacher_cache import TeacherCache, build_teacher_cache, make_cache_pipeline
@@ -115,6 +116,9 @@ def test_bad_options_raise_clearly(tmp_path):
     with pytest.raises(ValueError, match="use alpha=1.0"):
         distill(run_dir=str(tmp_path), train_data="x", tokenizer="x", teacher_from="x", model=STUDENT,
                 mode="on_policy", alpha=0.5)
+    with pytest.raises(ValueError, match="LoopConfig.steps_per_call=2 and LoopConfig.grad_accum_steps=1 must both"):
+        distill(run_dir=str(tmp_path), train_data="x", tokenizer="x", teacher_from="x", model=STUDENT,
+                mode="on_policy", loop=LoopConfig(steps_per_call=2))
     with pytest.raises(ValueError, match="set top_k >= 1"):
         distill(run_dir=str(tmp_path), train_data="x", tokenizer="x", teacher_from="x", model=STUDENT,
                 teacher_cache=str(tmp_path / "c"))

@@ -8,7 +8,7 @@ import pytest
 
 from jaxpost.models import (ModelConfig, RopeScaling, abstract, attention_mask, create, forward, init_cache,
                             logical_axes, logits, token_logprobs)
-from jaxpost.models.layers import rope_inv_freq, swiglu
+from jaxpost.models.layers import rope_inv_freq, rope_tables, swiglu
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
                   qkv_bias=True, qk_norm=True, tie_embeddings=False, architecture="llama")
@@ -43,6 +43,22 @@ def test_rope_frequencies_by_hand():
     got = rope_inv_freq(4, 10000.0, RopeScaling(8.0, 1.0, 4.0, 16))
     s = (16 / (2 * np.pi) - 1) / 3
     np.testing.assert_allclose(got, [(1 - s) / 8 + s, 0.00125], rtol=1e-5)
+
+
+def test_rope_tables_for_any_position():
+    """The digit-table assembly equals cos/sin(p f) in float64, from position 0 to 2**31 - 1 and below 0."""
+    config = CFG.replace(head_dim=4, rope_theta=10000.0, rope_scaling=None)
+    positions = np.array([[0, 1, 2, 2047, 2048, 2049, 4_194_303, 4_194_304],
+                          [123_456_789, 2**31 - 1, -1, -2048, -99_999, 65_535, 131_071, 1_000_000]])
+    cos, sin = (np.asarray(t) for t in rope_tables(jnp.asarray(positions, jnp.int32), 4, config))
+    assert cos.shape == sin.shape == (2, 8, 1, 2)
+    # By hand: f = (1, 0.01); position 1 -> (cos 1, cos 0.01); position -1 -> sin changes sign.
+    np.testing.assert_allclose(cos[0, 1, 0], [0.5403023, 0.99995], rtol=1e-6)
+    np.testing.assert_allclose(sin[1, 2, 0], [-0.84147098, -0.00999983], rtol=1e-6)
+    # The model's frequencies are float32 (0.01 is 0.0099999998): the reference multiplies those exactly.
+    angles = positions[..., None].astype(np.float64) * rope_inv_freq(4, 10000.0).astype(np.float64)
+    np.testing.assert_allclose(cos[:, :, 0], np.cos(angles), atol=3e-7)
+    np.testing.assert_allclose(sin[:, :, 0], np.sin(angles), atol=3e-7)
 
 
 def test_param_tree_and_logical_axes(model):

@@ -58,6 +58,14 @@ def test_sft_resume_continues_exactly(task, tmp_path):
     assert sorted(b) == [1, 2, 3, 4, 5, 6]
     for step in range(1, 7):
         assert a[step] == b[step], (step, a[step], b[step])
+    # Two steps per compiled call (the pipeline's global batches stacked on the devices): the same run.
+    scanned = tmp_path / "scanned"
+    run_task("sft", _sft_bindings(task, scanned, 6, const + ["LoopConfig.steps_per_call = 2",
+                                                             "LoopConfig.log_every = 2"]))
+    c = losses(scanned)
+    assert sorted(c) == [2, 4, 6]
+    for step in (2, 4, 6):
+        assert c[step] == pytest.approx(a[step], rel=1e-5), (step, a[step], c[step])
 
 
 def test_sft_loss_is_only_on_response_tokens(task):

@@ -1,4 +1,4 @@
-"""Training loop: exact resume, NaN guard, half-written checkpoints, logging and eval."""
+"""Training loop: exact resume, NaN guard, half-written checkpoints, logging, eval, several steps per call."""
 
 import json
 import os
@@ -21,16 +21,22 @@ SHARDINGS = state_shardings(abstract_state(PARAMS, OPT), PART.shardings(LOGICAL_
 STEP = compile_train_step(make_train_step(lm_loss, OPT, grad_accum_steps=2), SHARDINGS,
                           batch_shardings(next(Batches()), PART), None)
 
+# Two optimizer steps per compiled call (a lax.scan of STEP's function).
+STEPS = {2: compile_train_step(make_train_step(lm_loss, OPT, grad_accum_steps=2), SHARDINGS,
+                               batch_shardings(next(Batches()), PART), None, steps_per_call=2)}
+
 
 def fresh_state():
     return init_sharded_state(PARAMS, OPT, SHARDINGS)
 
 
-def run(run_dir, num_steps, batches=None, save_every=None, log_every=1, **kw):
+def run(run_dir, num_steps, batches=None, save_every=None, log_every=1, steps_per_call=1, **kw):
     ck = Checkpointer(os.path.join(run_dir, "ckpt"), save_every=save_every, keep=3) if save_every else None
+    step_fn = STEP if steps_per_call == 1 else STEPS[steps_per_call]
     with MetricsWriter(run_dir) as writer:
-        state = train(state=fresh_state(), step_fn=STEP, batches=batches or Batches(), num_steps=num_steps,
-                      checkpointer=ck, log_every=log_every, writer=writer, progress=False, **kw)
+        state = train(state=fresh_state(), step_fn=step_fn, batches=batches or Batches(), num_steps=num_steps,
+                      checkpointer=ck, log_every=log_every, writer=writer, progress=False,
+                      steps_per_call=steps_per_call, **kw)
     return state, read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
 
 
@@ -92,3 +98,48 @@ def test_logging_throughput_eval_and_extra_metrics(tmp_path):
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tb"))
     with open(tmp_path / "metrics.jsonl") as f:
         assert all(json.loads(line)["step"] > 0 for line in f)
+
+
+def test_two_steps_per_call_match_one_and_resume_exactly(tmp_path):
+    # Reference: one step per call, metrics at every other step. Then two steps per call, killed after
+    # step 4 and resumed from its checkpoint: same states, logged metrics and checkpoints.
+    ref_state, ref_log = run(tmp_path / "ref", 2 * N, log_every=2)
+    run(tmp_path / "scan", N, save_every=N, log_every=2, steps_per_call=2,
+        tokens_per_batch_fn=lambda b: int(b["loss_mask"].sum()))
+    state, log = run(tmp_path / "scan", 2 * N, save_every=N, log_every=2, steps_per_call=2,
+                     tokens_per_batch_fn=lambda b: int(b["loss_mask"].sum()))
+
+    assert [r["step"] for r in log] == [r["step"] for r in ref_log] == [2, 4, 6, 8]
+    for key in ("loss", "grad_norm", "learning_rate", "loss_tokens"):
+        np.testing.assert_allclose([r[key] for r in log], [r[key] for r in ref_log], rtol=1e-6, err_msg=key)
+    assert all(r["steps_per_s"] > 0 and r["tokens_per_s"] > 0 for r in log)
+    for a, b in zip(jax.tree.leaves(jax.device_get(ref_state)), jax.tree.leaves(jax.device_get(state))):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert int(state.step) == 2 * N
+    ck = Checkpointer(tmp_path / "scan" / "ckpt")
+    assert ck.all_steps() == [N, 2 * N]
+    assert ck.restore_latest(abstract_with_shardings(fresh_state())).data_state == {"index": 2 * N}
+
+
+def test_nan_guard_names_the_step_inside_a_call(tmp_path):
+    # Batch 5 is poisoned: the second step of the call running steps 5 and 6. The guard names step 6, and
+    # checkpoint 4 (the call before) is the newest: step 6, a save step, is not saved.
+    with pytest.raises(NonFiniteLossError, match=r"at step 6 .*latest checkpoint \(step 4\) is intact"):
+        run(tmp_path, 10, batches=Batches(poison={5: float("nan")}), save_every=2, log_every=100,
+            steps_per_call=2)
+    assert Checkpointer(tmp_path / "ckpt").all_steps() == [2, 4]
+
+
+@pytest.mark.parametrize("kw, name", [({"log_every": 3}, "log_every"), ({"eval_every": 3, "eval_fn": dict}, "eval_every"),
+                                      ({"save_every": 3}, "save_every"), ({"num_steps": 5}, "num_steps")])
+def test_steps_per_call_must_divide_every_interval(tmp_path, kw, name):
+    args = {"num_steps": 4, "log_every": 2, **kw}
+    args.setdefault("save_every", None)
+    with pytest.raises(ValueError, match=f"{name} must be a multiple of it; got {name}={args[name]}"):
+        run(tmp_path, steps_per_call=2, **args)
+
+
+def test_resume_at_a_step_that_steps_per_call_does_not_divide(tmp_path):
+    run(tmp_path, 3, save_every=3)
+    with pytest.raises(ValueError, match="resumes at step 3, which is not a multiple"):
+        run(tmp_path, 6, save_every=2, log_every=2, steps_per_call=2)

@@ -7,6 +7,7 @@ are stored in ``param_dtype`` and cast to the compute ``dtype`` at use.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -162,14 +163,49 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = Non
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
+_ROPE_DIGIT_BITS = 11  # positions as three base-2048 digits: every int32 position (|p| < 2**31)
+
+
+@functools.lru_cache(maxsize=16)
+def _rope_digit_tables(head_dim: int, theta: float, scaling: RopeScaling | None) -> tuple[np.ndarray, ...]:
+    """``cos`` and ``sin`` of ``d * 2048**j * f`` for every digit ``d``, ``j = 0, 1, 2`` (float64, stored float32).
+
+    The top digit of a 31-bit position is below ``2**9``, so its tables stop there.
+    """
+    base = 1 << _ROPE_DIGIT_BITS
+    inv = rope_inv_freq(head_dim, theta, scaling).astype(np.float64)
+    tables = []
+    for j, size in enumerate((base, base, 1 << (31 - 2 * _ROPE_DIGIT_BITS))):
+        angles = (np.arange(size, dtype=np.float64) * float(base ** j))[:, None] * inv[None, :]
+        tables += [np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)]
+    return tuple(tables)
+
+
 def rope_tables(positions: jax.Array, head_dim: int, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
     """``(cos(a), sin(a))`` as float32 ``[B, T, 1, H/2]`` with ``a = pos * f``, ``f`` from :func:`rope_inv_freq`.
 
     Computed once per forward and shared by every layer's queries and keys.
+    ``|pos|`` is split into base-2048 digits ``d_j`` and the angle is
+    assembled from host-computed tables of ``cos, sin(d_j 2048**j f)`` by
+    ``cos(x + y) = cos x cos y - sin x sin y``, ``sin(x + y) = sin x cos y +
+    cos x sin y``; ``sin`` changes sign for negative positions. Why tables:
+    XLA fuses the tables into each of their consumers (every layer's q and k,
+    forward and backward), so ``cos(pos * f)`` written directly is evaluated
+    per head and per layer; table lookups make that re-evaluation cheap. The
+    products of exact table values are within ~1e-7 of ``cos(p f)``, for any
+    position (Hugging Face rounds ``p f`` to float32 first, an error of
+    ~6e-8 ``p f``).
     """
-    inv = jnp.asarray(rope_inv_freq(head_dim, config.rope_theta, config.rope_scaling))
-    angles = (positions.astype(jnp.float32)[..., None] * inv)[:, :, None, :]
-    return jnp.cos(angles), jnp.sin(angles)
+    tables = _rope_digit_tables(head_dim, float(config.rope_theta), config.rope_scaling)
+    pos = positions.astype(jnp.int32)
+    mag = jnp.abs(pos)
+    cos = sin = None
+    for j in range(3):
+        digit = (mag >> (_ROPE_DIGIT_BITS * j)) & ((1 << _ROPE_DIGIT_BITS) - 1)
+        c, s = (jnp.take(jnp.asarray(t), digit, axis=0, mode="clip") for t in tables[2 * j:2 * j + 2])
+        cos, sin = (c, s) if cos is None else (cos * c - sin * s, sin * c + cos * s)
+    sin = jnp.where((pos < 0)[..., None], -sin, sin)
+    return cos[:, :, None, :], sin[:, :, None, :]
 
 
 def apply_rope(x: jax.Array, tables: tuple[jax.Array, jax.Array]) -> jax.Array:

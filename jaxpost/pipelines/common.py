@@ -47,6 +47,7 @@ class LoopConfig:
     grad_accum_steps: int = 1
     mixed_precision: str | None = None
     progress: bool = True
+    steps_per_call: int = 1      # optimizer steps per compiled call (a lax.scan); see jaxpost.train.scan_steps
 
 
 def prepare_run_dir(run_dir: str | os.PathLike) -> Path:
@@ -241,7 +242,7 @@ def fit(*, run_dir: Path, loss_fn: Callable, params: dict, param_shardings: Any,
     step = compile_train_step(
         make_train_step(loss_fn, optimizer, grad_accum_steps=loop.grad_accum_steps,
                         mixed_precision=loop.mixed_precision),
-        shardings, batch_shardings(first, partitioner), frozen_shardings)
+        shardings, batch_shardings(first, partitioner), frozen_shardings, steps_per_call=loop.steps_per_call)
     checkpointer = Checkpointer(run_dir / "checkpoints", save_every=loop.save_every or loop.num_steps,
                                 keep=loop.keep_checkpoints)
     writer = MetricsWriter(run_dir)
@@ -271,7 +272,8 @@ def fit(*, run_dir: Path, loss_fn: Callable, params: dict, param_shardings: Any,
         state = train(state=state, step_fn=step, batches=_Replay(), frozen=frozen, num_steps=loop.num_steps,
                       checkpointer=checkpointer, eval_fn=evaluate, eval_every=loop.eval_every,
                       log_every=loop.log_every, writer=writer, tokens_per_batch_fn=count_loss_tokens,
-                      flops_per_step=flops_per_step, extra_metrics_fn=extra, progress=loop.progress)
+                      flops_per_step=flops_per_step, extra_metrics_fn=extra, progress=loop.progress,
+                      steps_per_call=loop.steps_per_call)
     finally:
         writer.close()
         checkpointer.close()

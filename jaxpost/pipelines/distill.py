@@ -91,6 +91,10 @@ def distill(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokeniz
     if mode == "on_policy" and alpha != 1.0:
         raise ValueError(f"mode='on_policy' trains on the student's own samples, where a hard-label term would "
                          f"imitate the student itself; use alpha=1.0 (got {alpha})")
+    if mode == "on_policy" and (loop.steps_per_call != 1 or loop.grad_accum_steps != 1):
+        raise ValueError("mode='on_policy' samples between updates, one batch per update: LoopConfig.steps_per_call"
+                         f"={loop.steps_per_call} and LoopConfig.grad_accum_steps={loop.grad_accum_steps} must both "
+                         "be 1 (the offline modes take them)")
     cached_ready = teacher_cache is not None and (Path(teacher_cache) / "meta.json").exists()
     if teacher_from is None and not cached_ready:
         raise ValueError("distill needs teacher_from (a Hugging Face model directory) unless teacher_cache is a "

@@ -13,10 +13,12 @@ from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import gin
 import jax
+import numpy as np
 
 from jaxpost.train.checkpoint import Checkpointer, abstract_with_shardings
 from jaxpost.train.metrics import MetricsWriter, ProgressBar, Stopwatch, mfu
 from jaxpost.train.state import TrainState
+from jaxpost.train.step import stack_batches
 
 __all__ = ["train", "NonFiniteLossError", "CheckpointableIterator"]
 
@@ -44,11 +46,25 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def _first_bad(pending: list[tuple[int, jax.Array]]) -> int | None:
+    """The first non-finite step among ``(first step, flags of that call's steps)``, or None."""
     flags = jax.device_get([f for _, f in pending])
-    for (step, _), ok in zip(pending, flags):
-        if not bool(ok):
-            return step
+    for (first, _), ok in zip(pending, flags):
+        bad = np.flatnonzero(~np.atleast_1d(np.asarray(ok, bool)))
+        if bad.size:
+            return first + int(bad[0])
     return None
+
+
+def _check_steps_per_call(n: int, start: int, **intervals: int) -> None:
+    if n < 1:
+        raise ValueError(f"steps_per_call must be >= 1, got {n}")
+    for name, value in intervals.items():
+        if value and value % n:
+            raise ValueError(f"steps_per_call={n} runs {n} steps per compiled call, so {name} must be a "
+                             f"multiple of it; got {name}={value}")
+    if start % n:
+        raise ValueError(f"steps_per_call={n}: the run resumes at step {start}, which is not a multiple of "
+                         f"it (it was saved with another steps_per_call); use a divisor of {start}")
 
 
 def _last_saved(checkpointer: Checkpointer | None) -> int | None:
@@ -64,7 +80,7 @@ def train(*, state: TrainState, step_fn: Callable, batches: Iterator, frozen: An
           eval_every: int = 0, log_every: int = 10, writer: MetricsWriter | None = None,
           tokens_per_batch_fn: Callable[[Any], int] | None = None, flops_per_step: float | None = None,
           extra_metrics_fn: Callable[[TrainState], Mapping] | None = None,
-          progress: bool = True) -> TrainState:
+          progress: bool = True, steps_per_call: int = 1) -> TrainState:
     """Run ``step_fn`` until ``state.step == num_steps``; returns the final state.
 
     Args:
@@ -84,6 +100,12 @@ def train(*, state: TrainState, step_fn: Callable, batches: Iterator, frozen: An
       tokens_per_batch_fn: host-side count of tokens in a batch, for ``tokens_per_s``.
       flops_per_step: model FLOPs per step, for ``mfu`` on known accelerators.
       extra_metrics_fn: ``extra_metrics_fn(state) -> dict`` added at log steps.
+      steps_per_call: optimizer steps per call of ``step_fn``, compiled with
+        the same value (:func:`jaxpost.train.compile_train_step`): the loop
+        stacks that many batches per call (:func:`jaxpost.train.stack_batches`)
+        and logs the last step's metrics of a call. ``num_steps``,
+        ``log_every``, ``eval_every`` and the checkpointer's ``save_every``
+        must be multiples of it; the NaN guard still names the exact step.
 
     Raises:
       NonFiniteLossError: a step produced a non-finite loss or gradient norm;
@@ -97,6 +119,9 @@ def train(*, state: TrainState, step_fn: Callable, batches: Iterator, frozen: An
             state = restored.state
             batches.set_state(restored.data_state)
     step = int(jax.device_get(state.step))
+    n = steps_per_call
+    _check_steps_per_call(n, step, num_steps=num_steps, log_every=log_every, eval_every=eval_every,
+                          save_every=checkpointer.save_every if checkpointer is not None else 0)
     bar = ProgressBar(num_steps, initial=step) if progress else None
     n_devices, kind = jax.device_count(), jax.devices()[0].device_kind
     pending: list[tuple[int, jax.Array]] = []
@@ -104,16 +129,17 @@ def train(*, state: TrainState, step_fn: Callable, batches: Iterator, frozen: An
     excluded = 0.0  # seconds spent in eval since the last log, kept out of throughput
     try:
         while step < num_steps:
-            batch = next(batches)
+            parts = [next(batches) for _ in range(n)]
             if tokens_per_batch_fn is not None:
-                interval_tokens += int(tokens_per_batch_fn(batch))
+                interval_tokens += sum(int(tokens_per_batch_fn(b)) for b in parts)
+            batch = parts[0] if n == 1 else stack_batches(parts)
             state, metrics = step_fn(state, batch, frozen)
-            step += 1
-            interval_steps += 1
+            step += n
+            interval_steps += n
             if "is_finite" not in metrics:
                 raise KeyError("step_fn metrics lack 'is_finite' (the NaN guard needs it); "
                                "build the step with jaxpost.train.make_train_step")
-            pending.append((step, metrics["is_finite"]))
+            pending.append((step - n + 1, metrics["is_finite"]))
 
             last = step == num_steps
             log_now = step % log_every == 0 or last
@@ -126,7 +152,8 @@ def train(*, state: TrainState, step_fn: Callable, batches: Iterator, frozen: An
                     raise NonFiniteLossError(bad, _last_saved(checkpointer))
 
             if log_now:
-                record = {k: v for k, v in jax.device_get(metrics).items() if k != "is_finite"}
+                record = {k: (v if n == 1 else v[-1]) for k, v in jax.device_get(metrics).items()
+                          if k != "is_finite"}
                 seconds = max(watch.lap() - excluded, 1e-9)
                 excluded = 0.0
                 record["steps_per_s"] = interval_steps / seconds
