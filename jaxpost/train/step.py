@@ -250,22 +250,17 @@ def stack_batches(batches: list[Any]) -> Any:
     batches on their devices, each entry keeping its sharding behind the new
     (unsplit) axis, so every process passes its own part as before.
     """
-    leaves = jax.tree.leaves(batches[0])
+    leaves, treedef = jax.tree_util.tree_flatten(batches[0])
     if all(isinstance(x, np.ndarray) for x in leaves):
         return jax.tree.map(lambda *xs: np.stack(xs), *batches)
-    shardings = jax.tree.map(lambda x: _stacked_sharding(x.sharding), batches[0])
-    return _stack_on_devices(shardings)(*batches)
+    return _stack_jit(treedef, tuple(_stacked_sharding(x.sharding) for x in leaves))(*batches)
 
 
 @functools.lru_cache(maxsize=8)
 def _stack_jit(treedef, shardings: tuple) -> Callable:
+    # Cached per batch structure and sharding: one compile per run, not one per call.
     out = jax.tree_util.tree_unflatten(treedef, shardings)
     return jax.jit(lambda *bs: jax.tree.map(lambda *xs: jnp.stack(xs), *bs), out_shardings=out)
-
-
-def _stack_on_devices(shardings: Any) -> Callable:
-    leaves, treedef = jax.tree_util.tree_flatten(shardings)
-    return _stack_jit(treedef, tuple(leaves))
 
 
 def batch_shardings(batch_like: Any, partitioner: Partitioner) -> Any:
