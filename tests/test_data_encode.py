@@ -42,6 +42,37 @@ def test_tokenizer_specials_roundtrip_and_reload(tok, tmp_path):
     assert len(tk.build_tokenizer(None, vocab_size=400)) == 261   # bytes + specials only
 
 
+def _wordpiece_tokenizer():
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wp.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wp.train_from_iterator(CORPUS, trainers.WordPieceTrainer(vocab_size=80, special_tokens=["[UNK]", "[SEP]"]))
+    return PreTrainedTokenizerFast(tokenizer_object=wp, unk_token="[UNK]", sep_token="[SEP]")
+
+
+def test_encode_text_equals_the_tokenizer_call(tok):
+    """The direct backend path gives ``tokenizer(text, add_special_tokens=False)``'s ids, and falls
+    back to that call when the backend is set up differently (truncation, split special tokens)."""
+    texts = ["", "Blue.", "  two  spaces\nand a newline", "<|im_start|>user\nSky?<|im_end|>\n", "Héllo 😀 [SEP] x"]
+    wordpiece = _wordpiece_tokenizer()
+    for t in (tok, wordpiece):
+        for text in texts:
+            assert encode.encode_text(t, text) == t(text, add_special_tokens=False)["input_ids"], (t, text)
+    assert encode.encode_text(wordpiece, "a [SEP] b")[1] == wordpiece.sep_token_id
+    assert 3 in encode.encode_text(tok, "<|im_start|>")              # a special token in the text stays one id
+    split = tk.build_tokenizer(CORPUS, vocab_size=300)
+    split.split_special_tokens = True
+    assert len(encode.encode_text(split, "<|im_start|>")) > 1        # ... unless the tokenizer splits them
+    assert encode.encode_text(split, "<|im_start|>") == split("<|im_start|>", add_special_tokens=False)["input_ids"]
+    cut = tk.build_tokenizer(CORPUS, vocab_size=300)
+    cut.backend_tokenizer.enable_truncation(max_length=2)             # a tokenizer.json may carry this
+    long = "What color is the sky? Blue."
+    assert encode.encode_text(cut, long) == encode.encode_text(tok, long) and len(encode.encode_text(tok, long)) > 2
+
+
 def test_chat_mask_trains_only_assistant_replies_and_end_markers(tok):
     messages = [
         {"role": "system", "content": "Be brief."},
