@@ -33,6 +33,7 @@ from safetensors.numpy import load_file
 
 from jaxpost.train import Checkpointer
 from pipeline_utils import make_task
+from xla_test_flags import TEST_XLA_FLAGS
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = str(REPO / "tests" / "multihost_worker.py")
@@ -44,7 +45,7 @@ pytestmark = pytest.mark.slow
 
 def _env(devices: int, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAXPOST_")}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}",
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")]))
     env.update(extra)
