@@ -165,6 +165,11 @@ def test_two_processes_sft_equals_one_process_with_eight_devices(runs):
             assert a[step] == pytest.approx(b[step], rel=2e-6), (key, step, a[step], b[step])
     losses = _by_step(one, "loss")
     assert losses[3] < losses[1]  # it trains, so the comparison is of a moving run
+    # Real tokens per step, counted on the devices over both processes' rows: the same global batches.
+    per_step = [{r["step"]: r["tokens_per_s"] / r["steps_per_s"] for r in _records(d) if "tokens_per_s" in r}
+                for d in (two, one)]
+    assert sorted(per_step[0]) == [1, 2, 3]
+    assert per_step[0] == pytest.approx({s: per_step[1][s] for s in per_step[0]}, rel=1e-9)
 
 
 def test_two_processes_dpo_equals_one_process_with_eight_devices(runs):

@@ -100,6 +100,40 @@ def test_logging_throughput_eval_and_extra_metrics(tmp_path):
         assert all(json.loads(line)["step"] > 0 for line in f)
 
 
+def test_token_counts_are_read_at_log_steps_only(tmp_path):
+    """A count may be a device scalar (``count_loss_tokens`` of a global batch): reading it makes the host wait
+    for the device, so the loop keeps the counts and reads them when it logs."""
+    counted, reads = [], []
+
+    class Count:
+        def __init__(self, n):
+            self.n = n
+
+        def __int__(self):
+            reads.append(len(counted))  # how many batches had been counted when this one was read
+            return self.n
+
+    def count(batch):
+        counted.append(int(batch["loss_mask"].sum()))
+        return Count(10 * len(counted))  # 10, 20, 30, ...
+
+    _, log = run(tmp_path, 6, log_every=3, tokens_per_batch_fn=count)
+    assert reads == [3, 3, 3, 6, 6, 6]
+    # tokens_per_s / steps_per_s = tokens per step of the interval: (10+20+30)/3, then (40+50+60)/3.
+    assert [r["tokens_per_s"] / r["steps_per_s"] for r in log] == pytest.approx([20.0, 50.0])
+
+
+def test_loss_token_count_of_a_global_batch_stays_on_the_devices():
+    from jaxpost.pipelines.common import count_loss_tokens
+
+    seg = np.array([[1, 1, 0, 0], [2, 2, 2, 0]] * 4, np.int32)   # 5 real tokens in every 2 rows
+    host = {"chosen_segment_ids": seg, "rejected_segment_ids": seg[:, :2], "tokens": seg}
+    assert count_loss_tokens(host) == 20 + 16
+    on_mesh = jax.device_put(host, PART.batch_sharding(2))
+    got = count_loss_tokens(on_mesh)
+    assert isinstance(got, jax.Array) and int(got) == 36
+
+
 def test_two_steps_per_call_match_one_and_resume_exactly(tmp_path):
     # Reference: one step per call, metrics at every other step. Then two steps per call, killed after
     # step 4 and resumed from its checkpoint: same states, logged metrics and checkpoints.

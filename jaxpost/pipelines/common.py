@@ -174,16 +174,24 @@ def global_sum(x: jax.Array | np.ndarray) -> float:
     return float(jax.device_get(_global_sums([x])[0]))
 
 
-def count_loss_tokens(batch: Mapping[str, jax.Array]) -> int:
-    """Real (non-padding) tokens of the global batch: ``sum(segment_ids != 0)``, for tokens/s."""
-    n = 0
-    for k, v in batch.items():
-        if k.endswith("segment_ids"):
-            if isinstance(v, np.ndarray) or v.is_fully_addressable:
-                n += int(np.count_nonzero(np.asarray(jax.device_get(v))))
-            else:
-                n += int(global_sum(v != 0))
-    return n
+@jax.jit
+def _real_tokens(segment_ids: list[jax.Array]) -> jax.Array:
+    return sum(jnp.count_nonzero(s) for s in segment_ids)  # a replicated scalar: every process holds it
+
+
+def count_loss_tokens(batch: Mapping[str, jax.Array]) -> int | jax.Array:
+    """Real (non-padding) tokens of the global batch: ``sum(segment_ids != 0)``, for tokens/s.
+
+    Host (numpy) batches are counted on the host. Device batches are counted
+    on their devices and the count is returned as a device scalar, not
+    read: fetching it would make the host wait for the step before (and, for
+    a batch over several processes, for a collective). :func:`jaxpost.train.train`
+    reads the counts at log steps only.
+    """
+    keys = [k for k in batch if k.endswith("segment_ids")]
+    if all(isinstance(batch[k], np.ndarray) for k in keys):
+        return sum(int(np.count_nonzero(batch[k])) for k in keys)
+    return _real_tokens([batch[k] for k in keys])
 
 
 def make_evaluator(eval_step: Callable, make_batches: Callable[[], Iterator], num_batches: int,

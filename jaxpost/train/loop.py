@@ -78,7 +78,7 @@ def _last_saved(checkpointer: Checkpointer | None) -> int | None:
 def train(*, state: TrainState, step_fn: Callable, batches: Iterator, frozen: Any = None, num_steps: int,
           checkpointer: Checkpointer | None = None, eval_fn: Callable[[TrainState], Mapping] | None = None,
           eval_every: int = 0, log_every: int = 10, writer: MetricsWriter | None = None,
-          tokens_per_batch_fn: Callable[[Any], int] | None = None, flops_per_step: float | None = None,
+          tokens_per_batch_fn: Callable[[Any], int | jax.Array] | None = None, flops_per_step: float | None = None,
           extra_metrics_fn: Callable[[TrainState], Mapping] | None = None,
           progress: bool = True, steps_per_call: int = 1) -> TrainState:
     """Run ``step_fn`` until ``state.step == num_steps``; returns the final state.
@@ -97,7 +97,9 @@ def train(*, state: TrainState, step_fn: Callable, batches: Iterator, frozen: An
         logged with an ``eval/`` prefix.
       log_every: fetch and write metrics every this many steps (and at the end).
       writer: where metrics go (None: nowhere).
-      tokens_per_batch_fn: host-side count of tokens in a batch, for ``tokens_per_s``.
+      tokens_per_batch_fn: count of tokens in a batch, for ``tokens_per_s``: an
+        int or a device scalar; counts are read at log steps only, so counting
+        on the devices does not make every step wait.
       flops_per_step: model FLOPs per step, for ``mfu`` on known accelerators.
       extra_metrics_fn: ``extra_metrics_fn(state) -> dict`` added at log steps.
       steps_per_call: optimizer steps per call of ``step_fn``, compiled with
@@ -125,13 +127,14 @@ def train(*, state: TrainState, step_fn: Callable, batches: Iterator, frozen: An
     bar = ProgressBar(num_steps, initial=step) if progress else None
     n_devices, kind = jax.device_count(), jax.devices()[0].device_kind
     pending: list[tuple[int, jax.Array]] = []
-    watch, interval_steps, interval_tokens = Stopwatch(), 0, 0
+    watch, interval_steps = Stopwatch(), 0
+    interval_tokens: list = []  # per-batch counts, read at log steps only (they may be device scalars)
     excluded = 0.0  # seconds spent in eval since the last log, kept out of throughput
     try:
         while step < num_steps:
             parts = [next(batches) for _ in range(n)]
             if tokens_per_batch_fn is not None:
-                interval_tokens += sum(int(tokens_per_batch_fn(b)) for b in parts)
+                interval_tokens.extend(tokens_per_batch_fn(b) for b in parts)
             batch = parts[0] if n == 1 else stack_batches(parts)
             state, metrics = step_fn(state, batch, frozen)
             step += n
@@ -158,7 +161,7 @@ def train(*, state: TrainState, step_fn: Callable, batches: Iterator, frozen: An
                 excluded = 0.0
                 record["steps_per_s"] = interval_steps / seconds
                 if tokens_per_batch_fn is not None:
-                    record["tokens_per_s"] = interval_tokens / seconds
+                    record["tokens_per_s"] = sum(int(c) for c in jax.device_get(interval_tokens)) / seconds
                 if flops_per_step is not None:
                     u = mfu(flops_per_step, seconds / interval_steps, n_devices, kind)
                     if u is not None:
@@ -169,7 +172,8 @@ def train(*, state: TrainState, step_fn: Callable, batches: Iterator, frozen: An
                     writer.write(step, record)
                 if bar is not None:
                     bar.update(step, float(record["loss"]) if "loss" in record else None, record.get("tokens_per_s"))
-                interval_steps, interval_tokens = 0, 0
+                interval_steps = 0
+                interval_tokens.clear()
             elif bar is not None:
                 bar.update(step)
 
