@@ -24,6 +24,7 @@ def run(task=gin.REQUIRED):
 
 def _train(argv: Sequence[str]) -> int:
     from jaxpost import config, distributed
+    from jaxpost.compile_cache import compilation_cache
 
     files, bindings, rest = config.split_gin_args(argv)
     if rest:
@@ -36,6 +37,7 @@ def _train(argv: Sequence[str]) -> int:
     except config.ConfigError as e:
         print(f"jaxpost: {e}", file=sys.stderr)
         return 2
+    compilation_cache()  # as bound in the gin files (compilation_cache.cache_dir = None turns it off)
     summary = run()
     if summary and distributed.is_main_process():
         print({k: v for k, v in summary.items()})
@@ -58,9 +60,11 @@ def _generate(argv: Sequence[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     from jaxpost import distributed
+    from jaxpost.compile_cache import compilation_cache
     from jaxpost.generate import SamplingConfig, generate_to_jsonl
 
     distributed.initialize()
+    compilation_cache()
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p)
     n = generate_to_jsonl(args.model, args.tokenizer or args.model, args.prompts, args.out, sampling,
@@ -70,7 +74,10 @@ def _generate(argv: Sequence[str]) -> int:
 
 
 def _synthesize(argv: Sequence[str]) -> int:
+    from jaxpost.compile_cache import compilation_cache
     from jaxpost.pipelines.synthetic import synthesize_main
+
+    compilation_cache()
     return synthesize_main(list(argv))
 
 
@@ -80,7 +87,10 @@ def _demo(argv: Sequence[str]) -> int:
     p.add_argument("--quick", action="store_true", help="a reduced size (used by the tests)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
     args = p.parse_args(argv)
+    from jaxpost.compile_cache import compilation_cache
     from jaxpost.demo import run_demo
+
+    compilation_cache()  # a second demo, or one resumed with --resume, compiles nothing it compiled before
     try:
         run_demo(args.out, quick=args.quick, resume=args.resume)
     except FileExistsError as e:
