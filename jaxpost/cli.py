@@ -10,10 +10,15 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
+import traceback
 from typing import Sequence
 
 import gin
+
+from jaxpost.errors import UserError
 
 
 @gin.configurable
@@ -22,26 +27,115 @@ def run(task=gin.REQUIRED):
     return task()
 
 
+_TRAIN_EPILOG = """\
+gin arguments (any number, in order; later ones win):
+  --gin_file=FILE        a gin file (a path, or relative to the repository's configs/); repeatable
+  --gin.KEY=VALUE        one binding, e.g. --gin.LoopConfig.num_steps=50 --gin.sft.run_dir=runs/my_sft
+                         (a bare word is taken as a string; lists, numbers, None, @refs as in gin)
+
+Plug-ins: --import my_rewards (a module in the current directory or on sys.path) or
+--import path/to/my_rewards.py runs that file first, so what it registers (@gin.configurable,
+@register_reward("name")) can be bound; a reward can also be named 'module:function' or
+'path/to/file.py:function' directly, e.g. --gin.make_reward.names="['my_rewards:exact']".
+
+examples:
+  jaxpost train --gin_file=configs/runs/sft.gin --gin.sft.run_dir=runs/sft --gin.sft.train_data=data.jsonl \\
+      --gin.sft.init_from=/path/to/hf_model
+  jaxpost train --gin_file=configs/experiments/demo/sft.gin --list_keys
+"""
+
+
 def _train(argv: Sequence[str]) -> int:
-    from jaxpost import config, distributed
-    from jaxpost.compile_cache import compilation_cache
+    """``jaxpost train``: parse the gin files and bindings, check them, then run ``run.task``.
+
+    A mistake in them (unknown key, wrong type, unset required key, missing
+    file) raises :class:`jaxpost.errors.UserError` before anything is built
+    or loaded; :func:`main` prints it as one paragraph and returns 2.
+    ``--list_keys`` prints every key the run reads and returns 0 without
+    running it.
+    """
+    from jaxpost import config
 
     files, bindings, rest = config.split_gin_args(argv)
-    if rest:
-        raise SystemExit(f"jaxpost train: unexpected arguments {rest}; use --gin_file=F and --gin.KEY=VALUE")
+    p = argparse.ArgumentParser(
+        prog="jaxpost train", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_TRAIN_EPILOG,
+        description="Runs one method (sft, dpo, reward_model, ppo, grpo, online_dpo, distill, synthesize) as\n"
+                    "its gin files say: `run.task = @sft` picks it. configs/runs/*.gin: one per method.")
+    p.add_argument("--gin_file", metavar="FILE", action="append", help="a gin file (see below); repeatable")
+    p.add_argument("--list_keys", action="store_true",
+                   help="print every key this run reads (required first) with its type, default, bound value and "
+                        "doc, then exit without loading anything")
+    p.add_argument("--import", dest="imports", metavar="MODULE", action="append", default=[],
+                   help="import MODULE (a module name or path/to/file.py) before reading the gin files; repeatable")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (or JAXPOST_DEBUG=1)")
+    p.add_argument("--resume_from_step", type=int, metavar="STEP", default=None,
+                   help="resume from this checkpoint step instead of the newest (the later ones are moved to "
+                        "RUN_DIR/abandoned_checkpoints/, not deleted): the way back after a NaN halt")
+    p.add_argument("--on_config_change", choices=("refuse", "allow", "restart"), default=None,
+                   help="when RUN_DIR holds a run started with other settings: refuse (default), allow (resume "
+                        "with the new values) or restart (move the old run to RUN_DIR.previous-<time>, start over)")
+    args = p.parse_args(rest)
+    # Plain flags for what a user reaches for after a failure; they are ResumeConfig bindings, so the
+    # operative config records them like any other key.
+    if args.resume_from_step is not None:
+        bindings.append(f"ResumeConfig.from_step = {args.resume_from_step}")
+    if args.on_config_change is not None:
+        bindings.append(f"ResumeConfig.on_config_change = {args.on_config_change!r}")
     if not files:
-        raise SystemExit("jaxpost train needs at least one --gin_file")
+        p.error("at least one --gin_file is needed (e.g. --gin_file=configs/runs/sft.gin)")
+    config.import_modules(args.imports)
+    if args.list_keys:
+        from jaxpost import keys
+
+        config.parse(files, bindings, finalize=False)  # unset %gin.REQUIRED keys are listed, not refused
+        task = _bound_task()
+        title = (f"Keys of `jaxpost train` with run.task = @{task} (bind with --gin.KEY=VALUE; '<-' is the value "
+                 f"your gin files and bindings give it):")
+        print(keys.format_keys(keys.run_keys(), title), end="")
+        return 0
+    config.parse(files, bindings)
+    _check_run_required()
+    from jaxpost import distributed
+    from jaxpost.compile_cache import compilation_cache
+
     distributed.initialize()
-    try:
-        config.parse(files, bindings)
-    except config.ConfigError as e:
-        print(f"jaxpost: {e}", file=sys.stderr)
-        return 2
     compilation_cache()  # as bound in the gin files (compilation_cache.cache_dir = None turns it off)
-    summary = run()
+    from jaxpost.train.run_dir import release_run_dirs
+
+    try:
+        summary = run()
+    finally:
+        release_run_dirs()  # before interpreter exit shuts down the storage clients the lock lives on
     if summary and distributed.is_main_process():
         print({k: v for k, v in summary.items()})
     return 0
+
+
+def _bound_task() -> str | None:
+    """The name ``run.task`` is bound to (``sft``), or None."""
+    try:
+        ref = gin.query_parameter("run.task")
+    except ValueError:
+        return None
+    return getattr(getattr(ref, "configurable", None), "name", None)
+
+
+def _check_run_required() -> None:
+    # gin itself would only notice an unset required key when the run is called, with a RuntimeError.
+    from jaxpost import keys
+    from jaxpost.config import ConfigError
+
+    try:
+        task = gin.query_parameter("run.task")
+    except ValueError:
+        raise ConfigError("run.task is not set: a gin file must pick the method, e.g. `run.task = @sft` "
+                          "(configs/runs/*.gin do; or add --gin.run.task=@sft)") from None
+    missing = keys.unset_required(task.configurable.wrapped) if hasattr(task, "configurable") else []
+    if missing:
+        names = ", ".join(k.name for k in missing)
+        flags = " ".join(f"--gin.{k.name}=..." for k in missing)
+        raise ConfigError(f"required key{'s' if len(missing) > 1 else ''} {names} not set; add {flags} or bind "
+                          f"{'them' if len(missing) > 1 else 'it'} in your gin file (--list_keys lists every key)")
 
 
 def _generate(argv: Sequence[str]) -> int:
@@ -67,6 +161,7 @@ def _generate(argv: Sequence[str]) -> int:
     compilation_cache()
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p)
+    # A UserError (bad prompts, --out equal to --prompts...) reaches main(): one line on stderr, exit 2.
     n = generate_to_jsonl(args.model, args.tokenizer or args.model, args.prompts, args.out, sampling,
                           n_samples_per_prompt=args.n, batch_size=args.batch_size, seed=args.seed)
     print(f"wrote {n} completions to {args.out}")
@@ -78,7 +173,7 @@ def _synthesize(argv: Sequence[str]) -> int:
     from jaxpost.pipelines.synthetic import synthesize_main
 
     compilation_cache()
-    return synthesize_main(list(argv))
+    return synthesize_main(list(argv))  # a UserError reaches main(): one line on stderr, exit 2
 
 
 def _demo(argv: Sequence[str]) -> int:
@@ -115,12 +210,39 @@ COMMANDS = {"train": _train, "generate": _generate, "synthesize": _synthesize, "
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one ``jaxpost`` command; returns its exit status.
+
+    A user error (:class:`jaxpost.errors.UserError`, which includes
+    :class:`jaxpost.config.ConfigError`, or a ``FileNotFoundError``) is
+    printed as one paragraph, ``jaxpost: error: ...``, on stderr and gives
+    2; its traceback only with ``--debug`` (anywhere on the command line) or
+    ``JAXPOST_DEBUG=1``. Any other exception is a bug and propagates.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("JAXPOST_DEBUG", "").strip() not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__.strip())
-        print(f"\ncommands: {', '.join(COMMANDS)}")
+        print(f"\ncommands: {', '.join(COMMANDS)}  (`jaxpost COMMAND --help` for each; --debug shows tracebacks)")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    return COMMANDS[argv[0]](argv[1:]) or 0
+    try:
+        return COMMANDS[argv[0]](argv[1:]) or 0
+    except (UserError, FileNotFoundError) as e:
+        if debug:
+            traceback.print_exc()
+        print(user_error_paragraph(e), file=sys.stderr)
+        return 2
+
+
+def user_error_paragraph(e: BaseException) -> str:
+    """``jaxpost: error: <message>`` on one line: gin's ``In call to configurable`` trail and carets dropped."""
+    lines = [ln.strip() for ln in str(e).splitlines()]
+    lines = [ln for ln in lines if ln and set(ln) != {"^"} and not ln.startswith("In call to configurable")]
+    msg = " ".join(" ".join(lines).split())
+    if isinstance(e, FileNotFoundError):
+        msg = re.sub(r"^\[Errno \d+\]\s*", "", msg)
+        msg = f"{msg[:1].lower()}{msg[1:]}; check the path (relative paths start at {os.getcwd()})"
+    return f"jaxpost: error: {msg}"
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from etils import epath
+
+from jaxpost import paths
+from jaxpost.errors import UserError
 from jaxpost.train.metrics import read_jsonl
 
 DEFAULT_METRICS = ("loss", "eval/loss", "eval/accuracy", "eval/token_accuracy", "eval/rewards/accuracies",
@@ -14,9 +18,9 @@ DEFAULT_METRICS = ("loss", "eval/loss", "eval/accuracy", "eval/token_accuracy", 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The rows of ``run_dir/metrics.jsonl`` (one JSON object per logged step)."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = paths.resolve(run_dir) / "metrics.jsonl"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a jaxpost run directory?")
+        raise UserError(f"{path} not found: is {run_dir} a jaxpost run directory?")
     return read_jsonl(path)
 
 
@@ -27,7 +31,7 @@ def series(rows: Sequence[dict], metric: str) -> tuple[list[float], list[float]]
 
 
 def plot_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None,
-              metrics: Sequence[str] | None = None, title: str | None = None) -> Path:
+              metrics: Sequence[str] | None = None, title: str | None = None) -> epath.Path:
     """One panel per metric, one line per run; returns the PNG path.
 
     ``metrics`` defaults to those of :data:`DEFAULT_METRICS` that any run
@@ -62,8 +66,8 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None,
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    out = Path(out) if out else Path(run_dirs[0]) / "curves.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    out = paths.resolve(out) if out else paths.resolve(run_dirs[0]) / "curves.png"
+    with paths.atomic_open(out, "wb") as f:  # local or gs://; never a half-drawn PNG
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)
     return out

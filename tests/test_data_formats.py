@@ -6,6 +6,7 @@ import datasets
 import pytest
 
 from jaxpost.data import formats, sources
+from jaxpost.errors import UserError
 
 datasets.disable_progress_bars()
 
@@ -48,8 +49,9 @@ def test_save_to_disk_dir_and_arrow_file(tmp_path):
     assert sources.load_rows(arrow)["chosen"] == [" Blue.", " Blue."]
     datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "dd"))
     assert len(sources.load_rows(tmp_path / "dd", split="test")) == 2
-    with pytest.raises(KeyError, match="no split 'train'.*test"):
+    with pytest.raises(UserError, match="no split 'train'.*test"):
         sources.load_rows(tmp_path / "dd")
+    assert len(sources.load_rows(f"{tmp_path / 'dd'}@test")) == 2  # the split in the name
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path):
@@ -63,21 +65,21 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
 
 
 def test_missing_file_is_not_mistaken_for_hub_name(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+    with pytest.raises(UserError, match="nope.jsonl does not exist"):
         sources.load_rows(tmp_path / "nope.jsonl")
 
 
 def test_missing_field_error_names_field_row_and_file(tmp_path):
     path = _write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "c"},
                                                 {"prompt": "d", "completion": "e"}])
-    with pytest.raises(ValueError, match=rf"row 1 of {path}: required field 'completion'"):
+    with pytest.raises(UserError, match=rf"row 2 of {path} \(line 2\): required field 'completion'"):
         sources.load_rows(path)
     path = _write_jsonl(tmp_path / "pref.jsonl", [{"prompt": "a", "chosen": "b"}])
     with pytest.raises(ValueError, match=rf"missing required field 'rejected'.*{path}|{path}.*'rejected'"):
         sources.load_rows(path)
-    with pytest.raises(ValueError, match="row 1: required field 'text'"):
+    with pytest.raises(UserError, match="row 2: required field 'text'"):
         formats.check_rows([{"text": "a"}, {"text": None}])
-    with pytest.raises(ValueError, match=r"row 7 of f.jsonl: messages\[1\] is missing required field 'content'"):
+    with pytest.raises(UserError, match=r"row 8 of f.jsonl: messages\[1\] is missing required field 'content'"):
         formats.normalize_row({"messages": [{"role": "user", "content": "x"}, {"role": "assistant"}]},
                               "messages", 7, "f.jsonl")
     with pytest.raises(ValueError, match="Cannot tell the data format.*'foo'"):
@@ -115,7 +117,7 @@ def test_implicit_prompt_conversational():
 
 
 def test_mixed_string_and_conversation_is_an_error():
-    with pytest.raises(ValueError, match="row 3: 'prompt' and 'completion' must both be"):
+    with pytest.raises(UserError, match="row 4: 'prompt' and 'completion' must both be"):
         formats.normalize_row({"prompt": "x", "completion": [{"role": "assistant", "content": "y"}]},
                               "prompt_completion", 3)
 

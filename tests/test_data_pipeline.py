@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxpost.data import encode, packing, pipeline, tokenizer as tk
+from jaxpost.errors import UserError
 
 SYNC = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)   # no prefetch: counts are exact
 
@@ -206,10 +207,10 @@ def test_prompt_pipeline_left_pads_and_keeps_raw_fields(tok):
 def test_bad_row_in_pipeline_names_row(tok):
     rows = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}] * 3
     rows = rows + [{"messages": [{"role": "user"}]}]
-    it = pipeline.make_lm_pipeline(rows, tok, 32, 4, shuffle=False, num_epochs=1, shard_index=0,
-                                   shard_count=1, read_options=SYNC)
-    with pytest.raises(ValueError, match=r"row 3: messages\[0\] is missing required field 'content'"):
-        list(it)
+    # Rows are validated when the pipeline is built, before any batch (or model) exists; 1-based.
+    with pytest.raises(UserError, match=r"row 4: messages\[0\] is missing required field 'content'"):
+        pipeline.make_lm_pipeline(rows, tok, 32, 4, shuffle=False, num_epochs=1, shard_index=0,
+                                  shard_count=1, read_options=SYNC)
 
 
 def test_bad_row_from_file_names_file_and_row(tok, tmp_path):
@@ -217,10 +218,9 @@ def test_bad_row_from_file_names_file_and_row(tok, tmp_path):
     good = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
     path = tmp_path / "chat.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in [good, {"messages": [{"role": "user"}]}, good]) + "\n")
-    it = pipeline.make_lm_pipeline(load_rows(path), tok, 32, 4, shuffle=False, num_epochs=1, shard_index=0,
-                                   shard_count=1, read_options=SYNC)
-    with pytest.raises(ValueError, match=rf"row 1 of {path}: messages\[0\] is missing required field 'content'"):
-        list(it)
+    with pytest.raises(UserError, match=rf"row 2 of {path} \(line 2\): messages\[0\] is missing required field "
+                                        "'content'"):
+        load_rows(path)  # the Arrow-level check finds the row; its message is the row's own
 
 
 def test_a_pass_that_drops_every_example_is_an_error_not_a_hang():

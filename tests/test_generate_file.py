@@ -94,3 +94,72 @@ def test_bad_prompt_files(setup, tmp_path):
     small = (config.replace(vocab_size=100), graphdef, params)
     with pytest.raises(ValueError, match="vocab_size is 100"):
         generate_to_jsonl(small, tok, bad, tmp_path / "o.jsonl", s)
+
+
+def _snapshot(directory):
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+def test_failures_leave_an_existing_output_untouched(setup, tmp_path, monkeypatch):
+    """Prompts are all read and checked first and the output is replaced atomically: a failure writes nothing."""
+    import jaxpost.generate.generate_file as gf
+    from jaxpost.errors import UserError
+
+    _, tok, config, graphdef, params, _ = setup
+    model, s = (config, graphdef, params), SamplingConfig(max_new_tokens=2)
+    out = tmp_path / "out" / "samples.jsonl"
+    out.parent.mkdir()
+    out.write_bytes(b'{"old": "output"}\n')
+    before = _snapshot(out.parent)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "c"\n')  # malformed last line
+    with pytest.raises(UserError, match=r"bad.jsonl:3: malformed JSON"):
+        generate_to_jsonl(model, tok, bad, out, s, batch_size=1)
+    bad.write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "a much longer prompt"}\n')
+    with pytest.raises(UserError, match=r"bad.jsonl:3: prompt has \d+ tokens"):
+        generate_to_jsonl(model, tok, bad, out, s, batch_size=1, max_prompt_length=4)
+    assert _snapshot(out.parent) == before
+
+    # A run that fails after sampling has started (here while decoding the second batch).
+    calls = []
+
+    def failing_decode(*args):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("interrupted")
+        return "x"
+
+    monkeypatch.setattr(gf, "_decode", failing_decode)
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    with pytest.raises(RuntimeError, match="interrupted"):
+        generate_to_jsonl(model, tok, good, out, s, batch_size=1)
+    assert len(calls) == 2 and _snapshot(out.parent) == before  # no partial file, no temporary left
+
+
+def test_cli_refuses_out_equal_to_prompts_and_accepts_relative_paths(setup, tmp_path, monkeypatch, capsys):
+    from jaxpost.cli import main
+
+    tmp, *_ = setup
+    monkeypatch.chdir(tmp_path)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_bytes((tmp / "prompts.jsonl").read_bytes())
+    original = prompts.read_bytes()
+    base = ["generate", "--model", str(tmp / "model"), "--tokenizer", str(tmp / "tok"), "--prompts", "prompts.jsonl",
+            "--n", "2", "--max_new_tokens", "3", "--batch_size", "2"]
+    # The same file under another name: refused before anything loads, the prompts kept.
+    assert main(base + ["--out", "./sub/../prompts.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxpost: error: ") and "is the prompts file" in err and err.count("\n") == 1
+    assert prompts.read_bytes() == original
+    # A relative --out is written under the working directory.
+    assert main(base + ["--out", "rel/samples.jsonl"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "rel" / "samples.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == [r["prompt"] for r in ROWS for _ in range(2)]
+    assert [p.name for p in (tmp_path / "rel").iterdir()] == ["samples.jsonl"]
+    # A malformed prompts file is an error (exit 2) that leaves the earlier output as it was.
+    kept = (tmp_path / "rel" / "samples.jsonl").read_bytes()
+    prompts.write_text('{"prompt": "a"}\nnot json\n')
+    assert main(base + ["--out", "rel/samples.jsonl"]) == 2
+    assert "prompts.jsonl:2: malformed JSON" in capsys.readouterr().err
+    assert (tmp_path / "rel" / "samples.jsonl").read_bytes() == kept

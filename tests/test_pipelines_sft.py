@@ -44,6 +44,12 @@ def test_sft_run_lowers_loss_evaluates_and_exports(task, tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "final")
     assert hf.config.num_hidden_layers == 2
     assert load_tokenizer(run_dir / "final").pad_token_id == 0
+    # Its model card names the run: method, start, data, steps, final metrics, how to load it.
+    card = (run_dir / "final" / "README.md").read_text()
+    assert "| method | sft |" in card and "| base model | random init |" in card
+    assert f"| train data | `{task['sft']}` |" in card and "| optimizer steps | 40 |" in card
+    assert f"| `eval/token_accuracy` | {summary['eval/token_accuracy']:.6g} |" in card
+    assert "sft.train_data" in card and "AutoModelForCausalLM.from_pretrained(path)" in card
 
 
 @pytest.mark.slow

@@ -124,3 +124,57 @@ def test_best_of_n_beats_single_samples_and_sft_on_it_raises_reward(tmp_path):
         [f"sft.init_from = '{policy}'", "make_optimizer.learning_rate = 5e-4"])
     after = mean_reward(tmp_path / "bon" / "final", tmp_path / "eval_after")
     assert after > before + 0.05, (before, after)
+
+
+def test_prompts_among_the_outputs_are_refused(tmp_path, monkeypatch, capsys):
+    from jaxpost.cli import main
+    from jaxpost.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    prompts = tmp_path / "data" / "sft.jsonl"
+    prompts.write_text('{"prompt": "reverse: ab"}\n')
+    # Checked before the model loads (there is none here): exit 2, one line, the prompts kept.
+    assert main(["synthesize", "--model", "no_model", "--prompts", "data/sft.jsonl", "--out", "./data/",
+                 "--reward", "exact_match"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxpost: error: prompts data/sft.jsonl is the output sft.jsonl") and err.count("\n") == 1
+    with pytest.raises(UserError, match="is the output samples.jsonl"):
+        synthesize(model_dir="no_model", prompts=str(tmp_path / "data" / "samples.jsonl"), out_dir="data",
+                   scorer=reversal_reward, mode="pairs")
+    assert prompts.read_text() == '{"prompt": "reverse: ab"}\n'
+
+
+def test_a_failed_run_leaves_the_old_outputs_and_relative_out_dirs_work(tmp_path, monkeypatch):
+    from jaxpost.models import ModelConfig, create, save_hf
+
+    monkeypatch.chdir(tmp_path)
+    build_tokenizer(None, vocab_size=261).save_pretrained(tmp_path / "tok")
+    config = ModelConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                         num_kv_heads=2)
+    save_hf(tmp_path / "model", config, create(config, seed=0)[1])
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "reverse: ab"}\n{"prompt": "reverse: cd"}\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("samples.jsonl", "sft.jsonl", "preference.jsonl", "stats.json"):
+        (out / name).write_text(f"old {name}\n")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    calls = []
+
+    def dies_on_second_batch(prompts, completions, **_):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("scorer died")
+        return [float(len(c)) for c in completions]
+
+    kw = dict(model_dir="model", tokenizer="tok", prompts="prompts.jsonl", out_dir="out", n_samples=2,
+              sampling=SamplingConfig(max_new_tokens=3), mode="all", batch_size=1, max_prompt_len=16, min_chars=0)
+    with pytest.raises(RuntimeError, match="scorer died"):
+        synthesize(scorer=dies_on_second_batch, **kw)
+    # The first batch was written before the failure, to temporary files that are gone now.
+    assert len(calls) == 2 and {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    stats = synthesize(scorer=lambda prompts, completions, **_: [float(len(c)) for c in completions], **kw)
+    assert stats["prompts"] == 2 and sorted(p.name for p in out.iterdir()) == sorted(before)
+    assert len(load_rows(str(out / "samples.jsonl"))) == 4
+    assert json.loads((out / "stats.json").read_text()) == stats

@@ -177,3 +177,52 @@ def test_resume_at_a_step_that_steps_per_call_does_not_divide(tmp_path):
     run(tmp_path, 3, save_every=3)
     with pytest.raises(ValueError, match="resumes at step 3, which is not a multiple"):
         run(tmp_path, 6, save_every=2, log_every=2, steps_per_call=2)
+
+
+def _damage(step_dir):
+    """What a disk error or a torn copy leaves: the step is listed, but its array files are garbage."""
+    for f in (step_dir / "state").rglob("*"):
+        if f.is_file() and f.name != "commit_success.txt":
+            f.write_bytes(b"\x00garbage")
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+    ref_state, ref_log = run(tmp_path / "ref", 6)
+    run(tmp_path / "run", 6, save_every=2)
+    _damage(tmp_path / "run" / "ckpt" / "6")
+    state, log = run(tmp_path / "run", 6, save_every=2)  # resumes from 4 with a warning, not a traceback
+
+    assert "resuming from step 4" in capsys.readouterr().out
+    assert [r["step"] for r in log] == list(range(1, 7))  # rows 5 and 6 of the first run dropped, not doubled
+    assert [r["loss"] for r in log] == [r["loss"] for r in ref_log]
+    for a, b in zip(jax.tree.leaves(jax.device_get(ref_state)), jax.tree.leaves(jax.device_get(state))):
+        np.testing.assert_array_equal(a, b)
+    assert (tmp_path / "run" / "abandoned_checkpoints" / "6" / "state").exists()  # kept aside, not deleted
+    assert Checkpointer(tmp_path / "run" / "ckpt").all_steps() == [2, 4, 6]
+
+
+def test_no_restorable_checkpoint_is_a_user_error_that_moves_nothing(tmp_path):
+    from jaxpost.errors import UserError
+    run(tmp_path, 2, save_every=2)
+    _damage(tmp_path / "ckpt" / "2")
+    with pytest.raises(UserError, match=r"no checkpoint in .* can be restored .*step 2"):
+        run(tmp_path, 4, save_every=2)
+    assert (tmp_path / "ckpt" / "2").exists()
+
+
+def test_after_a_nan_halt_resume_from_an_earlier_step(tmp_path):
+    with pytest.raises(NonFiniteLossError, match=r"--resume_from_step=2") as err:
+        run(tmp_path, 10, batches=Batches(poison={4: float("nan")}), save_every=2, log_every=1)
+    assert err.value.saved_steps == [2, 4]
+    # The way out the message names: resume from step 2 (here with clean data) and train on.
+    ck = Checkpointer(tmp_path / "ckpt", save_every=2, keep=3, resume_from=2)
+    with MetricsWriter(tmp_path) as writer:
+        state = train(state=fresh_state(), step_fn=STEP, batches=Batches(), num_steps=6, checkpointer=ck,
+                      log_every=1, writer=writer, progress=False)
+    log = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in log] == list(range(1, 7))  # the halted run's rows 3-4 were dropped
+    assert int(state.step) == 6
+    assert (tmp_path / "abandoned_checkpoints" / "4").exists()
+    assert Checkpointer(tmp_path / "ckpt").all_steps() == [2, 4, 6]
+    with pytest.raises(Exception, match=r"resume_from_step=3: no complete checkpoint .* saved steps: \[2, 4, 6\]"):
+        Checkpointer(tmp_path / "ckpt", resume_from=3).restore_latest(abstract_with_shardings(fresh_state()))

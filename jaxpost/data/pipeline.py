@@ -253,7 +253,7 @@ def make_preference_pipeline(rows: Any, tokenizer: Any, seq_len: int, batch_size
         if packing:
             missing = [k for k in pair_keys if k not in arrays]
             if missing:
-                raise ValueError(f"{source or 'the data'} row {row_index}: {missing} is null; packed preference "
+                raise ValueError(f"{formats.row_location(row_index, source)}: {missing} is null; packed preference "
                                  "batches need it on every row")
             arrays = pair_element(arrays["chosen"], arrays["rejected"], {k: arrays[k] for k in pair_keys})
         return arrays, events

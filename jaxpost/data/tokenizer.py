@@ -15,7 +15,6 @@ reads it back with no network.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Iterable
 
 import gin
@@ -23,6 +22,8 @@ import gin
 # which pulls in torch (seconds of import time) that tokenizing never needs.
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.tokenization_utils_tokenizers import PreTrainedTokenizerFast
+
+from jaxpost.errors import UserError
 
 PAD, BOS, EOS, IM_START, IM_END = "<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, IM_START, IM_END)
@@ -71,31 +72,103 @@ def build_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 512,
 
 @gin.configurable
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
-    """Loads a tokenizer from a local Hugging Face directory (or a Hub name).
+    """Loads a tokenizer from a local directory or a Hugging Face Hub name.
 
-    Never runs repository code (``trust_remote_code=False``). If the
-    tokenizer has no pad token, its eos token is used for padding (padding
-    positions are masked anyway).
+    ``path`` is a directory (relative to the working directory) when one
+    exists; otherwise a Hub name resolved through huggingface_hub's cache (a
+    cached name loads offline without waiting; see :mod:`jaxpost.hub`).
+    Anything else raises :class:`jaxpost.errors.UserError` naming ``path``
+    and where it was looked for. Never runs repository code
+    (``trust_remote_code=False``). If the tokenizer has no pad token, its eos
+    token is used for padding (padding positions are masked anyway); with
+    neither it is a ``UserError``.
     """
+    from jaxpost.hub import resolve_tokenizer_dir
+
+    where = resolve_tokenizer_dir(path)  # first: a wrong path fails before transformers' slow import
     from transformers import AutoTokenizer
 
-    where = str(path)
-    if Path(where).exists() and not Path(where).is_dir():
-        raise ValueError(f"{where} is a file; pass the tokenizer directory")
-    tok = AutoTokenizer.from_pretrained(where, trust_remote_code=False)
+    try:
+        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=False)
+    except (OSError, ValueError) as e:  # unreadable files, unknown tokenizer class
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"tokenizer {str(path)!r}: could not load {where} ({first}); it must be a Hugging Face "
+                        "tokenizer directory (tokenizer.json / tokenizer_config.json) that needs no remote code") \
+            from e
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
-            raise ValueError(f"Tokenizer {where} has neither a pad nor an eos token")
+            raise UserError(f"tokenizer {where} has neither a pad nor an eos token; add one (pad_token or "
+                            "eos_token in its tokenizer_config.json)")
         tok.pad_token = tok.eos_token
     return tok
 
 
+_PROBE = "jaxpost-end-of-turn-probe"
+"""Assistant content whose rendering by a chat template shows what follows a turn's content."""
+
+_KNOWN_END_OF_TURN = (IM_END, "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|eot|>")
+"""Fallback for tokenizers whose chat template is absent or cannot render a probe conversation."""
+
+
+def _turn_suffix(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The text a chat template puts after an assistant turn's content; None without a renderable template.
+
+    A user turn and an assistant turn whose content is a probe string are
+    rendered (then the assistant turn alone, for templates that must start
+    with it); what follows the probe is the suffix.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    for conversation in ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}],
+                         [{"role": "assistant", "content": _PROBE}]):
+        try:
+            text = tokenizer.apply_chat_template(conversation, tokenize=False)
+        except Exception:  # noqa: BLE001 - templates raise anything (jinja errors, raise_exception(...))
+            continue
+        if isinstance(text, str) and _PROBE in text:
+            return text[text.rindex(_PROBE) + len(_PROBE):]
+    return None
+
+
+def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The special token the chat template puts right after an assistant turn's content, or None.
+
+    Read from the template itself (:func:`_turn_suffix`): the first token
+    after the content, whitespace skipped, when it is a special token
+    (``<|im_end|>`` for ChatML and Qwen, ``<|eot_id|>`` for Llama 3,
+    ``<end_of_turn>`` for Gemma, ``<|end|>`` for Phi-3, ``</s>`` for Llama 2
+    and Mistral). None when there is no renderable template or plain text
+    follows the content.
+    """
+    suffix = _turn_suffix(tokenizer)
+    if not suffix:
+        return None
+    special = set(tokenizer.all_special_ids) | {
+        i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+    for tid in tokenizer.encode(suffix, add_special_tokens=False):
+        if tid in special:
+            return int(tid)
+        if tokenizer.decode([tid]).strip():
+            return None  # text, not a marker, ends the turn (e.g. "### User:")
+    return None
+
+
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Ids that end a generation: eos and the chat end-of-turn marker if present."""
+    """Ids that end a generation: eos, then the chat template's end-of-turn token (:func:`end_of_turn_id`).
+
+    The sampler stops on these, and exported models carry them as
+    ``generation_config.json``'s ``eos_token_id`` so that ``transformers``
+    stops at the same place. A tokenizer without a renderable template
+    falls back to the known end-of-turn markers in its vocabulary
+    (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ``<|end|>``, ``<|eot|>``).
+    """
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for marker in (IM_END, "<|eot_id|>", "<end_of_turn>"):
-        tid = tokenizer.convert_tokens_to_ids(marker)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in ids \
-                and marker in tokenizer.get_vocab():
-            ids.append(tid)
+    if _turn_suffix(tokenizer) is not None:
+        eot = end_of_turn_id(tokenizer)
+        return ids + [eot] if eot is not None and eot not in ids else ids
+    vocab = tokenizer.get_vocab()
+    for marker in _KNOWN_END_OF_TURN:
+        tid = vocab.get(marker)
+        if tid is not None and tid not in ids:
+            ids.append(int(tid))
     return ids

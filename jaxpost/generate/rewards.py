@@ -15,6 +15,18 @@ result has one finite float per completion.
 Register with ``@register_reward("name")``; pick by name with
 :func:`get_reward` or, in gin, ``make_reward.names = ["arithmetic", "format"]``
 (a weighted sum of several rewards).
+
+Your own reward function plugs in without touching jaxpost: wherever a
+reward name goes, ``module:function`` (a module in the current directory or
+on ``sys.path``) or ``path/to/file.py:function`` (relative to the current
+directory) names it directly::
+
+    jaxpost train --gin_file=configs/runs/grpo.gin ... --gin.make_reward.names="['my_rewards:exact']"
+
+or ``jaxpost train --import my_rewards`` (or ``import my_rewards`` at the top
+of a gin file) imports a module whose ``@register_reward("mine")`` makes
+``"mine"`` a name. A spec that does not resolve is a
+:class:`jaxpost.errors.UserError` naming it.
 """
 
 from __future__ import annotations
@@ -24,6 +36,9 @@ import re
 from typing import Callable, Sequence
 
 import gin
+
+from jaxpost.config import import_object
+from jaxpost.errors import UserError
 
 RewardFn = Callable[..., list[float]]
 REWARDS: dict[str, RewardFn] = {}
@@ -42,11 +57,30 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
     return add
 
 
+class UnknownRewardError(UserError, KeyError):
+    """A reward name that is neither registered nor a ``module:function`` spec (a ``KeyError`` as before)."""
+
+    __str__ = UserError.__str__  # KeyError's would print the message in quotes
+
+
 def get_reward(name: str) -> RewardFn:
-    """The registered reward function ``name`` (``KeyError`` lists the known names)."""
-    if name not in REWARDS:
-        raise KeyError(f"unknown reward {name!r}; registered: {sorted(REWARDS)}")
-    return REWARDS[name]
+    """The reward function ``name``: a registered name, ``module:function`` or ``path/to/file.py:function``.
+
+    A spec is imported (:func:`jaxpost.config.import_object`) and must name
+    a callable. An unknown name raises :class:`UnknownRewardError` listing
+    the registered names; a spec that does not import or names no callable
+    raises :class:`jaxpost.errors.UserError` naming it.
+    """
+    if name in REWARDS:
+        return REWARDS[name]
+    if isinstance(name, str) and ":" in name:
+        fn = import_object(name, "reward")
+        if not callable(fn):
+            raise UserError(f"reward {name!r} is a {type(fn).__name__}, not a function "
+                            f"fn(prompts, completions, **row_fields) -> list[float]")
+        return fn
+    raise UnknownRewardError(f"unknown reward {name!r}; registered: {sorted(REWARDS)}; or name your own function as "
+                             f"'module:function' or 'path/to/file.py:function'")
 
 
 def _field(fields: dict, name: str, n: int, reward: str) -> list:
@@ -154,5 +188,5 @@ def make_reward(names: str | Sequence[str] = ("arithmetic",), weights: Sequence[
             total = [t + w * float(v) for t, v in zip(total, values)]
         return total
 
-    combined.__name__ = "+".join(names)
+    combined.__name__ = "+".join(str(n) for n in names)
     return combined

@@ -196,3 +196,35 @@ class ModelConfig:
             n += self.vocab_size * self.hidden_size
         attn = 12 * self.num_layers * self.num_heads * self.dim_per_head * seq_len
         return 6.0 * n + attn
+
+
+def _gin_literal(value: Any) -> str:
+    """``value`` as a gin (Python) literal; tuples/lists of names stay tuples/lists."""
+    if isinstance(value, (bool, int, float, str, tuple, list)) or value is None:
+        return repr(value)
+    raise TypeError(f"cannot write {type(value).__name__} value {value!r} as a gin literal")
+
+
+def model_config_gin(config: ModelConfig) -> str:
+    """``config`` as gin binding lines that rebuild it exactly: ``ModelConfig.hidden_size = 128`` ...
+
+    One line per field of :class:`ModelConfig`, defaults included, in field
+    order; a nested :class:`RopeScaling` or :class:`LoraConfig` is written as
+    ``ModelConfig.lora = @LoraConfig()`` followed by its own fields' lines.
+    Parsing the text with gin and calling ``ModelConfig()`` gives back a
+    config equal to ``config`` (so it records what a run used, e.g. the
+    shapes read from an ``init_from`` checkpoint). Returns the text with a
+    trailing newline.
+    """
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"model_config_gin needs a ModelConfig, got {type(config).__name__}")
+    lines, nested = [], []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            name = type(value).__name__
+            lines.append(f"ModelConfig.{f.name} = @{name}()")
+            nested += [f"{name}.{g.name} = {_gin_literal(getattr(value, g.name))}" for g in dataclasses.fields(value)]
+        else:
+            lines.append(f"ModelConfig.{f.name} = {_gin_literal(value)}")
+    return "\n".join(lines + nested) + "\n"

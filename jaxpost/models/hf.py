@@ -10,6 +10,7 @@ jaxpost's convention, so q/k need no permutation.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -20,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpost import paths
+from jaxpost.hub import resolve_model_dir
 from jaxpost.models.api import abstract, logical_axes
 from jaxpost.models.config import ModelConfig, RopeScaling
 from jaxpost.models.safetensors_io import SafetensorsFile, save_file
@@ -43,8 +46,10 @@ def hf_config_to_model_config(hf: dict, dtype=None) -> ModelConfig:
     Reads both the transformers >= 5 layout (``rope_parameters``) and the
     older one (``rope_theta`` + ``rope_scaling``). ``dtype`` sets
     ``param_dtype`` and ``dtype``; by default the checkpoint's own
-    (``dtype``/``torch_dtype``, else float32). Raises ``ValueError`` naming
-    the field for anything the model cannot represent.
+    (``dtype``/``torch_dtype``, else float32). Fields config.json does not
+    describe (``lora``, ``remat``, ``attention``...) are the dataclass
+    defaults, whatever gin binds. Raises ``ValueError`` naming the field for
+    anything the model cannot represent.
     """
     archs = hf.get("architectures") or []
     arch = archs[0] if archs else None
@@ -97,14 +102,18 @@ def hf_config_to_model_config(hf: dict, dtype=None) -> ModelConfig:
     if dtype is None:
         dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
     dtype = _dtype_name(dtype)
-    return ModelConfig(
+    # Every field is passed, the unmapped ones at their dataclass defaults: ModelConfig is gin-configurable,
+    # and a field left out would silently take the run's gin binding (e.g. ``ModelConfig.lora`` from
+    # lora.gin), so the same config.json would read differently depending on the run's config.
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{**defaults, **dict(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
         num_layers=hf["num_hidden_layers"], num_heads=n_heads,
         num_kv_heads=hf.get("num_key_value_heads") or n_heads, head_dim=head_dim,
         rope_theta=float(rope["rope_theta"]), rope_scaling=scaling, rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=family == "qwen2",
         qk_norm=family == "qwen3", max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        head=head, dtype=dtype, param_dtype=dtype, architecture=family, sliding_window=window)
+        head=head, dtype=dtype, param_dtype=dtype, architecture=family, sliding_window=window)})
 
 
 def model_config_to_hf_config(config: ModelConfig, dtype=None) -> dict:
@@ -209,7 +218,7 @@ def _checkpoint_files(path: Path) -> dict[str, str]:
 
 
 def load_hf(path: str | os.PathLike, partitioner=None, dtype=None):
-    """Loads a local Hugging Face checkpoint directory -> ``(config, graphdef, params)``.
+    """Loads a Hugging Face checkpoint directory (or Hub name, :mod:`jaxpost.hub`) -> ``(config, graphdef, params)``.
 
     Reads tensor by tensor (memory-mapped), transposes linear weights to
     ``[in, out]``, casts to ``dtype`` (default: the checkpoint's dtype) and,
@@ -217,7 +226,7 @@ def load_hf(path: str | os.PathLike, partitioner=None, dtype=None):
     Raises ``KeyError`` naming a missing tensor and ``ValueError`` naming a
     mis-shaped one with expected and actual shapes.
     """
-    path = Path(path)
+    path = Path(resolve_model_dir(path, key=None))  # a directory, or a Hub name through the hub cache
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{cfg_file} not found")
@@ -265,10 +274,21 @@ def save_hf(path: str | os.PathLike, config: ModelConfig, params: dict, dtype=No
     (default ``config.param_dtype``); above ``max_shard_bytes`` they are
     split into ``model-0000k-of-0000n.safetensors`` with an index. Tensors
     are gathered to the host one shard file at a time. ``extra_config`` is
-    merged into config.json (e.g. token ids).
+    merged into config.json (e.g. token ids), ``generation_config`` into
+    generation_config.json (e.g. a list of stop ids as ``eos_token_id``).
+
+    A local ``path`` (relative to the working directory) is created if
+    needed and each file in it is replaced atomically; other files in it
+    are kept. A ``gs://`` URL is written to a local directory first and
+    uploaded as a whole (:func:`jaxpost.paths.staged_dir`), replacing what
+    was there.
     """
-    path = Path(path)
     model_config_to_hf_config(config)  # fail on an unexportable config (e.g. unmerged LoRA) before writing
+    if paths.is_remote(path):  # safetensors are written to local files only
+        with paths.staged_dir(path) as local:
+            save_hf(local, config, params, dtype, max_shard_bytes, extra_config, generation_config)
+        return
+    path = Path(os.fspath(paths.resolve(path)))
     path.mkdir(parents=True, exist_ok=True)
     dtype = jnp.dtype(dtype or config.param_dtype)
     entries = weight_map(config)
@@ -294,10 +314,10 @@ def save_hf(path: str | os.PathLike, config: ModelConfig, params: dict, dtype=No
         save_file(tensors, path / name, metadata={"format": "pt"})
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_files.items()))}
-        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        paths.atomic_write_text(path / "model.safetensors.index.json", json.dumps(index, indent=2))
     hf = model_config_to_hf_config(config, dtype=dtype)
     hf.update(extra_config or {})
-    (path / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
+    paths.atomic_write_text(path / "config.json", json.dumps(hf, indent=2, sort_keys=True))
     gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(k) is not None}
     gen.update(generation_config or {})
-    (path / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True))
+    paths.atomic_write_text(path / "generation_config.json", json.dumps(gen, indent=2, sort_keys=True))

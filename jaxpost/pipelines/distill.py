@@ -32,14 +32,18 @@ from typing import Any
 import gin
 import jax
 import numpy as np
+from etils import epath
 
-from jaxpost import models
+from jaxpost import models, paths
 from jaxpost.algorithms import make_sft_eval, make_sft_loss
 from jaxpost.algorithms.distill import check_same_vocab, make_cached_distill_loss, make_distill_loss
-from jaxpost.data import DataStats, load_rows, load_tokenizer, make_lm_pipeline, train_eval_split
+from jaxpost.config import build, build_if_bound
+from jaxpost.data import DataStats, check_run_inputs, make_lm_pipeline, train_eval_split
 from jaxpost.data.encode import pad_id
 from jaxpost.data.tokenizer import stop_token_ids
+from jaxpost.errors import UserError
 from jaxpost.generate import SamplingConfig, generate_to_jsonl
+from jaxpost.hub import resolve_model_dir
 from jaxpost.generate.sampler import Sampler, left_pad
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.hf import hf_config_to_model_config
@@ -55,15 +59,15 @@ MODES = ("offline", "sequence", "on_policy")
 
 
 @gin.configurable
-def distill(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: str = gin.REQUIRED,
+def distill(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: str | None = None,
             teacher_from: str | None = None, model: ModelConfig | None = None, init_from: str | None = None,
             mode: str = "offline", divergence: str = "forward_kl", temperature: float = 1.0, alpha: float = 1.0,
             beta: float = 0.5, lmbda: float = 0.5, teacher_cache: str | None = None, top_k: int = 0,
             eval_data: str | None = None, eval_fraction: float | None = None, seq_len: int = 512,
             batch_size: int = 8, packing: bool = True, max_prompt_len: int | None = None,
-            sampling: SamplingConfig = SamplingConfig(), teacher_samples_per_prompt: int = 1,
+            sampling: SamplingConfig | None = None, teacher_samples_per_prompt: int = 1,
             teacher_batch_size: int = 8,
-            chunk_size: int = 128, loop: LoopConfig = LoopConfig()) -> dict:
+            chunk_size: int = 128, loop: LoopConfig | None = None) -> dict:
     """Distils ``teacher_from`` (an HF directory) into the student; exports ``run_dir/final``.
 
     ``model`` (a fresh student) or ``init_from`` (an HF directory) gives the
@@ -79,7 +83,13 @@ def distill(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokeniz
     sampler call): the teacher's sampling in ``sequence`` mode.
     Summary: step, data counts, and held-out ``eval/*`` metrics (the
     distillation loss terms with a live teacher, else SFT loss/accuracy).
+    ``sampling`` (default ``SamplingConfig()``), ``loop`` (``LoopConfig()``) and ``model`` (``ModelConfig()``
+    where gin binds any of its fields) are built at call time with gin's bindings.
     """
+    # Built here, at call time, so that bindings of SamplingConfig/LoopConfig/ModelConfig apply without
+    # `distill.loop = @LoopConfig()` (a default built at import time would ignore them).
+    sampling, loop = build(SamplingConfig, sampling), build(LoopConfig, loop)
+    model = build_if_bound(ModelConfig, model)
     if mode not in MODES:
         raise ValueError(f"Unknown distillation mode {mode!r}; choose one of {MODES}")
     if mode != "offline" and teacher_cache is not None:
@@ -102,22 +112,20 @@ def distill(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokeniz
 
     if teacher_from is not None and not cached_ready and model is not None and init_from is None:
         # Fail before any weights are built or read.
-        t_hf = json.loads((Path(teacher_from) / "config.json").read_text())
+        t_dir = Path(resolve_model_dir(teacher_from, key="distill.teacher_from"))
+        t_hf = json.loads((t_dir / "config.json").read_text())
         check_same_vocab(model, hf_config_to_model_config(t_hf))
+    tok, rows = check_run_inputs("distill", train_data=train_data, kind="lm", tokenizer=tokenizer,
+                                 init_from=init_from, model=model, eval_data=eval_data)
     run = prepare_run_dir(run_dir)
     part = Partitioner()
-    tok = load_tokenizer(tokenizer)
     config, graphdef, params = load_model(model, init_from, part, seed=loop.seed)
     teacher = None
     if teacher_from is not None and not cached_ready:
         t_config, t_graphdef, t_params = load_model(None, teacher_from, part)
         check_same_vocab(config, t_config)
         teacher = (t_config, t_graphdef, t_params)
-    if len(tok) > config.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer} has {len(tok)} tokens but the student's vocab_size is "
-                         f"{config.vocab_size}")
 
-    rows = load_rows(train_data)
     held_out = None
     if eval_data or eval_fraction:
         rows, held_out = train_eval_split(rows, eval_path=eval_data, eval_fraction=None if eval_data else eval_fraction,
@@ -126,7 +134,9 @@ def distill(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokeniz
         return _on_policy(run, part, tok, config, graphdef, params, teacher, rows, held_out, divergence=divergence,
                           temperature=temperature, beta=beta, top_k=top_k, lmbda=lmbda, seq_len=seq_len,
                           batch_size=batch_size, max_prompt_len=max_prompt_len, sampling=sampling,
-                          chunk_size=chunk_size, loop=loop)
+                          chunk_size=chunk_size, loop=loop,
+                          card=dict(method="distill", init_from=init_from,
+                                    data={"train": train_data, "eval": eval_data}))
 
     param_shardings = part.shardings(models.logical_axes(config), params)
     host_batch = batch_size // jax.process_count()
@@ -134,6 +144,7 @@ def distill(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokeniz
     frozen = frozen_shardings = None
     eval_loss = None
     extra: dict[str, Any] = {}
+    epoch_batches = None  # one epoch of the training stream, for LoopConfig.num_epochs (not with a teacher cache)
     if mode == "sequence":
         rows = _teacher_samples(run, rows, tok, teacher, sampling, teacher_samples_per_prompt, part, loop.seed,
                                 batch_size=teacher_batch_size)
@@ -142,6 +153,8 @@ def distill(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokeniz
         loss_fn = make_sft_loss(graphdef, config, chunk_size)
         batches = MeshBatches(make_lm_pipeline(rows, tok, seq_len, host_batch, loop.seed, packing=packing,
                                                stats=stats), part)
+        epoch_batches = lambda: make_lm_pipeline(rows, tok, seq_len, host_batch, loop.seed, packing=packing,
+                                                 num_epochs=1)
     elif teacher_cache is not None:
         if not cached_ready:
             with part.activate():
@@ -167,6 +180,8 @@ def distill(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokeniz
         eval_loss = loss_fn
         batches = MeshBatches(make_lm_pipeline(rows, tok, seq_len, host_batch, loop.seed, packing=packing,
                                                stats=stats), part)
+        epoch_batches = lambda: make_lm_pipeline(rows, tok, seq_len, host_batch, loop.seed, packing=packing,
+                                                 num_epochs=1)
 
     evaluate = None
     if held_out is not None:
@@ -179,14 +194,16 @@ def distill(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokeniz
     flops = config.flops_per_token(seq_len) * batch_size * seq_len
     if teacher is not None:  # a teacher forward is a third of a train step of its size
         flops += teacher[0].flops_per_token(seq_len) * batch_size * seq_len / 3
+    run_info: dict = {}  # fit's decisions: num_steps from epochs, best state, early stop
     with part.activate():
         state = fit(run_dir=run, loss_fn=loss_fn, params=params, param_shardings=param_shardings, partitioner=part,
                     batches=batches, loop=loop, frozen=frozen, frozen_shardings=frozen_shardings, evaluate=evaluate,
-                    flops_per_step=flops, data_stats=stats)
-        summary = {"step": int(state.step), "mode": mode, **extra}
+                    flops_per_step=flops, data_stats=stats, epoch_batches=epoch_batches, summary=run_info)
+        summary = {"step": int(state.step), "mode": mode, **extra, **run_info}
         if stats is not None:
             summary.update(report_data_stats(stats, "distillation"))
-    return finish_run(run, config, state, tok, summary, evaluate)
+    return finish_run(run, config, state, tok, summary, evaluate, method="distill", init_from=init_from,
+                      data={"train": train_data, "eval": eval_data})
 
 
 def prompt_of(row: dict) -> Any:
@@ -205,20 +222,17 @@ def prompt_of(row: dict) -> Any:
     raise ValueError(f"cannot find a prompt in a row with fields {sorted(row)} (need 'prompt' or 'messages')")
 
 
-def _teacher_samples(run: Path, rows: Any, tok: Any, teacher: tuple, sampling: SamplingConfig, n: int,
+def _teacher_samples(run: epath.Path, rows: Any, tok: Any, teacher: tuple, sampling: SamplingConfig, n: int,
                      part: Partitioner, seed: int, batch_size: int = 8) -> list[dict]:
     """Teacher completions of the rows' prompts as prompt/completion rows (generated once per run dir)."""
     out = run / "teacher_samples.jsonl"
     if not out.exists():  # a resumed run reuses the samples its checkpoints were trained on
         prompts = run / "teacher_prompts.jsonl"
-        with prompts.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps({"prompt": prompt_of(row)}, ensure_ascii=False) + "\n")
-        tmp = out.with_suffix(".partial")
-        with part.activate():
-            generate_to_jsonl(teacher, tok, prompts, tmp, sampling=sampling.replace(pad_token_id=pad_id(tok)),
+        paths.atomic_write_text(prompts, "".join(json.dumps({"prompt": prompt_of(row)}, ensure_ascii=False) + "\n"
+                                                 for row in rows))
+        with part.activate():  # generate_to_jsonl writes atomically: ``out`` exists only once complete
+            generate_to_jsonl(teacher, tok, prompts, out, sampling=sampling.replace(pad_token_id=pad_id(tok)),
                               n_samples_per_prompt=n, batch_size=batch_size, seed=seed, partitioner=part)
-        tmp.rename(out)
     samples = []
     for line in out.read_text(encoding="utf-8").splitlines():
         r = json.loads(line)
@@ -254,9 +268,15 @@ def batch_prompts(batch: dict, max_prompt_len: int, pad: int) -> tuple[np.ndarra
 def _on_policy(run: Path, part: Partitioner, tok: Any, config: ModelConfig, graphdef, params, teacher: tuple,
                rows: Any, held_out: Any, *, divergence: str, temperature: float, beta: float, top_k: int, lmbda: float,
                seq_len: int, batch_size: int, max_prompt_len: int | None, sampling: SamplingConfig,
-               chunk_size: int, loop: LoopConfig) -> dict:
-    """GKD: per step, with probability ``lmbda`` the responses are the student's samples; teacher scores all."""
+               chunk_size: int, loop: LoopConfig, card: dict) -> dict:
+    """GKD: per step, with probability ``lmbda`` the responses are the student's samples; teacher scores all.
+
+    ``card``: :func:`export`'s model-card arguments (``method``, ``init_from``, ``data``).
+    """
     check_single_process("on-policy distillation")
+    if loop.num_epochs is not None or loop.best_metric is not None:
+        raise UserError("on-policy distillation trains for LoopConfig.num_steps rollouts; num_epochs, best_metric, "
+                        "export_best and patience are for offline runs: unset them")
     P = max_prompt_len or seq_len // 2
     if not 0 < P < seq_len:
         raise ValueError(f"max_prompt_len={P} must be in (0, seq_len={seq_len}): the rest holds sampled responses")
@@ -313,6 +333,6 @@ def _on_policy(run: Path, part: Partitioner, tok: Any, config: ModelConfig, grap
         with part.activate():
             summary.update({f"eval/{k}": v for k, v in evaluate(trainer.state).items()})
     write_operative_config(run)
-    export(run, config, trainer.state.params, tok)
+    export(run, config, trainer.state.params, tok, summary=summary, **card)
     write_summary(run, summary)
     return summary

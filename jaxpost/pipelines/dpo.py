@@ -18,7 +18,8 @@ import jax
 
 from jaxpost import models
 from jaxpost.algorithms import make_dpo_loss
-from jaxpost.data import DataStats, load_rows, load_tokenizer, make_preference_pipeline, train_eval_split
+from jaxpost.config import build, build_if_bound
+from jaxpost.data import DataStats, check_run_inputs, make_preference_pipeline, train_eval_split
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.lora import with_base_reference, without_adapters
 from jaxpost.pipelines.common import (finish_run, LoopConfig, MeshBatches, fit, load_model, make_evaluator,
@@ -29,11 +30,11 @@ from jaxpost.train import make_eval_step
 
 
 @gin.configurable
-def dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: str = gin.REQUIRED,
+def dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: str | None = None,
         model: ModelConfig | None = None, init_from: str | None = None, reference_from: str | None = None,
         precompute_reference: bool = False, eval_data: str | None = None, eval_fraction: float | None = None,
         seq_len: int = 512, batch_size: int = 8, max_prompt_len: int | None = None, packing: bool = False,
-        shared_prompt: bool = False, loop: LoopConfig = LoopConfig()) -> dict:
+        shared_prompt: bool = False, loop: LoopConfig | None = None) -> dict:
     """Trains a policy on preference pairs with the loss ``make_dpo_loss`` is configured with.
 
     ``packing``: padding-free batches, several whole pairs per row of
@@ -48,16 +49,19 @@ def dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
     Summary: final step, data counts and, with held-out pairs,
     ``eval/rewards/accuracies`` (fraction of pairs whose implicit reward
     ranks chosen above rejected), ``eval/rewards/margins`` and ``eval/loss``.
+    ``loop`` and ``model`` default as in :func:`jaxpost.pipelines.sft.sft`.
     """
+    # Built here, at call time, so that bindings of LoopConfig/ModelConfig apply without `dpo.loop = @LoopConfig()`.
+    loop, model = build(LoopConfig, loop), build_if_bound(ModelConfig, model)
+    tok, rows = check_run_inputs("dpo", train_data=train_data, kind="preference", tokenizer=tokenizer,
+                                 init_from=init_from, model=model, eval_data=eval_data)
     run = prepare_run_dir(run_dir)
     part = Partitioner()
-    tok = load_tokenizer(tokenizer)
     config, graphdef, params = load_model(model, init_from, part, seed=loop.seed)
     param_shardings = part.shardings(models.logical_axes(config), params)
     loss_fn = make_dpo_loss(graphdef, config)
     kind = loss_fn.kind
 
-    rows = load_rows(train_data)
     held_out = None
     if eval_data or eval_fraction:
         rows, held_out = train_eval_split(rows, eval_path=eval_data,
@@ -97,12 +101,15 @@ def dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
                                   lambda: MeshBatches(pipeline(held_out, num_epochs=1, shuffle=False), part),
                                   loop.eval_batches, frozen=frozen)
 
+    run_info: dict = {}  # fit's decisions: num_steps from epochs, best state, early stop
     with part.activate():
         state = fit(run_dir=run, loss_fn=loss_fn, params=params, param_shardings=param_shardings, partitioner=part,
                     batches=batches, loop=loop, frozen=frozen, frozen_shardings=frozen_shardings, evaluate=evaluate,
-                    data_stats=stats, flops_per_step=_dpo_flops(config, seq_len, batch_size, online_reference))
-        summary = {"step": int(state.step), "loss_kind": kind, **report_data_stats(stats, "DPO")}
-    return finish_run(run, config, state, tok, summary, evaluate)
+                    data_stats=stats, flops_per_step=_dpo_flops(config, seq_len, batch_size, online_reference),
+                    epoch_batches=lambda: pipeline(rows, seed=loop.seed, num_epochs=1), summary=run_info)
+        summary = {"step": int(state.step), "loss_kind": kind, **run_info, **report_data_stats(stats, "DPO")}
+    return finish_run(run, config, state, tok, summary, evaluate, method="dpo", init_from=init_from,
+                      data={"train": train_data, "eval": eval_data})
 
 
 def _dpo_flops(config: ModelConfig, seq_len: int, batch_size: int, with_reference: bool) -> float:

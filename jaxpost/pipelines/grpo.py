@@ -23,7 +23,8 @@ import numpy as np
 from jaxpost import models
 from jaxpost.algorithms import LM_KEYS
 from jaxpost.algorithms.online import make_grpo_loss
-from jaxpost.data import load_rows, load_tokenizer, make_prompt_pipeline
+from jaxpost.config import build, build_if_bound
+from jaxpost.data import check_run_inputs, make_prompt_pipeline
 from jaxpost.losses.grpo import group_advantages, rloo_advantages
 from jaxpost.models.config import ModelConfig
 from jaxpost.pipelines.common import export, load_model, prepare_run_dir, write_operative_config, write_summary
@@ -46,24 +47,31 @@ def compute_advantages(scores: np.ndarray, group_size: int, kind: str) -> np.nda
 
 
 @gin.configurable
-def grpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: str = gin.REQUIRED,
+def grpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: str | None = None,
          model: ModelConfig | None = None, init_from: str | None = None, advantage: str = "grpo",
-         rollout: RolloutConfig = RolloutConfig(group_size=8), online: OnlineConfig = OnlineConfig(),
+         rollout: RolloutConfig | None = None, online: OnlineConfig | None = None,
          num_iterations: int = 1, minibatch_size: int | None = None) -> dict:
     """Trains a policy with GRPO/RLOO from prompt-only data; exports ``run_dir/final``.
 
     ``advantage``: ``grpo``, ``dr_grpo`` or ``rloo``. The reference (for
     ``beta`` and the logged ``objective/kl``) is a frozen copy of the
     initial policy, or under LoRA the base with adapters off. Summary: the last rollout's metrics.
+    ``rollout`` (default: ``RolloutConfig(group_size=8)``), ``online`` (``OnlineConfig()``) and ``model``
+    (``ModelConfig()`` where gin binds any of its fields) are built at call time with gin's bindings.
     """
+    # Built here, at call time, so that bindings of RolloutConfig/OnlineConfig/ModelConfig apply without
+    # `grpo.rollout = @RolloutConfig()`; the run's own defaults yield to gin's bindings.
+    rollout, online = build(RolloutConfig, rollout, group_size=8), build(OnlineConfig, online)
+    model = build_if_bound(ModelConfig, model)
     check_single_process("GRPO")
     if advantage not in ADVANTAGES:
         raise ValueError(f"Unknown advantage estimator {advantage!r}; choose one of {ADVANTAGES}")
     if rollout.group_size < 2:
         raise ValueError(f"{advantage} needs RolloutConfig.group_size >= 2, got {rollout.group_size}")
+    tok, rows = check_run_inputs("grpo", train_data=train_data, kind="prompt", tokenizer=tokenizer,
+                                 init_from=init_from, model=model)
     run = prepare_run_dir(run_dir)
     part = Partitioner()
-    tok = load_tokenizer(tokenizer)
     config, graphdef, params = load_model(model, init_from, part, seed=online.seed)
     reference = reference_policy(params)
     param_shardings = part.shardings(models.logical_axes(config), params)
@@ -74,7 +82,7 @@ def grpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer:
     loss_fn = make_grpo_loss(graphdef, config, max_len=rollout.max_new_tokens)
     trainer = OnlineTrainer(run, loss_fn, params, param_shardings, part, online, total_updates=updates)
     roller = Roller(graphdef, config, tok, part, make_scorer(part, policy_vocab_size=config.vocab_size), rollout)
-    prompts = make_prompt_pipeline(load_rows(train_data), tok, online.max_prompt_len, online.prompts_per_rollout,
+    prompts = make_prompt_pipeline(rows, tok, online.max_prompt_len, online.prompts_per_rollout,
                                    online.seed, num_epochs=None)
     extras = trainer.restore(prompts) or {"rollout": 0}
     record: dict = {}
@@ -99,7 +107,8 @@ def grpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer:
     finally:
         trainer.close()
     write_operative_config(run)
-    export(run, config, trainer.state.params, tok)
     summary = {"rollout": extras["rollout"], "step": int(trainer.state.step), **record}
+    export(run, config, trainer.state.params, tok, method="grpo", init_from=init_from, data={"prompts": train_data},
+           summary=summary)
     write_summary(run, summary)
     return summary

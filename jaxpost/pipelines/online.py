@@ -19,10 +19,12 @@ import gin
 import jax
 import numpy as np
 
+from jaxpost import paths
 from jaxpost.models.lora import has_adapters, stop_frozen_gradients, without_adapters
 from jaxpost.models.lora import trainable_mask as lora_trainable_mask
 from jaxpost.sharding import Partitioner
-from jaxpost.train import (Checkpointer, MetricsWriter, NonFiniteLossError, abstract_state,
+from jaxpost.train.run_dir import ResumeConfig
+from jaxpost.train import (Checkpointer, MetricsWriter, NonFiniteLossError, abstract_state, format_log_line,
                            abstract_with_shardings, batch_shardings, compile_train_step, init_sharded_state,
                            make_optimizer, make_train_step, state_shardings)
 
@@ -113,14 +115,15 @@ class OnlineTrainer:
         self._step = make_train_step(loss_fn, self.optimizer, mixed_precision=online.mixed_precision)
         self.step_fn = None  # compiled on the first minibatch, whose shapes every later one shares
         self._take = None
-        self.checkpointer = Checkpointer(Path(run_dir) / "checkpoints",
+        self.checkpointer = Checkpointer(paths.resolve(run_dir) / "checkpoints",
                                          save_every=online.save_every or online.num_rollouts,
-                                         keep=online.keep_checkpoints)
+                                         keep=online.keep_checkpoints, resume_from=ResumeConfig().from_step)
         self.writer = MetricsWriter(run_dir)
 
     def restore(self, prompts: Any) -> dict | None:
         """Restores the newest checkpoint (state and prompt position); returns its online extras or None."""
         restored = self.checkpointer.restore_latest(abstract_with_shardings(self.state))
+        self.writer.resume_at(0 if restored is None else restored.step)  # records are per rollout
         if restored is None:
             return None
         self.state = restored.state
@@ -151,7 +154,8 @@ class OnlineTrainer:
         flags = jax.device_get([m["is_finite"] for m in records])
         if not all(bool(f) for f in flags):
             self.checkpointer.wait_until_finished()
-            raise NonFiniteLossError(int(jax.device_get(self.state.step)), self.checkpointer.latest_step())
+            saved = self.checkpointer.all_steps()
+            raise NonFiniteLossError(int(jax.device_get(self.state.step)), saved[-1] if saved else None, saved)
         return mean_metrics(records)
 
     def save(self, rollout: int, prompts: Any, extras: Mapping[str, Any]) -> None:
@@ -162,8 +166,15 @@ class OnlineTrainer:
                                    data_state={"prompts": prompts.get_state(), "online": dict(extras)})
 
     def log(self, rollout: int, record: Mapping[str, Any]) -> None:
-        """Writes one record per rollout (its step is the rollout number)."""
-        self.writer.write(rollout, {k: float(v) for k, v in record.items()})
+        """Writes one record per rollout (its step is the rollout number) and prints its console line.
+
+        The line is the offline loop's (:func:`jaxpost.train.format_log_line`):
+        ``rollout 3/100 | loss ... | lr ... | reward ... | kl ...``, main process only.
+        """
+        values = {k: float(v) for k, v in record.items()}
+        self.writer.write(rollout, values)
+        if jax.process_index() == 0:
+            print(format_log_line(rollout, self.online.num_rollouts, values, unit="rollout"), flush=True)
 
     def close(self) -> None:
         """Waits for pending saves and closes the writers."""

@@ -19,7 +19,8 @@ import numpy as np
 
 from jaxpost import models
 from jaxpost.algorithms import LM_KEYS, make_dpo_loss
-from jaxpost.data import load_rows, load_tokenizer, make_prompt_pipeline
+from jaxpost.config import build, build_if_bound
+from jaxpost.data import check_run_inputs, make_prompt_pipeline
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.lora import has_adapters, with_base_reference
 from jaxpost.pipelines.common import (export, load_model, on_mesh, prepare_run_dir, write_operative_config,
@@ -57,9 +58,9 @@ def pair_batch(host: dict[str, np.ndarray], chosen: np.ndarray, rejected: np.nda
 
 
 @gin.configurable
-def online_dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: str = gin.REQUIRED,
+def online_dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: str | None = None,
                model: ModelConfig | None = None, init_from: str | None = None,
-               rollout: RolloutConfig = RolloutConfig(group_size=2), online: OnlineConfig = OnlineConfig(),
+               rollout: RolloutConfig | None = None, online: OnlineConfig | None = None,
                updates_per_round: int = 1, minibatch_size: int | None = None) -> dict:
     """Trains a policy with online DPO; exports ``run_dir/final``.
 
@@ -67,13 +68,20 @@ def online_dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, toke
     minibatches of ``minibatch_size`` pairs (default: all). A round with no
     valid pair makes no update (``pairs/valid_fraction`` = 0). Summary: the
     last round's metrics.
+    ``rollout`` (default: ``RolloutConfig(group_size=2)``), ``online`` (``OnlineConfig()``) and ``model``
+    (``ModelConfig()`` where gin binds any of its fields) are built at call time with gin's bindings.
     """
+    # Built here, at call time, so that bindings of RolloutConfig/OnlineConfig/ModelConfig apply without
+    # `online_dpo.rollout = @RolloutConfig()`; the run's own defaults yield to gin's bindings.
+    rollout, online = build(RolloutConfig, rollout, group_size=2), build(OnlineConfig, online)
+    model = build_if_bound(ModelConfig, model)
     check_single_process("Online DPO")
     if rollout.group_size < 2:
         raise ValueError(f"online DPO needs RolloutConfig.group_size >= 2, got {rollout.group_size}")
+    tok, rows = check_run_inputs("online_dpo", train_data=train_data, kind="prompt", tokenizer=tokenizer,
+                                 init_from=init_from, model=model)
     run = prepare_run_dir(run_dir)
     part = Partitioner()
-    tok = load_tokenizer(tokenizer)
     config, graphdef, params = load_model(model, init_from, part, seed=online.seed)
     param_shardings = part.shardings(models.logical_axes(config), params)
     reference = reference_policy(params)
@@ -91,7 +99,7 @@ def online_dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, toke
     trainer = OnlineTrainer(run, loss_fn, params, param_shardings, part, online, total_updates=updates,
                             frozen=frozen, frozen_shardings=frozen_shardings)
     roller = Roller(graphdef, config, tok, part, make_scorer(part, policy_vocab_size=config.vocab_size), rollout)
-    prompts = make_prompt_pipeline(load_rows(train_data), tok, online.max_prompt_len, online.prompts_per_rollout,
+    prompts = make_prompt_pipeline(rows, tok, online.max_prompt_len, online.prompts_per_rollout,
                                    online.seed, num_epochs=None)
     extras = trainer.restore(prompts) or {"rollout": 0}
     record: dict = {}
@@ -117,7 +125,8 @@ def online_dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, toke
     finally:
         trainer.close()
     write_operative_config(run)
-    export(run, config, trainer.state.params, tok)
     summary = {"rollout": extras["rollout"], "step": int(trainer.state.step), **record}
+    export(run, config, trainer.state.params, tok, method="online_dpo", init_from=init_from,
+           data={"prompts": train_data}, summary=summary)
     write_summary(run, summary)
     return summary

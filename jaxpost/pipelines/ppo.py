@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from jaxpost import models
 from jaxpost.algorithms import LM_KEYS
 from jaxpost.algorithms.online import make_ppo_loss, ppo_advantages
-from jaxpost.data import load_rows, load_tokenizer, make_prompt_pipeline
+from jaxpost.config import build, build_if_bound
+from jaxpost.data import check_run_inputs, make_prompt_pipeline
 from jaxpost.losses.ppo import AdaptiveKLController
 from jaxpost.models.config import ModelConfig
 from jaxpost.pipelines.common import export, load_model, prepare_run_dir, write_operative_config, write_summary
@@ -36,9 +37,9 @@ from jaxpost.sharding import Partitioner
 
 
 @gin.configurable
-def ppo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: str = gin.REQUIRED,
+def ppo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: str | None = None,
         model: ModelConfig | None = None, init_from: str | None = None, value_from: str | None = None,
-        rollout: RolloutConfig = RolloutConfig(), online: OnlineConfig = OnlineConfig(), ppo_epochs: int = 4,
+        rollout: RolloutConfig | None = None, online: OnlineConfig | None = None, ppo_epochs: int = 4,
         minibatch_size: int | None = None, kl_coef: float = 0.05, kl_target: float | None = None,
         kl_horizon: float = 10000.0, kl_estimator: str = "k1", gamma: float = 1.0, lam: float = 0.95,
         whiten_rewards: bool = False) -> dict:
@@ -50,11 +51,18 @@ def ppo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
     from ``value_from`` (usually the reward model) or the policy's body,
     with a ``score`` head. Exports ``run_dir/final`` (policy) and
     ``run_dir/value``. Summary: the last rollout's metrics.
+    ``rollout`` (default: ``RolloutConfig()``), ``online`` (``OnlineConfig()``) and ``model``
+    (``ModelConfig()`` where gin binds any of its fields) are built at call time with gin's bindings.
     """
+    # Built here, at call time, so that bindings of RolloutConfig/OnlineConfig/ModelConfig apply without
+    # `ppo.rollout = @RolloutConfig()`; the run's own defaults yield to gin's bindings.
+    rollout, online = build(RolloutConfig, rollout), build(OnlineConfig, online)
+    model = build_if_bound(ModelConfig, model)
     check_single_process("PPO")
+    tok, rows = check_run_inputs("ppo", train_data=train_data, kind="prompt", tokenizer=tokenizer,
+                                 init_from=init_from, model=model)
     run = prepare_run_dir(run_dir)
     part = Partitioner()
-    tok = load_tokenizer(tokenizer)
     config, graphdef, policy = load_model(model, init_from, part, seed=online.seed)
     v_config, v_graphdef, value = load_model(model, value_from or init_from, part, seed=online.seed, head="score")
     reference = reference_policy(policy)
@@ -69,7 +77,7 @@ def ppo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
                             total_updates=updates)
     roller = Roller(graphdef, config, tok, part, make_scorer(part, policy_vocab_size=config.vocab_size), rollout,
                     value_graphdef=v_graphdef)
-    prompts = make_prompt_pipeline(load_rows(train_data), tok, online.max_prompt_len, online.prompts_per_rollout,
+    prompts = make_prompt_pipeline(rows, tok, online.max_prompt_len, online.prompts_per_rollout,
                                    online.seed, num_epochs=None)
     advantages = jax.jit(functools.partial(ppo_advantages, kl_estimator=kl_estimator, gamma=gamma, lam=lam,
                                            whiten_rewards=whiten_rewards))
@@ -100,8 +108,10 @@ def ppo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
     finally:
         trainer.close()
     write_operative_config(run)
-    export(run, config, trainer.state.params["policy"], tok)
-    export(run, v_config, trainer.state.params["value"], tok, name="value")
     summary = {"rollout": extras["rollout"], "step": int(trainer.state.step), **record}
+    card = dict(data={"prompts": train_data}, summary=summary)
+    export(run, config, trainer.state.params["policy"], tok, method="ppo", init_from=init_from, **card)
+    export(run, v_config, trainer.state.params["value"], tok, name="value", method="ppo",
+           init_from=value_from or init_from, **card)
     write_summary(run, summary)
     return summary

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
+import os
 from typing import Any, Callable
 
 import datasets
 import jax
 import numpy as np
 
+from jaxpost import paths
 from jaxpost.algorithms.preference import pair_column, pair_sequence_logps
 from jaxpost.pipelines.common import MeshBatches
 from jaxpost.sharding import Partitioner
@@ -46,7 +48,7 @@ def _to_host(tree: dict) -> dict:
 
 
 def with_reference_logps(rows: Any, graphdef, config, ref_params, make_pipeline: Callable, partitioner: Partitioner,
-                         cache_dir: Path) -> datasets.Dataset:
+                         cache_dir: str | os.PathLike) -> datasets.Dataset:
     """``rows`` plus columns ``ref_chosen_logps``/``ref_rejected_logps``, computed once and cached.
 
     ``make_pipeline(rows, num_epochs=1, shuffle=False)`` must yield
@@ -54,10 +56,10 @@ def with_reference_logps(rows: Any, graphdef, config, ref_params, make_pipeline:
     ``cache_dir/ref_logps.npz`` and reused when the run resumes. Rows the
     pipeline drops (counted in its stats) get NaN and stay dropped.
     """
-    cache = Path(cache_dir) / "ref_logps.npz"
+    cache = paths.resolve(cache_dir) / "ref_logps.npz"
     n = len(rows)
     if cache.exists():
-        saved = np.load(cache)
+        saved = np.load(io.BytesIO(cache.read_bytes()))
         chosen, rejected = saved["chosen"], saved["rejected"]
         if len(chosen) != n:
             raise ValueError(f"{cache} holds {len(chosen)} rows but the dataset has {n}; delete it to recompute")
@@ -68,8 +70,9 @@ def with_reference_logps(rows: Any, graphdef, config, ref_params, make_pipeline:
         rejected = np.full(n, np.nan, np.float32)
         chosen[idx], rejected[idx] = c, r
         if jax.process_index() == 0:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(cache, chosen=chosen, rejected=rejected)
+            buf = io.BytesIO()
+            np.savez(buf, chosen=chosen, rejected=rejected)
+            paths.atomic_write_bytes(cache, buf.getvalue())
     if not isinstance(rows, datasets.Dataset):
         rows = datasets.Dataset.from_list(list(rows))
     for name in ("ref_chosen_logps", "ref_rejected_logps"):

@@ -16,7 +16,8 @@ import jax
 
 from jaxpost import models
 from jaxpost.algorithms import make_reward_loss
-from jaxpost.data import DataStats, load_rows, load_tokenizer, make_preference_pipeline, train_eval_split
+from jaxpost.config import build, build_if_bound
+from jaxpost.data import DataStats, check_run_inputs, make_preference_pipeline, train_eval_split
 from jaxpost.models.config import ModelConfig
 from jaxpost.pipelines.common import (finish_run, LoopConfig, MeshBatches, fit, load_model, make_evaluator,
                                       prepare_run_dir, report_data_stats)
@@ -25,11 +26,11 @@ from jaxpost.train import make_eval_step
 
 
 @gin.configurable
-def reward_model(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: str = gin.REQUIRED,
+def reward_model(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: str | None = None,
                  model: ModelConfig | None = None, init_from: str | None = None, eval_data: str | None = None,
                  eval_fraction: float | None = None, seq_len: int = 512, batch_size: int = 8,
                  max_prompt_len: int | None = None, packing: bool = False, shared_prompt: bool = False,
-                 loop: LoopConfig = LoopConfig()) -> dict:
+                 loop: LoopConfig | None = None) -> dict:
     """Trains a Bradley-Terry reward model; exports ``run_dir/final``.
 
     ``packing``: several whole pairs per row of ``2 * seq_len`` tokens (see
@@ -39,15 +40,18 @@ def reward_model(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, to
 
     Summary: final step, data counts and, with held-out pairs, ``eval/accuracy``
     (fraction of pairs ranked correctly), ``eval/margin`` and ``eval/loss``.
+    ``loop`` and ``model`` default as in :func:`jaxpost.pipelines.sft.sft`.
     """
+    # Built here, at call time, so that bindings of LoopConfig/ModelConfig apply without `reward_model.loop = @LoopConfig()`.
+    loop, model = build(LoopConfig, loop), build_if_bound(ModelConfig, model)
+    tok, rows = check_run_inputs("reward_model", train_data=train_data, kind="preference",
+                                 tokenizer=tokenizer, init_from=init_from, model=model, eval_data=eval_data)
     run = prepare_run_dir(run_dir)
     part = Partitioner()
-    tok = load_tokenizer(tokenizer)
     config, graphdef, params = load_model(model, init_from, part, seed=loop.seed, head="score")
     param_shardings = part.shardings(models.logical_axes(config), params)
     loss_fn = make_reward_loss(graphdef, config)
 
-    rows = load_rows(train_data)
     held_out = None
     if eval_data or eval_fraction:
         rows, held_out = train_eval_split(rows, eval_path=eval_data,
@@ -63,9 +67,12 @@ def reward_model(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, to
                                   lambda: MeshBatches(pipeline(held_out, num_epochs=1, shuffle=False), part),
                                   loop.eval_batches)
 
+    run_info: dict = {}  # fit's decisions: num_steps from epochs, best state, early stop
     with part.activate():
         state = fit(run_dir=run, loss_fn=loss_fn, params=params, param_shardings=param_shardings, partitioner=part,
                     batches=batches, loop=loop, evaluate=evaluate, data_stats=stats,
-                    flops_per_step=config.flops_per_token(seq_len) * 2 * batch_size * seq_len)
-        summary = {"step": int(state.step), **report_data_stats(stats, "reward")}
-    return finish_run(run, config, state, tok, summary, evaluate)
+                    flops_per_step=config.flops_per_token(seq_len) * 2 * batch_size * seq_len,
+                    epoch_batches=lambda: pipeline(rows, seed=loop.seed, num_epochs=1), summary=run_info)
+        summary = {"step": int(state.step), **run_info, **report_data_stats(stats, "reward")}
+    return finish_run(run, config, state, tok, summary, evaluate, method="reward_model", init_from=init_from,
+                      data={"train": train_data, "eval": eval_data})

@@ -21,6 +21,7 @@ import gin
 import jax
 import numpy as np
 
+from jaxpost.generate.rewards import get_reward
 from jaxpost.losses.reward import gather_last
 from jaxpost.models import forward
 from jaxpost.models.heads import scores as score_head
@@ -36,8 +37,10 @@ class FunctionScorer:
     raises naming the function and the offending row.
     """
 
-    def __init__(self, functions: Callable | Sequence[Callable], weights: Sequence[float] | None = None):
+    def __init__(self, functions: Callable | str | Sequence[Callable | str], weights: Sequence[float] | None = None):
         self.functions = list(functions) if isinstance(functions, (list, tuple)) else [functions]
+        # A string is a reward name or a 'module:function' / 'path/to/file.py:function' plug-in spec.
+        self.functions = [get_reward(f) if isinstance(f, str) else f for f in self.functions]
         if not self.functions:
             raise ValueError("FunctionScorer needs at least one reward function")
         self.weights = [1.0] * len(self.functions) if weights is None else [float(w) for w in weights]
@@ -101,6 +104,9 @@ def make_scorer(partitioner: Partitioner, reward_functions: Any = None, reward_w
 
     Exactly one must be given; gin binds them (``make_scorer.reward_model =
     'runs/rm/final'`` or ``make_scorer.reward_functions = [@my_reward]``).
+    A string among ``reward_functions`` is a registered reward name or a
+    plug-in spec, ``'my_rewards:exact'`` or ``'path/to/file.py:exact'``
+    (see :mod:`jaxpost.generate.rewards`).
     """
     if (reward_model is None) == (reward_functions is None):
         raise ValueError("Give exactly one reward source: make_scorer.reward_model (a reward model directory) "

@@ -25,26 +25,35 @@ Outputs in ``out_dir`` (``mode`` picks the training sets):
   ``margin = chosen_score - rejected_score``); prompts with fewer than two
   survivors or equal best and worst scores are skipped and counted.
   ``min_score`` does not apply to pairs (the rejected side is meant to be bad).
+* ``stats.json``: the counts of :class:`SynthesisStats`.
+
+Each file is written atomically (:func:`jaxpost.paths.atomic_open`) and
+replaced only when the whole run succeeds, so a failed or interrupted run
+leaves the previous outputs as they were. ``out_dir`` may be relative or a
+``gs://`` URL.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import sys
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import gin
 import jax
 import numpy as np
 
-from jaxpost.data import load_rows, load_tokenizer, make_prompt_pipeline
+from jaxpost import paths
+from jaxpost.config import build, is_object_spec
+from jaxpost.data import check_run_inputs, make_prompt_pipeline
 from jaxpost.data.encode import pad_id
 from jaxpost.data.tokenizer import stop_token_ids
+from jaxpost.errors import UserError
 from jaxpost.generate.sampler import Sampler, SamplingConfig
 from jaxpost.models.hf import load_hf
 from jaxpost.pipelines.common import on_mesh
@@ -53,6 +62,16 @@ from jaxpost.pipelines.scorers import FunctionScorer, RewardModelScorer
 from jaxpost.sharding import Partitioner
 
 MODES = ("best_of_n", "pairs", "all")
+
+
+def output_files(mode: str) -> dict[str, str]:
+    """Output files of ``mode`` in ``out_dir`` (``stats.json`` besides): ``{"samples": "samples.jsonl", ...}``."""
+    files = {"samples": "samples.jsonl"}
+    if mode in ("best_of_n", "all"):
+        files["sft"] = "sft.jsonl"
+    if mode in ("pairs", "all"):
+        files["preference"] = "preference.jsonl"
+    return files
 
 
 def normalise(text: str) -> str:
@@ -112,6 +131,8 @@ def _assistant(prompt: Any, text: str) -> Any:
 
 
 def _make_scorer(scorer: Any, partitioner: Partitioner, vocab_size: int) -> Callable:
+    if is_object_spec(scorer) and not os.path.isdir(scorer):  # 'my_rewards:exact': a plug-in reward function
+        return FunctionScorer(scorer)
     if isinstance(scorer, (str, os.PathLike)):
         return RewardModelScorer(str(scorer), partitioner, policy_vocab_size=vocab_size)
     if callable(scorer) or isinstance(scorer, (list, tuple)):
@@ -122,7 +143,7 @@ def _make_scorer(scorer: Any, partitioner: Partitioner, vocab_size: int) -> Call
 
 @gin.configurable
 def synthesize(model_dir: str = gin.REQUIRED, tokenizer: str | None = None, prompts: str = gin.REQUIRED,
-               out_dir: str = gin.REQUIRED, n_samples: int = 8, sampling: SamplingConfig = SamplingConfig(),
+               out_dir: str = gin.REQUIRED, n_samples: int = 8, sampling: SamplingConfig | None = None,
                scorer: Any = gin.REQUIRED, mode: str = "best_of_n", min_score: float | None = None,
                min_chars: int = 1, max_chars: int | None = None, dedup: bool = True, require_finished: bool = False,
                batch_size: int = 8, max_prompt_len: int = 256, seed: int = 0) -> dict:
@@ -130,41 +151,49 @@ def synthesize(model_dir: str = gin.REQUIRED, tokenizer: str | None = None, prom
 
     ``model_dir``: the policy (HF directory); ``tokenizer`` defaults to it.
     ``scorer``: a reward function ``fn(prompts, completions, **row_fields)``
-    (or a list, summed) or a reward-model directory. ``sampling`` sets
+    (or a list, summed), a ``'module:function'`` plug-in spec, or a reward-model directory. ``sampling`` sets
     temperature/top-k/top-p/``max_new_tokens`` (stop ids default to the
     tokenizer's). Batch ``k`` samples with ``fold_in(PRNGKey(seed), k)``.
+    Raises :class:`UserError` before loading anything for a bad ``mode``,
+    ``n_samples`` or ``max_chars``, and for a ``prompts`` file that is one of
+    the outputs this run would overwrite. The outputs are replaced only when
+    the run succeeds (see the module docstring). ``sampling`` defaults to ``SamplingConfig()`` built at
+    call time, so gin's ``SamplingConfig.*`` bindings apply.
     """
+    sampling = build(SamplingConfig, sampling)  # at call time: a default built at import ignores gin
     if mode not in MODES:
-        raise ValueError(f"Unknown synthesis mode {mode!r}; choose one of {MODES}")
+        raise UserError(f"unknown synthesis mode {mode!r}; choose one of {MODES}")
     if n_samples < 1 or (mode != "best_of_n" and n_samples < 2):
-        raise ValueError(f"n_samples={n_samples}: best_of_n needs >= 1, pairs/all need >= 2 samples per prompt")
+        raise UserError(f"n_samples={n_samples}: best_of_n needs >= 1, pairs/all need >= 2 samples per prompt")
     if max_chars is not None and max_chars < min_chars:
-        raise ValueError(f"max_chars={max_chars} < min_chars={min_chars}")
+        raise UserError(f"max_chars={max_chars} < min_chars={min_chars}; raise max_chars or lower min_chars")
+    out = paths.resolve(out_dir)
+    for name in (*output_files(mode).values(), "stats.json"):
+        if paths.same_file(prompts, out / name):
+            raise UserError(f"prompts {prompts} is the output {name} in {out_dir}, which this run overwrites; "
+                            f"move the prompts elsewhere or pass another output directory")
     if jax.process_count() > 1:
         raise RuntimeError("synthesize runs in one process")
+    tok, prompt_rows = check_run_inputs("synthesize", train_data=prompts, kind="prompt", tokenizer=tokenizer,
+                                        init_from=model_dir, init_key="model_dir", data_key="prompts")
     part = Partitioner()
-    tok = load_tokenizer(tokenizer or model_dir)
     config, graphdef, params = load_hf(model_dir, partitioner=part)
     if len(tok) > config.vocab_size:
-        raise ValueError(f"tokenizer has {len(tok)} tokens but {model_dir} has vocab_size {config.vocab_size}")
+        raise UserError(f"tokenizer has {len(tok)} tokens but {model_dir} has vocab_size {config.vocab_size}; pass "
+                        "the tokenizer the model was trained with")
     score = _make_scorer(scorer, part, config.vocab_size)
     pad = pad_id(tok)
     sampling = sampling.replace(group_size=n_samples, pad_token_id=pad,
                                 stop_token_ids=sampling.stop_token_ids or tuple(stop_token_ids(tok)))
     sampler = Sampler(graphdef, config, sampling, part)
-    it = make_prompt_pipeline(load_rows(prompts), tok, max_prompt_len, batch_size, seed, num_epochs=1, shuffle=False,
+    it = make_prompt_pipeline(prompt_rows, tok, max_prompt_len, batch_size, seed, num_epochs=1, shuffle=False,
                               shard_index=0, shard_count=1)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     stats = SynthesisStats()
     all_scores, best_scores = [], []
-    files = {"samples": (out / "samples.jsonl").open("w", encoding="utf-8")}
-    if mode in ("best_of_n", "all"):
-        files["sft"] = (out / "sft.jsonl").open("w", encoding="utf-8")
-    if mode in ("pairs", "all"):
-        files["preference"] = (out / "preference.jsonl").open("w", encoding="utf-8")
     key = jax.random.PRNGKey(seed)
-    try:
+    # Each output is a temporary file until every block below exits cleanly; any error discards them all.
+    with contextlib.ExitStack() as stack:
+        files = {k: stack.enter_context(paths.atomic_open(out / name)) for k, name in output_files(mode).items()}
         with part.activate():
             for k, batch in enumerate(it):
                 real = np.asarray(batch["prompt_mask"]).any(-1)
@@ -190,13 +219,10 @@ def synthesize(model_dir: str = gin.REQUIRED, tokenizer: str | None = None, prom
                                   r.finished[sl], min_score=min_score, min_chars=min_chars, max_chars=max_chars,
                                   dedup=dedup, require_finished=require_finished, all_scores=all_scores,
                                   best_scores=best_scores)
-    finally:
-        for f in files.values():
-            f.close()
     stats.mean_score_all = float(np.mean(all_scores)) if all_scores else 0.0
     stats.mean_score_best = float(np.mean(best_scores)) if best_scores else 0.0
     result = stats.as_dict()
-    (out / "stats.json").write_text(json.dumps(result, indent=2))
+    paths.atomic_write_text(out / "stats.json", json.dumps(result, indent=2))
     dropped = {k: result[k] for k in ("unfinished", "too_short", "too_long", "duplicate", "sft_below_min_score",
                                       "pairs_skipped_single", "pairs_skipped_tie", "prompts_without_samples")
                if result[k]}

@@ -14,8 +14,9 @@ Typical use::
 """
 
 from jaxpost.train.checkpoint import Checkpointer, Restored, abstract_with_shardings
-from jaxpost.train.loop import CheckpointableIterator, NonFiniteLossError, train
-from jaxpost.train.metrics import MetricsWriter, ProgressBar, mfu, peak_flops_per_device, read_jsonl
+from jaxpost.train.loop import BestCheckpoint, CheckpointableIterator, NonFiniteLossError, train
+from jaxpost.train.metrics import (Console, MetricsWriter, ProgressBar, format_log_line, mfu, peak_flops_per_device,
+                                   read_jsonl)
 from jaxpost.train.optimizer import Optimizer, default_decay_mask, make_optimizer, make_schedule, path_mask
 from jaxpost.train.state import TrainState, abstract_state, init_sharded_state, init_state, state_shardings
 from jaxpost.train.step import (batch_shardings, compile_train_step, make_eval_step, make_train_step, scan_steps,
@@ -23,8 +24,8 @@ from jaxpost.train.step import (batch_shardings, compile_train_step, make_eval_s
 
 __all__ = [
     "Checkpointer", "Restored", "abstract_with_shardings",
-    "CheckpointableIterator", "NonFiniteLossError", "train",
-    "MetricsWriter", "ProgressBar", "mfu", "peak_flops_per_device", "read_jsonl",
+    "BestCheckpoint", "CheckpointableIterator", "NonFiniteLossError", "train",
+    "Console", "MetricsWriter", "ProgressBar", "format_log_line", "mfu", "peak_flops_per_device", "read_jsonl",
     "Optimizer", "default_decay_mask", "make_optimizer", "make_schedule", "path_mask",
     "TrainState", "abstract_state", "init_sharded_state", "init_state", "state_shardings",
     "batch_shardings", "compile_train_step", "make_eval_step", "make_train_step", "scan_steps", "stack_batches",

@@ -13,8 +13,11 @@ Each step directory holds three items saved together with
 * ``config``: ``{"gin": operative config text}`` (``JsonSave``).
 
 Orbax writes a step to ``<step>.orbax-checkpoint-tmp-*`` and renames it when
-complete, so a save interrupted by a crash is never listed as a step and a
-restart falls back to the last complete one.
+complete (on GCS it marks a finished step with ``commit_success.txt``), so a
+save interrupted by a crash is never listed as a step. A listed step that
+cannot be read (a damaged file) is skipped on resume with a warning: the
+newest step that restores is used and the damaged ones are moved to
+``abandoned_checkpoints/`` beside the checkpoint directory, never deleted.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxpost import paths
+from jaxpost.errors import UserError
 from jaxpost.train.state import TrainState
 
 log = logging.getLogger("jaxpost")
@@ -83,14 +88,19 @@ class Checkpointer:
       async_save: write in a background thread; the arrays are copied off the
         devices first, so the caller may donate the state right after
         :meth:`save` returns. Call :meth:`wait_until_finished` before exiting.
+      resume_from: :meth:`restore_latest` restores this step instead of the
+        newest and moves the later steps to ``abandoned_checkpoints/``
+        (``ResumeConfig.from_step``, ``--resume_from_step``).
     """
 
     def __init__(self, directory: str | os.PathLike, save_every: int = 1000, keep: int = 3,
-                 async_save: bool = True):
+                 async_save: bool = True, resume_from: int | None = None):
         if save_every < 1 or keep < 1:
             raise ValueError(f"save_every and keep must be >= 1, got save_every={save_every} keep={keep}")
-        self.directory = os.fspath(directory)
+        # Orbax and TensorStore need absolute paths; a user's run_dir is relative to the cwd.
+        self.directory = os.fspath(paths.resolve(directory))
         self.save_every = save_every
+        self.resume_from = resume_from
         # The save policy is ours (step % save_every == 0); Orbax's would also save the first step.
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=1, max_to_keep=keep, enable_async_checkpointing=async_save,
@@ -184,9 +194,63 @@ class Checkpointer:
         return data.get("process_states") or [data["state"]]
 
     def restore_latest(self, abstract_state: TrainState) -> Restored | None:
-        """:meth:`restore` of :meth:`latest_step`, or None when there is no complete checkpoint."""
-        step = self.latest_step()
-        return None if step is None else self.restore(step, abstract_state)
+        """Restores the newest step that can be read (or ``resume_from``); None when there is none.
+
+        Steps that fail to restore (damaged files) are skipped with a warning
+        naming them and moved to ``abandoned_checkpoints/`` once an older step
+        has restored. When no listed step restores, raises :class:`UserError`
+        naming each step and its error (nothing is moved: the cause may be a
+        changed model rather than damage).
+        """
+        steps = self.all_steps()
+        if self.resume_from is not None:
+            if self.resume_from not in steps:
+                raise UserError(f"--resume_from_step={self.resume_from}: no complete checkpoint for that step in "
+                                f"{self.directory}; saved steps: {steps or 'none'}")
+            restored = self.restore(self.resume_from, abstract_state)
+            later = [s for s in steps if s > self.resume_from]
+            if later:
+                self._abandon(later, f"resuming from step {self.resume_from} as asked")
+            return restored
+        failures = []
+        for step in reversed(steps):
+            try:
+                restored = self.restore(step, abstract_state)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as e:  # tensorstore, JSON, missing files: the step is unreadable
+                log.warning("Checkpoint step %d in %s cannot be restored (%s: %s); trying the previous one.",
+                            step, self.directory, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+                failures.append((step, e))
+                continue
+            if failures:
+                self._abandon([s for s, _ in failures], f"unreadable; resumed from step {step}")
+            return restored
+        if failures:
+            detail = "; ".join(f"step {s}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                               for s, e in failures)
+            raise UserError(f"no checkpoint in {self.directory} can be restored into this run ({detail}). If the "
+                            f"model or optimizer changed, start a new run_dir (or --on_config_change=restart); if "
+                            f"the files are damaged, move the checkpoints away and rerun.")
+        return None
+
+    def _abandon(self, steps: list[int], why: str) -> None:
+        """Moves ``steps`` out of the checkpoint directory to ``../abandoned_checkpoints/<step>``."""
+        aside = paths.resolve(self.directory).parent / "abandoned_checkpoints"
+        if jax.process_index() == 0:
+            for step in steps:
+                src = paths.resolve(self.directory) / str(step)
+                dst = aside / str(step)
+                n = 1
+                while dst.exists():  # an earlier abandoned step of the same number is kept too
+                    dst, n = aside / f"{step}.{n}", n + 1
+                paths.move(src, dst)
+            log.warning("Moved checkpoint step(s) %s to %s (%s).", ", ".join(map(str, steps)), aside, why)
+            print(f"[jaxpost] checkpoint step(s) {', '.join(map(str, steps))} moved to {aside} ({why})", flush=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("jaxpost_abandon_checkpoints")
+        self._manager.reload()
 
     def wait_until_finished(self) -> None:
         """Block until every pending asynchronous save is on disk and finalized."""

@@ -1,0 +1,342 @@
+"""`jaxpost train` from the user's side: --help, --list_keys, one-paragraph errors, run gins, plug-in rewards,
+and no gin binding silently ignored. Nothing here trains: runs stop right after their configs are resolved."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import gin
+import gin.config as gin_config
+import pytest
+
+from jaxpost import cli, config, keys
+from jaxpost.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_SFT = "configs/experiments/demo/sft.gin"
+RUN_GINS = sorted((REPO / "configs" / "runs").glob("*.gin"))
+
+
+@pytest.fixture(autouse=True)
+def clean_gin():
+    config.register_configurables()
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+def _main(capsys, *argv) -> tuple[int, str, str]:
+    rc = cli.main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+# --- --help and --list_keys -----------------------------------------------------------------------------------------
+
+def test_train_help_exits_0_and_documents_the_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--gin_file", "--gin.KEY=VALUE", "--list_keys", "--import", "--debug"):
+        assert flag in out, flag
+
+
+def test_list_keys_of_the_demo_sft_run(capsys):
+    # The demo's data and tokenizer do not exist here: listing must load nothing.
+    rc, out, err = _main(capsys, "train", f"--gin_file={DEMO_SFT}", "--list_keys")
+    assert rc == 0, err
+    assert out.index("Required") < out.index("Optional")
+    required, optional = out.split("Optional", 1)
+    assert "  sft.run_dir: str = REQUIRED  <- 'runs/demo/sft'" in required
+    assert "  sft.train_data: str = REQUIRED  <- 'runs/demo/data/sft.jsonl'" in required
+    assert "LoopConfig.num_steps" not in required
+    # Type, default and the value the gin file binds; the run's sub-configurables are followed.
+    assert re.search(r"^  LoopConfig\.num_steps: int( \| None)? = (100|None)  <- 400$", optional, re.M)
+    assert "  make_optimizer.learning_rate: float = 1e-05  <- 0.003" in optional
+    assert re.search(r"^  sft\.loop: LoopConfig \| None = None  <- @LoopConfig\(\)$", optional, re.M)
+    for key in ("ModelConfig.hidden_size:", "LoraConfig.rank:", "make_mesh.fsdp:", "Partitioner.rules:",
+                "compilation_cache.cache_dir:", "sft.chunk_size:"):
+        assert f"  {key}" in optional, key
+    # A key passed explicitly at every call (make_sft_loss's chunk_size) is not the user's to bind.
+    assert "make_sft_loss.chunk_size" not in out
+    # Docs come from dataclass field comments and from docstrings.
+    assert re.search(r"LoopConfig\.steps_per_call: int = 1\n      optimizer steps per compiled call", optional)
+    assert re.search(r"Partitioner\.rules: .*\n      a preset name from ``PRESETS``", optional)
+
+
+def test_list_keys_of_a_run_gin_shows_unset_required_keys_and_the_methods_defaults(capsys):
+    rc, out, err = _main(capsys, "train", "--gin_file=configs/runs/grpo.gin", "--list_keys")
+    assert rc == 0, err
+    required = out.split("Optional", 1)[0]
+    for key in ("grpo.run_dir", "grpo.train_data", "grpo.init_from", "make_reward.names"):
+        assert re.search(rf"^  {re.escape(key)}: .* <- NOT SET$", required, re.M), key
+    # grpo builds RolloutConfig with group_size=8 unless gin binds it: the listing says so.
+    assert "  RolloutConfig.group_size: int = 8 (grpo's default)  <- 8" in out
+
+
+# --- errors: one paragraph, fast, traceback only with --debug ---------------------------------------------------------
+
+BAD_TYPE = ["train", f"--gin_file={DEMO_SFT}", "--gin.LoopConfig.num_steps=abc"]
+
+
+def test_a_wrongly_typed_value_is_one_fast_paragraph(capsys):
+    start = time.perf_counter()
+    rc, out, err = _main(capsys, *BAD_TYPE)
+    elapsed = time.perf_counter() - start
+    assert rc == 2 and out == ""
+    assert err.startswith("jaxpost: error: LoopConfig.num_steps: expected int")
+    assert "got 'abc'" in err and "--gin.LoopConfig.num_steps=" in err  # where and how to fix
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert elapsed < 1.0, elapsed  # checked after parsing, before anything is loaded
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_debug_shows_the_traceback(capsys, monkeypatch, how):
+    argv = BAD_TYPE + ["--debug"] if how == "flag" else BAD_TYPE
+    if how == "env":
+        monkeypatch.setenv("JAXPOST_DEBUG", "1")
+    rc, _, err = _main(capsys, *argv)
+    assert rc == 2
+    assert "Traceback (most recent call last)" in err and "check_bindings" in err
+    assert err.rstrip().splitlines()[-1].startswith("jaxpost: error: LoopConfig.num_steps: expected int")
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--gin.LoopConfig.num_stepz=3"], "unknown or invalid key: LoopConfig.num_stepz"),
+    (["--gin.SamplingConfig.stop_token_ids=(1, 'x')"], "SamplingConfig.stop_token_ids: expected tuple[int, ...]"),
+    (["--gin.sft.model=3"], "sft.model: expected ModelConfig | None, got 3"),
+    (["--gin_file=configs/runs/nope.gin"], "gin file not found: configs/runs/nope.gin"),
+    (["--import", "no_such_plugin_module"], "--import 'no_such_plugin_module': no module named"),
+])
+def test_user_errors_name_the_key_or_path(capsys, argv, expected):
+    rc, _, err = _main(capsys, "train", f"--gin_file={DEMO_SFT}", *argv)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith("jaxpost: error: ") and expected in err, err
+
+
+def test_an_unset_required_key_is_named_before_the_run_starts(capsys, tmp_path):
+    # With the three keys sft.gin requires the run starts, and the first thing it checks (the data, by other
+    # code) is again one paragraph: a UserError from inside the gin-wrapped run, without gin's call trail.
+    rc, _, err = _main(capsys, "train", "--gin_file=configs/runs/sft.gin", f"--gin.sft.run_dir={tmp_path / 'run'}",
+                       f"--gin.sft.train_data={tmp_path / 'y.jsonl'}", f"--gin.sft.init_from={tmp_path / 'z'}")
+    assert rc == 2 and err.startswith("jaxpost: error: ") and err.count("\n") == 1, err
+    assert "required key" not in err and "In call to configurable" not in err
+    rc, _, err = _main(capsys, "train", "--gin_file=configs/runs/sft.gin", "--gin.sft.run_dir=x")
+    assert rc == 2 and "required key sft.train_data is not set" in err and "--gin.sft.train_data=" in err
+    # Without a run gin: gin.REQUIRED parameters of the method are checked before it is called.
+    rc, _, err = _main(capsys, "train", f"--gin_file={DEMO_SFT}", "--gin.sft.train_data=%gin.REQUIRED")
+    assert rc == 2 and "sft.train_data" in err
+
+
+def test_config_error_is_a_user_error():
+    assert issubclass(config.ConfigError, UserError) and issubclass(config.ConfigError, ValueError)
+
+
+def test_the_installed_command_prints_one_paragraph(tmp_path):
+    # The one subprocess run: what a user sees, from another directory, with the real entry point.
+    proc = subprocess.run([sys.executable, "-m", "jaxpost", *BAD_TYPE[:1], f"--gin_file={REPO / DEMO_SFT}",
+                           *BAD_TYPE[2:]], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "WARNING" not in ln]
+    assert lines == [lines[-1]] and lines[-1].startswith("jaxpost: error: LoopConfig.num_steps: expected int")
+
+
+# --- run gins ---------------------------------------------------------------------------------------------------------
+
+def _run_gin_methods() -> set[str]:
+    methods = set()
+    for path in RUN_GINS:  # run.task may come from an included algorithm gin
+        config.parse([str(path)], finalize=False)
+        methods.add(cli._bound_task())
+    return methods
+
+
+@pytest.mark.parametrize("path", RUN_GINS, ids=[p.stem for p in RUN_GINS])
+def test_run_gins_parse_with_their_required_keys_bound(path):
+    config.parse([str(path)], finalize=False)
+    required = [k for k in keys.run_keys() if k.required]
+    unset = [k.name for k in required if not k.is_set]
+    assert {"run_dir", "train_data"} & {n.split(".")[-1] for n in unset} or "synthesize.out_dir" in unset
+    # T5X style: the required keys a run gin binds come before its defaults.
+    text = path.read_text()
+    if "# --- defaults" in text:
+        head = text.split("# --- defaults", 1)[0]
+        for name in unset:
+            if re.search(rf"^{re.escape(name)} = ", text, re.M):
+                assert re.search(rf"^{re.escape(name)} = %gin.REQUIRED", head, re.M), name
+    bindings = [f"{n} = {['exact_match'] if n == 'make_reward.names' else repr('x')}" for n in unset]
+    config.parse([str(path)], bindings)  # finalize: no %gin.REQUIRED left, every value type-checks
+    cli._check_run_required()
+    with pytest.raises(config.ConfigError, match=re.escape(unset[0])):
+        config.parse([str(path)], bindings[1:])
+
+
+def test_there_is_a_run_gin_per_method():
+    assert {"sft", "dpo", "reward_model", "ppo", "grpo", "online_dpo", "distill", "synthesize"} <= _run_gin_methods()
+
+
+# --- no gin binding silently ignored ----------------------------------------------------------------------------------
+
+class _Resolved(Exception):
+    """Raised inside a run right after its sub-configs are resolved (the run stops there)."""
+
+
+def _sub_configs(fn) -> dict[str, type]:
+    """Parameters of ``fn`` whose annotation is a gin-configurable dataclass (``loop: LoopConfig | None``)."""
+    hints = config._type_hints(gin_config._inverse_lookup(fn, allow_decorators=True).wrapped)
+    out = {}
+    for name, tp in hints.items():
+        for cls in keys._classes_in(tp):
+            if dataclasses.is_dataclass(cls) and gin_config._inverse_lookup(cls) is not None:
+                out[name] = cls
+    return out
+
+
+def _first_int_field(cls) -> str:
+    return next(f.name for f in dataclasses.fields(cls) if f.type in ("int", int) and f.name != "group_size")
+
+
+def _resolved_configs(fn, call) -> dict:
+    """Calls ``call()`` and stops ``fn`` at its first line where every sub-config is built; returns those."""
+    code = gin_config._inverse_lookup(fn, allow_decorators=True).wrapped.__code__
+    wanted = _sub_configs(fn)
+    seen: dict = {}
+
+    def local(frame, event, arg):
+        if event == "line" and all(isinstance(frame.f_locals.get(n), c) for n, c in wanted.items()):
+            seen.update({n: frame.f_locals[n] for n in wanted})
+            raise _Resolved
+        return local
+
+    def tracer(frame, event, arg):
+        return local if frame.f_code is code else None
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        call()
+    except _Resolved:
+        pass
+    finally:
+        sys.settrace(previous)
+    assert seen, f"{fn.__name__} ran on without ever building all of {sorted(wanted)}"
+    return seen
+
+
+def _run_task(task: str, extra: list[str]) -> dict:
+    fn = gin_config._REGISTRY.get_match(task).wrapper
+    config.parse([], [f"run.task = @{task}"], finalize=False)
+    required = [k.name for k in keys.unset_required(fn)]
+    config.parse([], [f"run.task = @{task}", *(f"{k} = 'unused'" for k in required), *extra])
+    return _resolved_configs(fn, cli.run)
+
+
+@pytest.mark.parametrize("task", ["sft", "dpo", "reward_model", "ppo", "grpo", "online_dpo", "distill", "synthesize",
+                                  "generate_to_jsonl"])
+def test_bindings_of_sub_configs_reach_the_run_without_binding_the_parameter(task, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # were a run not to stop, its relative paths land here
+    fn = gin_config._REGISTRY.get_match(task).wrapper
+    wanted = _sub_configs(fn)
+    assert wanted, task
+    # e.g. LoopConfig.num_steps = 103, never `sft.loop = @LoopConfig()`
+    fields = {n: _first_int_field(c) for n, c in wanted.items()}
+    values = {n: getattr(c(), fields[n]) + 3 for n, c in wanted.items()}
+    bindings = [f"{wanted[n].__name__}.{fields[n]} = {values[n]}" for n in wanted]
+    if task == "generate_to_jsonl":  # not a `run.task`: called with its positional arguments
+        config.parse([], bindings)
+        seen = _resolved_configs(fn, lambda: fn("model", "tok", "prompts.jsonl", "out.jsonl"))
+    else:
+        seen = _run_task(task, bindings)
+    for n in wanted:
+        assert getattr(seen[n], fields[n]) == values[n], (task, n)
+
+
+@pytest.mark.parametrize("task,own_default", [("grpo", 8), ("online_dpo", 2)])
+def test_a_runs_own_default_yields_to_a_binding(task, own_default, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = ["ModelConfig.num_layers = 3"]  # so that `model` is built too and the run stops after resolving
+    assert _run_task(task, model)["rollout"].group_size == own_default
+    assert _run_task(task, [*model, "RolloutConfig.group_size = 3"])["rollout"].group_size == 3
+
+
+# --- plug-in rewards --------------------------------------------------------------------------------------------------
+
+PLUGIN = '''
+from jaxpost.generate.rewards import register_reward
+
+
+def exact(prompts, completions, answer, **_):
+    return [float(c.strip() == str(a)) for c, a in zip(completions, answer)]
+
+
+@register_reward("plugin_test_shout")
+def shout(prompts, completions, **_):
+    return [float(c.isupper()) for c in completions]
+
+NOT_A_FUNCTION = 3
+'''
+
+
+@pytest.fixture
+def plugin_dir(tmp_path, monkeypatch):
+    from jaxpost.generate import rewards
+
+    (tmp_path / "my_rewards_plugin.py").write_text(PLUGIN)
+    (tmp_path / "gin_rewards_plugin.py").write_text(PLUGIN.replace("plugin_test_shout", "plugin_test_gin"))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "file_rewards.py").write_text(PLUGIN.replace("plugin_test_shout", "plugin_test_shout2"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    registered, modules = dict(rewards.REWARDS), set(sys.modules)
+    yield tmp_path
+    rewards.REWARDS.clear()
+    rewards.REWARDS.update(registered)
+    for name in set(sys.modules) - modules:
+        del sys.modules[name]
+
+
+def test_a_reward_plugs_in_from_the_command_line(plugin_dir, capsys):
+    from jaxpost.generate.rewards import get_reward
+    from jaxpost.pipelines.scorers import make_scorer
+
+    # --import registers the module's named rewards before the gin files are read.
+    assert "plugin_test_shout" not in get_reward.__globals__["REWARDS"]
+    rc, out, err = _main(capsys, "train", "--import", "my_rewards_plugin", "--gin_file=configs/runs/grpo.gin",
+                         "--gin.make_reward.names=['plugin_test_shout']", "--list_keys")
+    assert rc == 0, err
+    assert "make_reward.names: " in out and "<- ['plugin_test_shout']" in out
+    assert get_reward("plugin_test_shout")([""], ["HI"]) == [1.0]
+    assert get_reward("my_rewards_plugin:exact")([""] * 2, ["4", "5"], answer=[4, 4]) == [1.0, 0.0]
+    assert get_reward("sub/file_rewards.py:exact")([""], ["7"], answer=[7]) == [1.0]
+    # As a run reads it: the GRPO run gin's reward source, with the spec bound the way the command line binds it.
+    files, bindings, _ = config.split_gin_args(["--gin.make_reward.names=['my_rewards_plugin:exact']"])
+    config.parse(["configs/runs/grpo.gin"], [*bindings, "grpo.run_dir='r'", "grpo.train_data='d'",
+                                             "grpo.init_from='m'"])
+    rollout = types.SimpleNamespace(prompts=["a", "b"], completions=["1", "2"], rows=[{"answer": 1}, {"answer": 1}])
+    assert list(make_scorer(None)(rollout)) == [1.0, 0.0]
+    # `import MODULE` in a gin file finds a module in the working directory.
+    (plugin_dir / "mine.gin").write_text("import gin_rewards_plugin\nmake_reward.names = ['plugin_test_gin']\n")
+    config.parse([str(plugin_dir / "mine.gin")])
+    assert get_reward("plugin_test_gin")([""], ["x"]) == [0.0]
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("my_rewards_plugin:nope", "'my_rewards_plugin:nope': my_rewards_plugin has no attribute 'nope'"),
+    ("my_rewards_plugin:NOT_A_FUNCTION", "is a int, not a function"),
+    ("no_such_module_x:exact", "no module named 'no_such_module_x'"),
+    ("sub/missing.py:exact", "no file"),
+    ("not a spec", "unknown reward 'not a spec'"),
+])
+def test_a_bad_reward_spec_is_a_user_error_naming_it(plugin_dir, spec, message):
+    from jaxpost.generate.rewards import get_reward
+
+    with pytest.raises(UserError, match=re.escape(message)) as e:
+        get_reward(spec)
+    assert spec in str(e.value)

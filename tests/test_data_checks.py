@@ -1,0 +1,167 @@
+"""What every run checks on its tokenizer and data before a model loads: one UserError naming what and where."""
+
+import json
+import time
+
+import datasets
+import pytest
+
+from jaxpost.data import build_tokenizer, check_rows, check_run_inputs, load_rows, load_tokenizer
+from jaxpost.errors import UserError
+from jaxpost.models.config import ModelConfig
+
+datasets.disable_progress_bars()
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+MODEL = ModelConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1)
+
+
+def write_jsonl(path, rows, blank_after: int | None = None):
+    lines = [json.dumps(r) for r in rows]
+    if blank_after is not None:
+        lines.insert(blank_after, "")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tokenizer"
+    build_tokenizer(None).save_pretrained(path)   # 261 tokens, ChatML template
+    return path
+
+
+def test_missing_tokenizer_directory_is_a_fast_user_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    start = time.perf_counter()
+    with pytest.raises(UserError, match=r"tokenizer='mytok/tokenizer' not found: no local directory "
+                                        rf"{tmp_path}/mytok/tokenizer, and as a Hub name it is not in the "
+                                        r"Hugging Face cache"):
+        load_tokenizer("mytok/tokenizer")
+    with pytest.raises(UserError, match=rf"tokenizer='{tmp_path}/no/such/dir' does not exist"):
+        load_tokenizer(tmp_path / "no" / "such" / "dir")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"tokenizer directory .*empty .* has no tokenizer files \(tokenizer.json"):
+        load_tokenizer("empty")
+    assert time.perf_counter() - start < 5.0
+
+
+def test_tokenizer_larger_than_the_model_vocab_fails_before_the_model_loads(tok_dir, tmp_path, monkeypatch):
+    import importlib
+    sft_module = importlib.import_module("jaxpost.pipelines.sft")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(sft_module, "load_model", no_model)
+    data = write_jsonl(tmp_path / "train.jsonl", [CHAT, CHAT])
+    with pytest.raises(UserError, match=r"sft: the tokenizer .*tokenizer has 261 tokens but the model's vocab_size "
+                                        r"is 100 \(ModelConfig.vocab_size\)"):
+        sft_module.sft(run_dir=str(tmp_path / "run"), train_data=str(data), tokenizer=str(tok_dir),
+                       model=MODEL.replace(vocab_size=100))
+    assert not (tmp_path / "run").exists()   # nothing was started
+    # From init_from's config.json alone: no weights are read (there are none).
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"vocab_size": 200, "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(UserError, match=rf"261 tokens but the model's vocab_size is 200 \({ckpt}/config.json\)"):
+        sft_module.sft(run_dir=str(tmp_path / "run"), train_data=str(data), tokenizer=str(tok_dir),
+                       init_from=str(ckpt))
+
+
+def test_tokenizer_defaults_to_init_from_and_one_of_them_is_needed(tok_dir, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", [CHAT])
+    with pytest.raises(UserError, match=r"sft: no tokenizer: set sft.tokenizer .* or sft.init_from"):
+        check_run_inputs("sft", train_data=str(data), kind="lm", model=MODEL)
+    ckpt = tmp_path / "ckpt"
+    build_tokenizer(None).save_pretrained(ckpt)
+    (ckpt / "config.json").write_text(json.dumps({"vocab_size": 264}))
+    tok, rows = check_run_inputs("sft", train_data=str(data), kind="lm", init_from=str(ckpt))
+    assert len(tok) == 261 and len(rows) == 1
+    with pytest.raises(UserError, match=r"no model: set sft.init_from .* or sft.model \(a ModelConfig"):
+        check_run_inputs("sft", train_data=str(data), kind="lm", tokenizer=str(tok_dir))
+
+
+@pytest.mark.parametrize("run", ["sft", "dpo", "reward_model", "grpo", "ppo", "online_dpo", "distill"])
+def test_every_run_checks_its_inputs_before_the_run_dir(run, tmp_path):
+    import importlib
+    module = {"reward_model": "reward"}.get(run, run)
+    fn = getattr(importlib.import_module(f"jaxpost.pipelines.{module}"), run)
+    kwargs = {"teacher_from": "teacher"} if run == "distill" else {}
+    with pytest.raises(UserError, match=rf"{run}: no tokenizer: set {run}.tokenizer"):
+        fn(run_dir=str(tmp_path / "run"), train_data=str(tmp_path / "train.jsonl"), **kwargs)
+    assert not (tmp_path / "run").exists()
+
+
+def test_synthesize_takes_its_tokenizer_from_the_model_dir(tmp_path):
+    from jaxpost.pipelines.synthetic import synthesize
+    with pytest.raises(UserError, match=r"synthesize.model_dir \(used as the tokenizer\)='.*nope' does not exist"):
+        synthesize(model_dir=str(tmp_path / "nope"), prompts=str(tmp_path / "p.jsonl"), out_dir=str(tmp_path / "o"),
+                   scorer=lambda prompts, completions, **kw: [0.0] * len(completions))
+
+
+@pytest.mark.parametrize("layout", ["uniform", "ragged", "list"])
+def test_unknown_chat_role_is_named_with_file_row_and_allowed_roles(tmp_path, layout):
+    bot = {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "hello"}]}
+    if layout == "ragged":   # messages whose keys differ are stored as JSON, not Arrow structs
+        bot["messages"][0]["name"] = "ann"
+    rows = [CHAT, CHAT, bot]
+    if layout == "list":
+        with pytest.raises(UserError, match=r"row 3: messages\[1\] has unknown role 'bot'; allowed roles: "
+                                            r"system, user, assistant, tool"):
+            check_rows(rows)
+        return
+    path = write_jsonl(tmp_path / "chat.jsonl", rows, blank_after=1)
+    with pytest.raises(UserError, match=rf"row 3 of {path} \(line 4\): messages\[1\] has unknown role 'bot'; "
+                                        r"allowed roles: system, user, assistant, tool"):
+        load_rows(path)
+
+
+def test_conversational_data_needs_a_chat_template(tmp_path):
+    plain_tok = build_tokenizer(None)
+    plain_tok.chat_template = None
+    plain_tok.save_pretrained(tmp_path / "plain_tok")
+    chat = write_jsonl(tmp_path / "chat.jsonl", [CHAT])
+    with pytest.raises(UserError, match=rf"sft.train_data='{chat}' is conversational \(messages: lists of messages\), "
+                                        rf"but the tokenizer {tmp_path}/plain_tok has no chat template"):
+        check_run_inputs("sft", train_data=str(chat), kind="lm", tokenizer=str(tmp_path / "plain_tok"), model=MODEL)
+    user = [{"role": "user", "content": "sky?"}]
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": user, "chosen": [{"role": "assistant", "content": "blue"}],
+                                                    "rejected": [{"role": "assistant", "content": "red"}]}])
+    with pytest.raises(UserError, match=r"dpo.train_data=.*pairs.jsonl' is conversational \(preference"):
+        check_run_inputs("dpo", train_data=str(pairs), kind="preference", tokenizer=str(tmp_path / "plain_tok"),
+                         model=MODEL)
+    # Plain text needs no template.
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "hello"}])
+    tok, _ = check_run_inputs("sft", train_data=str(text), kind="lm", tokenizer=str(tmp_path / "plain_tok"),
+                              model=MODEL)
+    assert tok.chat_template is None
+
+
+def test_data_of_the_wrong_format_for_the_method_is_named(tok_dir, tmp_path):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}])
+    with pytest.raises(UserError, match=r"sft.train_data=.*pairs.jsonl' is 'preference' data, but sft takes text "
+                                        r"or messages or prompt_completion rows"):
+        check_run_inputs("sft", train_data=str(pairs), kind="lm", tokenizer=str(tok_dir), model=MODEL)
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "a"}])
+    with pytest.raises(UserError, match=r"dpo.eval_data=.*text.jsonl' is 'text' data"):
+        check_run_inputs("dpo", train_data=str(pairs), eval_data=str(text), kind="preference", tokenizer=str(tok_dir),
+                         model=MODEL)
+
+
+def test_row_and_line_numbers_are_one_based(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "c", "completion": null}\n')
+    with pytest.raises(UserError, match=rf"row 2 of {path} \(line 3\): required field 'completion' is missing"):
+        load_rows(path)
+    path.write_text('{"text": "a"}\n{"text": "b"\n')
+    with pytest.raises(UserError, match=rf"{path}:2: malformed JSON line"):
+        load_rows(path)
+    array = tmp_path / "bad.json"
+    array.write_text('[{"text": "a"}, [1]]')
+    with pytest.raises(UserError, match=r"element 2 of the top-level array is a list"):
+        load_rows(array)
+    pairs = tmp_path / "same.jsonl"
+    pairs.write_text('{"chosen": "x y", "rejected": "x z"}\n{"chosen": "same", "rejected": "same"}\n')
+    with pytest.raises(UserError, match=rf"row 2 of {pairs} \(line 2\): 'chosen' and 'rejected' are identical"):
+        load_rows(pairs)  # implicit prompts are extracted while validating
