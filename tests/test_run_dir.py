@@ -110,3 +110,40 @@ def test_config_bindings_parse_multiline_values():
     text = "# comment\nA.x = 1\nB.y = [1,\n    2]\nscope/C.z = 'q'\n"
     assert rd.config_bindings(text) == {"A.x": "1", "B.y": "[1, 2]", "scope/C.z": "'q'"}
     assert rd.config_changes("A.x = 1\nsft.run_dir = 'a'\n", "A.x = 2\nsft.run_dir = 'b'\n") == [("A.x", "1", "2")]
+
+
+def test_operative_config_is_written_when_training_starts_with_the_model_as_used(tmp_path, monkeypatch):
+    """It used to appear only after a successful run, listing model bindings that init_from had overridden."""
+    from jaxpost import models
+    from jaxpost.data import build_tokenizer
+    from jaxpost.demo.task import write_task_data
+    from jaxpost.models.config import ModelConfig
+    from jaxpost.models.hf import save_hf
+    from jaxpost.pipelines import common
+
+    ckpt = ModelConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                       num_kv_heads=1)
+    save_hf(tmp_path / "hf", ckpt, models.create(ckpt, seed=0)[1])
+    build_tokenizer(None, vocab_size=261).save_pretrained(tmp_path / "hf")
+    data = write_task_data(tmp_path / "data", n_sft=16, n_pref=2, n_prompts=2, n_eval=2)
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def stop_in_the_loop(**kw):
+        seen["text"] = (tmp_path / "run" / "operative_config.gin").read_text()
+        raise Stop
+
+    monkeypatch.setattr(common, "train", stop_in_the_loop)
+    jconfig.parse(["configs/runs/sft.gin"], [f"sft.run_dir = '{tmp_path / 'run'}'", f"sft.train_data = '{data['sft']}'",
+                                            f"sft.init_from = '{tmp_path / 'hf'}'", "sft.seq_len = 128",
+                                            "ModelConfig.hidden_size = 64", "ModelConfig.remat = 'full'"])
+    with pytest.warns(UserWarning, match="hidden_size"), pytest.raises(Stop):
+        from jaxpost.cli import run
+        run()
+    text = seen["text"]
+    assert "ModelConfig.hidden_size = 32" in text and "ModelConfig.hidden_size = 64" not in text
+    assert "ModelConfig.remat = 'full'" in text  # numerics come from the run
+    assert "make_optimizer.learning_rate = 2e-05" in text  # read by the step, before the first batch trains

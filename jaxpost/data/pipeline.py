@@ -35,6 +35,7 @@ import grain
 import jax
 import numpy as np
 
+from jaxpost.errors import UserError
 from jaxpost.data import encode, formats
 from jaxpost.data.packing import pack_lm, pad_lm, stack_rows
 from jaxpost.data.pair_packing import pack_pairs, pair_element
@@ -119,8 +120,9 @@ def _counted(stats: DataStats, fn: Callable[[int, Mapping[str, Any]], tuple[Any,
         if out is None and index + 1 >= epoch_len:
             counts = stats.counts()
             if counts["examples"] >= epoch_len and sum(counts[r] for r in _DROPS) >= counts["examples"]:
-                raise ValueError(f"Every example of {source or 'the data'} ({counts['examples']} seen) was dropped: "
-                                 f"{ {r: counts[r] for r in _DROPS} }; check seq_len and the data format")
+                raise UserError(f"Every example of {source or 'the data'} ({counts['examples']} seen) was dropped: "
+                                f"{ {r: counts[r] for r in _DROPS} }; raise seq_len (a prompt longer than it "
+                                f"leaves no response to train on) or check the data format")
         return out
     return apply
 

@@ -128,7 +128,11 @@ def write_operative_config(run_dir: epath.Path, model_config: ModelConfig | None
         return
     text = gin.operative_config_str()
     if model_config is not None:
-        text += "\n# The model as used (shapes from init_from when given):\n" + model_config_gin(model_config) + "\n"
+        # gin's record holds the bound ModelConfig values, some of which init_from overrode: replace them.
+        ours = ("ModelConfig.", "LoraConfig.", "RopeScaling.", "# Parameters for ModelConfig:",
+                "# Parameters for LoraConfig:", "# Parameters for RopeScaling:")
+        text = "\n".join(line for line in text.splitlines() if not line.startswith(ours))
+        text += "\n\n# The model as used (shapes from init_from when given):\n" + model_config_gin(model_config) + "\n"
     paths.atomic_write_text(run_dir / "operative_config.gin", text)
 
 

@@ -196,9 +196,10 @@ def distill(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokeniz
         flops += teacher[0].flops_per_token(seq_len) * batch_size * seq_len / 3
     run_info: dict = {}  # fit's decisions: num_steps from epochs, best state, early stop
     with part.activate():
-        state = fit(run_dir=run, loss_fn=loss_fn, params=params, param_shardings=param_shardings, partitioner=part,
-                    batches=batches, loop=loop, frozen=frozen, frozen_shardings=frozen_shardings, evaluate=evaluate,
-                    flops_per_step=flops, data_stats=stats, epoch_batches=epoch_batches, summary=run_info)
+        state = fit(run_dir=run, model_config=config, loss_fn=loss_fn, params=params, param_shardings=param_shardings,
+                    partitioner=part, batches=batches, loop=loop, frozen=frozen, frozen_shardings=frozen_shardings,
+                    evaluate=evaluate, flops_per_step=flops, data_stats=stats, epoch_batches=epoch_batches,
+                    summary=run_info)
         summary = {"step": int(state.step), "mode": mode, **extra, **run_info}
         if stats is not None:
             summary.update(report_data_stats(stats, "distillation"))
@@ -332,7 +333,7 @@ def _on_policy(run: Path, part: Partitioner, tok: Any, config: ModelConfig, grap
                                                  shuffle=False), part), loop.eval_batches, frozen=frozen)
         with part.activate():
             summary.update({f"eval/{k}": v for k, v in evaluate(trainer.state).items()})
-    write_operative_config(run)
+    write_operative_config(run, config)
     export(run, config, trainer.state.params, tok, summary=summary, **card)
     write_summary(run, summary)
     return summary

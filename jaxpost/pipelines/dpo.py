@@ -103,9 +103,10 @@ def dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
 
     run_info: dict = {}  # fit's decisions: num_steps from epochs, best state, early stop
     with part.activate():
-        state = fit(run_dir=run, loss_fn=loss_fn, params=params, param_shardings=param_shardings, partitioner=part,
-                    batches=batches, loop=loop, frozen=frozen, frozen_shardings=frozen_shardings, evaluate=evaluate,
-                    data_stats=stats, flops_per_step=_dpo_flops(config, seq_len, batch_size, online_reference),
+        state = fit(run_dir=run, model_config=config, loss_fn=loss_fn, params=params, param_shardings=param_shardings,
+                    partitioner=part, batches=batches, loop=loop, frozen=frozen, frozen_shardings=frozen_shardings,
+                    evaluate=evaluate, data_stats=stats,
+                    flops_per_step=_dpo_flops(config, seq_len, batch_size, online_reference),
                     epoch_batches=lambda: pipeline(rows, seed=loop.seed, num_epochs=1), summary=run_info)
         summary = {"step": int(state.step), "loss_kind": kind, **run_info, **report_data_stats(stats, "DPO")}
     return finish_run(run, config, state, tok, summary, evaluate, method="dpo", init_from=init_from,

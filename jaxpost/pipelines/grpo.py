@@ -106,7 +106,7 @@ def grpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer:
                 trainer.save(i + 1, prompts, extras)
     finally:
         trainer.close()
-    write_operative_config(run)
+    write_operative_config(run, config)
     summary = {"rollout": extras["rollout"], "step": int(trainer.state.step), **record}
     export(run, config, trainer.state.params, tok, method="grpo", init_from=init_from, data={"prompts": train_data},
            summary=summary)

@@ -119,6 +119,8 @@ class OnlineTrainer:
                                          save_every=online.save_every or online.num_rollouts,
                                          keep=online.keep_checkpoints, resume_from=ResumeConfig().from_step)
         self.writer = MetricsWriter(run_dir)
+        if jax.process_index() == 0:  # the step and optimizer are built: an interrupted run keeps its config
+            paths.atomic_write_text(paths.resolve(run_dir) / "operative_config.gin", gin.operative_config_str())
 
     def restore(self, prompts: Any) -> dict | None:
         """Restores the newest checkpoint (state and prompt position); returns its online extras or None."""

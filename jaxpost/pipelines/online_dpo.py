@@ -124,7 +124,7 @@ def online_dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, toke
                 trainer.save(i + 1, prompts, extras)
     finally:
         trainer.close()
-    write_operative_config(run)
+    write_operative_config(run, config)
     summary = {"rollout": extras["rollout"], "step": int(trainer.state.step), **record}
     export(run, config, trainer.state.params, tok, method="online_dpo", init_from=init_from,
            data={"prompts": train_data}, summary=summary)

@@ -107,7 +107,7 @@ def ppo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
                 trainer.save(i + 1, prompts, extras)
     finally:
         trainer.close()
-    write_operative_config(run)
+    write_operative_config(run, config)
     summary = {"rollout": extras["rollout"], "step": int(trainer.state.step), **record}
     card = dict(data={"prompts": train_data}, summary=summary)
     export(run, config, trainer.state.params["policy"], tok, method="ppo", init_from=init_from, **card)

@@ -69,8 +69,8 @@ def reward_model(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, to
 
     run_info: dict = {}  # fit's decisions: num_steps from epochs, best state, early stop
     with part.activate():
-        state = fit(run_dir=run, loss_fn=loss_fn, params=params, param_shardings=param_shardings, partitioner=part,
-                    batches=batches, loop=loop, evaluate=evaluate, data_stats=stats,
+        state = fit(run_dir=run, model_config=config, loss_fn=loss_fn, params=params, param_shardings=param_shardings,
+                    partitioner=part, batches=batches, loop=loop, evaluate=evaluate, data_stats=stats,
                     flops_per_step=config.flops_per_token(seq_len) * 2 * batch_size * seq_len,
                     epoch_batches=lambda: pipeline(rows, seed=loop.seed, num_epochs=1), summary=run_info)
         summary = {"step": int(state.step), **run_info, **report_data_stats(stats, "reward")}

@@ -64,7 +64,7 @@ def sft(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
 
     run_info: dict = {}  # fit's decisions: num_steps from epochs, best state, early stop
     with part.activate():
-        state = fit(run_dir=run, loss_fn=make_sft_loss(graphdef, config, chunk_size), params=params,
+        state = fit(run_dir=run, model_config=config, loss_fn=make_sft_loss(graphdef, config, chunk_size), params=params,
                     param_shardings=param_shardings, partitioner=part, batches=batches, loop=loop,
                     evaluate=evaluate, flops_per_step=config.flops_per_token(seq_len) * batch_size * seq_len,
                     data_stats=stats, epoch_batches=lambda: train_pipeline(num_epochs=1), summary=run_info)
