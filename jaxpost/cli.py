@@ -216,7 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     :class:`jaxpost.config.ConfigError`, or a ``FileNotFoundError``) is
     printed as one paragraph, ``jaxpost: error: ...``, on stderr and gives
     2; its traceback only with ``--debug`` (anywhere on the command line) or
-    ``JAXPOST_DEBUG=1``. Any other exception is a bug and propagates.
+    ``JAXPOST_DEBUG=1``. A run halted by a non-finite loss
+    (:class:`jaxpost.train.NonFiniteLossError`) is printed the same way and
+    gives 1. Any other exception is a bug and propagates.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("JAXPOST_DEBUG", "").strip() not in ("", "0")
@@ -232,6 +234,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(user_error_paragraph(e), file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # NonFiniteLossError: the run stopped itself, its message says what next
+        if debug:
+            traceback.print_exc()
+        print(user_error_paragraph(e), file=sys.stderr)
+        return 1
 
 
 def user_error_paragraph(e: BaseException) -> str:

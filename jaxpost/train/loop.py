@@ -307,6 +307,9 @@ def train(*, state: TrainState, step_fn: Callable, batches: Iterator, frozen: An
             if jax.process_index() == 0:
                 print(f"[jaxpost] resuming from step {restored.step} ({checkpointer.directory})", flush=True)
     step = int(jax.device_get(state.step))
+    if step >= num_steps and jax.process_index() == 0:
+        print(f"[jaxpost] the run is already at step {step} (num_steps={num_steps}): nothing to train; raise "
+              f"LoopConfig.num_steps to train on", flush=True)
     if writer is not None:
         writer.resume_at(step)  # rows of steps after the restored one belong to a timeline that is gone
     n = steps_per_call
