@@ -93,15 +93,14 @@ def run(task: str, gin_file: str, shape: W.Shape, steps: int, warmup: int, dtype
         frozen = {"reference": jax.tree.map(lambda x: x.copy(), params)}
         frozen_sh = {"reference": param_sh}
     opt = make_optimizer("adamw", learning_rate=lr, schedule="constant", weight_decay=0.0, clip_norm=1.0)
-    shardings = state_shardings(abstract_state(params, opt), param_sh, partitioner)
+    shardings = state_shardings(abstract_state(params, opt), param_sh, partitioner, opt)
     state = init_sharded_state(params, opt, shardings)
     del params
     b_sh = batch_shardings(batch, partitioner)
     batch = jax.device_put(batch, b_sh)
     n = steps_per_call
     call_batch = batch if n == 1 else stack_batches([batch] * n)
-    mixed = "bfloat16" if dtype == "bfloat16" else None
-    step = compile_train_step(make_train_step(loss_fn, opt, mixed_precision=mixed), shardings, b_sh, frozen_sh,
+    step = compile_train_step(make_train_step(loss_fn, opt), shardings, b_sh, frozen_sh,
                               steps_per_call=n)
     jax.block_until_ready((state, call_batch, frozen))
     setup_s = time.perf_counter() - t_setup

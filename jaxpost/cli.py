@@ -21,12 +21,6 @@ import gin
 from jaxpost.errors import UserError
 
 
-@gin.configurable
-def run(task=gin.REQUIRED):
-    """The entry a ``train`` gin file binds: ``run.task = @sft`` (or @dpo, @reward_model...)."""
-    return task()
-
-
 _TRAIN_EPILOG = """\
 gin arguments (any number, in order; later ones win):
   --gin_file=FILE        a gin file (a path, or relative to the repository's configs/); repeatable
@@ -100,6 +94,7 @@ def _train(argv: Sequence[str]) -> int:
 
     distributed.initialize()
     compilation_cache()  # as bound in the gin files (compilation_cache.cache_dir = None turns it off)
+    from jaxpost.recipes import run
     from jaxpost.train.run_dir import release_run_dirs
 
     try:
@@ -170,10 +165,59 @@ def _generate(argv: Sequence[str]) -> int:
 
 def _synthesize(argv: Sequence[str]) -> int:
     from jaxpost.compile_cache import compilation_cache
-    from jaxpost.pipelines.synthetic import synthesize_main
 
     compilation_cache()
     return synthesize_main(list(argv))  # a UserError reaches main(): one line on stderr, exit 2
+
+
+def synthesize_main(argv: Sequence[str] | None = None) -> int:
+    """``jaxpost synthesize``: the command line of :func:`jaxpost.recipes.synthetic.synthesize` (see ``--help``).
+
+    Returns 0; a bad argument exits through argparse (status 2).
+    """
+    from jaxpost.generate.sampler import SamplingConfig
+    from jaxpost.generate.synthesis import MODES
+    from jaxpost.recipes.synthetic import synthesize
+
+    p = argparse.ArgumentParser(prog="jaxpost synthesize", description="Synthetic data: sample N completions per "
+                                "prompt, score, filter, and write training sets.")
+    p.add_argument("--model", required=True, help="policy: Hugging Face model directory")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    p.add_argument("--prompts", required=True, help="JSON-lines file with a 'prompt' per line")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--n", type=int, default=8, help="samples per prompt")
+    p.add_argument("--mode", choices=MODES, default="best_of_n")
+    p.add_argument("--reward", default=None, help="comma-separated registered reward names (jaxpost.generate.REWARDS)")
+    p.add_argument("--reward_weights", default=None, help="comma-separated weights for --reward")
+    p.add_argument("--reward_model", default=None, help="reward model directory (instead of --reward)")
+    p.add_argument("--min_score", type=float, default=None)
+    p.add_argument("--min_chars", type=int, default=1)
+    p.add_argument("--max_chars", type=int, default=None)
+    p.add_argument("--no_dedup", action="store_true")
+    p.add_argument("--require_finished", action="store_true")
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--max_prompt_len", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if (a.reward is None) == (a.reward_model is None):
+        p.error("give exactly one of --reward (names) and --reward_model (a directory)")
+    if a.reward is not None:
+        from jaxpost.generate.rewards import make_reward
+        weights = [float(w) for w in a.reward_weights.split(",")] if a.reward_weights else None
+        scorer: Any = make_reward(a.reward.split(","), weights)
+    else:
+        scorer = a.reward_model
+    synthesize(model_dir=a.model, tokenizer=a.tokenizer, prompts=a.prompts, out_dir=a.out, n_samples=a.n,
+               sampling=SamplingConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                                       top_p=a.top_p),
+               scorer=scorer, mode=a.mode, min_score=a.min_score, min_chars=a.min_chars, max_chars=a.max_chars,
+               dedup=not a.no_dedup, require_finished=a.require_finished, batch_size=a.batch_size,
+               max_prompt_len=a.max_prompt_len, seed=a.seed)
+    return 0
 
 
 def _demo(argv: Sequence[str]) -> int:

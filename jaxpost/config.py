@@ -49,8 +49,7 @@ class ConfigError(UserError):
 def register_configurables() -> None:
     """Imports every module that defines gin configurables."""
     import jaxpost.compile_cache  # noqa: F401
-    import jaxpost.demo.task  # noqa: F401  (registers the demo's reward function)
-    import jaxpost.pipelines  # noqa: F401  (imports models, train, data, losses)
+    import jaxpost.recipes  # noqa: F401  (imports models, train, data, losses)
 
 
 def resolve_config_path(path: str) -> str:

@@ -8,24 +8,32 @@ mesh and a preset and turns logical names into ``PartitionSpec`` /
 ``NamedSharding`` objects. The mesh always has all three axes (size 1 where
 unused) so that every preset is valid on every mesh.
 
+Meshes come from ``jax.make_mesh`` (one slice or node, ordered by its ICI
+topology) or, for several TPU slices / GPU nodes, from
+``mesh_utils.create_hybrid_device_mesh`` (``make_mesh(dcn_data=...)``).
+:meth:`Partitioner.activate` makes the mesh JAX's context mesh
+(``jax.set_mesh``) and the rules the ones :func:`constrain` applies to
+activations; the active partitioner is a ``jax.make_user_context`` value, so
+it is part of ``jax.jit``'s cache key.
+
 Example::
 
     part = Partitioner(make_mesh(fsdp=-1), FSDP)
     part.sharding(("embed", "mlp"))   # NamedSharding(mesh, P("fsdp", None))
+    with part.activate():
+        step(state, batch)            # activations constrained by FSDP's rules
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 from typing import Any, Mapping, Sequence
 
 import gin
 import jax
-import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -59,35 +67,85 @@ PRESETS: Mapping[str, Rules] = {
 }
 
 
+def _mesh_error(sizes: Sequence[int], dcn_data: int, n: int, why: str) -> ValueError:
+    data, fsdp, tensor = sizes
+    where = f"data={data} fsdp={fsdp} tensor={tensor}" + (f" dcn_data={dcn_data}" if dcn_data != 1 else "")
+    return ValueError(f"Cannot build a mesh {where} over {n} devices: {why}. Set the make_mesh sizes "
+                      f"(gin: make_mesh.data/fsdp/tensor/dcn_data) so that data x fsdp x tensor = {n}.")
+
+
+def _granules(devices: Sequence[Any]) -> tuple[str, int]:
+    """The network units a hybrid mesh spans: TPU slices if the devices carry
+    more than one ``slice_index``, else processes (one per GPU node)."""
+    slices = {getattr(d, "slice_index", None) for d in devices}
+    if None not in slices and len(slices) > 1:
+        return "slice_index", len(slices)
+    return "process_index", len({d.process_index for d in devices})
+
+
 @gin.configurable
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+              devices: Sequence[jax.Device] | None = None, dcn_data: int = 1) -> Mesh:
     """Builds a ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all).
 
-    One axis may be ``-1``, meaning "all remaining devices". The product of
-    the sizes must equal the device count.
+    One of ``data``, ``fsdp``, ``tensor`` may be ``-1``, meaning "all
+    remaining devices"; the product of the sizes must equal the device count.
+    Every axis has ``AxisType.Auto`` (shardings are constraints XLA
+    propagates, as with a plain ``Mesh``).
+
+    ``dcn_data = 1`` (one TPU slice, one host or one GPU node): the layout is
+    ``jax.make_mesh``'s, which orders devices by the physical ICI topology.
+
+    ``dcn_data = G > 1`` (multi-slice TPU, multi-node GPU): a hybrid mesh from
+    ``mesh_utils.create_hybrid_device_mesh``. The devices fall into ``G``
+    groups -- TPU slices when they carry more than one ``slice_index``,
+    otherwise processes (one per GPU node) -- joined by the slow data-centre
+    network (DCN). The ``data`` axis is split as ``G`` groups x ``data / G``
+    inside a group, so ``data`` index ``i`` lies in group ``i // (data / G)``;
+    ``fsdp`` and ``tensor`` never leave a group (ICI / NVLink), and the only
+    traffic across groups is the gradient all-reduce over ``data``.
+
+    Raises:
+      ValueError: naming the axes and sizes, when more than one size is -1,
+        the devices do not divide into them, ``dcn_data`` does not divide
+        ``data``, or the devices do not form ``dcn_data`` equal groups.
     """
     devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
-        raise ValueError(f"At most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+        raise _mesh_error(sizes, dcn_data, n, "at most one axis may be -1")
+    if dcn_data < 1 or any(s < 1 and s != -1 for s in sizes):
+        raise _mesh_error(sizes, dcn_data, n, "sizes must be positive (or -1 for one axis)")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices cannot be split into data={data} fsdp={fsdp} tensor={tensor}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
-        raise ValueError(
-            f"Mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} "
-            f"does not match the {len(devices)} available devices")
-    try:
-        arr = mesh_utils.create_device_mesh(sizes, devices)
-    except Exception:  # non-TPU topologies without a known physical layout
-        arr = np.asarray(devices).reshape(sizes)
-    return Mesh(arr, MESH_AXES)
+        if n % known:
+            raise _mesh_error(sizes, dcn_data, n, f"{n} is not divisible by the fixed sizes' product {known}")
+        sizes[sizes.index(-1)] = n // known
+    if math.prod(sizes) != n:
+        raise _mesh_error(sizes, dcn_data, n, f"data x fsdp x tensor = {math.prod(sizes)}, not {n}")
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if dcn_data == 1:
+        attr, groups = _granules(devices)
+        if attr == "slice_index":
+            raise _mesh_error(sizes, dcn_data, n, f"the devices span {groups} TPU slices; set dcn_data to the "
+                              "number of slices (configs/mesh/tpu_v5p_multislice.gin)")
+        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=axis_types, devices=devices)
+    if sizes[0] % dcn_data:
+        raise _mesh_error(sizes, dcn_data, n, f"dcn_data={dcn_data} does not divide data={sizes[0]}")
+    attr, groups = _granules(devices)
+    if groups != dcn_data:
+        raise _mesh_error(sizes, dcn_data, n, f"the devices form {groups} groups by {attr}, not {dcn_data}")
+    ici = (sizes[0] // dcn_data, sizes[1], sizes[2])
+    arr = mesh_utils.create_hybrid_device_mesh(ici, (dcn_data, 1, 1), devices,
+                                               process_is_granule=attr == "process_index")
+    return Mesh(arr, MESH_AXES, axis_types=axis_types)
 
 
-_ACTIVE: contextvars.ContextVar["Partitioner | None"] = contextvars.ContextVar("jaxpost_partitioner", default=None)
+# The partitioner whose rules activation constraints use. A ``jax.make_user_context``
+# value is part of ``jax.jit``'s cache key and trace context: a function traced under
+# one partitioner is re-traced, not reused, under another with a different mesh or rules.
+_ACTIVE = jax.make_user_context(None)
 
 
 @gin.configurable
@@ -167,22 +225,60 @@ class Partitioner:
     def constrain(self, x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
         return jax.lax.with_sharding_constraint(x, self.sharding(logical_axes))
 
+    def _key(self) -> tuple:
+        return (self.mesh, tuple(sorted((k, v) for k, v in self.rules.items())))
+
+    def __eq__(self, other: object) -> bool:
+        """Equal when mesh and rules are equal: such partitioners trace identical functions."""
+        return isinstance(other, Partitioner) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
     @contextlib.contextmanager
     def activate(self):
-        """Within this context, :func:`constrain` applies this partitioner's rules."""
-        token = _ACTIVE.set(self)
-        try:
+        """Within this context, :func:`constrain` applies this partitioner's rules.
+
+        Outside any trace it also makes ``self.mesh`` JAX's mesh
+        (``jax.set_mesh``), so ``jax.jit``, raw ``PartitionSpec`` shardings and
+        ``jax.shard_map`` see the same mesh the rules resolve against. Inside
+        a trace (``jax.set_mesh`` is refused there) only the rules change; the
+        constraints still name this mesh explicitly.
+
+        The partitioner is held in a ``jax.make_user_context``, which is part of
+        ``jax.jit``'s cache key: a jitted function first traced under one
+        partitioner is re-traced under one with other rules or another mesh,
+        never served a stale compilation. Equal partitioners (same mesh and
+        rules) share compilations.
+        """
+        with contextlib.ExitStack() as stack:
+            if _trace_state_clean():
+                stack.enter_context(jax.set_mesh(self.mesh))
+            stack.enter_context(_ACTIVE(self))
             yield self
-        finally:
-            _ACTIVE.reset(token)
+
+
+def _trace_state_clean() -> bool:
+    """True outside any JAX transformation: the exact condition ``jax.set_mesh`` requires.
+
+    JAX 0.10 has no public form of this check (``jax.set_mesh`` raises a
+    ``ValueError`` otherwise), hence the internal import.
+    """
+    from jax._src import core as jax_core
+    return jax_core.trace_state_clean()
 
 
 def active_partitioner() -> Partitioner | None:
     """The partitioner made active by :meth:`Partitioner.activate`, if any."""
-    return _ACTIVE.get()
+    return _ACTIVE.value
 
 
 def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
-    """Sharding constraint on an activation by logical names; no-op outside ``activate()``."""
-    part = _ACTIVE.get()
+    """Sharding constraint on an activation by logical names; no-op outside ``activate()``.
+
+    The constraint is ``NamedSharding(part.mesh, part.spec(logical_axes))`` for
+    the active partitioner ``part`` -- under ``activate()`` at top level that
+    mesh is also JAX's context mesh (see :meth:`Partitioner.activate`).
+    """
+    part = _ACTIVE.value
     return x if part is None else part.constrain(x, logical_axes)

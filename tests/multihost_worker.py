@@ -73,9 +73,9 @@ def _read_as_hosts(num_hosts: int) -> None:
     import importlib
 
     import gin
-    # jaxpost.pipelines re-exports the functions sft/dpo under the modules' names.
-    sft = importlib.import_module("jaxpost.pipelines.sft")
-    dpo = importlib.import_module("jaxpost.pipelines.dpo")
+    # jaxpost.recipes re-exports the functions sft/dpo under the modules' names.
+    sft = importlib.import_module("jaxpost.recipes.sft")
+    dpo = importlib.import_module("jaxpost.recipes.dpo")
 
     def patched(make, task):
         def build(*args, **kwargs):
@@ -92,7 +92,7 @@ def main(argv: list[str]) -> int:
     summary_path, args = argv[0], argv[1:]
     import jax
 
-    from jaxpost import cli, config, distributed
+    from jaxpost import config, distributed, recipes
 
     files, bindings, rest = config.split_gin_args(args)
     if rest:
@@ -104,7 +104,7 @@ def main(argv: list[str]) -> int:
             raise SystemExit("JAXPOST_TEST_READ_AS_HOSTS is for a single process")
         _read_as_hosts(hosts)
     config.parse(files, bindings)
-    summary = cli.run()
+    summary = recipes.run()
     with open(summary_path.replace("{process}", str(jax.process_index())), "w") as f:
         json.dump({"summary": summary, "process_index": jax.process_index(),
                    "process_count": jax.process_count(), "device_count": jax.device_count(),

@@ -8,7 +8,7 @@ from pathlib import Path
 import gin
 
 from jaxpost import config
-from jaxpost.cli import run
+from jaxpost.recipes import run
 
 TINY_MODEL = [
     "ModelConfig.vocab_size = 264", "ModelConfig.hidden_size = 64", "ModelConfig.intermediate_size = 128",

@@ -15,7 +15,7 @@ import gin
 import gin.config as gin_config
 import pytest
 
-from jaxpost import cli, config, keys
+from jaxpost import cli, config, keys, recipes
 from jaxpost.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -235,7 +235,7 @@ def _run_task(task: str, extra: list[str]) -> dict:
     config.parse([], [f"run.task = @{task}"], finalize=False)
     required = [k.name for k in keys.unset_required(fn)]
     config.parse([], [f"run.task = @{task}", *(f"{k} = 'unused'" for k in required), *extra])
-    return _resolved_configs(fn, cli.run)
+    return _resolved_configs(fn, recipes.run)
 
 
 @pytest.mark.parametrize("task", ["sft", "dpo", "reward_model", "ppo", "grpo", "online_dpo", "distill", "synthesize",
@@ -304,7 +304,7 @@ def plugin_dir(tmp_path, monkeypatch):
 
 def test_a_reward_plugs_in_from_the_command_line(plugin_dir, capsys):
     from jaxpost.generate.rewards import get_reward
-    from jaxpost.pipelines.scorers import make_scorer
+    from jaxpost.generate.scorers import make_scorer
 
     # --import registers the module's named rewards before the gin files are read.
     assert "plugin_test_shout" not in get_reward.__globals__["REWARDS"]

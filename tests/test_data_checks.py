@@ -48,7 +48,7 @@ def test_missing_tokenizer_directory_is_a_fast_user_error(tmp_path, monkeypatch)
 
 def test_tokenizer_larger_than_the_model_vocab_fails_before_the_model_loads(tok_dir, tmp_path, monkeypatch):
     import importlib
-    sft_module = importlib.import_module("jaxpost.pipelines.sft")
+    sft_module = importlib.import_module("jaxpost.recipes.sft")
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the inputs were checked")
@@ -86,7 +86,7 @@ def test_tokenizer_defaults_to_init_from_and_one_of_them_is_needed(tok_dir, tmp_
 def test_every_run_checks_its_inputs_before_the_run_dir(run, tmp_path):
     import importlib
     module = {"reward_model": "reward"}.get(run, run)
-    fn = getattr(importlib.import_module(f"jaxpost.pipelines.{module}"), run)
+    fn = getattr(importlib.import_module(f"jaxpost.recipes.{module}"), run)
     kwargs = {"teacher_from": "teacher"} if run == "distill" else {}
     with pytest.raises(UserError, match=rf"{run}: no tokenizer: set {run}.tokenizer"):
         fn(run_dir=str(tmp_path / "run"), train_data=str(tmp_path / "train.jsonl"), **kwargs)
@@ -94,7 +94,7 @@ def test_every_run_checks_its_inputs_before_the_run_dir(run, tmp_path):
 
 
 def test_synthesize_takes_its_tokenizer_from_the_model_dir(tmp_path):
-    from jaxpost.pipelines.synthetic import synthesize
+    from jaxpost.recipes.synthetic import synthesize
     with pytest.raises(UserError, match=r"synthesize.model_dir \(used as the tokenizer\)='.*nope' does not exist"):
         synthesize(model_dir=str(tmp_path / "nope"), prompts=str(tmp_path / "p.jsonl"), out_dir=str(tmp_path / "o"),
                    scorer=lambda prompts, completions, **kw: [0.0] * len(completions))

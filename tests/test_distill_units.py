@@ -15,10 +15,10 @@ from jaxpost.algorithms.distill import make_cached_distill_loss, make_distill_lo
 from jaxpost.data import build_tokenizer, make_lm_pipeline
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.heads import logits as full_logits
-from jaxpost.pipelines import LoopConfig
-from jaxpost.pipelines.distill import batch_prompts, distill
-from jaxpost.pipelines.rollout import rollout_sequences
-from jaxpost.pipelines.teacher_cache import TeacherCache, build_teacher_cache, make_cache_pipeline
+from jaxpost.train.fit import LoopConfig
+from jaxpost.generate.rollout import batch_prompts, rollout_sequences
+from jaxpost.recipes.distill import distill
+from jaxpost.algorithms.teacher_cache import TeacherCache, build_teacher_cache, make_cache_pipeline
 
 STUDENT = ModelConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1)
 TEACHER = ModelConfig(vocab_size=264, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4, num_kv_heads=2)

@@ -10,8 +10,8 @@ import pytest
 
 from jaxpost.data.tokenizer import build_tokenizer, end_of_turn_id, stop_token_ids
 from jaxpost.models import ModelConfig, create
-from jaxpost.pipelines.common import export
-from jaxpost.pipelines.model_card import jaxpost_version
+from jaxpost.models.export import export
+from jaxpost.models.model_card import jaxpost_version
 
 CONFIG = ModelConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
 

@@ -56,7 +56,7 @@ def test_checkpoint_config_does_not_read_gin_bindings(clean_gin):
 
 
 def test_load_model_warns_about_overridden_bindings_and_keeps_run_numerics(hf_dir, clean_gin):
-    from jaxpost.pipelines.common import load_model
+    from jaxpost.models.load import load_model
     from jaxpost.sharding import Partitioner
 
     gin.parse_config([
@@ -91,7 +91,7 @@ def test_load_model_warns_about_overridden_bindings_and_keeps_run_numerics(hf_di
 def test_load_model_new_head_reuses_the_body_and_refuses_adapter_dirs(hf_dir, tmp_path, clean_gin):
     from jaxpost.models import load_hf
     from jaxpost.models.lora import apply_lora, save_adapters
-    from jaxpost.pipelines.common import load_model
+    from jaxpost.models.load import load_model
 
     _, _, base = load_hf(hf_dir)
     config, _, params = load_model(None, str(hf_dir), None, seed=5, head="score")

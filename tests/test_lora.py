@@ -11,14 +11,14 @@ import transformers
 from flax import nnx
 
 from jaxpost import models
-from jaxpost.algorithms import make_dpo_loss, make_reward_loss, make_sft_loss
+from jaxpost.algorithms import make_dpo_loss, make_reward_loss, make_sft_loss, with_base_reference
 from jaxpost.models.config import LoraConfig, ModelConfig
 from jaxpost.models.layers import Linear
-from jaxpost.models.lora import (apply_lora, load_adapters, merge_lora, save_adapters, set_adapters,
-                                 stop_frozen_gradients, trainable_mask, with_base_reference, without_adapters)
+from jaxpost.models.lora import (apply_lora, load_adapters, merge_lora, save_adapters, set_adapters, trainable_mask,
+                                 without_adapters)
 from jaxpost.models.safetensors_io import SafetensorsFile
 from jaxpost.sharding import Partitioner, make_mesh
-from jaxpost.train import init_state, make_optimizer, make_train_step
+from jaxpost.train import init_state, make_optimizer, make_train_step, stop_frozen_gradients
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2)
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -290,3 +290,13 @@ def test_adapters_save_load_round_trip(tmp_path):
     _, _, other_targets, _ = apply_lora(cfg, base, LoraConfig(rank=3, targets=["q_proj"]))
     with pytest.raises(KeyError, match="v_proj"):
         set_adapters(other_targets, adapters)
+
+
+def test_loss_wrappers_live_beside_their_users_not_in_the_model_package():
+    import jaxpost.models.lora as lora_module
+    from jaxpost.algorithms import preference
+    from jaxpost.train import trainable
+
+    assert not hasattr(lora_module, "stop_frozen_gradients") and not hasattr(lora_module, "with_base_reference")
+    assert stop_frozen_gradients is trainable.stop_frozen_gradients
+    assert with_base_reference is preference.with_base_reference

@@ -51,7 +51,7 @@ def test_online_reference_under_lora_is_the_base_without_a_copy():
 
     from jaxpost.models import LoraConfig, ModelConfig, create
     from jaxpost.models.lora import has_adapters
-    from jaxpost.pipelines.online import reference_policy
+    from jaxpost.train.online import reference_policy
 
     config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, lora=LoraConfig(rank=2))
     _, params = create(config, seed=0)
@@ -76,10 +76,10 @@ def test_lora_online_runs_measure_kl_to_the_base(method, hf_base, tmp_path):
     import gin
 
     from jaxpost.models import LoraConfig
-    from jaxpost.pipelines.grpo import grpo
-    from jaxpost.pipelines.online import OnlineConfig
-    from jaxpost.pipelines.online_dpo import online_dpo
-    from jaxpost.pipelines.rollout import RolloutConfig
+    from jaxpost.recipes.grpo import grpo
+    from jaxpost.train.online import OnlineConfig
+    from jaxpost.recipes.online_dpo import online_dpo
+    from jaxpost.generate.rollout import RolloutConfig
     from jaxpost.data import build_tokenizer
     from online_helpers import CONFIG, lowercase_fraction, scores_and_kl
 
@@ -98,7 +98,7 @@ def test_lora_online_runs_measure_kl_to_the_base(method, hf_base, tmp_path):
             run_dir=str(tmp_path / method), train_data=str(tmp_path / "prompts.jsonl"),
             tokenizer=str(tmp_path / "tok"), model=CONFIG.replace(lora=LoraConfig(rank=4, alpha=8.0)),
             init_from=str(hf_base),
-            online=OnlineConfig(num_rollouts=3, prompts_per_rollout=8, max_prompt_len=16, progress=False),
+            online=OnlineConfig(num_rollouts=3, prompts_per_rollout=8, max_prompt_len=16),
             rollout=RolloutConfig(max_new_tokens=8, group_size=4))
     finally:
         gin.clear_config()
@@ -132,7 +132,7 @@ def _run_from_hf(method: str, task: dict, hf: str, run_dir) -> None:
     import gin
 
     from jaxpost import config
-    from jaxpost.cli import run
+    from jaxpost.recipes import run
     from online_helpers import lowercase_fraction
 
     bindings = [f"run.task = @{method}", f"{method}.model = @ModelConfig()", f"{method}.run_dir = '{run_dir}'",
@@ -149,7 +149,7 @@ def _run_from_hf(method: str, task: dict, hf: str, run_dir) -> None:
         bindings += [f"ppo.train_data = '{task['prompts']}'", "ppo.online = @OnlineConfig()",
                      "ppo.rollout = @RolloutConfig()", "ppo.ppo_epochs = 1", "OnlineConfig.num_rollouts = 1",
                      "OnlineConfig.prompts_per_rollout = 8",  # 8 rows: a multiple of the 8 test devices
-                     "OnlineConfig.max_prompt_len = 32", "OnlineConfig.progress = False",
+                     "OnlineConfig.max_prompt_len = 32",
                      "RolloutConfig.max_new_tokens = 6", "RolloutConfig.group_size = 1"]
     config.parse(["configs/algorithms/lora.gin"], bindings, finalize=False)
     try:

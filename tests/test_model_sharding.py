@@ -63,3 +63,44 @@ def test_sharded_forward_matches_single_device(name, reference):
     np.testing.assert_allclose(np.asarray(h), np.asarray(ref_h), atol=1e-5)
     np.testing.assert_allclose(np.asarray(lp), np.asarray(ref_lp), atol=1e-5)
     assert h.sharding.spec[0] is not None  # activations stayed batch-sharded
+
+
+def test_partitioners_with_different_rules_do_not_share_a_compiled_function():
+    """The active partitioner is part of jit's cache key: a function traced under one
+    partitioner's rules is re-traced, not reused, under another's; equal ones share it."""
+    from jaxpost.sharding import active_partitioner, constrain
+
+    traces = []
+
+    @jax.jit
+    def f(x):
+        traces.append(active_partitioner())
+        return constrain(x * 2, (None, "embed"))
+
+    x = jnp.ones((8, 16))
+    mesh = make_mesh(fsdp=8)
+    fsdp, dp = Partitioner(mesh, "fsdp"), Partitioner(mesh, "data_parallel")
+    with fsdp.activate():
+        assert jax.sharding.get_mesh() is mesh  # JAX's context mesh is the partitioner's
+        a = f(x)
+    with dp.activate():
+        b = f(x)
+    with Partitioner(mesh, "fsdp").activate():  # equal mesh and rules: the cached trace serves
+        c = f(x)
+    assert traces == [fsdp, dp]
+    assert a.sharding.spec == P(None, "fsdp")  # fsdp rules: embed split 8 ways
+    assert b.sharding.is_fully_replicated     # data-parallel rules: embed replicated
+    assert c.sharding == a.sharding
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    f(x)  # outside activate(): no constraint, a third trace
+    assert traces[-1] is None and len(traces) == 3
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(data=3, fsdp=-1), r"data=3 fsdp=-1 tensor=1 over 8 devices: 8 is not divisible"),
+    (dict(data=2, fsdp=2, tensor=1), r"data=2 fsdp=2 tensor=1 over 8 devices: data x fsdp x tensor = 4, not 8"),
+    (dict(data=-1, fsdp=-1), r"at most one axis may be -1"),
+])
+def test_make_mesh_names_axes_and_sizes_when_devices_do_not_divide(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_mesh(**kwargs)

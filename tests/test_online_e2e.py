@@ -10,13 +10,14 @@ from safetensors.numpy import load_file
 from jaxpost import config as jp_config
 from jaxpost.models import forward
 from jaxpost.models.heads import scores as score_head
-from jaxpost.pipelines.common import LoopConfig, load_model
-from jaxpost.pipelines.grpo import grpo
-from jaxpost.pipelines.online import OnlineConfig
-from jaxpost.pipelines.ppo import ppo
-from jaxpost.pipelines.reward import reward_model
-from jaxpost.pipelines.rollout import RolloutConfig, rollout_sequences
-from jaxpost.pipelines.scorers import RewardModelScorer
+from jaxpost.models.load import load_model
+from jaxpost.train.fit import LoopConfig
+from jaxpost.recipes.grpo import grpo
+from jaxpost.train.online import OnlineConfig
+from jaxpost.recipes.ppo import ppo
+from jaxpost.recipes.reward import reward_model
+from jaxpost.generate.rollout import RolloutConfig, rollout_sequences
+from jaxpost.generate.scorers import RewardModelScorer
 from jaxpost.sharding import Partitioner
 from online_helpers import CONFIG, data, gin_scope, lowercase_fraction, scores_and_kl  # noqa: F401
 
@@ -35,7 +36,7 @@ def _grpo(data, name):
     return grpo(run_dir=str(data / name), train_data=str(data / "prompts.jsonl"), tokenizer=str(data / "tok"),
                 model=CONFIG, rollout=RolloutConfig(max_new_tokens=6, group_size=2), num_iterations=2,
                 minibatch_size=8, online=OnlineConfig(num_rollouts=4, prompts_per_rollout=8, max_prompt_len=16,
-                                                      save_every=2, progress=False))
+                                                      save_every=2))
 
 
 @pytest.mark.slow
@@ -93,7 +94,7 @@ def test_ppo_with_trained_reward_model(gin_scope, data):
     gin_scope.bind_parameter("make_scorer.reward_model", rm_dir)
     summary = ppo(run_dir=str(data / "ppo_rm"), train_data=str(data / "prompts.jsonl"), tokenizer=str(data / "tok"),
                   model=CONFIG, value_from=rm_dir, rollout=RolloutConfig(max_new_tokens=6, missing_eos_penalty=1.0),
-                  online=OnlineConfig(num_rollouts=2, prompts_per_rollout=8, max_prompt_len=16, progress=False),
+                  online=OnlineConfig(num_rollouts=2, prompts_per_rollout=8, max_prompt_len=16),
                   ppo_epochs=2, minibatch_size=8, kl_coef=0.2, kl_target=0.01, kl_horizon=100.0)
     _, _, rows = scores_and_kl(data / "ppo_rm")
     for key in ("objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward", "policy/approxkl",

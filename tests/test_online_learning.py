@@ -7,11 +7,11 @@ letters in the completion (about 26/264 at the start). Each run is ~1-2 minutes 
 import numpy as np
 import pytest
 
-from jaxpost.pipelines.grpo import grpo
-from jaxpost.pipelines.online import OnlineConfig
-from jaxpost.pipelines.online_dpo import online_dpo
-from jaxpost.pipelines.ppo import ppo
-from jaxpost.pipelines.rollout import RolloutConfig
+from jaxpost.recipes.grpo import grpo
+from jaxpost.train.online import OnlineConfig
+from jaxpost.recipes.online_dpo import online_dpo
+from jaxpost.recipes.ppo import ppo
+from jaxpost.generate.rollout import RolloutConfig
 from online_helpers import CONFIG, data, gin_scope, lowercase_fraction, scores_and_kl  # noqa: F401
 
 ROLLOUTS = 24
@@ -23,8 +23,7 @@ def _common(gin_scope, data, name):
     gin_scope.bind_parameter("make_optimizer.learning_rate", 1e-2)
     gin_scope.bind_parameter("make_optimizer.schedule", "constant")
     return dict(run_dir=str(data / name), train_data=str(data / "prompts.jsonl"), tokenizer=str(data / "tok"),
-                model=CONFIG, online=OnlineConfig(num_rollouts=ROLLOUTS, prompts_per_rollout=8, max_prompt_len=16,
-                                                  progress=False))
+                model=CONFIG, online=OnlineConfig(num_rollouts=ROLLOUTS, prompts_per_rollout=8, max_prompt_len=16))
 
 
 def _check_learned(run_dir, margin):

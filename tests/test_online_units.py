@@ -11,11 +11,10 @@ from jaxpost.algorithms.online import make_ppo_loss, make_rollout_logprobs, ppo_
 from jaxpost.data import build_tokenizer, make_prompt_pipeline
 from jaxpost.generate.sampler import Sampler, SamplingConfig
 from jaxpost.models import ModelConfig, create, forward, scores
-from jaxpost.pipelines.common import on_mesh
-from jaxpost.pipelines.online import OnlineConfig, OnlineTrainer, minibatch_orders
-from jaxpost.pipelines.online_dpo import best_worst_pairs, pair_batch
-from jaxpost.pipelines.rollout import Roller, RolloutConfig, rollout_sequences
-from jaxpost.pipelines.scorers import FunctionScorer
+from jaxpost.train.batches import on_mesh
+from jaxpost.train.online import OnlineConfig, OnlineTrainer, minibatch_orders
+from jaxpost.generate.rollout import Roller, RolloutConfig, best_worst_pairs, pair_batch, rollout_sequences
+from jaxpost.generate.scorers import FunctionScorer
 from jaxpost.sharding import Partitioner
 from jaxpost.train import NonFiniteLossError
 

@@ -134,7 +134,7 @@ def test_fsdp_sft_steps_match_one_device(task):
         graphdef, params = models.create(config, seed=0, partitioner=part)
         opt = make_optimizer(learning_rate=1e-3, total_steps=3, schedule="constant")
         shardings = state_shardings(abstract_state(params, opt), part.shardings(models.logical_axes(config), params),
-                                    part)
+                                    part, opt)
         state = init_sharded_state(params, opt, shardings)
         step = compile_train_step(make_train_step(make_sft_loss(graphdef, config), opt), shardings,
                                   batch_shardings(batches[0], part))

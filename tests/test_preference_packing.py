@@ -9,11 +9,11 @@ import pytest
 from jaxpost import models
 from preference_helpers import three_dpo_losses, value_and_grad
 from jaxpost.algorithms import make_dpo_loss, make_reward_loss
-from jaxpost.algorithms.packed_pairs import pair_last_index, pair_sums
+from jaxpost.losses import pair_last_index, pair_sums
 from jaxpost.data import build_tokenizer, make_preference_pipeline
 from jaxpost.models.config import ModelConfig
-from jaxpost.pipelines.common import on_mesh
-from jaxpost.pipelines.reference import reference_logps
+from jaxpost.train.batches import on_mesh
+from jaxpost.algorithms.reference import reference_logps
 from jaxpost.sharding import Partitioner, make_mesh
 from jaxpost.train import init_state, make_train_step
 

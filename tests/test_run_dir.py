@@ -113,13 +113,13 @@ def test_config_bindings_parse_multiline_values():
 
 
 def test_operative_config_is_written_when_training_starts_with_the_model_as_used(tmp_path, monkeypatch):
-    """It used to appear only after a successful run, listing model bindings that init_from had overridden."""
+    """The operative config exists as soon as training starts, and shows the model as init_from set it."""
     from jaxpost import models
     from jaxpost.data import build_tokenizer
     from jaxpost.demo.task import write_task_data
     from jaxpost.models.config import ModelConfig
     from jaxpost.models.hf import save_hf
-    from jaxpost.pipelines import common
+    import jaxpost.train.fit as common  # the module whose `train` the test replaces
 
     ckpt = ModelConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
                        num_kv_heads=1)
@@ -141,7 +141,7 @@ def test_operative_config_is_written_when_training_starts_with_the_model_as_used
                                             f"sft.init_from = '{tmp_path / 'hf'}'", "sft.seq_len = 128",
                                             "ModelConfig.hidden_size = 64", "ModelConfig.remat = 'full'"])
     with pytest.warns(UserWarning, match="hidden_size"), pytest.raises(Stop):
-        from jaxpost.cli import run
+        from jaxpost.recipes import run
         run()
     text = seen["text"]
     assert "ModelConfig.hidden_size = 32" in text and "ModelConfig.hidden_size = 64" not in text

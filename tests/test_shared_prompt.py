@@ -11,7 +11,7 @@ from jaxpost.algorithms import SHARED_PROMPT_KEYS, make_dpo_loss, make_reward_lo
 from jaxpost.algorithms.shared_prompt import shared_rows
 from jaxpost.data import build_tokenizer, make_preference_pipeline
 from jaxpost.models.config import ModelConfig
-from jaxpost.pipelines.reference import reference_logps
+from jaxpost.algorithms.reference import reference_logps
 
 SEQ_LEN = 32
 TINY = dict(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)

@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _sharded_state(partitioner, opt, params):
     shardings = state_shardings(abstract_state(params, opt), partitioner.shardings(LOGICAL_AXES, params),
-                                partitioner)
+                                partitioner, opt)
     return init_sharded_state(params, opt, shardings), shardings
 
 

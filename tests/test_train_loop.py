@@ -17,7 +17,7 @@ N = 4
 OPT = make_optimizer("adamw", learning_rate=1e-2, warmup_steps=2, total_steps=2 * N, weight_decay=0.1)
 PART = Partitioner(make_mesh(fsdp=-1), "fsdp")
 PARAMS = init_params()
-SHARDINGS = state_shardings(abstract_state(PARAMS, OPT), PART.shardings(LOGICAL_AXES, PARAMS), PART)
+SHARDINGS = state_shardings(abstract_state(PARAMS, OPT), PART.shardings(LOGICAL_AXES, PARAMS), PART, OPT)
 STEP = compile_train_step(make_train_step(lm_loss, OPT, grad_accum_steps=2), SHARDINGS,
                           batch_shardings(next(Batches()), PART), None)
 
@@ -124,7 +124,7 @@ def test_token_counts_are_read_at_log_steps_only(tmp_path):
 
 
 def test_loss_token_count_of_a_global_batch_stays_on_the_devices():
-    from jaxpost.pipelines.common import count_loss_tokens
+    from jaxpost.train.batches import count_loss_tokens
 
     seg = np.array([[1, 1, 0, 0], [2, 2, 2, 0]] * 4, np.int32)   # 5 real tokens in every 2 rows
     host = {"chosen_segment_ids": seg, "rejected_segment_ids": seg[:, :2], "tokens": seg}

@@ -120,3 +120,28 @@ def test_mfu_table():
     assert peak_flops_per_device("NVIDIA B200") == 2250e12
     # 4 H100s at half their 989 TFLOP/s peak: 4 * 494.5e12 FLOPs in 1 s -> 0.5.
     np.testing.assert_allclose(mfu(4 * 494.5e12, 1.0, 4, "NVIDIA H100 80GB HBM3"), 0.5)
+
+
+def _old_schedule(t, peak, kind, W, T, ratio):
+    """The formulas make_schedule implemented by hand before it used optax's schedules."""
+    end, decay_len = ratio * peak, max(T - W, 1)
+    p = np.clip((t - W) / decay_len, 0.0, 1.0)
+    after = {"cosine": end + (peak - end) * 0.5 * (1.0 + np.cos(np.pi * p)),
+             "linear": peak + (end - peak) * p, "constant": peak}[kind]
+    return after if W == 0 or t >= W else peak * t / W
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize("peak,W,T,ratio", [(3e-4, 100, 1000, 0.1), (1e-5, 0, 50, 0.0), (2.0, 7, 7, 0.5),
+                                            (1e-3, 3, 1, 0.2)])
+def test_optax_schedules_give_the_old_learning_rates(kind, peak, W, T, ratio):
+    sched = make_schedule(peak, kind, warmup_steps=W, total_steps=T, min_lr_ratio=ratio)
+    steps = sorted({0, 1, W // 2, max(W - 1, 0), W, W + 1, (W + T) // 2, T - 1, T, T + 5, 3 * T + 11})
+    for t in steps:
+        # optax's warmup is peak - peak * (1 - t / W) in float32: equal to peak * t / W up to the
+        # rounding of numbers of size peak, hence atol relative to peak (float32 eps is 1.2e-7).
+        np.testing.assert_allclose(float(sched(t)), _old_schedule(t, peak, kind, W, T, ratio), rtol=1e-6,
+                                   atol=2.4e-7 * peak, err_msg=f"{kind} step {t}")
+        # Traced with an int32 count, as inside the train step.
+        np.testing.assert_allclose(float(jax.jit(sched)(jnp.int32(t))), float(sched(t)), rtol=1e-6,
+                                   atol=2.4e-7 * peak)

@@ -88,30 +88,37 @@ def test_metrics_and_learning_rate():
     assert int(state.step) == 3
 
 
-def test_mixed_precision_keeps_fp32_master_params():
-    seen = []
+def test_bf16_compute_keeps_fp32_master_params():
+    """One bf16 switch, ModelConfig.dtype: the forward computes in bf16, master params and moments stay fp32."""
+    from jaxpost import models
+    from jaxpost.algorithms import make_sft_loss
+    from jaxpost.models.config import ModelConfig
 
-    def loss(params, batch, frozen):
-        seen.append(params["mlp"]["kernel"].dtype)
-        return lm_loss(params, batch)
-
+    base = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1)
+    B, L = 2, 16
+    tokens = np.random.default_rng(0).integers(1, 64, (B, L)).astype(np.int32)
+    batch = {"tokens": tokens, "targets": np.roll(tokens, -1, 1), "positions": np.tile(np.arange(L), (B, 1)),
+             "segment_ids": np.ones((B, L), np.int32), "loss_mask": np.ones((B, L), np.float32)}
     opt = optax.adam(1e-3)
-    state = init_state(init_params(), opt)
-    bf, m_bf = jax.jit(make_train_step(loss, opt, mixed_precision="bfloat16"))(state, make_batch(0), None)
-    fp, m_fp = jax.jit(make_train_step(lm_loss, opt))(state, make_batch(0), None)
-    assert seen == [jnp.bfloat16]
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        config = base.replace(dtype=dtype)
+        graphdef, params = models.create(config, seed=0)
+        state = init_state(params, opt)
+        out[dtype] = jax.jit(make_train_step(make_sft_loss(graphdef, config, 8), opt))(state, batch, None)
+    bf, m_bf = out["bfloat16"]
+    _, m_fp = out["float32"]
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(bf.params))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(bf.opt_state) if jnp.ndim(x))
     np.testing.assert_allclose(m_bf["loss"], m_fp["loss"], rtol=2e-2)
     np.testing.assert_allclose(m_bf["grad_norm"], m_fp["grad_norm"], rtol=5e-2)
-    with pytest.raises(ValueError, match="mixed_precision"):
-        make_train_step(lm_loss, opt, mixed_precision="float16")
+    assert float(m_bf["loss"]) != float(m_fp["loss"])  # the bf16 forward did run in bf16
 
 
 def _sharded_setup(partitioner, opt, accum=1):
     params = init_params()
     p_sh = partitioner.shardings(LOGICAL_AXES, params)
-    shardings = state_shardings(abstract_state(params, opt), p_sh, partitioner)
+    shardings = state_shardings(abstract_state(params, opt), p_sh, partitioner, opt)
     state = init_sharded_state(params, opt, shardings)
     b_sh = batch_shardings(next(Batches()), partitioner)
     step = compile_train_step(make_train_step(lm_loss, opt, grad_accum_steps=accum), shardings, b_sh, None)
@@ -160,7 +167,7 @@ def test_state_shardings_for_factored_adafactor_moments():
     params = {"w": jax.ShapeDtypeStruct((128, 256), jnp.float32), "b": jax.ShapeDtypeStruct((256,), jnp.float32)}
     axes = {"w": ("embed", "mlp"), "b": ("mlp",)}
     opt = make_optimizer("adafactor", learning_rate=1e-3)
-    sh = state_shardings(abstract_state(params, opt), part.shardings(axes, params), part)
+    sh = state_shardings(abstract_state(params, opt), part.shardings(axes, params), part, opt)
     abstract = abstract_state(params, opt)
     specs = {jax.tree_util.keystr(p): (tuple(a.shape), s.spec) for (p, a), s in zip(
         jax.tree_util.tree_flatten_with_path(abstract.opt_state)[0], jax.tree.leaves(sh.opt_state))}
@@ -174,13 +181,38 @@ def test_state_shardings_for_factored_adafactor_moments():
 
     # With frozen leaves (LoRA-style) the moments of the trainable ones are still sharded like them.
     opt = make_optimizer("adamw", learning_rate=1e-3, trainable_mask={"w": True, "b": False})
-    sh = state_shardings(abstract_state(params, opt), part.shardings(axes, params), part)
+    sh = state_shardings(abstract_state(params, opt), part.shardings(axes, params), part, opt)
     specs = [s.spec for s in jax.tree.leaves(sh.opt_state)]
     assert specs.count(PartitionSpec("fsdp", None)) == 2  # mu and nu of "w"; "b" has none
 
 
-def test_eval_step():
-    ev = jax.jit(make_eval_step(lm_loss))
-    m = ev(init_params(), make_batch(0), None)
-    np.testing.assert_allclose(m["loss"], lm_loss(init_params(), make_batch(0))[0], rtol=1e-6)
-    assert "loss_tokens" in m
+def _numpy_lm_metrics(params, batch):
+    """The fixture model's token-mean NLL, loss-token count and accuracy, in float64 numpy."""
+    p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+    x = p["embed"]["embedding"][batch["tokens"]]
+    x = x / np.sqrt(np.mean(x ** 2, -1, keepdims=True) + 1e-6) * p["norm"]["scale"]
+    logits = np.tanh(x @ p["mlp"]["kernel"] + p["mlp"]["bias"]) @ p["head"]["kernel"]
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+    mask = batch["loss_mask"].astype(np.float64)
+    correct = logits.argmax(-1) == batch["targets"]
+    return (nll * mask).sum() / mask.sum(), mask.sum(), (correct * mask).sum() / mask.sum()
+
+
+def test_eval_step_reports_the_loss_at_the_given_params_without_training():
+    params, batch = init_params(), make_batch(0)
+    m = jax.device_get(jax.jit(make_eval_step(lm_loss))(params, batch, None))
+    loss, tokens, accuracy = _numpy_lm_metrics(params, batch)
+    np.testing.assert_allclose(m["loss"], loss, rtol=1e-5)
+    np.testing.assert_allclose(m["accuracy"], accuracy, rtol=1e-6)
+    assert m["loss_tokens"] == tokens
+    assert set(m) == {"loss", "loss_sum", "loss_tokens", "accuracy"}  # no gradient or optimizer metrics
+    # The train step's metrics describe the same params before its update: the same numbers.
+    _, train_m = jax.jit(make_train_step(lm_loss, optax.sgd(1.0)))(init_state(params, optax.sgd(1.0)), batch, None)
+    for key in m:
+        np.testing.assert_allclose(m[key], train_m[key], rtol=1e-6, err_msg=key)
+    # `frozen` reaches the loss.
+    with_frozen = lambda p, b, frozen: (lm_loss(p, b)[0] + frozen["offset"], {})
+    shifted = jax.jit(make_eval_step(with_frozen))(params, batch, {"offset": jnp.float32(2.0)})
+    np.testing.assert_allclose(shifted["loss"], loss + 2.0, rtol=1e-5)

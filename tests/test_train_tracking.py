@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxpost.errors import UserError
-from jaxpost.pipelines.common import LoopConfig
+from jaxpost.train.fit import LoopConfig
 from jaxpost.train import BestCheckpoint, Checkpointer, MetricsWriter, format_log_line, read_jsonl, train
 from test_train_fixtures import Batches
 from test_train_loop import STEP, fresh_state

@@ -5,29 +5,30 @@ Batch spec: the LM keys (``LM_KEYS``); the loss is on ``loss_mask`` tokens
 teacher may have another size (layers, width) and its own shardings, but
 the same vocabulary. Cached teacher: the batch also carries
 ``teacher_topk_logps`` float32 ``[B,L,k]`` and ``teacher_topk_ids`` int32
-``[B,L,k]`` (see :mod:`jaxpost.pipelines.teacher_cache`), and ``frozen`` is
-unused. The math lives in :mod:`jaxpost.losses.distill`.
+``[B,L,k]`` (see :mod:`jaxpost.algorithms.teacher_cache`), and ``frozen`` is
+unused. This module only wires models to the math of :mod:`jaxpost.losses.distill`
+(forward -> hidden states -> chunked loss); ``chunked_topk_distill_loss`` and
+``teacher_topk`` are re-exported from there.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable
 
 import gin
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxpost.algorithms.batch import LM_KEYS, check_batch
-from jaxpost.losses.distill import DIVERGENCES, chunked_distill_loss, generalized_jsd, topk_forward_kl
+from jaxpost.algorithms.batch import CACHED_KEYS, LM_KEYS, check_batch
+from jaxpost.losses.distill import (DIVERGENCES, chunked_distill_loss, chunked_topk_distill_loss, generalized_jsd,
+                                    teacher_topk, topk_forward_kl)
 from jaxpost.models import forward
 from jaxpost.models.config import ModelConfig
-from jaxpost.models.heads import lm_head_weight
+from jaxpost.models.heads import lm_head_weight, map_position_chunks
 
-CACHED_KEYS = {**LM_KEYS, "teacher_topk_logps": np.float32, "teacher_topk_ids": np.int32}
-"""An LM batch plus the teacher's stored top-k log-probs and ids per position ``[B,L,k]``."""
+__all__ = ["CACHED_KEYS", "check_same_vocab", "make_divergence", "make_distill_loss", "make_cached_distill_loss",
+           "make_teacher_topk_fn", "chunked_topk_distill_loss", "teacher_topk"]
 
 
 def check_same_vocab(student: ModelConfig, teacher: ModelConfig) -> None:
@@ -39,12 +40,6 @@ def check_same_vocab(student: ModelConfig, teacher: ModelConfig) -> None:
     for name, c in (("student", student), ("teacher", teacher)):
         if c.head != "lm":
             raise ValueError(f"the {name} model needs an LM head for distillation, got head={c.head!r}")
-
-
-def teacher_topk(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """``(top-k of log_softmax(logits), their ids)`` over the last axis, float32 and int32 ``[..., k]``."""
-    values, ids = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), k)
-    return values, ids.astype(jnp.int32)
 
 
 def make_divergence(divergence: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
@@ -116,60 +111,6 @@ def make_distill_loss(graphdef, config: ModelConfig, teacher_graphdef, teacher_c
     return loss_fn
 
 
-def chunked_topk_distill_loss(student_hidden, student_head_w, topk_logps, topk_ids, mask, targets,
-                              temperature: float = 1.0, alpha: float = 1.0, chunk_size: int = 128):
-    """Token-mean distillation loss against stored teacher top-k, chunked over positions.
-
-    ``l_t = alpha topk_forward_kl(s_t, topk_logps_t, topk_ids_t) + (1 - alpha) CE(s_t, y_t)``;
-    ``loss = sum_t mask_t l_t / max(sum_t mask_t, 1)``. Like
-    :func:`chunked_distill_loss`: a rematerialised ``lax.scan`` over chunks,
-    so only ``[B, chunk_size, V]`` student logits exist at once.
-
-    Args:
-      student_hidden ``[B,L,D]``, student_head_w ``[D,V]``, topk_logps float
-      ``[B,L,k]``, topk_ids int ``[B,L,k]`` in ``[0, V)``, mask ``[B,L]``,
-      targets int ``[B,L]``.
-    """
-    b, length, _ = student_hidden.shape
-    for name, x in (("teacher_topk_logps", topk_logps), ("teacher_topk_ids", topk_ids)):
-        if x.ndim != 3 or tuple(x.shape[:2]) != (b, length):
-            raise ValueError(f"{name} must have shape [B,L,k] with [B,L]=({b}, {length}), got {tuple(x.shape)}")
-    if topk_logps.shape != topk_ids.shape:
-        raise ValueError(f"teacher_topk_logps {tuple(topk_logps.shape)} and teacher_topk_ids "
-                         f"{tuple(topk_ids.shape)} must have the same shape [B,L,k]")
-    chunk = max(1, min(chunk_size, length))
-    n = math.ceil(length / chunk)
-    pad = n * chunk - length
-
-    def chunks(x):
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.moveaxis(x.reshape((b, n, chunk) + x.shape[2:]), 1, 0)
-
-    xs = (chunks(student_hidden), chunks(jnp.asarray(topk_logps, jnp.float32)),
-          chunks(jnp.asarray(topk_ids, jnp.int32)), chunks(jnp.asarray(mask, jnp.float32)),
-          chunks(jnp.asarray(targets, jnp.int32)))
-
-    @jax.checkpoint
-    def body(w, h, lq, ids, m, y):
-        s = jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=jnp.float32)
-        valid = m != 0
-        div = topk_forward_kl(s, lq, ids, temperature)
-        ce = jax.nn.logsumexp(s, axis=-1) - jnp.take_along_axis(s, y[..., None], axis=-1)[..., 0]
-        return jnp.sum(jnp.where(valid, div, 0.0)), jnp.sum(jnp.where(valid, ce, 0.0))
-
-    def step(carry, x):
-        d, c = body(student_head_w, *x)
-        return (carry[0] + d, carry[1] + c), None
-
-    zero = jnp.zeros((), jnp.float32)
-    (div_total, ce_total), _ = jax.lax.scan(step, (zero, zero), xs)
-    n_tokens = jnp.sum(jnp.asarray(mask, jnp.float32))
-    denom = jnp.maximum(n_tokens, 1.0)
-    loss = (alpha * div_total + (1.0 - alpha) * ce_total) / denom
-    return loss, {"loss": loss, "distill_loss": div_total / denom, "ce_loss": ce_total / denom,
-                  "loss_tokens": n_tokens}
-
-
 @gin.configurable(denylist=["graphdef", "config"])
 def make_cached_distill_loss(graphdef, config: ModelConfig, temperature: float = 1.0, alpha: float = 1.0,
                              chunk_size: int = 128):
@@ -201,7 +142,8 @@ def make_teacher_topk_fn(graphdef, config: ModelConfig, k: int, chunk_size: int 
 
     ``logps`` are ``log_softmax(z)`` at the teacher's temperature 1 (what
     :func:`make_divergence` with ``top_k`` computes live); chunked over
-    positions with ``lax.map`` so only ``[B, chunk, V]`` logits exist. Pure; jit it.
+    positions (:func:`~jaxpost.models.heads.map_position_chunks`) so only ``[B, chunk, V]`` logits
+    exist. Pure; jit it.
     """
     if k < 1 or k > config.vocab_size:
         raise ValueError(f"top_k must be in [1, vocab_size={config.vocab_size}], got {k}")
@@ -209,13 +151,8 @@ def make_teacher_topk_fn(graphdef, config: ModelConfig, k: int, chunk_size: int 
     def fn(params, batch):
         hidden, _ = forward(graphdef, params, batch["tokens"], batch["positions"], batch["segment_ids"])
         w = lm_head_weight(params, config).astype(hidden.dtype)
-        B, L, D = hidden.shape
-        c = max(1, min(chunk_size, L))
-        n = -(-L // c)
-        h = jnp.pad(hidden, ((0, 0), (0, n * c - L), (0, 0))).reshape(B, n, c, D).swapaxes(0, 1)
-        lp, ids = jax.lax.map(
-            lambda x: teacher_topk(jnp.einsum("bcd,dv->bcv", x, w, preferred_element_type=jnp.float32), k), h)
-        unchunk = lambda x: x.swapaxes(0, 1).reshape(B, n * c, k)[:, :L]
-        return unchunk(lp), unchunk(ids)
+        return map_position_chunks(
+            lambda h: teacher_topk(jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=jnp.float32), k),
+            hidden, chunk_size=chunk_size, checkpoint=False)
 
     return fn

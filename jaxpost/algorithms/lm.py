@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from jaxpost.models import forward
 from jaxpost.models.config import ModelConfig
-from jaxpost.models.heads import lm_head_weight, scores, token_logprobs
+from jaxpost.models.heads import lm_head_weight, map_position_chunks, scores, token_logprobs
 
 
 def lm_token_logprobs(graphdef, config: ModelConfig, params, batch: Mapping, *, prefix: str = "",
@@ -61,9 +61,5 @@ def _chunk_argmax(weight, h, dtype):
 def predictions(params, config: ModelConfig, hidden: jax.Array, chunk_size: int = 512) -> jax.Array:
     """Greedy next-token predictions ``argmax_v logits[b, t, v]`` ``[B, L]``, chunked over positions."""
     weight = lm_head_weight(params, config)
-    B, L, D = hidden.shape
-    c = max(1, min(chunk_size, L))
-    n = -(-L // c)
-    h = jnp.pad(hidden, ((0, 0), (0, n * c - L), (0, 0))).reshape(B, n, c, D).swapaxes(0, 1)
-    out = jax.lax.map(functools.partial(_chunk_argmax, weight, dtype=jnp.dtype(config.dtype)), h)
-    return out.swapaxes(0, 1).reshape(B, n * c)[:, :L]
+    return map_position_chunks(functools.partial(_chunk_argmax, weight, dtype=jnp.dtype(config.dtype)), hidden,
+                               chunk_size=chunk_size, checkpoint=False)

@@ -2,7 +2,8 @@
 
 A rollout batch is the LM batch of prompt + sampled completion (``LM_KEYS``,
 ``loss_mask`` = 1 on the sampled completion tokens, the actions) plus what
-the rollout measured before any update (see :data:`ROLLOUT_KEYS`). Every
+the rollout measured before any update (``ROLLOUT_KEYS``, ``GRPO_KEYS`` and
+``PPO_KEYS`` in :mod:`jaxpost.algorithms.batch`). Every
 per-token array is aligned with ``targets``: entry ``t`` belongs to the
 action ``targets[t]`` taken from the state that ends at ``tokens[t]``.
 
@@ -18,7 +19,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from jaxpost.algorithms.batch import LM_KEYS, check_batch
+from jaxpost.algorithms.batch import GRPO_KEYS, PPO_KEYS, check_batch
 from jaxpost.algorithms.lm import lm_token_logprobs
 from jaxpost.losses.grpo import grpo_loss
 from jaxpost.losses.ppo import gae, ppo_policy_loss, ppo_token_rewards, ppo_value_loss
@@ -26,16 +27,6 @@ from jaxpost.losses.stats import masked_mean, whiten
 from jaxpost.models import forward
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.heads import scores as score_head
-
-ROLLOUT_KEYS: Mapping[str, type] = {**LM_KEYS, "old_logp": jnp.float32, "ref_logp": jnp.float32}
-"""A critic-free rollout batch (GRPO/RLOO): the LM keys, ``old_logp`` and
-``ref_logp`` ``[B,L]`` (policy and reference log-probs of ``targets`` at
-sampling time) and ``advantages`` ``[B]``."""
-
-PPO_KEYS: Mapping[str, type] = {**LM_KEYS, "old_logp": jnp.float32, "old_values": jnp.float32,
-                                "advantages": jnp.float32, "returns": jnp.float32}
-"""A PPO batch: the LM keys and ``[B,L]`` ``old_logp``, ``old_values``,
-``advantages`` (whitened GAE) and ``returns`` (GAE returns)."""
 
 
 def token_values(graphdef, params, batch: Mapping) -> jax.Array:
@@ -129,7 +120,7 @@ def make_grpo_loss(graphdef, config: ModelConfig, clip_eps_low: float = 0.2, cli
                    chunk_size: int = 512):
     """``loss(params, batch, frozen)`` = :func:`grpo_loss` of the policy on a rollout batch.
 
-    Batch spec :data:`ROLLOUT_KEYS` plus ``advantages`` ``[B]`` (GRPO,
+    Batch spec :data:`~jaxpost.algorithms.batch.GRPO_KEYS`: rollout keys plus ``advantages`` ``[B]`` (GRPO,
     Dr. GRPO or RLOO, computed per rollout). ``beta`` weighs the k3 KL to
     the reference (``ref_logp``); ``aggregation`` is ``sequence``, ``token``
     or ``dr_grpo`` (normaliser ``B * max_len``: set ``max_len`` to the
@@ -137,7 +128,7 @@ def make_grpo_loss(graphdef, config: ModelConfig, clip_eps_low: float = 0.2, cli
     ``policy/approxkl`` (``0.5 * mean_mask((logp - old_logp)^2)``).
     """
     def loss_fn(params, batch, frozen=None):
-        check_batch(batch, {**ROLLOUT_KEYS, "advantages": jnp.float32}, "GRPO")
+        check_batch(batch, GRPO_KEYS, "GRPO")
         mask = batch["loss_mask"]
         logp = lm_token_logprobs(graphdef, config, params, batch, chunk_size=chunk_size)
         loss, metrics = grpo_loss(logp, batch["old_logp"], batch["ref_logp"], batch["advantages"], mask,

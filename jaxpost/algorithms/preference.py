@@ -11,6 +11,9 @@ reads unchanged.
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import gin
 import jax
 import jax.numpy as jnp
@@ -23,14 +26,11 @@ from jaxpost.algorithms.shared_prompt import (check_shared_shapes, is_shared_pro
                                               shared_pair_scores)
 from jaxpost.losses.dpo import PREFERENCE_LOSSES
 from jaxpost.losses.reward import bradley_terry_loss
+from jaxpost.losses.sequence import sequence_logps
 from jaxpost.models.config import ModelConfig
+from jaxpost.models.lora import has_adapters, without_adapters
 
 REFERENCE_FREE = ("simpo", "orpo")
-
-
-def sequence_logps(token_logps, loss_mask):
-    """Summed response log-prob and response length per row: ``([B], [B])``."""
-    return jnp.sum(token_logps * loss_mask, axis=-1), jnp.sum(loss_mask, axis=-1)
 
 
 def pair_column(batch, key: str):
@@ -75,7 +75,7 @@ def make_dpo_loss(graphdef, config: ModelConfig, kind: str = "sigmoid", beta: fl
     Policy log-probs of chosen and rejected come from one concatenated
     forward. The reference log-probs come, in order of preference, from the
     batch (``ref_chosen_logps``/``ref_rejected_logps``, precomputed once by
-    :func:`jaxpost.pipelines.reference.precompute_reference_logps`), or from
+    :func:`jaxpost.algorithms.reference.precompute_reference_logps`), or from
     ``frozen["reference"]`` (a frozen params tree on the same mesh, run under
     ``stop_gradient``). SimPO and ORPO need no reference. ``hparams`` go to
     the loss (``label_smoothing``, ``gamma``, ``rpo_alpha``, ``tau``...).
@@ -141,3 +141,21 @@ def make_reward_loss(graphdef, config: ModelConfig, center_coef: float = 0.0):
         return loss, metrics
 
     return loss_fn
+
+
+def with_base_reference(loss_fn: Callable) -> Callable:
+    """DPO-style loss whose reference policy is the trained model's own base (LoRA adapters off).
+
+    ``wrapped(params, batch, frozen) = loss_fn(params, batch, {**frozen,
+    "reference": without_adapters(params)})``. The reference reads the same
+    base arrays as the policy (frozen under LoRA), so no second copy of the
+    weights exists; :func:`make_dpo_loss` puts it under ``stop_gradient``.
+    Attributes of ``loss_fn`` (``kind``, ``needs_reference``) are kept.
+    """
+    @functools.wraps(loss_fn)
+    def wrapped(params, batch, frozen=None):
+        if not has_adapters(params):
+            raise ValueError("with_base_reference needs params with LoRA adapters (see apply_lora)")
+        return loss_fn(params, batch, {**(frozen or {}), "reference": without_adapters(params)})
+
+    return wrapped

@@ -19,7 +19,8 @@ from typing import Mapping
 
 import jax.numpy as jnp
 
-from jaxpost.models import Branches, forward
+from jaxpost.losses.sequence import sequence_logps
+from jaxpost.models import Branches, forward, inputs_from_attention_mask
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.heads import scores, token_logprobs
 
@@ -32,10 +33,9 @@ def shared_rows(batch: Mapping):
     Prompt positions count its real tokens from 0 (padding slots get 0);
     each reply's positions continue from the prompt's length.
     """
-    prompt_mask = batch["prompt_mask"].astype(jnp.int32)
+    prompt_pos, prompt_mask = inputs_from_attention_mask(batch["prompt_mask"])
     P, R = prompt_mask.shape[1], batch["chosen_mask"].shape[1]
     n_prompt = jnp.sum(prompt_mask, axis=1, keepdims=True)
-    prompt_pos = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
     reply_pos = n_prompt + jnp.arange(R, dtype=jnp.int32)[None]
     tokens = jnp.concatenate([batch["prompt_tokens"]] + [batch[f"{s}_tokens"] for s in SIDES], axis=1)
     positions = jnp.concatenate([prompt_pos, reply_pos, reply_pos], axis=1)
@@ -66,8 +66,8 @@ def shared_pair_logps(graphdef, config: ModelConfig, params, batch: Mapping, *, 
     B, P, R = tokens.shape[0], branches.prefix, batch["chosen_tokens"].shape[1]
     targets = jnp.concatenate([batch[f"{s}_tokens"] for s in SIDES], axis=0).astype(jnp.int32)
     logp = token_logprobs(params, config, _reply_hidden(hidden, P, R), targets, chunk_size=chunk_size)
-    mask = jnp.concatenate([batch[f"{s}_loss_mask"] for s in SIDES], axis=0).astype(jnp.float32)
-    total, length = jnp.sum(logp * mask, axis=1), jnp.sum(mask, axis=1)
+    mask = jnp.concatenate([batch[f"{s}_loss_mask"] for s in SIDES], axis=0)
+    total, length = sequence_logps(logp, mask)
     return total[:B], total[B:], length[:B], length[B:]
 
 

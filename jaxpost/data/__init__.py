@@ -17,12 +17,12 @@ from jaxpost.data.pipeline import (PipelineIterator, array_entries, make_lm_pipe
                                    make_preference_pipeline, make_prompt_pipeline)
 from jaxpost.data.prepare import prepare_lm, prepare_preference, prepare_preference_shared, prepare_prompt
 from jaxpost.data.sources import load_rows, train_eval_split
-from jaxpost.data.stats import DataStats
+from jaxpost.data.stats import DataStats, report_data_stats
 from jaxpost.data.tokenizer import build_tokenizer, load_tokenizer, stop_token_ids
 from jaxpost.data.checks import check_run_inputs  # last: it uses the modules above
 
 __all__ = [
-    "DataStats", "PipelineIterator", "array_entries", "build_tokenizer", "chat_encode", "check_rows",
+    "DataStats", "report_data_stats", "PipelineIterator", "array_entries", "build_tokenizer", "chat_encode", "check_rows",
     "check_run_inputs",
     "detect_format", "encode_lm", "encode_preference", "encode_prompt", "extract_prompt", "lm_arrays",
     "load_rows", "load_tokenizer", "make_lm_pipeline", "make_preference_pipeline", "make_prompt_pipeline",

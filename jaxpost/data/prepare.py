@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from jaxpost.data import encode
-from jaxpost.data.packing import pad_lm
+from jaxpost.data.preference import preference_example, shared_prompt_example
 
 OVERLONG_POLICIES = ("truncate", "drop")
 
@@ -66,19 +66,12 @@ def _end_at_last_trained(encoded):
     return ids[:end], trained[:end]
 
 
-def prepare_preference_pair(tokenizer: Any, example: Mapping[str, Any], seq_len: int, *,
-                            max_prompt_len: int | None = None, overlong: str = "truncate"
-                            ) -> tuple[dict[str, Any] | None, tuple[str, ...]]:
-    """Preference example -> unpadded ``{"chosen": lm, "rejected": lm}`` of at most ``seq_len`` each.
+def _fit_pair(tokenizer: Any, example: Mapping[str, Any], seq_len: int, max_prompt_len: int | None,
+              overlong: str):
+    """Encodes a preference example and applies the limits of :func:`prepare_preference_pair`.
 
-    ``lm`` holds ``tokens, targets, loss_mask`` ``[n]`` (prompt + reply, as
-    :func:`jaxpost.data.encode.lm_arrays`). Both sequences start with the
-    same prompt ids. TRL-style limits: a prompt longer than
-    ``max_prompt_len`` (default ``seq_len // 2``) keeps its last tokens (and
-    its bos): ``prompt_truncated``; a completion that does not fit after the
-    prompt is cut at its end: ``truncated`` (policy drop:
-    ``dropped_too_long``). Either completion without trained content:
-    ``dropped_empty``. ``margin`` (float32 scalar) is passed through.
+    Returns ``((prompt_ids, (chosen_ids, trained), (rejected_ids, trained)), events)``,
+    or ``(None, events)`` when the pair is dropped.
     """
     _check_policy(overlong)
     max_prompt_len = seq_len // 2 if max_prompt_len is None else max_prompt_len
@@ -102,19 +95,43 @@ def prepare_preference_pair(tokenizer: Any, example: Mapping[str, Any], seq_len:
     if len(prompt_ids) > max_prompt_len:
         prompt_ids = _cut_prompt(prompt_ids, max_prompt_len, tokenizer.bos_token_id)
         events.append("prompt_truncated")
-    pad = encode.pad_id(tokenizer)
-    out: dict[str, Any] = {}
     room = seq_len - len(prompt_ids)
-    for key, (ids, trained) in (("chosen", chosen), ("rejected", rejected)):
+    sides = []
+    for ids, trained in (chosen, rejected):
         if len(ids) > room:
             ids, trained = ids[:room], trained[:room]
             if "truncated" not in events:
                 events.append("truncated")
+        sides.append((ids, trained))
+    return (prompt_ids, sides[0], sides[1]), tuple(events)
+
+
+def prepare_preference_pair(tokenizer: Any, example: Mapping[str, Any], seq_len: int, *,
+                            max_prompt_len: int | None = None, overlong: str = "truncate"
+                            ) -> tuple[dict[str, Any] | None, tuple[str, ...]]:
+    """Preference example -> unpadded ``{"chosen": lm, "rejected": lm}`` of at most ``seq_len`` each.
+
+    ``lm`` holds ``tokens, targets, loss_mask`` ``[n]`` (prompt + reply, as
+    :func:`jaxpost.data.encode.lm_arrays`). Both sequences start with the
+    same prompt ids. TRL-style limits: a prompt longer than
+    ``max_prompt_len`` (default ``seq_len // 2``) keeps its last tokens (and
+    its bos): ``prompt_truncated``; a completion that does not fit after the
+    prompt is cut at its end: ``truncated`` (policy drop:
+    ``dropped_too_long``). Either completion without trained content:
+    ``dropped_empty``. ``margin`` (float32 scalar) is passed through.
+    """
+    fitted, events = _fit_pair(tokenizer, example, seq_len, max_prompt_len, overlong)
+    if fitted is None:
+        return None, events
+    prompt_ids, chosen, rejected = fitted
+    pad = encode.pad_id(tokenizer)
+    out: dict[str, Any] = {}
+    for key, (ids, trained) in (("chosen", chosen), ("rejected", rejected)):
         out[key] = encode.lm_arrays(np.r_[prompt_ids, ids], np.r_[np.zeros(len(prompt_ids), bool), trained], pad)
     if "margin" in example:
         out["margin"] = np.float32(example["margin"])
     out["prompt_len"] = len(prompt_ids)
-    return out, tuple(events)
+    return out, events
 
 
 def prepare_preference_shared(tokenizer: Any, example: Mapping[str, Any], seq_len: int, *,
@@ -124,37 +141,31 @@ def prepare_preference_shared(tokenizer: Any, example: Mapping[str, Any], seq_le
 
     ``prompt_tokens``/``prompt_mask`` ``[P]`` left-padded, ``P = max_prompt_len``
     (default ``seq_len // 2``); each reply's ``{side}_tokens``, ``{side}_mask``,
-    ``{side}_loss_mask`` ``[R]`` right-padded, ``R = seq_len - P``. The limits
+    ``{side}_loss_mask`` ``[R]`` right-padded, ``R = seq_len - P``, built by
+    :func:`jaxpost.data.preference.shared_prompt_example`. The limits
     and events are :func:`prepare_preference_pair`'s, and a reply longer than
     ``R`` is cut at its end (``truncated``; policy drop: ``dropped_too_long``).
     Reply token ``t`` weighs ``trained[t]``, as in the unshared row, except
     the first token after an empty prompt, which nothing predicts.
     """
     P = seq_len // 2 if max_prompt_len is None else max_prompt_len
-    pair, events = prepare_preference_pair(tokenizer, example, seq_len, max_prompt_len=P, overlong=overlong)
-    if pair is None:
+    fitted, events = _fit_pair(tokenizer, example, seq_len, P, overlong)
+    if fitted is None:
         return None, events
-    R, p, pad = seq_len - P, pair["prompt_len"], encode.pad_id(tokenizer)
-    tokens = pair["chosen"]["tokens"]
-    out = {"prompt_tokens": np.full(P, pad, np.int32), "prompt_mask": np.zeros(P, np.int32)}
-    out["prompt_tokens"][P - p:], out["prompt_mask"][P - p:] = tokens[:p], 1
-    events = list(events)
-    for side in ("chosen", "rejected"):
-        lm = pair[side]
-        reply = lm["tokens"][p:]
-        weight = np.r_[lm["loss_mask"][p - 1:p] if p else np.zeros(1, np.float32), lm["loss_mask"][p:]]
-        if len(reply) > R:
+    prompt_ids, *sides = fitted
+    R, events = seq_len - P, list(events)
+    for i, (ids, trained) in enumerate(sides):
+        if len(ids) > R:
             if overlong == "drop":
                 return None, ("dropped_too_long",)
-            reply = reply[:R]
+            sides[i] = ids[:R], trained[:R]
             if "truncated" not in events:
                 events.append("truncated")
-        n = len(reply)
-        out[f"{side}_tokens"] = np.r_[reply, np.full(R - n, pad)].astype(np.int32)
-        out[f"{side}_mask"] = (np.arange(R) < n).astype(np.int32)
-        out[f"{side}_loss_mask"] = np.r_[weight[:n], np.zeros(R - n)].astype(np.float32)
-    if "margin" in pair:
-        out["margin"] = pair["margin"]
+    (chosen, chosen_trained), (rejected, rejected_trained) = sides
+    out = shared_prompt_example(prompt_ids, chosen, rejected, P, R, pad=encode.pad_id(tokenizer),
+                                chosen_trained=chosen_trained, rejected_trained=rejected_trained)
+    if "margin" in example:
+        out["margin"] = np.float32(example["margin"])
     return out, tuple(events)
 
 
@@ -163,20 +174,18 @@ def prepare_preference(tokenizer: Any, example: Mapping[str, Any], seq_len: int,
                        ) -> tuple[dict[str, np.ndarray] | None, tuple[str, ...]]:
     """Preference example -> fixed ``[seq_len]`` ``chosen_*`` and ``rejected_*`` arrays.
 
-    :func:`prepare_preference_pair` (same limits and events), each side
-    right-padded to one row by :func:`jaxpost.data.packing.pad_lm`.
+    The limits and events of :func:`prepare_preference_pair`, then
+    :func:`jaxpost.data.preference.preference_example` (each side
+    ``prompt + reply`` right-padded to one row).
     """
-    pair, events = prepare_preference_pair(tokenizer, example, seq_len, max_prompt_len=max_prompt_len,
-                                           overlong=overlong)
-    if pair is None:
+    fitted, events = _fit_pair(tokenizer, example, seq_len, max_prompt_len, overlong)
+    if fitted is None:
         return None, events
-    pad = encode.pad_id(tokenizer)
-    out: dict[str, np.ndarray] = {}
-    for key in ("chosen", "rejected"):
-        for name, arr in pad_lm(pair[key], seq_len, pad).items():
-            out[f"{key}_{name}"] = arr
-    if "margin" in pair:
-        out["margin"] = pair["margin"]
+    prompt_ids, (chosen, chosen_trained), (rejected, rejected_trained) = fitted
+    out = preference_example(prompt_ids, chosen, rejected, seq_len, pad=encode.pad_id(tokenizer),
+                             chosen_trained=chosen_trained, rejected_trained=rejected_trained)
+    if "margin" in example:
+        out["margin"] = np.float32(example["margin"])
     return out, events
 
 

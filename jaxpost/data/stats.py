@@ -24,6 +24,8 @@ from __future__ import annotations
 import threading
 from typing import Any, Iterable, Mapping
 
+from jaxpost.distributed import is_main_process
+
 EXAMPLES = "examples"
 """Every example the encoder saw (kept or dropped)."""
 
@@ -100,3 +102,18 @@ class DataStats:
 
     def __repr__(self) -> str:
         return f"DataStats({self.counts()})"
+
+
+def report_data_stats(stats: DataStats, what: str) -> dict[str, int]:
+    """``stats.as_metrics()``, printed (main process) when anything was truncated or dropped: never silent.
+
+    ``what`` names the data in the line (``"SFT"``, ``"DPO"``...). The counts
+    are this host's share of the stream, the same numbers the run's
+    ``summary.json`` (written by the main process) records.
+    """
+    metrics = stats.as_metrics()
+    bad = {k: v for k, v in metrics.items() if v and not k.endswith("examples")}
+    if bad and is_main_process():
+        print(f"[jaxpost] {what} data: {metrics['data/examples']} examples seen; " +
+              ", ".join(f"{k.split('/', 1)[1]}={v}" for k, v in sorted(bad.items())), flush=True)
+    return metrics

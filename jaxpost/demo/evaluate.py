@@ -54,7 +54,7 @@ def reward_model_score(reward_model_dir: str | Path, tokenizer_dir: str | Path, 
 
     from jaxpost.data import load_tokenizer
     from jaxpost.data.encode import encode_prompt, encode_text
-    from jaxpost.pipelines.scorers import RewardModelScorer
+    from jaxpost.generate.scorers import RewardModelScorer
     from jaxpost.sharding import Partitioner, make_mesh
 
     tok = load_tokenizer(tokenizer_dir)

@@ -31,7 +31,7 @@ from typing import Callable
 import gin
 
 from jaxpost import config as gin_config
-from jaxpost.cli import run as run_task
+from jaxpost.recipes import run as run_task
 from jaxpost.demo.evaluate import evaluate_policy, reward_model_score
 from jaxpost.demo.task import write_task_data
 
@@ -88,7 +88,7 @@ STAGES = (
 def run_stage(stage: Stage, root: Path, quick: bool) -> dict:
     """Runs one stage's gin experiment with the demo's paths; returns its summary."""
     bindings = [f"{k} = '{root / v}'" for k, v in stage.paths.items()]
-    bindings += ["LoopConfig.progress = False", "OnlineConfig.progress = False"]
+    bindings += ["LoopConfig.progress = False"]
     if quick:
         bindings += list(stage.quick)
     gin_config.parse([f"{EXPERIMENTS}/{stage.name}.gin"], bindings)

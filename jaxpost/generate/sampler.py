@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx, struct
 
 from jaxpost.generate.processing import choose_tokens
-from jaxpost.models.api import forward
+from jaxpost.models.api import forward, inputs_from_attention_mask
 from jaxpost.models.attention import KVCache, cache_logical_axes, init_cache
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.heads import logits as lm_logits
@@ -131,14 +131,6 @@ class _LoopState:
     mask: jax.Array
 
 
-_TRACES = [0]
-
-
-def trace_count() -> int:
-    """How many times the sampling function has been traced (= compiled) in this process."""
-    return _TRACES[0]
-
-
 def _constrain_cache(cache: KVCache, config: ModelConfig) -> KVCache:
     axes = cache_logical_axes(config)
     return KVCache(k=tuple(constrain(x, a) for x, a in zip(cache.k, axes.k)),
@@ -148,7 +140,6 @@ def _constrain_cache(cache: KVCache, config: ModelConfig) -> KVCache:
 
 def _sample_impl(graphdef, params, prompt_tokens, prompt_mask, rng, *, config: ModelConfig,
                  sampling: SamplingConfig, partitioner: Partitioner | None) -> SampleOutput:
-    _TRACES[0] += 1
     scope = partitioner.activate() if partitioner is not None else contextlib.nullcontext()
     with scope:
         return _decode(graphdef, params, prompt_tokens, prompt_mask, rng, config, sampling)
@@ -163,9 +154,8 @@ def _decode(graphdef, params, prompt_tokens, prompt_mask, rng, config, sampling)
     tokens, real = constrain(tokens, ("batch", "length")), constrain(real, ("batch", "length"))
     prompts, P = tokens.shape
     B = prompts * G
-    segments = real.astype(jnp.int32)
+    positions, segments = inputs_from_attention_mask(real)
     n_real = segments.sum(-1)
-    positions = jnp.maximum(jnp.cumsum(segments, axis=-1) - 1, 0)
 
     # Prefill each prompt once; the G samples of a group share its keys/values (prefix sharing),
     # so prefill costs 1/G of prefilling the repeated batch.

@@ -1,18 +1,21 @@
 """Pure loss math for post-training: arrays in, ``(loss, metrics)`` out.
 
 Each function works on per-token or per-sequence log-probs, rewards, values
-and masks (not on models), is jit-compatible, computes in float32, and states
+and masks (the chunked distillation losses also take hidden states and head
+weights, never a model), is jit-compatible, computes in float32, and states
 its formula and reference in its docstring.
 """
 
-from jaxpost.losses.distill import (DIVERGENCES, chunked_distill_loss, forward_kl, generalized_jsd,
-                                    reverse_kl, topk_forward_kl)
+from jaxpost.losses.distill import (DIVERGENCES, chunked_distill_loss, chunked_topk_distill_loss, forward_kl,
+                                    generalized_jsd, masked_divergence, reverse_kl, teacher_topk, topk_forward_kl)
 from jaxpost.losses.dpo import (PREFERENCE_LOSSES, hinge_loss, ipo_loss, orpo_loss, preference_loss,
                                 robust_loss, sigmoid_loss, simpo_loss)
 from jaxpost.losses.grpo import group_advantages, grpo_loss, rloo_advantages
 from jaxpost.losses.ppo import (AdaptiveKLController, adaptive_kl_coef, gae, kl_estimate, ppo_policy_loss,
                                 ppo_token_rewards, ppo_value_loss)
 from jaxpost.losses.reward import bradley_terry_loss, gather_last, last_token_index, segment_last_token_indices
+from jaxpost.losses.sequence import (average_logps, mean_sequence_logps, packed_sequence_logps, pair_last_index,
+                                     pair_sums, sequence_logps)
 from jaxpost.losses.sft import masked_token_nll, sft_loss, token_accuracy
 from jaxpost.losses.stats import entropy_from_logits, masked_mean, masked_sum, masked_var, whiten
 
@@ -25,3 +28,5 @@ __all__ = [
     "robust_loss", "segment_last_token_indices", "sft_loss", "sigmoid_loss", "simpo_loss",
     "token_accuracy", "topk_forward_kl", "whiten",
 ]
+__all__ += ["average_logps", "chunked_topk_distill_loss", "masked_divergence", "mean_sequence_logps",
+            "packed_sequence_logps", "pair_last_index", "pair_sums", "sequence_logps", "teacher_topk"]

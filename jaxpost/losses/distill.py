@@ -14,13 +14,14 @@ Terms where the left distribution has probability 0 contribute 0
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 
 from jaxpost.losses.checks import check_rank, check_same_shape, f32
+from jaxpost.losses.stats import masked_sum
+from jaxpost.models.heads import map_position_chunks
 
 
 def _kl(log_p, log_q):
@@ -111,6 +112,45 @@ DIVERGENCES: Mapping[str, Callable] = {
 """Full-distribution divergences by name, for configuration."""
 
 
+def teacher_topk(logits, k: int):
+    """``(top-k of log_softmax(logits), their ids)`` over the last axis, float32 and int32 ``[..., k]``.
+
+    What a teacher cache stores per position, and what ``topk_forward_kl``
+    reads: ``values_i = log softmax(z)_{id_i}`` for the ``k`` largest logits.
+    """
+    values, ids = jax.lax.top_k(jax.nn.log_softmax(f32(logits), axis=-1), k)
+    return values, ids.astype(jnp.int32)
+
+
+def masked_divergence(student_logits, teacher_logits, mask, divergence_fn: Callable = forward_kl):
+    """Divergence summed over masked tokens, and the token count: ``(sum_t m_t D(s_t, z_t), sum_t m_t)``.
+
+    ``D = divergence_fn(student_logits, teacher_logits)`` per token (e.g.
+    :func:`forward_kl`, :func:`reverse_kl`, :func:`generalized_jsd` with its
+    hyperparameters bound by ``functools.partial``); the token mean is
+    ``sum / max(count, 1)``. Positions with ``m_t = 0`` are selected away,
+    not multiplied by 0, so padding (even inf/NaN logits there) cannot leak
+    into the sum. Returning the sum and the count (as :func:`masked_token_nll`
+    does) lets chunks and micro-batches be added before the one division.
+
+    Args:
+      student_logits, teacher_logits: ``[..., V]``.
+      mask: ``[...]`` float {0,1}: 1 on the tokens to distil (responses).
+
+    Returns float32 scalars ``(div_sum, n_tokens)``.
+    """
+    div = divergence_fn(student_logits, teacher_logits)
+    if tuple(div.shape) != tuple(jnp.shape(mask)):
+        raise ValueError(f"divergence_fn must return per-token values of shape {tuple(jnp.shape(mask))}, "
+                         f"got {tuple(div.shape)}")
+    return masked_sum(div, mask), jnp.sum(f32(mask))
+
+
+def _hard_ce(logits, targets):
+    """Per-token cross-entropy with hard labels: ``logsumexp(s) - s_y`` over the last axis."""
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+
 def chunked_distill_loss(student_hidden, student_head_w, teacher_hidden, teacher_head_w, mask,
                          divergence_fn: Callable = forward_kl, chunk_size: int = 128,
                          hard_targets=None, alpha: float = 1.0):
@@ -123,8 +163,10 @@ def chunked_distill_loss(student_hidden, student_head_w, teacher_hidden, teacher
         loss = sum_t mask_t l_t / max(sum_t mask_t, 1)
 
     with ``D = divergence_fn`` and ``CE(s, y) = logsumexp(s) - s_y`` the
-    hard-label cross-entropy on ``hard_targets``. A ``lax.scan`` walks over
-    ``ceil(L / chunk_size)`` chunks of positions, and the chunk body is
+    hard-label cross-entropy on ``hard_targets``. The masked sums of ``D``
+    (:func:`masked_divergence`) and ``CE`` are accumulated over
+    ``ceil(L / chunk_size)`` chunks of positions by
+    :func:`jaxpost.models.heads.map_position_chunks`, with the chunk body
     rematerialised (``jax.checkpoint``), so only ``[B, chunk_size, V]``
     logits of each model exist at once, in the forward and backward passes.
     The teacher gets no gradient (``stop_gradient`` on its logits).
@@ -164,39 +206,18 @@ def chunked_distill_loss(student_hidden, student_head_w, teacher_hidden, teacher
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
-    chunk = min(chunk_size, length)
-    n = math.ceil(length / chunk)
-    pad = n * chunk - length
-
-    def chunks(x):
-        # [B, L, ...] -> [n, B, chunk, ...], zero-padded at the end (padding has mask 0).
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        x = x.reshape((b, n, chunk) + x.shape[2:])
-        return jnp.moveaxis(x, 1, 0)
-
     targets = jnp.zeros((b, length), jnp.int32) if hard_targets is None else jnp.asarray(hard_targets, jnp.int32)
-    xs = (chunks(student_hidden), chunks(teacher_hidden), chunks(f32(mask)), chunks(targets))
 
-    @jax.checkpoint
-    def body(ws, wt, hs, ht, m, y):
-        s = jnp.einsum("bcd,dv->bcv", hs, ws, preferred_element_type=jnp.float32)
-        z = jax.lax.stop_gradient(jnp.einsum("bcd,dv->bcv", ht, wt, preferred_element_type=jnp.float32))
-        div = divergence_fn(s, z)
-        if div.shape != m.shape:
-            raise ValueError(f"divergence_fn must return per-token values of shape {m.shape}, got {div.shape}")
-        valid = m != 0
-        div_sum = jnp.sum(jnp.where(valid, div, 0.0))
+    def body(hs, ht, m, y):
+        s = jnp.einsum("bcd,dv->bcv", hs, student_head_w, preferred_element_type=jnp.float32)
+        z = jax.lax.stop_gradient(jnp.einsum("bcd,dv->bcv", ht, teacher_head_w, preferred_element_type=jnp.float32))
+        div_sum, _ = masked_divergence(s, z, m, divergence_fn)
         if hard_targets is None:
             return div_sum, jnp.zeros((), jnp.float32)
-        ce = jax.nn.logsumexp(s, axis=-1) - jnp.take_along_axis(s, y[..., None], axis=-1)[..., 0]
-        return div_sum, jnp.sum(jnp.where(valid, ce, 0.0))
+        return div_sum, masked_sum(_hard_ce(s, y), m)
 
-    def step(carry, x):
-        div_sum, ce_sum = body(student_head_w, teacher_head_w, *x)
-        return (carry[0] + div_sum, carry[1] + ce_sum), None
-
-    zero = jnp.zeros((), jnp.float32)
-    (div_total, ce_total), _ = jax.lax.scan(step, (zero, zero), xs)
+    div_total, ce_total = map_position_chunks(body, student_hidden, teacher_hidden, f32(mask), targets,
+                                              chunk_size=chunk_size, sum_chunks=True)
     n_tokens = jnp.sum(f32(mask))
     denom = jnp.maximum(n_tokens, 1.0)
     loss = (alpha * div_total + (1.0 - alpha) * ce_total) / denom
@@ -204,3 +225,47 @@ def chunked_distill_loss(student_hidden, student_head_w, teacher_hidden, teacher
     if hard_targets is not None:
         metrics["ce_loss"] = ce_total / denom
     return loss, metrics
+
+
+def chunked_topk_distill_loss(student_hidden, student_head_w, topk_logps, topk_ids, mask, targets,
+                              temperature: float = 1.0, alpha: float = 1.0, chunk_size: int = 128):
+    """Token-mean distillation loss against stored teacher top-k, chunked over positions.
+
+    Per position ``t`` with student logits ``s_t = h_t W``::
+
+        l_t  = alpha topk_forward_kl(s_t, topk_logps_t, topk_ids_t) + (1 - alpha) CE(s_t, y_t)
+        loss = sum_t mask_t l_t / max(sum_t mask_t, 1)
+
+    Like :func:`chunked_distill_loss`: the masked sums are accumulated over
+    chunks of positions by :func:`jaxpost.models.heads.map_position_chunks`
+    with a rematerialised body, so only ``[B, chunk_size, V]`` student
+    logits exist at once.
+
+    Args:
+      student_hidden ``[B,L,D]``, student_head_w ``[D,V]``, topk_logps float
+      ``[B,L,k]``, topk_ids int ``[B,L,k]`` in ``[0, V)``, mask ``[B,L]``,
+      targets int ``[B,L]``.
+
+    Returns ``(loss, metrics)``; metrics: ``loss``, ``distill_loss``,
+    ``ce_loss`` (token means of each term), ``loss_tokens``.
+    """
+    b, length, _ = student_hidden.shape
+    for name, x in (("teacher_topk_logps", topk_logps), ("teacher_topk_ids", topk_ids)):
+        if x.ndim != 3 or tuple(x.shape[:2]) != (b, length):
+            raise ValueError(f"{name} must have shape [B,L,k] with [B,L]=({b}, {length}), got {tuple(x.shape)}")
+    if topk_logps.shape != topk_ids.shape:
+        raise ValueError(f"teacher_topk_logps {tuple(topk_logps.shape)} and teacher_topk_ids "
+                         f"{tuple(topk_ids.shape)} must have the same shape [B,L,k]")
+
+    def body(h, lq, ids, m, y):
+        s = jnp.einsum("bcd,dv->bcv", h, student_head_w, preferred_element_type=jnp.float32)
+        return masked_sum(topk_forward_kl(s, lq, ids, temperature), m), masked_sum(_hard_ce(s, y), m)
+
+    div_total, ce_total = map_position_chunks(
+        body, student_hidden, jnp.asarray(topk_logps, jnp.float32), jnp.asarray(topk_ids, jnp.int32),
+        jnp.asarray(mask, jnp.float32), jnp.asarray(targets, jnp.int32), chunk_size=chunk_size, sum_chunks=True)
+    n_tokens = jnp.sum(jnp.asarray(mask, jnp.float32))
+    denom = jnp.maximum(n_tokens, 1.0)
+    loss = (alpha * div_total + (1.0 - alpha) * ce_total) / denom
+    return loss, {"loss": loss, "distill_loss": div_total / denom, "ce_loss": ce_total / denom,
+                  "loss_tokens": n_tokens}

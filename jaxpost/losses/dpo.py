@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpost.losses.checks import check_rank, check_same_shape, f32
+from jaxpost.losses.sequence import average_logps
 from jaxpost.losses.stats import masked_mean
 
 _NAMES = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps",
@@ -56,11 +57,6 @@ def _check(kind, pc, pr, rc, rr, lc, lr, mask, need_ref: bool, need_lengths: boo
         raise ValueError(f"{kind} loss needs chosen_lengths and rejected_lengths ([B] token counts)")
 
 
-def _avg(logps, lengths):
-    """Length-averaged log-prob; ``max(len, 1)`` keeps zero-length responses finite."""
-    return f32(logps) / jnp.maximum(f32(lengths), 1.0)
-
-
 def _smoothed_sigmoid(z, label_smoothing):
     """cDPO (Mitchell 2023): ``-(1 - eps) log sigma(z) - eps log sigma(-z)``."""
     return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
@@ -69,11 +65,11 @@ def _smoothed_sigmoid(z, label_smoothing):
 def _finish(losses, chosen_rewards, rejected_rewards, logps_c, logps_r, mask, extra=None):
     m = jnp.ones_like(losses) if mask is None else f32(mask)
     loss = masked_mean(losses, m)
-    metrics = {"loss": loss}
+    extra_metrics = {}
     for k, v in (extra or {}).items():
         loss = loss + v[0]
-        metrics[k] = v[1]
-    metrics["loss"] = loss
+        extra_metrics[k] = v[1]
+    metrics = {"loss": loss, **extra_metrics}
     metrics.update({
         "rewards/chosen": masked_mean(chosen_rewards, m),
         "rewards/rejected": masked_mean(rejected_rewards, m),
@@ -92,7 +88,7 @@ def _rpo_term(rpo_alpha, pc, lc, mask, kind):
     if lc is None:
         raise ValueError(f"{kind} loss with rpo_alpha needs chosen_lengths ([B] token counts)")
     m = jnp.ones_like(f32(pc)) if mask is None else f32(mask)
-    nll = masked_mean(-_avg(pc, lc), m)
+    nll = masked_mean(-average_logps(pc, lc), m)
     return {"nll_loss": (rpo_alpha * nll, nll)}
 
 
@@ -167,8 +163,8 @@ def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
     """
     pc, pr, rc, rr = map(f32, (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps))
     _check("ipo", pc, pr, rc, rr, chosen_lengths, rejected_lengths, pair_mask, True, True)
-    apc, apr = _avg(pc, chosen_lengths), _avg(pr, rejected_lengths)
-    arc, arr = _avg(rc, chosen_lengths), _avg(rr, rejected_lengths)
+    apc, apr = average_logps(pc, chosen_lengths), average_logps(pr, rejected_lengths)
+    arc, arr = average_logps(rc, chosen_lengths), average_logps(rr, rejected_lengths)
     losses = jnp.square((apc - apr) - (arc - arr) - 1.0 / (2.0 * beta))
     return _finish(losses, beta * (apc - arc), beta * (apr - arr), apc, apr, pair_mask,
                    _rpo_term(rpo_alpha, pc, chosen_lengths, pair_mask, "ipo"))
@@ -189,7 +185,7 @@ def simpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None
     _check("simpo", pc, pr, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths,
            pair_mask, False, True)
     _check_smoothing(label_smoothing, 1.0, "simpo")
-    apc, apr = _avg(pc, chosen_lengths), _avg(pr, rejected_lengths)
+    apc, apr = average_logps(pc, chosen_lengths), average_logps(pr, rejected_lengths)
     losses = _smoothed_sigmoid(beta * apc - beta * apr - gamma, label_smoothing)
     return _finish(losses, beta * apc, beta * apr, apc, apr, pair_mask)
 
@@ -220,7 +216,7 @@ def orpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
     pc, pr = f32(policy_chosen_logps), f32(policy_rejected_logps)
     _check("orpo", pc, pr, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths,
            pair_mask, False, True)
-    apc, apr = _avg(pc, chosen_lengths), _avg(pr, rejected_lengths)
+    apc, apr = average_logps(pc, chosen_lengths), average_logps(pr, rejected_lengths)
     log_odds = (apc - apr) - (_log1mexp(jnp.minimum(apc, -1e-6)) - _log1mexp(jnp.minimum(apr, -1e-6)))
     ratio = jax.nn.log_sigmoid(log_odds)
     m = jnp.ones_like(pc) if pair_mask is None else f32(pair_mask)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxpost.models.attention import Branches, KVCache
@@ -75,6 +77,41 @@ def forward(graphdef: nnx.GraphDef, params: dict, tokens: jax.Array, positions: 
     """
     model = nnx.merge(graphdef, params)
     return model(tokens, positions, segment_ids, cache, branches)
+
+
+def inputs_from_attention_mask(attention_mask: jax.Array, position_ids: jax.Array | None = None
+                               ) -> tuple[jax.Array, jax.Array]:
+    """Hugging Face ``attention_mask`` (and ``position_ids``) -> jaxpost ``(positions, segment_ids)``.
+
+    ``attention_mask`` is ``[B, T]`` (bool or int, 1 = real token, 0 =
+    padding, on either side). Returns int32 ``[B, T]`` arrays for
+    :func:`forward`: ``segment_ids`` 0 on padding; ``positions`` 0 on
+    padding. NumPy inputs give NumPy outputs (host-side data code); JAX
+    arrays, traced ones inside ``jax.jit`` included, give JAX arrays.
+
+    * Without ``position_ids`` each row is one sequence: ``segment_ids =
+      attention_mask``, and ``positions[b, t]`` counts the real tokens before
+      ``t`` (HF's ``attention_mask.cumsum(-1) - 1`` on real tokens), so a
+      left-padded prompt starts at position 0.
+    * With ``position_ids`` ``[B, T]`` (HF's packed rows, e.g.
+      ``DataCollatorWithFlattening``: several sequences per row, each
+      restarting at position 0) ``positions = position_ids`` on real tokens,
+      and ``segment_ids`` number the sequences of a row ``1, 2, ...``: a
+      new one starts at a real token whose position id is 0 or whose left
+      neighbour is padding (or the row's start).
+    """
+    on_host = isinstance(attention_mask, np.ndarray) and (position_ids is None or isinstance(position_ids, np.ndarray))
+    xp = np if on_host else jnp
+    real = xp.asarray(attention_mask).astype(bool)
+    if position_ids is None:
+        segment_ids = real.astype(xp.int32)
+        positions = xp.where(real, xp.cumsum(segment_ids, axis=-1) - 1, 0)
+        return positions.astype(xp.int32), segment_ids
+    position_ids = xp.asarray(position_ids).astype(xp.int32)
+    prev_real = xp.pad(real[..., :-1], [(0, 0)] * (real.ndim - 1) + [(1, 0)])
+    starts = real & ((position_ids == 0) | ~prev_real)
+    segment_ids = xp.where(real, xp.cumsum(starts.astype(xp.int32), axis=-1), 0).astype(xp.int32)
+    return xp.where(real, position_ids, 0).astype(xp.int32), segment_ids
 
 
 def param_count(params: Any) -> int:

@@ -25,6 +25,58 @@ def lm_head_weight(params: dict, config: ModelConfig) -> jax.Array:
     return params["lm_head"]["kernel"]
 
 
+def map_position_chunks(fn, *arrays, chunk_size: int, checkpoint: bool = True, sum_chunks: bool = False):
+    """Applies ``fn`` to chunks of positions of ``[B, L, ...]`` arrays; the one chunking loop of jaxpost.
+
+    The position axis (axis 1) of every array is cut into ``n = ceil(L / C)``
+    chunks of ``C = max(1, min(chunk_size, L))`` positions, zero-padded at
+    the end, and ``fn(*chunks)`` runs on one chunk at a time (``[B, C, ...]``
+    each) inside a ``lax.map``/``lax.scan``::
+
+        out[:, i C : (i + 1) C] = fn(*(a[:, i C : (i + 1) C] for a in arrays))
+
+    so whatever ``fn`` builds (e.g. ``[B, C, V]`` logits) exists for one chunk
+    at a time, never as ``[B, L, V]``. With ``checkpoint`` the body is under
+    ``jax.checkpoint``: autodiff stores only the chunk's inputs and
+    recomputes the rest in the backward pass. Functions closing over
+    weights get their gradients summed over chunks, as usual for a scan.
+
+    Returns the pytree of ``fn``'s outputs with the chunks put back together
+    to ``[B, L, ...]`` (padding cut off; ``fn`` must return ``[B, C, ...]``
+    leaves), or, with ``sum_chunks``, the sum over chunks of ``fn``'s outputs
+    (any shapes, e.g. scalars), accumulated in chunk order in the scan's
+    carry; padded positions reach ``fn`` as zeros, so mask them there.
+    """
+    if not arrays:
+        raise ValueError("map_position_chunks needs at least one [B, L, ...] array")
+    B, L = arrays[0].shape[:2]
+    for i, a in enumerate(arrays):
+        if a.ndim < 2 or tuple(a.shape[:2]) != (B, L):
+            raise ValueError(f"map_position_chunks: array {i} has shape {tuple(a.shape)}, expected [B, L, ...] "
+                             f"with [B, L] = {(B, L)} as the first array")
+    c = max(1, min(chunk_size, L))
+    n = -(-L // c)
+    pad = n * c - L
+
+    def split(x):  # [B, L, ...] -> [n, B, C, ...]
+        if pad:
+            x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape((B, n, c) + x.shape[2:]).swapaxes(0, 1)
+
+    chunks = tuple(split(a) for a in arrays)
+    body = jax.checkpoint(fn) if checkpoint else fn
+    if sum_chunks:
+        shapes = jax.eval_shape(body, *(x[0] for x in chunks))
+        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+        def step(total, xs):
+            return jax.tree.map(jnp.add, total, body(*xs)), None
+
+        return jax.lax.scan(step, zero, chunks)[0]
+    out = jax.lax.map(lambda xs: body(*xs), chunks)
+    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape((B, n * c) + x.shape[3:])[:, :L], out)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _project(hidden: jax.Array, weight: jax.Array, dtype) -> jax.Array:
     """``hidden @ weight`` in the compute ``dtype``, accumulated and returned in float32.
@@ -107,7 +159,7 @@ def token_logprobs(params: dict, config: ModelConfig, hidden: jax.Array, targets
     """``log p(targets[b, t] | hidden[b, t])`` as float32 ``[B, L]``, chunked over positions.
 
     ``log p = z[target] - logsumexp(z)`` with ``z = hidden @ W`` (float32).
-    Positions are processed ``chunk_size`` at a time with ``jax.lax.map``;
+    Positions are processed ``chunk_size`` at a time (:func:`map_position_chunks`);
     each chunk body is under ``jax.checkpoint`` so that autodiff stores only
     the chunk's hidden states, never its ``[B, C, V]`` logits: peak memory is
     O(B * chunk_size * V) instead of O(B * L * V). When the float32 logits
@@ -124,24 +176,14 @@ def token_logprobs(params: dict, config: ModelConfig, hidden: jax.Array, targets
     if targets.shape != (B, L):
         raise ValueError(f"targets shape {targets.shape} does not match hidden [B, L] = {(B, L)}")
     targets = targets.astype(jnp.int32)
-    c = max(1, min(chunk_size, L))
-    n = -(-L // c)
-    pad = n * c - L
-    if pad:  # padded positions predict token 0 and are cut off below
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    hs = hidden.reshape(B, n, c, D).swapaxes(0, 1)
-    ts = targets.reshape(B, n, c).swapaxes(0, 1)
-    body = functools.partial(_chunk_logprobs, dtype=jnp.dtype(config.dtype), return_entropy=return_entropy)
+    body = functools.partial(_chunk_logprobs, weight, dtype=jnp.dtype(config.dtype), return_entropy=return_entropy)
     if stored_logits_bytes is None:
         stored_logits_bytes = config.stored_logits_mib * 2**20
-    if B * n * c * weight.shape[-1] * 4 > stored_logits_bytes:
-        body = jax.checkpoint(body)
-    logp, ent = jax.lax.map(lambda a: body(weight, *a), (hs, ts))
-    unchunk = lambda x: x.swapaxes(0, 1).reshape(B, n * c)[:, :L]
-    if return_entropy:
-        return unchunk(logp), unchunk(ent)
-    return unchunk(logp)
+    c = max(1, min(chunk_size, L))
+    stored = B * -(-L // c) * c * weight.shape[-1] * 4  # float32 logits of the whole (padded) batch
+    logp, ent = map_position_chunks(body, hidden, targets, chunk_size=chunk_size,
+                                    checkpoint=stored > stored_logits_bytes)
+    return (logp, ent) if return_entropy else logp
 
 
 def scores(params: dict, hidden: jax.Array) -> jax.Array:

@@ -168,7 +168,19 @@ def model_config_to_hf_config(config: ModelConfig, dtype=None) -> dict:
 
 
 def weight_map(config: ModelConfig) -> list[tuple[str, tuple, bool]]:
-    """``(hf_name, params path, transpose)`` for every tensor of ``config``'s model."""
+    """The jaxpost <-> Hugging Face parameter-name map: ``(hf_name, path, transpose)`` per tensor.
+
+    One entry for every tensor of ``config``'s model (what :func:`load_hf`
+    reads and :func:`save_hf` writes), in checkpoint order: ``hf_name`` is
+    the safetensors key of the ``transformers`` class (e.g.
+    ``"model.layers.0.self_attn.q_proj.weight"``), ``path`` the key path
+    into jaxpost's params dict (``("layers", 0, "attn", "q_proj",
+    "kernel")``: ``params["layers"][0]["attn"]["q_proj"]["kernel"]``), and
+    ``transpose`` is True where the HF tensor is a PyTorch ``nn.Linear``
+    weight ``[out, in]`` and the jaxpost one a kernel ``[in, out]`` (the
+    tensors are otherwise equal). LoRA adapters have no entry (merge them
+    first, :func:`jaxpost.models.merge_lora`).
+    """
     c = config
     out = [("model.embed_tokens.weight", ("embed", "embedding"), False)]
     for i in range(c.num_layers):

@@ -7,12 +7,12 @@ and computes ``y = x W + (alpha / r) * (x A) B`` (see
 model starts as the base model exactly. Only the adapters (and a score head,
 when the model has one) are trained; the base weights stay bit-identical.
 
-Typical use, in any pipeline::
+Typical use, in a run script::
 
     config, graphdef, params, mask = apply_lora(config, params, LoraConfig(rank=8), seed=0)
     optimizer = make_optimizer(..., trainable_mask=mask)     # state for adapters only
-    loss_fn = stop_frozen_gradients(loss_fn, mask)           # no weight gradients for the base
-    loss_fn = with_base_reference(dpo_loss)                  # DPO: reference = base, no copy
+    loss_fn = stop_frozen_gradients(loss_fn, mask)           # jaxpost.train: no weight gradients for the base
+    loss_fn = with_base_reference(dpo_loss)                  # jaxpost.algorithms: DPO reference = base, no copy
     config, params = merge_lora(config, params)              # fold in, then save_hf
     save_adapters(path, params, config.lora)                 # or only the adapters
 
@@ -24,13 +24,12 @@ with ``base_model.model.model.layers.<i>.self_attn.q_proj.lora_A.weight``
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
 import zlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +41,8 @@ from jaxpost.models.layers import lora_a_init
 from jaxpost.models.safetensors_io import SafetensorsFile, save_file
 
 __all__ = [
-    "LoraConfig", "apply_lora", "has_adapters", "trainable_mask", "without_adapters", "with_base_reference",
-    "stop_frozen_gradients", "merge_lora", "save_adapters", "load_adapters", "set_adapters",
+    "LoraConfig", "apply_lora", "has_adapters", "trainable_mask", "without_adapters", "merge_lora",
+    "save_adapters", "load_adapters", "set_adapters",
 ]
 
 ADAPTER_KEYS = ("lora_a", "lora_b")
@@ -172,42 +171,6 @@ def without_adapters(params: dict) -> dict:
     """
     return jax.tree_util.tree_map_with_path(
         lambda p, x: jnp.zeros_like(x) if _key(p[-1]) == "lora_b" else x, params)
-
-
-def with_base_reference(loss_fn: Callable) -> Callable:
-    """DPO-style loss whose reference policy is the trained model's own base (adapters off).
-
-    ``wrapped(params, batch, frozen) = loss_fn(params, batch, {**frozen,
-    "reference": without_adapters(params)})``. The reference reads the same
-    base arrays as the policy (frozen under LoRA), so no second copy of the
-    weights exists; ``make_dpo_loss`` puts it under ``stop_gradient``.
-    Attributes of ``loss_fn`` (``kind``, ``needs_reference``) are kept.
-    """
-    @functools.wraps(loss_fn)
-    def wrapped(params, batch, frozen=None):
-        if not has_adapters(params):
-            raise ValueError("with_base_reference needs params with LoRA adapters (see apply_lora)")
-        return loss_fn(params, batch, {**(frozen or {}), "reference": without_adapters(params)})
-
-    return wrapped
-
-
-def stop_frozen_gradients(loss_fn: Callable, mask: Any) -> Callable:
-    """``loss_fn`` with ``stop_gradient`` on every leaf where ``mask`` is False.
-
-    Same loss and same gradients on trainable leaves; frozen leaves get
-    exact zeros, so the compiler drops their weight-gradient matmuls (under
-    LoRA, the backward pass computes only activation gradients and the
-    adapters' gradients) and ``grad_norm`` is that of the trained leaves.
-    ``mask`` is a bool tree over params or ``callable(params) -> bool tree``.
-    """
-    @functools.wraps(loss_fn)
-    def wrapped(params, batch, frozen=None):
-        m = mask(params) if callable(mask) else mask
-        params = jax.tree.map(lambda t, x: x if t else jax.lax.stop_gradient(x), m, params)
-        return loss_fn(params, batch, frozen)
-
-    return wrapped
 
 
 def merge_lora(config: ModelConfig, params: dict) -> tuple[ModelConfig, dict]:

@@ -19,7 +19,6 @@ import math
 import time
 from typing import Any, Callable, Iterator, Mapping, Protocol
 
-import gin
 import jax
 import numpy as np
 
@@ -244,7 +243,6 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
 
 
-@gin.configurable(denylist=["state", "step_fn", "batches", "frozen", "checkpointer", "writer", "best"])
 def train(*, state: TrainState, step_fn: Callable, batches: Iterator, frozen: Any = None, num_steps: int,
           checkpointer: Checkpointer | None = None, eval_fn: Callable[[TrainState], Mapping] | None = None,
           eval_every: int = 0, log_every: int = 10, writer: MetricsWriter | None = None,

@@ -330,7 +330,7 @@ class ProgressBar:
 CONSOLE_KEYS: tuple[tuple[str, str], ...] = (
     ("loss", "loss"), ("grad_norm", "grad_norm"), ("lr", "learning_rate"), ("epoch", "epoch"),
     ("tok/s", "tokens_per_s"), ("mfu", "mfu"),
-    # online runs (rollout metrics, jaxpost.pipelines.rollout)
+    # online runs (rollout metrics, jaxpost.generate.rollout)
     ("scores", "objective/scores"), ("kl", "objective/kl"), ("length", "rollout/completion_length"),
     ("gen tok/s", "rollout/tokens_per_s"),
 )

@@ -12,7 +12,6 @@ train step can log the learning rate of every update.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import gin
@@ -55,29 +54,31 @@ def make_schedule(learning_rate: float = 1e-5, schedule: str = "cosine", warmup_
     * ``cosine``: ``end + (peak - end) * (1 + cos(pi * p)) / 2``;
     * ``linear``: ``peak + (end - peak) * p``;
     * ``constant``: ``peak``.
+
+    Built from optax's schedules: ``optax.join_schedules`` at ``W`` of
+    ``optax.linear_schedule(0, peak, W)`` and the decay
+    (``optax.cosine_decay_schedule(peak, max(T - W, 1), alpha=min_lr_ratio)``,
+    ``optax.linear_schedule(peak, end, max(T - W, 1))`` or
+    ``optax.constant_schedule(peak)``); with ``W = 0`` the decay alone.
+
+    Raises:
+      ValueError: for an unknown ``schedule``, ``warmup_steps < 0`` or ``total_steps < 1``.
     """
     if schedule not in ("cosine", "linear", "constant"):
         raise ValueError(f"Unknown schedule {schedule!r}; choose 'cosine', 'linear' or 'constant'")
     if warmup_steps < 0 or total_steps < 1:
         raise ValueError(f"Need warmup_steps >= 0 and total_steps >= 1, got {warmup_steps} and {total_steps}")
     peak = float(learning_rate)
-    end = float(min_lr_ratio) * peak
     decay_len = max(total_steps - warmup_steps, 1)
-
-    def fn(count):
-        t = jnp.asarray(count, jnp.float32)
-        p = jnp.clip((t - warmup_steps) / decay_len, 0.0, 1.0)
-        if schedule == "cosine":
-            after = end + (peak - end) * 0.5 * (1.0 + jnp.cos(math.pi * p))
-        elif schedule == "linear":
-            after = peak + (end - peak) * p
-        else:
-            after = jnp.full_like(p, peak)
-        if warmup_steps == 0:
-            return after
-        return jnp.where(t < warmup_steps, peak * t / warmup_steps, after)
-
-    return fn
+    if schedule == "cosine":
+        after = optax.cosine_decay_schedule(peak, decay_len, alpha=float(min_lr_ratio))
+    elif schedule == "linear":
+        after = optax.linear_schedule(peak, float(min_lr_ratio) * peak, decay_len)
+    else:
+        after = optax.constant_schedule(peak)
+    if warmup_steps == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup_steps), after], [warmup_steps])
 
 
 def _names(path) -> list[str]:

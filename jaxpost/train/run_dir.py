@@ -42,12 +42,14 @@ import numpy as np
 from etils import epath
 
 from jaxpost import paths
+from jaxpost.distributed import is_main_process
 from jaxpost.errors import UserError
+from jaxpost.models.config import ModelConfig, model_config_gin
 
 log = logging.getLogger("jaxpost")
 
 __all__ = ["ResumeConfig", "RunLock", "open_run_dir", "config_changes", "release_run_dirs", "LOCK_NAME",
-           "RESUMABLE_KEYS"]
+           "RESUMABLE_KEYS", "prepare_run_dir", "write_operative_config", "write_summary"]
 
 LOCK_NAME = "jaxpost.lock"
 HEARTBEAT_S = 60.0
@@ -61,7 +63,7 @@ RESUMABLE_KEYS = (
     "LoopConfig.eval_batches", "LoopConfig.save_every", "LoopConfig.keep_checkpoints", "LoopConfig.progress",
     "LoopConfig.patience", "LoopConfig.min_delta",
     "OnlineConfig.num_rollouts", "OnlineConfig.save_every", "OnlineConfig.keep_checkpoints",
-    "OnlineConfig.progress", "*.run_dir", "MetricsWriter.*", "compilation_cache.*", "ResumeConfig.*",
+    "*.run_dir", "MetricsWriter.*", "compilation_cache.*", "ResumeConfig.*",
     "make_mesh.*",  # a checkpoint restores onto any mesh
 )
 
@@ -304,3 +306,38 @@ def open_run_dir(run_dir: str | os.PathLike, resume: ResumeConfig | None = None)
         raise error
     return path
 
+
+def prepare_run_dir(run_dir: str | os.PathLike) -> epath.Path:
+    """Takes ``run_dir`` for this run and returns it resolved (a local absolute path or a ``gs://`` URL).
+
+    Locks it, checks a resumed run's config against the one it started with,
+    and writes ``config.gin`` (see :func:`open_run_dir`;
+    ``ResumeConfig`` says what to do on a change). Every file of the run
+    goes through the returned ``epath.Path``.
+    """
+    return open_run_dir(run_dir, ResumeConfig())
+
+
+def write_operative_config(run_dir: epath.Path, model_config: ModelConfig | None = None) -> None:
+    """``operative_config.gin``: every value the run has read so far, rewritten atomically.
+
+    Written once the step is built (so an interrupted run has it) and again
+    at the end. ``model_config``, the model as actually used (its shapes from
+    ``init_from``'s config.json, not from bindings it overrode), is appended.
+    """
+    if not is_main_process():
+        return
+    text = gin.operative_config_str()
+    if model_config is not None:
+        # gin's record holds the bound ModelConfig values, some of which init_from overrode: replace them.
+        ours = ("ModelConfig.", "LoraConfig.", "RopeScaling.", "# Parameters for ModelConfig:",
+                "# Parameters for LoraConfig:", "# Parameters for RopeScaling:")
+        text = "\n".join(line for line in text.splitlines() if not line.startswith(ours))
+        text += "\n\n# The model as used (shapes from init_from when given):\n" + model_config_gin(model_config) + "\n"
+    paths.atomic_write_text(run_dir / "operative_config.gin", text)
+
+def write_summary(run_dir: str | os.PathLike, summary: Mapping[str, Any]) -> None:
+    """``run_dir/summary.json`` (main process): final metrics of the run, for scripts and reports."""
+    if is_main_process():
+        paths.atomic_write_text(paths.resolve(run_dir) / "summary.json",
+                                json.dumps(summary, indent=2, sort_keys=True, default=float))

@@ -3,9 +3,9 @@
 ``TrainState(params, opt_state, step, rng)`` is a registered pytree (a
 ``flax.struct.dataclass``), so it passes through ``jax.jit``, is donated
 whole, and is saved and restored by Orbax as one tree. Its shardings come
-from the parameter shardings: every optimizer-state leaf that mirrors a
-parameter (Adam's ``mu``/``nu``, Lion's momentum) is sharded like that
-parameter; counters and other scalars are replicated.
+from the parameter shardings: ``optax.tree_map_params`` maps them onto every
+copy of the parameter tree in the optimizer state (Adam's ``mu``/``nu``,
+Lion's momentum); counters and other scalars are replicated.
 """
 
 from __future__ import annotations
@@ -63,56 +63,61 @@ def abstract_state(params: Any, optimizer: optax.GradientTransformation, seed: i
     return jax.eval_shape(lambda p: init_state(p, optimizer, seed), params)
 
 
-def _keystr(path) -> str:
-    return jax.tree_util.keystr(tuple(path))
+def _leaf_sharding(leaf: Any, param: Any, sharding: NamedSharding, replicated: NamedSharding) -> Any:
+    """Sharding of one optimizer-state leaf that sits where ``param`` sits in a copy of the params tree."""
+    if isinstance(leaf, optax.MaskedNode):  # a frozen leaf's (empty) state
+        return leaf
+    shape, p_shape = tuple(leaf.shape), tuple(param.shape)
+    if shape == p_shape:
+        return sharding
+    spec = tuple(sharding.spec) + (None,) * (len(p_shape) - len(sharding.spec))
+    for drop in range(len(p_shape)):
+        if p_shape[:drop] + p_shape[drop + 1:] == shape:
+            return NamedSharding(sharding.mesh, PartitionSpec(*(spec[:drop] + spec[drop + 1:])))
+    return replicated
 
 
-def state_shardings(state_abstract: TrainState, param_shardings: Any, partitioner: Partitioner) -> TrainState:
+def state_shardings(state_abstract: TrainState, param_shardings: Any, partitioner: Partitioner,
+                    optimizer: optax.GradientTransformation) -> TrainState:
     """Shardings for every leaf of a (possibly abstract) :class:`TrainState`.
 
-    Rule for an optimizer-state leaf at key path ``P``: find the parameter
-    whose key path is the longest suffix of ``P`` (optax states embed copies
-    of the parameter tree, e.g. ``[0].mu['layers'][0]['kernel']``).
+    ``optax.tree_map_params(optimizer, ...)`` finds the copies of the
+    parameter tree inside the optimizer state (Adam's ``mu``/``nu``, Lion's
+    momentum, Adafactor's factored moments, the states under ``masked`` and
+    ``multi_transform``) by initialising ``optimizer`` on a placeholder. A
+    leaf of such a copy, standing for parameter ``p`` with sharding ``s``:
 
-    * same shape as that parameter -> the parameter's sharding;
-    * the parameter's shape with one dimension dropped (factored second
-      moments, e.g. Adafactor's ``v_row``/``v_col``) -> the parameter's spec
-      with that dimension's entry dropped;
-    * otherwise (scalars such as step counts, anything unmatched) -> replicated.
+    * same shape as ``p`` -> ``s``;
+    * ``p``'s shape with one dimension dropped (factored second moments,
+      Adafactor's ``v_row``/``v_col``) -> ``s``'s spec with that dimension's
+      entry dropped (the first such dimension when several match);
+    * otherwise (e.g. Adafactor's ``(1,)`` stand-ins) -> replicated;
+    * ``optax.MaskedNode`` (no state for a frozen parameter) -> kept as is.
 
-    ``step`` and ``rng`` are replicated. ``param_shardings`` must have the
-    tree structure of ``state_abstract.params``.
+    Every other optimizer-state leaf (step counts, scalars), ``step`` and
+    ``rng`` are replicated.
+
+    Args:
+      state_abstract: from :func:`abstract_state` with the same ``optimizer``.
+      param_shardings: ``NamedSharding`` tree with the structure of
+        ``state_abstract.params``.
+      partitioner: gives the replicated sharding.
+      optimizer: the transformation whose ``init`` built ``state_abstract.opt_state``.
+
+    Raises:
+      ValueError: if ``param_shardings`` and the params differ in structure.
     """
     replicated = partitioner.replicated
-    p_leaves = jax.tree_util.tree_flatten_with_path(state_abstract.params)[0]
-    s_leaves, s_def = jax.tree_util.tree_flatten(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
-    if len(p_leaves) != len(s_leaves):
+    p_def = jax.tree.structure(state_abstract.params)
+    s_def = jax.tree.structure(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    if p_def != s_def:
         raise ValueError(
-            f"param_shardings has {len(s_leaves)} leaves but state.params has {len(p_leaves)}; "
-            "they must have the same tree structure")
-    by_path = {tuple(path): (tuple(leaf.shape), sh) for (path, leaf), sh in zip(p_leaves, s_leaves)}
-    max_depth = max((len(p) for p in by_path), default=0)
-
-    def for_opt_leaf(path, leaf):
-        shape = tuple(getattr(leaf, "shape", ()))
-        if not shape:
-            return replicated
-        path = tuple(path)
-        for n in range(min(max_depth, len(path)), 0, -1):
-            hit = by_path.get(path[-n:])
-            if hit is None:
-                continue
-            p_shape, sh = hit
-            if shape == p_shape:
-                return sh
-            spec = tuple(sh.spec) + (None,) * (len(p_shape) - len(sh.spec))
-            for drop in range(len(p_shape)):
-                if p_shape[:drop] + p_shape[drop + 1:] == shape:
-                    return NamedSharding(sh.mesh, PartitionSpec(*(spec[:drop] + spec[drop + 1:])))
-            return replicated
-        return replicated
-
-    opt_shardings = jax.tree_util.tree_map_with_path(for_opt_leaf, state_abstract.opt_state)
+            f"param_shardings has {s_def.num_leaves} leaves but state.params has {p_def.num_leaves} "
+            "(or their trees differ); they must have the same tree structure")
+    opt_shardings = optax.tree_map_params(
+        optimizer, lambda leaf, p, sh: _leaf_sharding(leaf, p, sh, replicated), state_abstract.opt_state,
+        state_abstract.params, param_shardings, transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode))
     return TrainState(params=param_shardings, opt_state=opt_shardings, step=replicated, rng=replicated)
 
 

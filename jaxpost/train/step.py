@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,10 +41,6 @@ LossFn = Callable[[Any, Any, Any], tuple[jax.Array, dict[str, jax.Array]]]
 
 # Metrics that add up across micro-batches; all others are averaged.
 _SUMMED = ("loss_sum", "loss_tokens")
-
-
-def _cast_floats(tree: Any, dtype) -> Any:
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
 def _split_microbatches(batch: Any, n: int) -> Any:
@@ -71,9 +66,7 @@ def _check_loss_output(loss, metrics):
         raise TypeError(f"loss_fn must return (loss, metrics: dict), got metrics of type {type(metrics).__name__}")
 
 
-@gin.configurable(denylist=["loss_fn", "optimizer", "schedule"])
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, grad_accum_steps: int = 1,
-                    mixed_precision: str | None = None,
                     schedule: Callable[[jax.Array], jax.Array] | None = None) -> Callable:
     """Build ``step(state, batch, frozen) -> (new_state, metrics)`` (pure, jit-ready).
 
@@ -88,9 +81,6 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         :func:`jaxpost.train.optimizer.make_optimizer`) gives the logged lr.
       grad_accum_steps: micro-batches per step; the batch's leading dimension
         must be divisible by it.
-      mixed_precision: ``None`` (fp32) or ``"bfloat16"``: floating params are
-        cast to bf16 for forward and backward; gradients come back in fp32 and
-        the master params and optimizer state stay fp32.
       schedule: overrides ``optimizer.schedule`` for the ``learning_rate`` metric.
 
     Metrics: every loss metric (aggregated as in the module doc), ``loss``,
@@ -100,15 +90,12 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     """
     if grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
-    if mixed_precision not in (None, "bfloat16"):
-        raise ValueError(f"mixed_precision must be None or 'bfloat16', got {mixed_precision!r}")
-    compute_dtype = jnp.bfloat16 if mixed_precision == "bfloat16" else None
     schedule = schedule if schedule is not None else getattr(optimizer, "schedule", None)
 
     def cast_loss(params, batch, frozen):
-        # Differentiating through the cast returns fp32 gradients for fp32 master params.
-        p = _cast_floats(params, compute_dtype) if compute_dtype is not None else params
-        loss, metrics = loss_fn(p, batch, frozen)
+        # bf16 compute is the model's own (ModelConfig.dtype): it casts inside the forward, so gradients
+        # come back in the master params' dtype.
+        loss, metrics = loss_fn(params, batch, frozen)
         _check_loss_output(loss, metrics)
         loss = loss.astype(jnp.float32)
         metrics = {k: jnp.asarray(v, jnp.float32) if jnp.issubdtype(jnp.asarray(v).dtype, jnp.floating)

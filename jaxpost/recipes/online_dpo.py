@@ -15,46 +15,22 @@ from __future__ import annotations
 import time
 
 import gin
-import numpy as np
 
 from jaxpost import models
-from jaxpost.algorithms import LM_KEYS, make_dpo_loss
+from jaxpost.algorithms import make_dpo_loss, with_base_reference
 from jaxpost.config import build, build_if_bound
 from jaxpost.data import check_run_inputs, make_prompt_pipeline
+from jaxpost.generate.rollout import Roller, RolloutConfig, best_worst_pairs, pair_batch
+from jaxpost.generate.scorers import make_scorer
 from jaxpost.models.config import ModelConfig
-from jaxpost.models.lora import has_adapters, with_base_reference
-from jaxpost.pipelines.common import (export, load_model, on_mesh, prepare_run_dir, write_operative_config,
-                                      write_summary)
-from jaxpost.pipelines.online import (OnlineConfig, OnlineTrainer, check_single_process, minibatch_orders,
-                                      reference_policy, rollout_rng)
-from jaxpost.pipelines.rollout import Roller, RolloutConfig
-from jaxpost.pipelines.scorers import make_scorer
+from jaxpost.models.export import export
+from jaxpost.models.load import load_model
+from jaxpost.models.lora import has_adapters
 from jaxpost.sharding import Partitioner
-
-
-def best_worst_pairs(scores: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(chosen, rejected, valid)`` row indices ``[num_prompts]`` into ``scores`` ``[num_prompts * G]``.
-
-    For group ``g`` (rows ``g*G .. g*G+G-1``): ``chosen = argmax``,
-    ``rejected = argmin`` (first occurrence on ties), ``valid = max > min``
-    (a group whose scores are all equal gives no preference and is skipped).
-    """
-    s = np.asarray(scores, np.float64)
-    if group_size < 2 or s.ndim != 1 or s.shape[0] % group_size:
-        raise ValueError(f"scores of shape {s.shape} cannot form pairs from groups of group_size={group_size} "
-                         "(need group_size >= 2 dividing the number of scores)")
-    g = s.reshape(-1, group_size)
-    base = np.arange(g.shape[0]) * group_size
-    return (base + g.argmax(1)).astype(np.int32), (base + g.argmin(1)).astype(np.int32), g.max(1) > g.min(1)
-
-
-def pair_batch(host: dict[str, np.ndarray], chosen: np.ndarray, rejected: np.ndarray, valid: np.ndarray
-               ) -> dict[str, np.ndarray]:
-    """Preference batch (``PREFERENCE_KEYS`` + ``pair_mask``) from rollout rows picked as pairs."""
-    out = {f"chosen_{k}": host[k][chosen] for k in LM_KEYS}
-    out.update({f"rejected_{k}": host[k][rejected] for k in LM_KEYS})
-    out["pair_mask"] = valid.astype(np.float32)
-    return out
+from jaxpost.train.batches import on_mesh
+from jaxpost.train.online import (OnlineConfig, OnlineTrainer, check_single_process, minibatch_orders, reference_policy,
+                                  rollout_rng)
+from jaxpost.train.run_dir import prepare_run_dir, write_operative_config, write_summary
 
 
 @gin.configurable

@@ -15,11 +15,13 @@ import jax
 from jaxpost import models
 from jaxpost.algorithms import make_sft_eval, make_sft_loss
 from jaxpost.config import build, build_if_bound
-from jaxpost.data import DataStats, check_run_inputs, make_lm_pipeline, train_eval_split
+from jaxpost.data import DataStats, check_run_inputs, make_lm_pipeline, report_data_stats, train_eval_split
 from jaxpost.models.config import ModelConfig
-from jaxpost.pipelines.common import (finish_run, LoopConfig, MeshBatches, fit, load_model, make_evaluator,
-                                      prepare_run_dir, report_data_stats)
+from jaxpost.models.load import load_model
 from jaxpost.sharding import Partitioner
+from jaxpost.train.batches import MeshBatches
+from jaxpost.train.fit import LoopConfig, finish_run, fit, make_evaluator
+from jaxpost.train.run_dir import prepare_run_dir
 
 
 @gin.configurable

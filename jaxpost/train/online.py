@@ -20,13 +20,13 @@ import jax
 import numpy as np
 
 from jaxpost import paths
-from jaxpost.models.lora import has_adapters, stop_frozen_gradients, without_adapters
-from jaxpost.models.lora import trainable_mask as lora_trainable_mask
+from jaxpost.models.lora import has_adapters, trainable_mask as lora_trainable_mask, without_adapters
 from jaxpost.sharding import Partitioner
+from jaxpost.train import (Checkpointer, MetricsWriter, NonFiniteLossError, abstract_state, abstract_with_shardings,
+                           batch_shardings, compile_train_step, format_log_line, init_sharded_state, make_optimizer,
+                           make_train_step, state_shardings)
 from jaxpost.train.run_dir import ResumeConfig
-from jaxpost.train import (Checkpointer, MetricsWriter, NonFiniteLossError, abstract_state, format_log_line,
-                           abstract_with_shardings, batch_shardings, compile_train_step, init_sharded_state,
-                           make_optimizer, make_train_step, state_shardings)
+from jaxpost.train.trainable import stop_frozen_gradients
 
 
 @gin.configurable
@@ -47,8 +47,6 @@ class OnlineConfig:
     save_every: int = 0
     keep_checkpoints: int = 2
     seed: int = 0
-    mixed_precision: str | None = None
-    progress: bool = True
 
 
 def rollout_rng(seed: int, rollout: int) -> jax.Array:
@@ -110,9 +108,9 @@ class OnlineTrainer:
             loss_fn = stop_frozen_gradients(loss_fn, mask)
         self.optimizer = make_optimizer(total_steps=max(total_updates, 1), trainable_mask=mask)
         self.shardings = state_shardings(abstract_state(params, self.optimizer, online.seed), param_shardings,
-                                         partitioner)
+                                         partitioner, self.optimizer)
         self.state = init_sharded_state(params, self.optimizer, self.shardings, seed=online.seed)
-        self._step = make_train_step(loss_fn, self.optimizer, mixed_precision=online.mixed_precision)
+        self._step = make_train_step(loss_fn, self.optimizer)
         self.step_fn = None  # compiled on the first minibatch, whose shapes every later one shares
         self._take = None
         self.checkpointer = Checkpointer(paths.resolve(run_dir) / "checkpoints",

@@ -17,12 +17,14 @@ import jax
 from jaxpost import models
 from jaxpost.algorithms import make_reward_loss
 from jaxpost.config import build, build_if_bound
-from jaxpost.data import DataStats, check_run_inputs, make_preference_pipeline, train_eval_split
+from jaxpost.data import DataStats, check_run_inputs, make_preference_pipeline, report_data_stats, train_eval_split
 from jaxpost.models.config import ModelConfig
-from jaxpost.pipelines.common import (finish_run, LoopConfig, MeshBatches, fit, load_model, make_evaluator,
-                                      prepare_run_dir, report_data_stats)
+from jaxpost.models.load import load_model
 from jaxpost.sharding import Partitioner
 from jaxpost.train import make_eval_step
+from jaxpost.train.batches import MeshBatches
+from jaxpost.train.fit import LoopConfig, finish_run, fit, make_evaluator
+from jaxpost.train.run_dir import prepare_run_dir
 
 
 @gin.configurable
@@ -36,11 +38,11 @@ def reward_model(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, to
     ``packing``: several whole pairs per row of ``2 * seq_len`` tokens (see
     :func:`jaxpost.data.make_preference_pipeline`); ``batch_size`` counts rows.
     ``shared_prompt``: one row per pair with the prompt run once for both
-    replies (see :func:`jaxpost.pipelines.dpo.dpo`).
+    replies (see :func:`jaxpost.recipes.dpo.dpo`).
 
     Summary: final step, data counts and, with held-out pairs, ``eval/accuracy``
     (fraction of pairs ranked correctly), ``eval/margin`` and ``eval/loss``.
-    ``loop`` and ``model`` default as in :func:`jaxpost.pipelines.sft.sft`.
+    ``loop`` and ``model`` default as in :func:`jaxpost.recipes.sft.sft`.
     """
     # Built here, at call time, so that bindings of LoopConfig/ModelConfig apply without `reward_model.loop = @LoopConfig()`.
     loop, model = build(LoopConfig, loop), build_if_bound(ModelConfig, model)

@@ -12,8 +12,8 @@ import numpy as np
 
 from jaxpost import paths
 from jaxpost.algorithms.preference import pair_column, pair_sequence_logps
-from jaxpost.pipelines.common import MeshBatches
 from jaxpost.sharding import Partitioner
+from jaxpost.train.batches import MeshBatches
 
 
 def reference_logps(graphdef, config, ref_params, batches: MeshBatches) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -28,8 +28,8 @@ import numpy as np
 
 from jaxpost.algorithms.distill import make_teacher_topk_fn
 from jaxpost.data import DataStats, PipelineIterator, make_lm_pipeline
-from jaxpost.pipelines.common import on_mesh
 from jaxpost.sharding import Partitioner
+from jaxpost.train.batches import on_mesh
 
 LM_ARRAYS = ("tokens", "positions", "segment_ids", "targets", "loss_mask")
 _FORMAT_VERSION = 1

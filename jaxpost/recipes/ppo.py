@@ -26,14 +26,16 @@ from jaxpost.algorithms import LM_KEYS
 from jaxpost.algorithms.online import make_ppo_loss, ppo_advantages
 from jaxpost.config import build, build_if_bound
 from jaxpost.data import check_run_inputs, make_prompt_pipeline
+from jaxpost.generate.rollout import Roller, RolloutConfig
+from jaxpost.generate.scorers import make_scorer
 from jaxpost.losses.ppo import AdaptiveKLController
 from jaxpost.models.config import ModelConfig
-from jaxpost.pipelines.common import export, load_model, prepare_run_dir, write_operative_config, write_summary
-from jaxpost.pipelines.online import (OnlineConfig, OnlineTrainer, check_single_process, minibatch_orders,
-                                      reference_policy, rollout_rng)
-from jaxpost.pipelines.rollout import Roller, RolloutConfig
-from jaxpost.pipelines.scorers import make_scorer
+from jaxpost.models.export import export
+from jaxpost.models.load import load_model
 from jaxpost.sharding import Partitioner
+from jaxpost.train.online import (OnlineConfig, OnlineTrainer, check_single_process, minibatch_orders, reference_policy,
+                                  rollout_rng)
+from jaxpost.train.run_dir import prepare_run_dir, write_operative_config, write_summary
 
 
 @gin.configurable

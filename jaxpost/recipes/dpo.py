@@ -17,16 +17,18 @@ import gin
 import jax
 
 from jaxpost import models
-from jaxpost.algorithms import make_dpo_loss
+from jaxpost.algorithms import make_dpo_loss, with_base_reference
+from jaxpost.algorithms.reference import with_reference_logps
 from jaxpost.config import build, build_if_bound
-from jaxpost.data import DataStats, check_run_inputs, make_preference_pipeline, train_eval_split
+from jaxpost.data import DataStats, check_run_inputs, make_preference_pipeline, report_data_stats, train_eval_split
 from jaxpost.models.config import ModelConfig
-from jaxpost.models.lora import with_base_reference, without_adapters
-from jaxpost.pipelines.common import (finish_run, LoopConfig, MeshBatches, fit, load_model, make_evaluator,
-                                      prepare_run_dir, report_data_stats)
-from jaxpost.pipelines.reference import with_reference_logps
+from jaxpost.models.load import load_model
+from jaxpost.models.lora import without_adapters
 from jaxpost.sharding import Partitioner
 from jaxpost.train import make_eval_step
+from jaxpost.train.batches import MeshBatches
+from jaxpost.train.fit import LoopConfig, finish_run, fit, make_evaluator
+from jaxpost.train.run_dir import prepare_run_dir
 
 
 @gin.configurable
@@ -49,7 +51,7 @@ def dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
     Summary: final step, data counts and, with held-out pairs,
     ``eval/rewards/accuracies`` (fraction of pairs whose implicit reward
     ranks chosen above rejected), ``eval/rewards/margins`` and ``eval/loss``.
-    ``loop`` and ``model`` default as in :func:`jaxpost.pipelines.sft.sft`.
+    ``loop`` and ``model`` default as in :func:`jaxpost.recipes.sft.sft`.
     """
     # Built here, at call time, so that bindings of LoopConfig/ModelConfig apply without `dpo.loop = @LoopConfig()`.
     loop, model = build(LoopConfig, loop), build_if_bound(ModelConfig, model)
@@ -60,7 +62,6 @@ def dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
     config, graphdef, params = load_model(model, init_from, part, seed=loop.seed)
     param_shardings = part.shardings(models.logical_axes(config), params)
     loss_fn = make_dpo_loss(graphdef, config)
-    kind = loss_fn.kind
 
     held_out = None
     if eval_data or eval_fraction:
@@ -108,7 +109,7 @@ def dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
                     evaluate=evaluate, data_stats=stats,
                     flops_per_step=_dpo_flops(config, seq_len, batch_size, online_reference),
                     epoch_batches=lambda: pipeline(rows, seed=loop.seed, num_epochs=1), summary=run_info)
-        summary = {"step": int(state.step), "loss_kind": kind, **run_info, **report_data_stats(stats, "DPO")}
+        summary = {"step": int(state.step), "loss_kind": loss_fn.kind, **run_info, **report_data_stats(stats, "DPO")}
     return finish_run(run, config, state, tok, summary, evaluate, method="dpo", init_from=init_from,
                       data={"train": train_data, "eval": eval_data})
 

@@ -1,7 +1,7 @@
 """Reward sources for online runs: a Python reward function or a trained reward model.
 
 A scorer is called once per rollout as ``scorer(rollout) -> float32 [B]``
-where ``rollout`` is a :class:`jaxpost.pipelines.rollout.Rollout` (token
+where ``rollout`` is a :class:`jaxpost.generate.rollout.Rollout` (token
 arrays of prompt + completion, decoded completion texts, the prompts and
 the raw source rows, one entry per completion).
 
@@ -25,7 +25,7 @@ from jaxpost.generate.rewards import get_reward
 from jaxpost.losses.reward import gather_last
 from jaxpost.models import forward
 from jaxpost.models.heads import scores as score_head
-from jaxpost.pipelines.common import load_model
+from jaxpost.models.load import load_model
 from jaxpost.sharding import Partitioner
 
 
@@ -71,7 +71,7 @@ class RewardModelScorer:
     """Scores prompt + completion with a ``head="score"`` model: the value at the last real token.
 
     ``model_dir`` is a Hugging Face ``*ForSequenceClassification`` directory
-    (what :func:`jaxpost.pipelines.reward.reward_model` exports). The reward
+    (what :func:`jaxpost.recipes.reward.reward_model` exports). The reward
     model must share the policy's tokenizer: it reads the rollout's token
     ids as they are.
     """

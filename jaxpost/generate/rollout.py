@@ -9,7 +9,7 @@ One rollout turns a batch of left-padded prompts into training rows::
 
 the same layout the sampler's KV cache used, so the training forward
 reproduces the sampler's log-probs. Scores come from a scorer
-(:mod:`jaxpost.pipelines.scorers`); ``old_logp``/``ref_logp``/``old_values``
+(:mod:`jaxpost.generate.scorers`); ``old_logp``/``ref_logp``/``old_values``
 from training forwards (:func:`jaxpost.algorithms.online.make_rollout_logprobs`).
 """
 
@@ -23,13 +23,14 @@ import gin
 import jax
 import numpy as np
 
+from jaxpost.algorithms.batch import LM_KEYS
 from jaxpost.algorithms.online import make_rollout_logprobs
 from jaxpost.data.encode import pad_id
 from jaxpost.data.tokenizer import stop_token_ids
-from jaxpost.generate.sampler import Sampler, SamplingConfig
+from jaxpost.generate.sampler import Sampler, SamplingConfig, left_pad
 from jaxpost.models.config import ModelConfig
-from jaxpost.pipelines.common import on_mesh
 from jaxpost.sharding import Partitioner
+from jaxpost.train.batches import on_mesh
 
 
 @gin.configurable
@@ -103,6 +104,53 @@ def rollout_sequences(prompt_tokens: np.ndarray, prompt_mask: np.ndarray, comple
     loss_mask = np.concatenate([comp[:, 1:], np.zeros((B, 1), bool)], axis=1)
     return {"tokens": tokens, "positions": positions, "segment_ids": seg.astype(np.int32),
             "targets": targets.astype(np.int32), "loss_mask": loss_mask.astype(np.float32)}
+
+
+def batch_prompts(batch: dict, max_prompt_len: int, pad: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Prompts of an unpacked LM batch, left-padded to ``max_prompt_len``: ``(tokens, mask, truncated)``.
+
+    A row's prompt is its tokens up to and including position ``t0``, the
+    first position with ``loss_mask = 1`` (``targets[t0]`` is the first
+    response token). Longer prompts keep their last ``max_prompt_len``
+    tokens; ``truncated`` counts them. Rows with nothing trained raise.
+    """
+    mask = np.asarray(batch["loss_mask"]) != 0
+    empty = np.flatnonzero(~mask.any(-1))
+    if empty.size:
+        raise ValueError(f"LM batch rows {empty.tolist()} have no trained token, so no prompt/response split")
+    prompts, truncated = [], 0
+    for row, m in zip(np.asarray(batch["tokens"]), mask):
+        ids = row[: int(np.argmax(m)) + 1]
+        if len(ids) > max_prompt_len:
+            ids, truncated = ids[-max_prompt_len:], truncated + 1
+        prompts.append(ids)
+    tokens, pmask = left_pad(prompts, max_prompt_len, pad)
+    return tokens, pmask, truncated
+
+
+def best_worst_pairs(scores: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(chosen, rejected, valid)`` row indices ``[num_prompts]`` into ``scores`` ``[num_prompts * G]``.
+
+    For group ``g`` (rows ``g*G .. g*G+G-1``): ``chosen = argmax``,
+    ``rejected = argmin`` (first occurrence on ties), ``valid = max > min``
+    (a group whose scores are all equal gives no preference and is skipped).
+    """
+    s = np.asarray(scores, np.float64)
+    if group_size < 2 or s.ndim != 1 or s.shape[0] % group_size:
+        raise ValueError(f"scores of shape {s.shape} cannot form pairs from groups of group_size={group_size} "
+                         "(need group_size >= 2 dividing the number of scores)")
+    g = s.reshape(-1, group_size)
+    base = np.arange(g.shape[0]) * group_size
+    return (base + g.argmax(1)).astype(np.int32), (base + g.argmin(1)).astype(np.int32), g.max(1) > g.min(1)
+
+
+def pair_batch(host: dict[str, np.ndarray], chosen: np.ndarray, rejected: np.ndarray, valid: np.ndarray
+               ) -> dict[str, np.ndarray]:
+    """Preference batch (``PREFERENCE_KEYS`` + ``pair_mask``) from rollout rows picked as pairs."""
+    out = {f"chosen_{k}": host[k][chosen] for k in LM_KEYS}
+    out.update({f"rejected_{k}": host[k][rejected] for k in LM_KEYS})
+    out["pair_mask"] = valid.astype(np.float32)
+    return out
 
 
 def decode_completions(tokenizer: Any, tokens: np.ndarray, mask: np.ndarray) -> list[str]:

@@ -1,0 +1,224 @@
+"""Synthetic data from scored samples: filter each prompt's completions, pick best and worst, write training sets.
+
+The library half of :func:`jaxpost.recipes.synthetic.synthesize`, which
+samples and scores; this module decides what is kept and writes it.
+
+Per prompt (a JSON-lines ``prompt`` string or conversation, other fields kept
+for the reward functions): ``n_samples`` completions from the KV-cache
+sampler, each scored by reward functions or a reward model
+(:mod:`jaxpost.generate.scorers`), then filtered in this order, every
+drop counted in ``stats.json`` and the return value (never silent):
+
+1. ``unfinished`` (only with ``require_finished``): no stop token before ``max_new_tokens``;
+2. ``too_short`` / ``too_long``: fewer than ``min_chars`` / more than ``max_chars`` characters;
+3. ``duplicate``: the same completion as an earlier sample of the prompt after
+   normalisation (``dedup``: lowercase, whitespace collapsed, stripped).
+
+Outputs in ``out_dir`` (``mode`` picks the training sets):
+
+* ``samples.jsonl`` (always): every sample with ``score``, ``kept`` and ``drop_reason``.
+* ``sft.jsonl`` (``best_of_n``, ``all``): the best surviving completion of each
+  prompt whose score is ``>= min_score`` -- ``messages`` for conversational
+  prompts, else ``prompt``/``completion`` -- plus ``score``.
+* ``preference.jsonl`` (``pairs``, ``all``): best vs worst surviving completion
+  (``prompt``/``chosen``/``rejected``, ``chosen_score``, ``rejected_score``,
+  ``margin = chosen_score - rejected_score``); prompts with fewer than two
+  survivors or equal best and worst scores are skipped and counted.
+  ``min_score`` does not apply to pairs (the rejected side is meant to be bad).
+* ``stats.json``: the counts of :class:`SynthesisStats`.
+
+Each file is written atomically (:func:`jaxpost.paths.atomic_open`) and
+replaced only when the whole run succeeds (the recipe opens them), so a failed or interrupted run
+leaves the previous outputs as they were. ``out_dir`` may be relative or a
+``gs://`` URL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from jaxpost.config import is_object_spec
+from jaxpost.generate.rollout import Rollout, decode_completions, rollout_sequences
+from jaxpost.generate.sampler import Sampler
+from jaxpost.generate.scorers import FunctionScorer, RewardModelScorer
+from jaxpost.sharding import Partitioner
+from jaxpost.train.batches import on_mesh
+
+__all__ = ["MODES", "SynthesisStats", "filter_samples", "make_synthesis_scorer", "normalise", "output_files",
+           "sample_and_score", "write_prompt_samples"]
+
+MODES = ("best_of_n", "pairs", "all")
+
+
+def output_files(mode: str) -> dict[str, str]:
+    """Output files of ``mode`` in ``out_dir`` (``stats.json`` besides): ``{"samples": "samples.jsonl", ...}``."""
+    files = {"samples": "samples.jsonl"}
+    if mode in ("best_of_n", "all"):
+        files["sft"] = "sft.jsonl"
+    if mode in ("pairs", "all"):
+        files["preference"] = "preference.jsonl"
+    return files
+
+
+def normalise(text: str) -> str:
+    """Text key for de-duplication: lowercase, runs of whitespace -> one space, stripped."""
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+@dataclasses.dataclass
+class SynthesisStats:
+    """What synthesis produced and dropped; ``as_dict`` goes to ``stats.json`` and the return value."""
+
+    prompts: int = 0
+    samples: int = 0
+    unfinished: int = 0
+    too_short: int = 0
+    too_long: int = 0
+    duplicate: int = 0
+    kept: int = 0
+    prompts_without_samples: int = 0
+    sft_rows: int = 0
+    sft_below_min_score: int = 0
+    pairs: int = 0
+    pairs_skipped_single: int = 0
+    pairs_skipped_tie: int = 0
+    mean_score_all: float = 0.0
+    mean_score_best: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def filter_samples(completions: Sequence[str], finished: Sequence[bool], *, min_chars: int = 0,
+                   max_chars: int | None = None, dedup: bool = True, require_finished: bool = False
+                   ) -> list[str | None]:
+    """Drop reason per completion of ONE prompt (None = kept), in the order of the module docstring."""
+    seen: set[str] = set()
+    reasons: list[str | None] = []
+    for text, done in zip(completions, finished):
+        key = normalise(text)
+        if require_finished and not done:
+            reasons.append("unfinished")
+        elif len(text) < min_chars:
+            reasons.append("too_short")
+        elif max_chars is not None and len(text) > max_chars:
+            reasons.append("too_long")
+        elif dedup and key in seen:
+            reasons.append("duplicate")
+        else:
+            reasons.append(None)
+        if reasons[-1] is None:
+            seen.add(key)
+    return reasons
+
+
+def _assistant(prompt: Any, text: str) -> Any:
+    """``text`` as the answer to ``prompt``: an assistant turn for a conversation, else the text itself."""
+    return [{"role": "assistant", "content": text}] if not isinstance(prompt, str) else text
+
+
+def make_synthesis_scorer(scorer: Any, partitioner: Partitioner, vocab_size: int) -> Callable:
+    """``score(rollout) -> [N]`` from ``synthesize``'s ``scorer`` argument.
+
+    A ``'module:function'`` spec (not a directory) or a reward function (or a
+    list of them) gives a :class:`FunctionScorer`; a path gives a
+    :class:`RewardModelScorer` of that reward-model directory, checked
+    against the policy's ``vocab_size``. Anything else raises ``TypeError``.
+    """
+    if is_object_spec(scorer) and not os.path.isdir(scorer):  # 'my_rewards:exact': a plug-in reward function
+        return FunctionScorer(scorer)
+    if isinstance(scorer, (str, os.PathLike)):
+        return RewardModelScorer(str(scorer), partitioner, policy_vocab_size=vocab_size)
+    if callable(scorer) or isinstance(scorer, (list, tuple)):
+        return FunctionScorer(scorer)
+    raise TypeError(f"scorer must be a reward function (or a list of them) or a reward model directory, "
+                    f"got {type(scorer).__name__}")
+
+
+def sample_and_score(sampler: Sampler, params: Any, batch: dict, score: Callable, tok: Any, part: Partitioner,
+                     key: jax.Array, pad: int) -> tuple[Rollout, np.ndarray]:
+    """Samples ``sampler.sampling.group_size`` completions of each real prompt of a prompt batch and scores them.
+
+    Returns the :class:`Rollout` (real prompts only, each prompt's samples
+    adjacent) and its ``[N]`` float64 scores. Padding rows of a last batch
+    repeat a real prompt (the sampler needs a token) and are cut. Raises
+    ``ValueError`` when the scorer returns another shape than ``[N]``.
+    """
+    real = np.asarray(batch["prompt_mask"]).any(-1)
+    ptok, pmask = np.asarray(batch["prompt_tokens"]), np.asarray(batch["prompt_mask"])
+    ptok, pmask = np.where(real[:, None], ptok, ptok[0]), np.where(real[:, None], pmask, pmask[0])
+    res = jax.device_get(sampler(params, ptok, pmask, key))
+    G = sampler.sampling.group_size
+    keep = np.repeat(real, G)
+    host = rollout_sequences(np.repeat(ptok, G, 0)[keep], np.repeat(pmask, G, 0)[keep],
+                             res.tokens[keep], res.completion_mask[keep], pad)
+    r = Rollout(batch=on_mesh(host, part) if isinstance(score, RewardModelScorer) else host, host=host,
+                completions=decode_completions(tok, res.tokens[keep], res.completion_mask[keep]),
+                prompts=[p for p, ok in zip(batch["prompt"], real) if ok for _ in range(G)],
+                rows=[row for row, ok in zip(batch["row"], real) if ok for _ in range(G)],
+                finished=np.asarray(res.finished, bool)[keep])
+    scores = np.asarray(score(r), np.float64)
+    if scores.shape != (len(r.completions),):
+        raise ValueError(f"scorer returned shape {scores.shape}, expected ({len(r.completions)},)")
+    return r, scores
+
+
+def write_prompt_samples(files: dict, stats: SynthesisStats, row: dict, prompt: Any, completions: Sequence[str],
+                  scores: np.ndarray, finished: np.ndarray, *, min_score, min_chars, max_chars, dedup,
+                  require_finished, all_scores: list, best_scores: list) -> None:
+    """Filters one prompt's samples, writes its sample/SFT/preference rows to ``files`` and counts everything.
+
+    ``files`` maps the keys of :func:`output_files` to open text files;
+    ``stats`` and the lists ``all_scores`` (every sample) and ``best_scores``
+    (the best survivor per prompt) are updated in place.
+    """
+    stats.prompts += 1
+    stats.samples += len(completions)
+    all_scores.extend(float(s) for s in scores)
+    reasons = filter_samples(completions, finished, min_chars=min_chars, max_chars=max_chars, dedup=dedup,
+                             require_finished=require_finished)
+    extra = {k: v for k, v in (row or {}).items() if k not in ("prompt", "completion", "score", "kept")}
+    for i, (text, s, why) in enumerate(zip(completions, scores, reasons)):
+        if why is not None:
+            setattr(stats, why, getattr(stats, why) + 1)
+        files["samples"].write(json.dumps({**extra, "prompt": prompt, "completion": text, "sample_index": i,
+                                           "score": float(s), "finished": bool(finished[i]), "kept": why is None,
+                                           "drop_reason": why}, ensure_ascii=False) + "\n")
+    alive = [i for i, why in enumerate(reasons) if why is None]
+    stats.kept += len(alive)
+    if not alive:
+        stats.prompts_without_samples += 1
+        return
+    # Ties go to the earliest sample: deterministic for a given seed.
+    best = max(alive, key=lambda i: (scores[i], -i))
+    worst = min(alive, key=lambda i: (scores[i], i))
+    best_scores.append(float(scores[best]))
+    if "sft" in files:
+        if min_score is not None and scores[best] < min_score:
+            stats.sft_below_min_score += 1
+        else:
+            if isinstance(prompt, str):
+                rec = {"prompt": prompt, "completion": completions[best]}
+            else:
+                rec = {"messages": list(prompt) + [{"role": "assistant", "content": completions[best]}]}
+            files["sft"].write(json.dumps({**rec, "score": float(scores[best])}, ensure_ascii=False) + "\n")
+            stats.sft_rows += 1
+    if "preference" in files:
+        if len(alive) < 2:
+            stats.pairs_skipped_single += 1
+        elif scores[best] == scores[worst]:
+            stats.pairs_skipped_tie += 1
+        else:
+            files["preference"].write(json.dumps({
+                "prompt": prompt, "chosen": _assistant(prompt, completions[best]),
+                "rejected": _assistant(prompt, completions[worst]), "chosen_score": float(scores[best]),
+                "rejected_score": float(scores[worst]), "margin": float(scores[best] - scores[worst])},
+                ensure_ascii=False) + "\n")
+            stats.pairs += 1

@@ -1,0 +1,95 @@
+"""Per-sequence reductions of per-token log-probs: sums, lengths and means over masked tokens, per pair.
+
+Preference losses (:mod:`jaxpost.losses.dpo`) read per-sequence log-probs
+``pi = sum_t log p(y_t) m_t`` and lengths ``|y| = sum_t m_t``, where
+``m = loss_mask`` marks the response tokens. These functions compute them
+from ``[B, L]`` token log-probs in the three layouts jaxpost uses: one
+sequence per row (:func:`sequence_logps`), the average per token
+(:func:`average_logps`, :func:`mean_sequence_logps`), and packed rows holding
+several pairs (:func:`pair_sums`, :func:`packed_sequence_logps`; layout in
+:mod:`jaxpost.data.pair_packing`). All return float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxpost.losses.checks import check_same_shape, f32
+
+
+def sequence_logps(token_logps, loss_mask):
+    """Summed log-prob and length of each sequence: ``(sum_t logp_t m_t, sum_t m_t)`` over the last axis.
+
+    Args:
+      token_logps: ``[..., L]`` log p(target) per position (e.g.
+        :func:`jaxpost.models.token_logprobs`).
+      loss_mask: ``[..., L]`` float {0,1}, 1 on the response tokens.
+
+    Returns ``(logps [...], lengths [...])``, the inputs of the preference
+    losses (``chosen_logps``, ``chosen_lengths``...).
+    """
+    check_same_shape(("token_logps", "loss_mask"), (token_logps, loss_mask), "[..., L]")
+    mask = f32(loss_mask)
+    return jnp.sum(token_logps * mask, axis=-1), jnp.sum(mask, axis=-1)
+
+
+def average_logps(logps, lengths):
+    """Length-averaged log-prob ``logps / max(lengths, 1)`` (SimPO, IPO, RPO); zero-length stays finite."""
+    return f32(logps) / jnp.maximum(f32(lengths), 1.0)
+
+
+def mean_sequence_logps(token_logps, loss_mask):
+    """Mean log-prob per response token of each sequence: ``sum_t logp_t m_t / max(sum_t m_t, 1)``."""
+    return average_logps(*sequence_logps(token_logps, loss_mask))
+
+
+def _slot_index(pair_ids, pair_sides, num_pairs: int):
+    """``2 (pair - 1) + (side - 1)`` in ``[0, 2K)`` per token; padding goes to the spare bucket ``2K``."""
+    return jnp.where(pair_ids > 0, 2 * (pair_ids - 1) + pair_sides - 1, 2 * num_pairs).astype(jnp.int32)
+
+
+def _split_sides(per_slot, num_pairs: int):
+    # [B, 2K + 1] -> chosen [B, K], rejected [B, K]; the spare padding bucket is dropped.
+    pairs = per_slot[:, :2 * num_pairs].reshape(per_slot.shape[0], num_pairs, 2)
+    return pairs[..., 0], pairs[..., 1]
+
+
+def pair_sums(values, pair_ids, pair_sides, num_pairs: int):
+    """Sums of ``values`` ``[B, L]`` per pair and side of packed rows: ``(chosen [B, K], rejected [B, K])``.
+
+    ``chosen[b, k-1] = sum_t values[b, t] [pair_ids[b, t] = k, pair_sides[b, t] = 1]``
+    (rejected: side 2). Empty slots sum to 0. A segment sum (scatter-add) per
+    row, so memory is ``O(B (L + K))``, never ``[B, L, K]``.
+    """
+    idx = _slot_index(pair_ids, pair_sides, num_pairs)
+    seg = jax.vmap(lambda v, i: jax.ops.segment_sum(v, i, num_segments=2 * num_pairs + 1))
+    return _split_sides(seg(values, idx), num_pairs)
+
+
+def pair_last_index(pair_ids, pair_sides, num_pairs: int):
+    """Position of each packed sequence's last token: ``(chosen [B, K], rejected [B, K])`` int32.
+
+    ``max{t : pair_ids[b, t] = k, pair_sides[b, t] = side}``; 0 for an empty
+    slot (in bounds; callers mask those pairs with ``pair_mask``).
+    """
+    idx = _slot_index(pair_ids, pair_sides, num_pairs)
+    pos = jnp.broadcast_to(jnp.arange(pair_ids.shape[1], dtype=jnp.int32), pair_ids.shape)
+    seg = jax.vmap(lambda p, i: jax.ops.segment_max(p, i, num_segments=2 * num_pairs + 1))
+    last = jnp.maximum(seg(pos, idx), 0)  # segment_max of an empty segment is the dtype's minimum
+    return _split_sides(last, num_pairs)
+
+
+def packed_sequence_logps(token_logps, loss_mask, pair_ids, pair_sides, num_pairs: int):
+    """:func:`sequence_logps` for packed rows: ``(pi_c, pi_r, len_c, len_r)``, each ``[B, K]``.
+
+    ``pi_side[b, k-1] = sum_t logp[b, t] m[b, t]`` over the tokens of pair
+    slot ``k`` on that side (``pair_ids``, ``pair_sides`` ``[B, L]``),
+    ``len_side`` the same sum of ``m``; empty slots give 0.
+    """
+    check_same_shape(("token_logps", "loss_mask", "pair_ids", "pair_sides"),
+                     (token_logps, loss_mask, pair_ids, pair_sides), "[B, L]")
+    mask = f32(loss_mask)
+    pc, pr = pair_sums(token_logps * mask, pair_ids, pair_sides, num_pairs)
+    lc, lr = pair_sums(mask, pair_ids, pair_sides, num_pairs)
+    return pc, pr, lc, lr
