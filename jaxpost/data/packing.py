@@ -23,7 +23,6 @@ from typing import Mapping
 import grain
 import numpy as np
 
-LM_KEYS = ("tokens", "positions", "segment_ids", "targets", "loss_mask")
 _PACKED = ("tokens", "targets", "loss_mask")
 
 
