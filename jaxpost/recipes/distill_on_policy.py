@@ -23,13 +23,11 @@ from jaxpost.data.tokenizer import stop_token_ids
 from jaxpost.errors import UserError
 from jaxpost.generate.rollout import batch_prompts, rollout_sequences
 from jaxpost.generate.sampler import Sampler, SamplingConfig
-from jaxpost.models.export import export
 from jaxpost.sharding import Partitioner
 from jaxpost.train import make_eval_step
 from jaxpost.train.batches import MeshBatches, on_mesh
-from jaxpost.train.fit import LoopConfig, make_evaluator
+from jaxpost.train.fit import LoopConfig, finish_run, make_evaluator
 from jaxpost.train.online import OnlineConfig, OnlineTrainer, check_single_process, rollout_rng
-from jaxpost.train.run_dir import write_operative_config, write_summary
 
 
 def distill_on_policy(run: Path, part: Partitioner, tok: Any, student: tuple, teacher: tuple, rows: Any,
@@ -39,7 +37,7 @@ def distill_on_policy(run: Path, part: Partitioner, tok: Any, student: tuple, te
     """GKD: per step, with probability ``lmbda`` the responses are the student's samples; the teacher scores all.
 
     ``student`` and ``teacher`` are ``(config, graphdef, params)``; ``card``
-    holds :func:`jaxpost.models.export.export`'s model-card arguments (``method``, ``init_from``,
+    holds :func:`jaxpost.train.fit.finish_run`'s model-card arguments (``method``, ``init_from``,
     ``data``). Returns the summary, also written to ``run/summary.json``.
     """
     check_single_process("on-policy distillation")
@@ -102,7 +100,4 @@ def distill_on_policy(run: Path, part: Partitioner, tok: Any, student: tuple, te
                                                  shuffle=False), part), loop.eval_batches, frozen=frozen)
         with part.activate():
             summary.update({f"eval/{k}": v for k, v in evaluate(trainer.state).items()})
-    write_operative_config(run, config)
-    export(run, config, trainer.state.params, tok, summary=summary, **card)
-    write_summary(run, summary)
-    return summary
+    return finish_run(run, config, trainer.state, tok, summary, **card)

@@ -25,16 +25,17 @@ from jaxpost.algorithms import LM_KEYS
 from jaxpost.algorithms.online import make_grpo_loss
 from jaxpost.config import build, build_if_bound
 from jaxpost.data import check_run_inputs, make_prompt_pipeline
+from jaxpost.errors import UserError
 from jaxpost.generate.rollout import Roller, RolloutConfig
 from jaxpost.generate.scorers import make_scorer
 from jaxpost.losses.grpo import group_advantages, rloo_advantages
 from jaxpost.models.config import ModelConfig
-from jaxpost.models.export import export
 from jaxpost.models.load import load_model
 from jaxpost.sharding import Partitioner
 from jaxpost.train.online import (OnlineConfig, OnlineTrainer, check_single_process, minibatch_orders, reference_policy,
                                   rollout_rng)
-from jaxpost.train.run_dir import prepare_run_dir, write_operative_config, write_summary
+from jaxpost.train.fit import finish_run
+from jaxpost.train.run_dir import prepare_run_dir
 
 ADVANTAGES = ("grpo", "dr_grpo", "rloo")
 
@@ -67,9 +68,9 @@ def grpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer:
     model = build_if_bound(ModelConfig, model)
     check_single_process("GRPO")
     if advantage not in ADVANTAGES:
-        raise ValueError(f"Unknown advantage estimator {advantage!r}; choose one of {ADVANTAGES}")
+        raise UserError(f"grpo.advantage={advantage!r} is unknown; choose one of {ADVANTAGES}")
     if rollout.group_size < 2:
-        raise ValueError(f"{advantage} needs RolloutConfig.group_size >= 2, got {rollout.group_size}")
+        raise UserError(f"grpo.advantage={advantage!r} needs RolloutConfig.group_size >= 2, got {rollout.group_size}")
     tok, rows = check_run_inputs("grpo", train_data=train_data, kind="prompt", tokenizer=tokenizer,
                                  init_from=init_from, model=model)
     run = prepare_run_dir(run_dir)
@@ -108,9 +109,6 @@ def grpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer:
                 trainer.save(i + 1, prompts, extras)
     finally:
         trainer.close()
-    write_operative_config(run, config)
     summary = {"rollout": extras["rollout"], "step": int(trainer.state.step), **record}
-    export(run, config, trainer.state.params, tok, method="grpo", init_from=init_from, data={"prompts": train_data},
-           summary=summary)
-    write_summary(run, summary)
-    return summary
+    return finish_run(run, config, trainer.state, tok, summary, method="grpo", init_from=init_from,
+                      data={"prompts": train_data})

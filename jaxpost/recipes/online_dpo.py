@@ -23,14 +23,14 @@ from jaxpost.data import check_run_inputs, make_prompt_pipeline
 from jaxpost.generate.rollout import Roller, RolloutConfig, best_worst_pairs, pair_batch
 from jaxpost.generate.scorers import make_scorer
 from jaxpost.models.config import ModelConfig
-from jaxpost.models.export import export
 from jaxpost.models.load import load_model
 from jaxpost.models.lora import has_adapters
 from jaxpost.sharding import Partitioner
 from jaxpost.train.batches import on_mesh
 from jaxpost.train.online import (OnlineConfig, OnlineTrainer, check_single_process, minibatch_orders, reference_policy,
                                   rollout_rng)
-from jaxpost.train.run_dir import prepare_run_dir, write_operative_config, write_summary
+from jaxpost.train.fit import finish_run
+from jaxpost.train.run_dir import prepare_run_dir
 
 
 @gin.configurable
@@ -100,9 +100,6 @@ def online_dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, toke
                 trainer.save(i + 1, prompts, extras)
     finally:
         trainer.close()
-    write_operative_config(run, config)
     summary = {"rollout": extras["rollout"], "step": int(trainer.state.step), **record}
-    export(run, config, trainer.state.params, tok, method="online_dpo", init_from=init_from,
-           data={"prompts": train_data}, summary=summary)
-    write_summary(run, summary)
-    return summary
+    return finish_run(run, config, trainer.state, tok, summary, method="online_dpo", init_from=init_from,
+                      data={"prompts": train_data})

@@ -292,7 +292,9 @@ def fit(*, run_dir: epath.Path, loss_fn: Callable, params: dict, param_shardings
 def finish_run(run_dir: str | os.PathLike, config: ModelConfig, state: Any, tokenizer: Any, summary: dict,
                evaluate: Callable | None = None, *, method: str | None = None, init_from: str | None = None,
                data: Mapping[str, Any] | None = None) -> dict:
-    """End of an offline run: final held-out evaluation, operative config, HF export, ``summary.json``.
+    """End of a run (offline or online): final held-out evaluation, operative config, HF export, ``summary.json``.
+
+    Also releases the run directory's lock.
 
     ``method``, ``init_from`` and ``data`` (named data paths, e.g. ``{"train":
     train_data, "eval": eval_data}``) go to the exported model card with the
