@@ -3,8 +3,9 @@
     jaxpost train --gin_file=configs/experiments/demo/sft.gin --gin.LoopConfig.num_steps=50
     jaxpost generate --model runs/demo/sft/final --prompts prompts.jsonl --out samples.jsonl --n 4
     jaxpost synthesize --model runs/demo/sft/final --prompts prompts.jsonl --out data/ --n 8 --mode all --reward exact_match
-    jaxpost demo [--out runs/demo] [--quick] [--resume]
+    jaxpost demo [--out runs/demo] [--quick] [--resume] [--feedback]
     jaxpost plot runs/demo/sft [runs/demo/dpo ...] [--out curves.png]
+    jaxpost plan --gin_file=configs/runs/sft.gin --gin_file=configs/models/llama3_2_1b.gin --devices 8 --device_kind h100
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import re
 import sys
 import traceback
-from typing import Sequence
+from typing import Any, Sequence
 
 import gin
 
@@ -225,11 +226,17 @@ def _demo(argv: Sequence[str]) -> int:
     p.add_argument("--out", default="runs/demo", help="run directory")
     p.add_argument("--quick", action="store_true", help="a reduced size (used by the tests)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
+    p.add_argument("--feedback", action="store_true",
+                   help="after a demo in --out: simulated users rate its SFT policy, continual rounds learn from it")
     args = p.parse_args(argv)
     from jaxpost.compile_cache import compilation_cache
     from jaxpost.demo import run_demo
 
     compilation_cache()  # a second demo, or one resumed with --resume, compiles nothing it compiled before
+    if args.feedback:
+        from jaxpost.demo.feedback import run_feedback_demo
+        run_feedback_demo(args.out, **({"batches": 2, "per_batch": 64} if args.quick else {}))
+        return 0
     try:
         run_demo(args.out, quick=args.quick, resume=args.resume)
     except FileExistsError as e:
@@ -250,7 +257,12 @@ def _plot(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "generate": _generate, "synthesize": _synthesize, "demo": _demo, "plot": _plot}
+def _plan(argv: Sequence[str]) -> int:
+    from jaxpost.plan import main as plan_main
+    return plan_main(argv)
+
+
+COMMANDS = {"train": _train, "generate": _generate, "synthesize": _synthesize, "demo": _demo, "plot": _plot, "plan": _plan}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -42,3 +42,19 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}
+
+
+def tiny_model_dir(path: Path) -> Path:
+    """A user's model directory: config.json + safetensors + a tokenizer with a chat template."""
+    from jaxpost import models
+    from jaxpost.data import build_tokenizer
+    from jaxpost.models.config import ModelConfig
+    from jaxpost.models.hf import save_hf
+
+    config = ModelConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                         num_kv_heads=1)
+    _, params = models.create(config, seed=0)
+    tok = build_tokenizer(None, vocab_size=261)
+    save_hf(path, config, params, extra_config={"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id})
+    tok.save_pretrained(path)
+    return path

@@ -1,4 +1,4 @@
-"""grain pipelines: packing invariants, determinism, exact resume, host shards, counting."""
+"""grain pipelines: packing invariants, determinism, exact resume, the global batch on the mesh, counting."""
 
 import json
 
@@ -59,11 +59,10 @@ def test_packing_segments_positions_and_targets(tok):
 
 def test_lm_pipeline_shapes_packed_and_unpacked(tok):
     rows = _sft_rows(12)
-    packed = next(pipeline.make_lm_pipeline(rows, tok, 64, 3, seed=0, shard_index=0, shard_count=1))
+    packed = next(pipeline.make_lm_pipeline(rows, tok, 64, 3, seed=0))
     _check_lm_batch(packed, 3, 64)
     assert packed["segment_ids"].max() > 1                        # several examples per row
-    plain = next(pipeline.make_lm_pipeline(rows, tok, 64, 3, seed=0, packing=False, shard_index=0,
-                                           shard_count=1))
+    plain = next(pipeline.make_lm_pipeline(rows, tok, 64, 3, seed=0, packing=False))
     _check_lm_batch(plain, 3, 64)
     assert plain["segment_ids"].max() == 1
     for b in (packed, plain):
@@ -78,7 +77,7 @@ def test_lm_pipeline_shapes_packed_and_unpacked(tok):
 
 def test_same_seed_same_batches_other_seed_differs(tok):
     rows = _sft_rows(30)
-    make = lambda seed: pipeline.make_lm_pipeline(rows, tok, 48, 2, seed=seed, shard_index=0, shard_count=1)
+    make = lambda seed: pipeline.make_lm_pipeline(rows, tok, 48, 2, seed=seed)
     a, b, c = make(1), make(1), make(2)
     batches_a = [next(a) for _ in range(5)]
     batches_b = [next(b) for _ in range(5)]
@@ -94,8 +93,7 @@ def test_resume_from_state_gives_identical_batches_and_counts(tok, packing_on):
     rows = _sft_rows(25) + [{"prompt": "q", "completion": ""}] * 3 + [{"prompt": "q", "completion": " blue" * 40}]
 
     def make():
-        return pipeline.make_lm_pipeline(rows, tok, 32, 2, seed=7, packing=packing_on, shard_index=0,
-                                         shard_count=1, read_options=SYNC)
+        return pipeline.make_lm_pipeline(rows, tok, 32, 2, seed=7, packing=packing_on, read_options=SYNC)
 
     it = make()
     for _ in range(4):
@@ -117,29 +115,70 @@ def test_orbax_style_checkpoint_through_grain_handler(tok, tmp_path):
     # grain's own checkpoint handler accepts the iterator (it is a DatasetIterator).
     from etils import epath
     handler = grain.checkpoint.CheckpointHandler()
-    it = pipeline.make_lm_pipeline(_sft_rows(10), tok, 32, 2, seed=0, shard_index=0, shard_count=1)
+    it = pipeline.make_lm_pipeline(_sft_rows(10), tok, 32, 2, seed=0)
     next(it)
     handler.save(epath.Path(tmp_path), item=it)
     want = next(it)
-    again = pipeline.make_lm_pipeline(_sft_rows(10), tok, 32, 2, seed=0, shard_index=0, shard_count=1)
+    again = pipeline.make_lm_pipeline(_sft_rows(10), tok, 32, 2, seed=0)
     handler.restore(epath.Path(tmp_path), item=again)
     got = next(again)
     for k in want:
         np.testing.assert_array_equal(got[k], want[k])
 
 
-def test_host_shards_are_disjoint_and_cover(tok):
+def test_every_host_reads_all_rows_into_the_global_batch(tok, monkeypatch):
+    # No shard arguments: the order is a function of the rows, seed and options alone.
+    pref = [{"prompt": f"is the sky blue {i}?", "chosen": " yes", "rejected": " no"} for i in range(6)]
+    for make, rows in ((pipeline.make_lm_pipeline, _sft_rows(6)), (pipeline.make_preference_pipeline, pref),
+                       (pipeline.make_prompt_pipeline, pref)):
+        with pytest.raises(TypeError, match="shard_index"):
+            make(rows, tok, 16, 2, shard_index=0, shard_count=1)
     rows = [{"prompt": f"question {i}", "id": i} for i in range(23)]
-    ids = []
-    for host in range(3):
-        it = pipeline.make_prompt_pipeline(rows, tok, 16, 4, seed=5, shard_index=host, shard_count=3,
-                                           num_epochs=1)
-        ids.append([r["id"] for b in it for r in b["row"] if r is not None])
-    assert sum(len(x) for x in ids) == 23
-    assert sorted(sum(ids, [])) == list(range(23))
-    assert [sorted(x) for x in ids] == [list(range(h, 23, 3)) for h in range(3)]
-    with pytest.raises(ValueError, match="shard_index=3"):
-        pipeline.make_prompt_pipeline(rows, tok, 16, 4, shard_index=3, shard_count=3)
+    batches = list(pipeline.make_prompt_pipeline(rows, tok, 16, 4, seed=5, num_epochs=1))
+    assert [b["prompt_tokens"].shape[0] for b in batches] == [4] * 6   # batch_size rows: the global batch
+    ids = [r["id"] for b in batches for r in b["row"] if r is not None]
+    assert sorted(ids) == list(range(23)) and ids != list(range(23))  # every row once, shuffled
+
+    def packed_sft():
+        it = pipeline.make_lm_pipeline(_sft_rows(40), tok, 32, 4, seed=3, read_options=SYNC)
+        return [next(it) for _ in range(6)], it.get_state()
+
+    want, want_state = packed_sft()
+    # Process 1 of 2 builds the same batches (and the same iterator state) as a single process.
+    monkeypatch.setattr("jax.process_count", lambda: 2)
+    monkeypatch.setattr("jax.process_index", lambda: 1)
+    got, got_state = packed_sft()
+    assert got_state == want_state
+    for a, b in zip(want, got):
+        _check_lm_batch(b, 4, 32)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+@pytest.mark.parametrize("rules,mesh_kw", [("data_parallel", dict(data=8, fsdp=1)), ("fsdp", dict(fsdp=8)),
+                                           ("fsdp", dict(data=2, fsdp=4)), ("fsdp_tp", dict(data=2, fsdp=2, tensor=2)),
+                                           ("fsdp", dict(fsdp=8, reverse=True))])
+def test_on_mesh_puts_the_global_batch_on_the_mesh(tok, rules, mesh_kw):
+    import jax
+    from jaxpost.sharding import Partitioner, make_mesh
+    from jaxpost.train.batches import MeshBatches, on_mesh
+
+    devices = jax.devices()[::-1] if mesh_kw.pop("reverse", False) else None  # rows on devices in any order
+    part = Partitioner(make_mesh(**mesh_kw, devices=devices), rules)
+    it = pipeline.make_lm_pipeline(_sft_rows(30), tok, 32, 8, seed=1, read_options=SYNC)
+    batch = next(it)
+    batch["raw"] = ["not an array"] * 8
+    out = on_mesh(batch, part)
+    assert set(out) == set(batch) - {"raw"}
+    for k, v in out.items():
+        assert v.shape == batch[k].shape and v.dtype == batch[k].dtype and v.sharding == part.batch_sharding(2)
+        np.testing.assert_array_equal(np.asarray(v), batch[k])
+        for shard in v.addressable_shards:  # each device holds its own rows of the global batch
+            np.testing.assert_array_equal(np.asarray(shard.data), batch[k][shard.index])
+    again = pipeline.make_lm_pipeline(_sft_rows(30), tok, 32, 8, seed=1, read_options=SYNC)
+    mesh_batches = MeshBatches(again, part)
+    np.testing.assert_array_equal(np.asarray(next(mesh_batches)["tokens"]), batch["tokens"])
+    assert mesh_batches.get_state() == it.get_state()
 
 
 def test_empty_and_overlong_examples_are_counted_not_silently_dropped(tok):
@@ -147,22 +186,19 @@ def test_empty_and_overlong_examples_are_counted_not_silently_dropped(tok):
     empty = [{"prompt": "q", "completion": ""}] * 2
     long = [{"prompt": "q", "completion": " blue" * 60}] * 3
     rows = good + empty + long
-    it = pipeline.make_lm_pipeline(rows, tok, 24, 1, packing=False, num_epochs=1, shard_index=0,
-                                   shard_count=1)
+    it = pipeline.make_lm_pipeline(rows, tok, 24, 1, packing=False, num_epochs=1)
     n_rows = len(list(it))
     assert it.stats.as_metrics() == {"data/examples": 10, "data/dropped_empty": 2, "data/truncated": 3,
                                      "data/dropped_too_long": 0, "data/dropped_truncated_empty": 0,
                                      "data/prompt_truncated": 0}
     assert n_rows == 8
-    it = pipeline.make_lm_pipeline(rows, tok, 24, 1, packing=False, num_epochs=1, overlong="drop",
-                                   shard_index=0, shard_count=1)
+    it = pipeline.make_lm_pipeline(rows, tok, 24, 1, packing=False, num_epochs=1, overlong="drop")
     assert len(list(it)) == 5
     assert it.stats.counts()["dropped_too_long"] == 3 and it.stats.counts()["dropped_empty"] == 2
 
 
 def test_final_partial_batch_is_padded_to_fixed_shape(tok):
-    it = pipeline.make_lm_pipeline(_sft_rows(5), tok, 32, 4, packing=False, num_epochs=1,
-                                   shard_index=0, shard_count=1)
+    it = pipeline.make_lm_pipeline(_sft_rows(5), tok, 32, 4, packing=False, num_epochs=1)
     batches = list(it)
     assert [b["tokens"].shape for b in batches] == [(4, 32), (4, 32)]
     last = batches[-1]
@@ -172,7 +208,7 @@ def test_final_partial_batch_is_padded_to_fixed_shape(tok):
 def test_preference_pipeline_shapes_and_shared_prompt(tok):
     rows = [{"prompt": f"is the sky blue {i}?", "chosen": " yes blue", "rejected": " no", "margin": 0.5}
             for i in range(6)]
-    b = next(pipeline.make_preference_pipeline(rows, tok, 24, 3, seed=0, shard_index=0, shard_count=1))
+    b = next(pipeline.make_preference_pipeline(rows, tok, 24, 3, seed=0))
     for side in ("chosen", "rejected"):
         for k, dt in (("tokens", "int32"), ("positions", "int32"), ("segment_ids", "int32"),
                       ("targets", "int32"), ("loss_mask", "float32")):
@@ -187,15 +223,15 @@ def test_preference_pipeline_shapes_and_shared_prompt(tok):
         assert tok.decode(b["chosen_targets"][r][b["chosen_loss_mask"][r] > 0]) == " yes blue<|eos|>"
         assert tok.decode(b["rejected_targets"][r][b["rejected_loss_mask"][r] > 0]) == " no<|eos|>"
     implicit = [{"chosen": "Sky is blue", "rejected": "Sky is green"}] * 2
-    b = next(pipeline.make_preference_pipeline(implicit, tok, 16, 2, shard_index=0, shard_count=1))
+    b = next(pipeline.make_preference_pipeline(implicit, tok, 16, 2))
     assert tok.decode(b["chosen_targets"][0][b["chosen_loss_mask"][0] > 0]) == " blue<|eos|>"
     with pytest.raises(ValueError, match="Preference pipeline takes formats"):
-        pipeline.make_preference_pipeline(_sft_rows(2), tok, 16, 2, shard_index=0, shard_count=1)
+        pipeline.make_preference_pipeline(_sft_rows(2), tok, 16, 2)
 
 
 def test_prompt_pipeline_left_pads_and_keeps_raw_fields(tok):
     rows = [{"prompt": [{"role": "user", "content": "sky?"}], "answer": "blue"}] * 3
-    b = next(pipeline.make_prompt_pipeline(rows, tok, 24, 2, shard_index=0, shard_count=1))
+    b = next(pipeline.make_prompt_pipeline(rows, tok, 24, 2))
     assert b["prompt_tokens"].shape == (2, 24) and b["prompt_mask"].shape == (2, 24)
     n = int(b["prompt_mask"][0].sum())
     assert b["prompt_mask"][0].tolist() == [0] * (24 - n) + [1] * n
@@ -209,8 +245,7 @@ def test_bad_row_in_pipeline_names_row(tok):
     rows = rows + [{"messages": [{"role": "user"}]}]
     # Rows are validated when the pipeline is built, before any batch (or model) exists; 1-based.
     with pytest.raises(UserError, match=r"row 4: messages\[0\] is missing required field 'content'"):
-        pipeline.make_lm_pipeline(rows, tok, 32, 4, shuffle=False, num_epochs=1, shard_index=0,
-                                  shard_count=1, read_options=SYNC)
+        pipeline.make_lm_pipeline(rows, tok, 32, 4, shuffle=False, num_epochs=1, read_options=SYNC)
 
 
 def test_bad_row_from_file_names_file_and_row(tok, tmp_path):

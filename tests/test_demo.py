@@ -36,6 +36,19 @@ def test_demo_quick_every_stage_improves(tmp_path):
     assert "| ppo |" in report and "| grpo |" in report and "| distill |" in report
     assert [row["stage"] for row in table] == ["init"] + [s.name for s in STAGES]
 
+    # The feedback stage on that demo: simulated users rate the SFT policy, one continual round per batch.
+    proc = subprocess.run([sys.executable, "-m", "jaxpost", "demo", "--feedback", "--quick", "--out",
+                           str(tmp_path / "demo")], env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    rounds = json.loads((tmp_path / "demo" / "feedback" / "results.json").read_text())
+    assert [r["round"] for r in rounds] == [0, 1, 2] and all(0 <= r["reward"] <= 1 for r in rounds)
+    state = json.loads((tmp_path / "demo" / "feedback" / "live" / "state.json").read_text())
+    trained = [f["name"] for r in state["rounds"] for f in r["files"]]
+    assert trained == ["batch-001.jsonl", "batch-002.jsonl"]  # each batch of feedback trained one round, once
+    for r in state["rounds"]:
+        snapshot = tmp_path / "demo" / "feedback" / "live" / "snapshots" / f"{r['round']:04d}"
+        assert snapshot.exists() == r["accepted"]
+
 
 def test_demo_refuses_an_out_dir_holding_an_earlier_run(tmp_path, capsys):
     from jaxpost.cli import main

@@ -24,6 +24,7 @@ from pathlib import Path
 import portpicker
 import pytest
 
+from pipeline_utils import tiny_model_dir
 from xla_test_flags import TEST_XLA_FLAGS
 
 pytestmark = pytest.mark.slow
@@ -50,6 +51,10 @@ RUN = {
     r"^jaxpost train --gin_file=configs/runs/dpo\.gin --gin\.dpo\.init_from=runs/sft/final": (STEPS,
                                                                                           "runs/dpo/final"),
     r"^jaxpost train --gin_file=configs/runs/grpo\.gin": (GRPO_STEPS, "runs/grpo/final"),
+    r"^jaxpost train --gin_file=configs/runs/kto\.gin --gin\.kto\.init_from=runs/sft/final": (STEPS,
+                                                                                          "runs/kto/final"),
+    r"^jaxpost train --gin_file=configs/runs/continual\.gin": ("--gin.continual.wait=False --gin.continual.min_records=8",
+                                                               "runs/live/snapshots/0001/feedback.json"),
     r"^jaxpost train --gin_file=configs/runs/sft\.gin --list_keys$": ("", None),
     r"^jaxpost train --gin_file=configs/experiments/demo/sft\.gin --gin\.LoopConfig\.num_steps=50 "
     r"--gin\.sft\.run_dir=runs/my_sft$": ("", "runs/my_sft/final"),
@@ -57,7 +62,9 @@ RUN = {
     r"^jaxpost plot runs/my_sft$": ("", "runs/my_sft/curves.png"),
     r"^python - <<'EOF'\nfrom jaxpost\.demo\.task import write_task_data": ("", "runs/local_data/tokenizer"),
     r"^PORT=12355 launch/local\.sh 2 jaxpost train": ("", "runs/local_sft/final"),
+    r"^PORT=12356 launch/local\.sh 2 jaxpost train": ("--gin.OnlineConfig.num_rollouts=2", "runs/local_grpo/final"),
     r"^python -c \"from jaxpost import config; config\.parse\(\['configs/mesh/fsdp\.gin'\]\)": ("", None),
+    r"^jaxpost plan --gin_file=configs/runs/sft\.gin ": ("", None),
 }
 # A command's own numbers that stand for a long run: bound down, nothing else changed.
 SHORTEN = {"--gin.LoopConfig.num_steps=50": "--gin.LoopConfig.num_steps=4"}
@@ -101,21 +108,6 @@ def test_every_documented_command_is_run_or_covered_elsewhere():
     assert set(RUN) <= set(documented), set(RUN) - set(documented)  # no stale entries
 
 
-def _tiny_hf_model(path: Path) -> None:
-    """A user's model directory: config.json + safetensors + a tokenizer with a chat template."""
-    from jaxpost import models
-    from jaxpost.data import build_tokenizer
-    from jaxpost.models.config import ModelConfig
-    from jaxpost.models.hf import save_hf
-
-    config = ModelConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
-                         num_kv_heads=1)
-    _, params = models.create(config, seed=0)
-    tok = build_tokenizer(None, vocab_size=261)
-    save_hf(path, config, params, extra_config={"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id})
-    tok.save_pretrained(path)
-
-
 def _user_inputs(cwd: Path) -> None:
     """What the commands read that a user brings: their model, their data, their reward module, the demo data."""
     from jaxpost.data import build_tokenizer
@@ -123,7 +115,7 @@ def _user_inputs(cwd: Path) -> None:
 
     (cwd / "configs").symlink_to(REPO / "configs")  # a checkout: the relative configs/ and launch/ paths
     (cwd / "launch").symlink_to(REPO / "launch")
-    _tiny_hf_model(cwd / "my_model")
+    tiny_model_dir(cwd / "my_model")
     demo = write_task_data(cwd / "runs/demo/data", n_sft=64, n_pref=32, n_prompts=8, n_eval=8)
     build_tokenizer(None, vocab_size=261).save_pretrained(cwd / "runs/demo/tokenizer")
     data = cwd / "data"
@@ -131,6 +123,14 @@ def _user_inputs(cwd: Path) -> None:
     (data / "chat.jsonl").write_text((demo["sft"]).read_text())
     (data / "pairs.jsonl").write_text(demo["preference"].read_text())
     (data / "prompts.jsonl").write_text(demo["prompts"].read_text())
+    pairs = [json.loads(line) for line in demo["preference"].read_text().splitlines()]
+    unpaired = [{"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
+                for p in pairs for side in ("chosen", "rejected")]
+    (data / "feedback.jsonl").write_text("".join(json.dumps(r) + "\n" for r in unpaired))
+    logs = [{**r, "model_version": "sft"} for r in unpaired]
+    (data / "heldout_feedback.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logs[:8]))
+    (cwd / "feedback").mkdir()
+    (cwd / "feedback" / "001.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logs[8:24]))
     reward = re.search(r"```python\n(# my_rewards\.py.*?)```", DOCS[0].read_text(), re.S).group(1)
     (cwd / "my_rewards.py").write_text(reward)
 
@@ -148,7 +148,7 @@ def _run_docs(doc: Path, cwd: Path) -> list[tuple[str, str]]:
         for long, short in SHORTEN.items():
             typed = typed.replace(long, short)
         if typed.startswith("PORT="):  # the port must be free on this machine; the doc says so
-            typed = typed.replace("PORT=12355", f"PORT={portpicker.pick_unused_port()}", 1)
+            typed = re.sub(r"^PORT=\d+", f"PORT={portpicker.pick_unused_port()}", typed)
         proc = subprocess.run(["bash", "-c", f"{typed} {extra}" if extra else typed], cwd=cwd, env=env, capture_output=True,
                               text=True, timeout=600)
         assert proc.returncode == 0, f"{typed} {extra}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -161,8 +161,10 @@ def _run_docs(doc: Path, cwd: Path) -> list[tuple[str, str]]:
 def test_readme_commands_run_as_typed(tmp_path):
     _user_inputs(tmp_path)
     outputs = dict(_run_docs(DOCS[0], tmp_path))
-    assert len(outputs) == 7
+    assert len(outputs) == 10
     keys = next(out for cmd, out in outputs.items() if "--list_keys" in cmd)
+    plan = next(out for cmd, out in outputs.items() if cmd.startswith("jaxpost plan"))
+    assert "fits in 80.00 GiB" in plan and "optimizer state" in plan
     assert "sft.train_data" in keys and "sft.run_dir" in keys
     # Each stage starts from the one before and exports a model the next one (and transformers) loads.
     for stage in ("sft", "dpo", "grpo"):
@@ -178,7 +180,9 @@ def test_launch_readme_commands_run_as_typed(tmp_path):
     (tmp_path / "configs").symlink_to(REPO / "configs")
     (tmp_path / "launch").symlink_to(REPO / "launch")
     outputs = _run_docs(DOCS[1], tmp_path)
-    assert len(outputs) == 3
+    assert len(outputs) == 4
+    grpo = [json.loads(line) for line in (tmp_path / "runs/local_grpo/metrics.jsonl").read_text().splitlines()]
+    assert [r["rollout"] for r in grpo] == [1, 2] and all(0 <= r["objective/scores"] <= 1 for r in grpo)
     steps = [json.loads(line)["step"] for line in (tmp_path / "runs/local_sft/metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 6
     assert (tmp_path / "runs/local_logs/process_1.log").exists()

@@ -14,8 +14,7 @@ from jaxpost import models
 from jaxpost.algorithms import make_dpo_loss, make_reward_loss, make_sft_loss, with_base_reference
 from jaxpost.models.config import LoraConfig, ModelConfig
 from jaxpost.models.layers import Linear
-from jaxpost.models.lora import (apply_lora, load_adapters, merge_lora, save_adapters, set_adapters, trainable_mask,
-                                 without_adapters)
+from jaxpost.models.lora import (apply_lora, load_adapters, merge_lora, save_adapters, set_adapters, without_adapters)
 from jaxpost.models.safetensors_io import SafetensorsFile
 from jaxpost.sharding import Partitioner, make_mesh
 from jaxpost.train import init_state, make_optimizer, make_train_step, stop_frozen_gradients

@@ -1,15 +1,14 @@
 """Real multi-process runs on one machine: 2 processes x 4 CPU devices, gloo collectives.
 
-How the runs are compared. Each host of an N-process run reads its own
-shard ``rows[h::N]`` and contributes ``B/N`` rows; the global batch is the
-hosts' rows in host order (``make_array_from_process_local_data``). A plain
-single-process run reads ``rows[0::1]`` and so trains on different batches.
-The reference is therefore one process x 8 devices that *reads as 2 hosts*
-(``tests/multihost_worker.py``, ``JAXPOST_TEST_READ_AS_HOSTS=2``): it builds
-the pipelines of hosts 0 and 1 and concatenates their batches, then runs the
-unchanged ``sft``/``dpo`` code. Same global batches, same 8-device mesh, so
-losses, gradient norms and the exported weights must agree to float32
-round-off (only the order of the cross-process sums differs).
+How the runs are compared. Every host reads all rows and builds the same
+global batch (shuffle, packing and batching depend on the seed alone, not on
+the number of hosts); each host puts on its devices only the rows they hold
+(``jaxpost.train.batches.on_mesh``). The reference is a plain single process
+with 8 devices running the same command; SFT and DPO run with shuffle and
+packing on. Same global batches, same 8-device mesh, so losses, gradient
+norms and the exported weights must agree to float32 round-off (only the
+order of the cross-process sums differs), and a checkpoint of the
+2-process run resumes exactly in one process.
 
 All runs start together in one module fixture (they are mostly start-up and
 compilation), each bounded by a timeout and killed on failure.
@@ -94,9 +93,9 @@ def _two_processes(name: str, args: list[str], root: Path) -> list[Job]:
             for i in range(2)]
 
 
-def _one_process_as_two_hosts(name: str, args: list[str], root: Path) -> Job:
-    return Job(name, [sys.executable, WORKER, str(root / f"{name}_{{process}}.json"), *args],
-               _env(8, JAXPOST_TEST_READ_AS_HOSTS="2"), root / f"{name}.log")
+def _one_process(name: str, args: list[str], root: Path) -> Job:
+    return Job(name, [sys.executable, WORKER, str(root / f"{name}_{{process}}.json"), *args], _env(8),
+               root / f"{name}.log")
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +113,7 @@ def runs(tmp_path_factory):
                 "--gin.dpo.loop=@LoopConfig()", f"--gin.dpo.train_data={task['preference']}",
                 f"--gin.dpo.tokenizer={task['tokenizer']}", f"--gin.dpo.run_dir={run_dir}",
                 "--gin.dpo.seq_len=64", "--gin.dpo.batch_size=8", "--gin.dpo.eval_fraction=0.1",
+                "--gin.dpo.packing=True",  # packing bins over the global batch (shuffle is on by default)
                 "--gin.LoopConfig.num_steps=2", "--gin.LoopConfig.eval_every=2", "--gin.LoopConfig.eval_batches=2"]
 
     dirs = {k: root / k for k in ("sft_launcher", "sft_reference", "dpo_2proc", "dpo_reference", "sft_resumed")}
@@ -125,12 +125,12 @@ def runs(tmp_path_factory):
     deadline = time.monotonic() + TIMEOUT_S
     try:  # on any failure or timeout every job is killed and the failing one's log shown
         jobs += [*_two_processes("dpo_2proc", dpo_args(dirs["dpo_2proc"]), root),
-                 _one_process_as_two_hosts("sft_reference", sft_args(dirs["sft_reference"], 6), root),
-                 _one_process_as_two_hosts("dpo_reference", dpo_args(dirs["dpo_reference"]), root)]
+                 _one_process("sft_reference", sft_args(dirs["sft_reference"], 6), root),
+                 _one_process("dpo_reference", dpo_args(dirs["dpo_reference"]), root)]
         _wait([launcher], deadline)
         # The 2-process run stopped after step 3 with a checkpoint; one process (8 devices) takes it to step 6.
         shutil.copytree(dirs["sft_launcher"], dirs["sft_resumed"])
-        jobs.append(_one_process_as_two_hosts("sft_resumed", sft_args(dirs["sft_resumed"], 6), root))
+        jobs.append(_one_process("sft_resumed", sft_args(dirs["sft_resumed"], 6), root))
         _wait(jobs[1:], deadline)
     finally:
         for job in jobs:
@@ -144,6 +144,14 @@ def _records(run_dir: Path) -> list[dict]:
 
 def _by_step(run_dir: Path, key: str) -> dict[int, float]:
     return {r["step"]: r[key] for r in _records(run_dir) if key in r}
+
+
+def _data_states(run_dir: Path, step: int) -> list:
+    ckpt = Checkpointer(run_dir / "checkpoints")
+    try:
+        return ckpt.data_states(step)
+    finally:
+        ckpt.close()
 
 
 def _assert_same_weights(a: Path, b: Path) -> None:
@@ -190,16 +198,18 @@ def test_two_processes_dpo_equals_one_process_with_eight_devices(runs):
 
 def test_checkpoint_of_two_processes_resumes_in_one_process_identically(runs):
     resumed, straight = runs["sft_resumed"], runs["sft_reference"]
-    # Every host's data position was saved, not only process 0's (Orbax writes JSON from process 0).
-    ckpt = Checkpointer(runs["sft_launcher"] / "checkpoints")
-    states = ckpt.data_states(3)
-    ckpt.close()
-    assert len(states) == 2 and all(set(s) == {"grain", "stats"} for s in states)
+    # One data position, the same on every host (they read the same global batches).
+    states = _data_states(runs["sft_launcher"], 3)
+    assert len(states) == 1 and set(states[0]) == {"grain", "stats"}
     a, b = _by_step(resumed, "loss"), _by_step(straight, "loss")
     assert sorted(a) == [1, 2, 3, 4, 5, 6]
     for step in (4, 5, 6):
         assert a[step] == pytest.approx(b[step], rel=2e-6), (step, a[step], b[step])
     _assert_same_weights(resumed, straight)
+    # Neither repeats nor skips data: the final positions (and example counts) are the uninterrupted run's.
+    assert _data_states(resumed, 6) == _data_states(straight, 6)
+    log = (runs["root"] / "sft_resumed.log").read_text(errors="replace")
+    assert "order differs" not in log and "written by" not in log, log  # no warning about another host count
 
 
 def test_launcher_run_writes_run_files_once_from_process_zero(runs):

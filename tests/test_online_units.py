@@ -12,7 +12,7 @@ from jaxpost.data import build_tokenizer, make_prompt_pipeline
 from jaxpost.generate.sampler import Sampler, SamplingConfig
 from jaxpost.models import ModelConfig, create, forward, scores
 from jaxpost.train.batches import on_mesh
-from jaxpost.train.online import OnlineConfig, OnlineTrainer, minibatch_orders
+from jaxpost.train.online import OnlineConfig, RolloutBatches, Stateless, fit_online, minibatch_orders
 from jaxpost.generate.rollout import Roller, RolloutConfig, best_worst_pairs, pair_batch, rollout_sequences
 from jaxpost.generate.scorers import FunctionScorer
 from jaxpost.sharding import Partitioner
@@ -185,21 +185,86 @@ def test_ppo_loss_at_old_policy_and_gradients_reach_both_models(tok, model):
         loss_fn(params, {k: v for k, v in batch.items() if k != "returns"})
 
 
-def test_non_finite_loss_stops_the_trainer(tmp_path):
+class CountingRollouts(Stateless):
+    """A fake online method: rollout ``i`` gives 16 rows ``x = i + row / 16`` (NaN from ``nan_at`` on)."""
+
+    def __init__(self, part, nan_at=None):
+        self.part, self.nan_at, self.seen = part, nan_at, []
+
+    def rollout(self, params, prompts, rng, index):
+        self.seen.append((index, float(jax.device_get(params["w"]).sum())))
+        x = np.full((16, 8), index, np.float32) + np.arange(16, dtype=np.float32)[:, None] / 16
+        if self.nan_at is not None and index >= self.nan_at:
+            x[:] = np.nan
+        return on_mesh({"x": x}, self.part), {"objective/scores": float(index)}
+
+
+class Counter:
+    """A checkpointable prompt iterator yielding its position."""
+
+    def __init__(self):
+        self.i = 0
+
+    def __next__(self):
+        self.i += 1
+        return {"i": self.i - 1}
+
+    def get_state(self):
+        return {"i": self.i}
+
+    def set_state(self, state):
+        self.i = state["i"]
+
+
+def _linear_loss(p, batch, frozen=None):
+    return jnp.mean(p["w"] * batch["x"]), {}
+
+
+def test_rollout_batches_minibatches_state_and_boundaries():
+    part = Partitioner()
+    method = CountingRollouts(part)
+    batches = RolloutBatches(method, Counter(), part, rows=16, minibatch_size=8, epochs=2, seed=5)
+    assert batches.updates_per_rollout == 4
+
+    class State:
+        params = {"w": jnp.ones((8,))}
+
+    got = [np.asarray(batches.next_for(State)["x"])[:, 0] for _ in range(4)]
+    orders = minibatch_orders(16, 8, 2, 5, 0)
+    for g, idx in zip(got, orders):
+        np.testing.assert_allclose(g, idx / 16)  # rollout 0's rows, in the (seed, rollout) order
+    assert batches.get_state() == {"prompts": {"i": 1}, "rollout": 1, "method": {}}
+    batches.next_for(State)
+    with pytest.raises(RuntimeError, match="rollout boundaries"):
+        batches.get_state()
+    assert batches.metrics()["rollout"] == 2 and batches.metrics()["objective/scores"] == 1.0
+    batches.set_state({"prompts": {"i": 1}, "rollout": 1, "method": {}})
+    np.testing.assert_allclose(np.asarray(batches.next_for(State)["x"])[:, 0], 1 + minibatch_orders(16, 8, 2, 5, 1)[0] / 16)
+    with pytest.raises(ValueError, match="must divide"):
+        RolloutBatches(method, Counter(), part, rows=16, minibatch_size=3)
+    with pytest.raises(ValueError, match="batch shards"):
+        RolloutBatches(method, Counter(), part, rows=16, minibatch_size=4)
+
+
+def test_online_run_guards_nan_saves_at_rollouts_and_resumes(tmp_path):
     part = Partitioner()
     params = {"w": jnp.ones((8,))}
-
-    def loss_fn(p, batch, frozen=None):
-        return jnp.sum(p["w"] * batch["x"]), {}
-
     shardings = {"w": part.replicated}
-    trainer = OnlineTrainer(tmp_path, loss_fn, params, shardings, part, OnlineConfig(num_rollouts=2), total_updates=2)
-    try:
-        good = on_mesh({"x": np.ones((8, 8), np.float32)}, part)
-        trainer.update(good, minibatch_orders(8, 8, 1, 0, 0))
-        bad = on_mesh({"x": np.full((8, 8), np.nan, np.float32)}, part)
-        with pytest.raises(NonFiniteLossError, match="step 2"):
-            trainer.update(bad, minibatch_orders(8, 8, 1, 0, 1))
-        assert trainer.step_fn._cache_size() == 1  # one compile for every minibatch
-    finally:
-        trainer.close()
+    online = OnlineConfig(num_rollouts=4, save_every=1, progress=False)
+
+    def run(method, name):
+        batches = RolloutBatches(method, Counter(), part, rows=16, minibatch_size=8, seed=0)
+        with part.activate():
+            return fit_online(run_dir=tmp_path / name, loss_fn=_linear_loss, params=params, param_shardings=shardings,
+                              partitioner=part, batches=batches, online=online, summary={})
+
+    straight = run(CountingRollouts(part), "straight")
+    with pytest.raises(NonFiniteLossError, match="step 5"):  # rollout 2's first update (2 updates per rollout)
+        run(CountingRollouts(part, nan_at=2), "resumed")
+    assert sorted(int(p.name) for p in (tmp_path / "resumed" / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+    method = CountingRollouts(part)
+    resumed = run(method, "resumed")
+    assert [i for i, _ in method.seen] == [2, 3]  # resumed at the rollout after the last checkpoint
+    np.testing.assert_array_equal(np.asarray(resumed.params["w"]), np.asarray(straight.params["w"]))
+    rows = [json.loads(line) for line in open(tmp_path / "resumed" / "metrics.jsonl")]
+    assert [(r["rollout"], r["step"]) for r in rows] == [(1, 2), (2, 4), (3, 6), (4, 8)]

@@ -1,5 +1,7 @@
 """The KV-cache sampler against a full (non-cached) forward of the same model."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -163,8 +165,9 @@ def test_bfloat16_cache_for_a_float32_model(model, greedy_run):
     tokens, mask, fp32 = greedy_run
     s = SamplingConfig(max_new_tokens=N, temperature=0.0, cache_dtype="bfloat16")
     hlo = jax.jit(lambda p: sample(graphdef, p, CONFIG, tokens, mask, jax.random.key(0), s)).lower(params).as_text()
-    head = f"{CONFIG.num_kv_heads}x{CONFIG.dim_per_head}"
-    assert f"x{head}xbf16>" in hlo and f"x{head}xf32>" in hlo  # bf16 cache; f32 keys/values computed
+    K, H = CONFIG.num_kv_heads, CONFIG.dim_per_head
+    assert re.search(rf"x{K}x\d+x{H}xbf16>", hlo)  # the cache [B, Nkv, S, Hd] in bf16
+    assert f"x{K}x{H}xf32>" in hlo  # keys/values [B, T, Nkv, Hd] computed in f32
     out = jax.device_get(sample(graphdef, params, CONFIG, tokens, mask, jax.random.key(0), s))
     same = np.asarray(out.tokens) == np.asarray(fp32.tokens)
     assert same[:, 0].all() and same.mean() > 0.8, same
@@ -179,17 +182,19 @@ def test_bounded_compilation(model, greedy_run):
     tokens, mask, free = greedy_run
     sampler = Sampler(graphdef, CONFIG, SamplingConfig(max_new_tokens=N, temperature=0.0), min_length_bucket=16)
     rng = np.random.default_rng(0)
-    compiled = sampler_module._sample_jit._cache_size  # jax's own count of compiled signatures
+    compiled = sampler_module.compiled_programs  # jax's own count of compiled signatures
     before = compiled()
     for n in (3, 5, 9, 16, 12, 17, 20, 31, 2, 25):
         prompts = [list(rng.integers(5, 60, size=n)), list(rng.integers(5, 60, size=max(1, n - 2))), [1, 2]]
         out = sampler.sample_ids(params, prompts, jax.random.key(0))
         assert out.tokens.shape == (3, N)
     assert sampler.compiled_shapes == {(4, 16), (4, 32)}
-    assert compiled() - before <= 2
+    # Per prompt bucket: a prefill, one decode phase (no row stops early, the cache of P + N slots
+    # is below one cache_block), a finishing program.
+    assert compiled() - before <= 6
     # Extra left padding (7 -> 16) and a padding row change nothing: same tokens as the exact shape.
     np.testing.assert_array_equal(np.asarray(sampler(params, tokens, mask, jax.random.key(0)).tokens), free.tokens)
-    assert compiled() - before <= 2
+    assert compiled() - before <= 6
 
 
 @pytest.mark.slow

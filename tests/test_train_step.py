@@ -216,3 +216,22 @@ def test_eval_step_reports_the_loss_at_the_given_params_without_training():
     with_frozen = lambda p, b, frozen: (lm_loss(p, b)[0] + frozen["offset"], {})
     shifted = jax.jit(make_eval_step(with_frozen))(params, batch, {"offset": jnp.float32(2.0)})
     np.testing.assert_allclose(shifted["loss"], loss + 2.0, rtol=1e-5)
+
+
+def test_a_preference_batch_without_a_real_pair_changes_nothing():
+    # Momentum and weight decay would move the params on zero gradients; a batch of padding pairs must not.
+    def loss_fn(params, batch, frozen=None):
+        return jnp.sum(batch["pair_mask"] * (params["w"] ** 2).sum()), {}
+
+    opt = optax.adamw(0.1, weight_decay=0.1)
+    step = jax.jit(make_train_step(loss_fn, opt))
+    state = init_state({"w": jnp.ones((3,))}, opt)
+    state, _ = step(state, {"pair_mask": jnp.ones((2,))})  # builds momentum
+    before = jax.device_get(state)
+    state, _ = step(state, {"pair_mask": jnp.zeros((2,))})
+    after = jax.device_get(state)
+    assert int(after.step) == int(before.step) + 1
+    for a, b in zip(jax.tree.leaves((after.params, after.opt_state)), jax.tree.leaves((before.params, before.opt_state))):
+        np.testing.assert_array_equal(a, b)
+    state, _ = step(state, {"pair_mask": jnp.ones((2,))})
+    assert not np.array_equal(jax.device_get(state.params["w"]), after.params["w"])

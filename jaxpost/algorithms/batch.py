@@ -131,6 +131,21 @@ PPO_KEYS = LM_KEYS.extend({"old_logp": np.float32, "old_values": np.float32, "ad
 """A PPO batch: the LM keys and ``old_logp``, ``old_values``, ``advantages``
 (whitened GAE) and ``returns`` (GAE returns), aligned with ``targets``."""
 
+KTO_KEYS = BatchSpec(
+    {**_LM_DTYPES, **{f"kl_{k}": v for k, v in _LM_DTYPES.items()}, "label": np.float32, "example_mask": np.float32},
+    {**{k: "[B, L]" for k in _LM_DTYPES}, **{f"kl_{k}": "[B, L]" for k in _LM_DTYPES},
+     **{k: "[B]" for k in ("label", "example_mask", "row_index", "ref_logps", "ref_kl_logps")}},
+    {"row_index": np.int32, "ref_logps": np.float32, "ref_kl_logps": np.float32})
+"""A KTO batch (unpaired feedback, layout in :mod:`jaxpost.data.unpaired`): one example per row.
+
+The LM keys hold ``prompt_i + completion_i`` (``loss_mask`` 1 on the
+completion); the ``kl_`` LM keys hold the mismatched sequence
+``prompt_i + completion_{i-1}`` (the batch's completions rotated by one over
+its real rows, as TRL builds its KL batch). ``label`` 1.0 desirable, 0.0
+undesirable; ``example_mask`` 0 on padding rows. Optional: ``row_index``
+(source row, -1 padding), ``ref_logps``/``ref_kl_logps`` (precomputed reference).
+"""
+
 PROMPT_KEYS = BatchSpec({"prompt_tokens": np.int32, "prompt_mask": np.int32},
                         {"prompt_tokens": "[B, P]", "prompt_mask": "[B, P]"})
 """Prompt-only input of online methods: ``prompt_tokens`` left-padded, ``prompt_mask`` 1 on real tokens."""
@@ -138,7 +153,7 @@ PROMPT_KEYS = BatchSpec({"prompt_tokens": np.int32, "prompt_mask": np.int32},
 BATCH_SPECS: Mapping[str, BatchSpec] = {
     "LM_KEYS": LM_KEYS, "PREFERENCE_KEYS": PREFERENCE_KEYS, "PACKED_PREFERENCE_KEYS": PACKED_PREFERENCE_KEYS,
     "SHARED_PROMPT_KEYS": SHARED_PROMPT_KEYS, "CACHED_KEYS": CACHED_KEYS, "ROLLOUT_KEYS": ROLLOUT_KEYS,
-    "GRPO_KEYS": GRPO_KEYS, "PPO_KEYS": PPO_KEYS, "PROMPT_KEYS": PROMPT_KEYS,
+    "GRPO_KEYS": GRPO_KEYS, "PPO_KEYS": PPO_KEYS, "KTO_KEYS": KTO_KEYS, "PROMPT_KEYS": PROMPT_KEYS,
 }
 """Every spec by name, in the order ``docs/contracts.md`` lists them."""
 
@@ -151,6 +166,7 @@ _USED_BY = {
     "ROLLOUT_KEYS": "an online rollout (before advantages)",
     "GRPO_KEYS": "GRPO / RLOO",
     "PPO_KEYS": "PPO",
+    "KTO_KEYS": "KTO: unpaired desirable / undesirable examples",
     "PROMPT_KEYS": "online methods' prompts (input of the sampler)",
 }
 

@@ -55,7 +55,7 @@ def build_teacher_cache(out_dir: str | os.PathLike, rows: Any, tokenizer: Any, t
     out.mkdir(parents=True, exist_ok=True)
     stats = DataStats()
     it = make_lm_pipeline(rows, tokenizer, seq_len, batch_size, packing=False, num_epochs=1, shuffle=False,
-                          train_on_prompt=train_on_prompt, stats=stats, shard_index=0, shard_count=1)
+                          train_on_prompt=train_on_prompt, stats=stats)
     topk = jax.jit(make_teacher_topk_fn(graphdef, config, top_k, chunk_size))
     lm: dict[str, list[np.ndarray]] = {k: [] for k in LM_ARRAYS}
     counts = [0]
@@ -149,15 +149,15 @@ def make_cache_pipeline(cache: TeacherCache, batch_size: int, seed: int = 0, *, 
 
     ``rows`` selects cache rows (e.g. a train/held-out split; default all).
     Shuffled per epoch with ``seed``; with finite ``num_epochs`` the last
-    batch is completed with all-zero rows (mask 0). This host reads
-    ``rows[process_index::process_count]``.
+    batch is completed with all-zero rows (mask 0). ``batch_size`` is the
+    global batch: every host reads all selected rows and yields the same
+    batches (see :mod:`jaxpost.data.pipeline`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     index = np.arange(len(cache)) if rows is None else np.asarray(rows)
-    index = index[jax.process_index()::jax.process_count()]
     if index.size == 0:
-        raise ValueError(f"teacher cache {cache.dir}: no rows selected for this host")
+        raise ValueError(f"teacher cache {cache.dir}: no rows selected")
     ds = grain.MapDataset.source(index.tolist()).map(lambda r: cache[r])
     if shuffle:
         ds = ds.shuffle(seed=seed)

@@ -26,10 +26,11 @@ KIND_FORMATS = {
     "lm": (formats.TEXT, formats.MESSAGES, formats.PROMPT_COMPLETION),
     "preference": (formats.PREFERENCE,),
     "prompt": (formats.PROMPT_ONLY, formats.PROMPT_COMPLETION, formats.PREFERENCE),
+    "unpaired": (formats.UNPAIRED,),
 }
 """The data formats each kind of input pipeline takes (LM/SFT, preference pairs, prompts for sampling)."""
 
-_PLAIN_NEEDS_EOS = (formats.TEXT, formats.PROMPT_COMPLETION, formats.PREFERENCE)
+_PLAIN_NEEDS_EOS = (formats.TEXT, formats.PROMPT_COMPLETION, formats.PREFERENCE, formats.UNPAIRED)
 
 
 def model_vocab_size(model: Any = None, init_from: str | os.PathLike | None = None, *,

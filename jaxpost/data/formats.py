@@ -10,13 +10,15 @@ format                 columns                                         used by
 ``prompt_completion``  ``prompt`` + ``completion``                     SFT, prompts
 ``preference``         [``prompt``] + ``chosen`` + ``rejected``        DPO, reward
 ``prompt_only``        ``prompt``                                      online methods
+``unpaired``           ``prompt`` + ``completion`` + ``label``         KTO
 =====================  ==============================================  ===============
 
 ``prompt``/``completion``/``chosen``/``rejected`` are either plain strings or
 *conversational* lists of messages. Without a ``prompt`` column, preference
 rows have an *implicit* prompt: the shared beginning of chosen and rejected
 (:func:`extract_prompt`). An optional ``margin`` column (float) rides along
-with preference rows.
+with preference rows. ``label`` of unpaired rows (TRL's unpaired preference
+type) is a boolean, true for a desirable completion (0/1 are accepted too).
 
 Every normalised example is a dict with ``"format"`` plus that format's
 fields, and ``"conversational"`` where it applies.
@@ -30,9 +32,9 @@ import datasets
 
 from jaxpost.errors import UserError
 
-TEXT, MESSAGES, PROMPT_COMPLETION, PREFERENCE, PROMPT_ONLY = (
-    "text", "messages", "prompt_completion", "preference", "prompt_only")
-FORMATS = (TEXT, MESSAGES, PROMPT_COMPLETION, PREFERENCE, PROMPT_ONLY)
+TEXT, MESSAGES, PROMPT_COMPLETION, PREFERENCE, PROMPT_ONLY, UNPAIRED = (
+    "text", "messages", "prompt_completion", "preference", "prompt_only", "unpaired")
+FORMATS = (TEXT, MESSAGES, PROMPT_COMPLETION, PREFERENCE, PROMPT_ONLY, UNPAIRED)
 
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -93,7 +95,8 @@ def detect_format(columns: Iterable[str], source: str | None = None) -> str:
     """Picks the format from column names (first rule that matches).
 
     ``chosen`` or ``rejected`` -> preference (both required); ``messages`` ->
-    messages; ``completion`` -> prompt_completion (``prompt`` required);
+    messages; ``completion`` and ``label`` -> unpaired (``prompt`` required);
+    ``completion`` -> prompt_completion (``prompt`` required);
     ``text`` -> text; ``prompt`` -> prompt_only. Raises naming the missing
     field, or listing the columns when no rule matches.
     """
@@ -107,6 +110,11 @@ def detect_format(columns: Iterable[str], source: str | None = None) -> str:
         return PREFERENCE
     if "messages" in cols:
         return MESSAGES
+    if "label" in cols and "completion" in cols:
+        if "prompt" not in cols:
+            raise UserError(f"Unpaired (KTO) data{where} is missing required field 'prompt' "
+                            f"(columns: {sorted(cols)})")
+        return UNPAIRED
     if "completion" in cols:
         if "prompt" not in cols:
             raise UserError(f"Prompt-completion data{where} is missing required field 'prompt' "
@@ -117,7 +125,8 @@ def detect_format(columns: Iterable[str], source: str | None = None) -> str:
     if "prompt" in cols:
         return PROMPT_ONLY
     raise UserError(f"Cannot tell the data format{where} from columns {sorted(cols)}: expected "
-                    "'text', 'messages', 'prompt'+'completion', [prompt]+'chosen'+'rejected' or 'prompt'")
+                    "'text', 'messages', 'prompt'+'completion', [prompt]+'chosen'+'rejected', "
+                    "'prompt'+'completion'+'label' or 'prompt'")
 
 
 def required_fields(fmt: str, columns: Iterable[str] = ()) -> tuple[str, ...]:
@@ -125,7 +134,7 @@ def required_fields(fmt: str, columns: Iterable[str] = ()) -> tuple[str, ...]:
     if fmt == PREFERENCE:
         return ("prompt", "chosen", "rejected") if "prompt" in set(columns) else ("chosen", "rejected")
     return {TEXT: ("text",), MESSAGES: ("messages",), PROMPT_COMPLETION: ("prompt", "completion"),
-            PROMPT_ONLY: ("prompt",)}[fmt]
+            PROMPT_ONLY: ("prompt",), UNPAIRED: ("prompt", "completion", "label")}[fmt]
 
 
 def columns(rows: Any) -> list[str]:
@@ -169,7 +178,11 @@ def check_rows(rows: Any, source: str | None = None) -> str:
                 raise UserError(f"{_where(first, source)}: required field {f!r} is missing "
                                 f"(null) for format {fmt!r}")
         row_by_row = False
+        if fmt == UNPAIRED and not _labels_are_binary(table["label"]):
+            row_by_row = True  # normalize_row names the first row whose label is not a boolean
         for f in fields:
+            if f == "label":
+                continue
             bad = _first_bad_arrow_row(table[f], f, source)
             if bad == _UNCHECKED:
                 row_by_row = True
@@ -249,6 +262,17 @@ def _first_bad_arrow_row(column: Any, field: str, source: str | None) -> int | N
                 return offset + pc.list_parent_indices(chunk)[k].as_py()
         offset += len(chunk)
     return None
+
+
+def _labels_are_binary(column: Any) -> bool:
+    """True when an Arrow ``label`` column holds only booleans, or integers 0/1."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_boolean(column.type):
+        return True
+    return pa.types.is_integer(column.type) and bool(pc.all(pc.is_in(column, value_set=pa.array([0, 1],
+                                                                                              column.type))).as_py())
 
 
 def _first_identical_pair(chosen: Any, rejected: Any) -> int | None:
@@ -387,4 +411,14 @@ def normalize_row(row: Mapping[str, Any], fmt: str, index: int | None = None,
         if row.get("margin") is not None:
             out["margin"] = float(row["margin"])
         return out
+    if fmt == UNPAIRED:
+        prompt = _text_or_messages(row, "prompt", where)
+        completion = _text_or_messages(row, "completion", where)
+        if isinstance(prompt, str) != isinstance(completion, str):
+            raise UserError(f"{where}: 'prompt' and 'completion' must both be strings or both conversations")
+        label = row.get("label")
+        if isinstance(label, bool) or (isinstance(label, int) and label in (0, 1)):
+            return {"format": UNPAIRED, "prompt": prompt, "completion": completion, "label": bool(label),
+                    "conversational": not isinstance(prompt, str)}
+        raise UserError(f"{where}: field 'label' must be true (desirable) or false (undesirable), got {label!r}")
     raise ValueError(f"Unknown format {fmt!r}; expected one of {FORMATS}")

@@ -2,14 +2,13 @@
 
 Each pipeline is, in grain terms::
 
-    MapDataset.source(rows)            # datasets.Dataset or list of dicts
-      [shard_index::shard_count]       # this host's rows (disjoint, covering)
+    MapDataset.source(rows)            # datasets.Dataset or list of dicts: all rows, on every host
       .shuffle(seed)                   # a new permutation every epoch
       .repeat(num_epochs)              # None = forever
       .map_with_index(encode + limits) # counts events in DataStats; None = dropped
       .to_iter_dataset(read_options)   # prefetch threads (no worker processes)
-      [pack]                           # LM / preference with packing only
-      .batch(batch_size)               # fixed [B, ...] numpy arrays
+      [pack]                           # LM / preference with packing only: bins over the global batch
+      .batch(batch_size)               # the global [batch_size, ...] numpy arrays
 
 and is iterated through a :class:`PipelineIterator`, whose
 ``get_state()`` (JSON-serialisable) and ``set_state()`` resume the exact
@@ -17,10 +16,15 @@ same stream of batches, and whose ``stats`` counts dropped and truncated
 examples. It is a ``grain.DatasetIterator``, so grain's Orbax handlers
 (``grain.checkpoint.CheckpointSave``) can save it directly.
 
-Multi-host: each host reads ``rows[shard_index::shard_count]``. Hosts may
-hold one row more or less than others and packing yields a data-dependent
-number of rows, so with finite ``num_epochs`` hosts can run out at different
-steps: train for a fixed number of steps with ``num_epochs=None``.
+Multi-host: the order of examples (shuffle, packing, batches) is a function
+of the rows, the seed and the options alone, not of the number of hosts.
+Every host reads all rows and yields the same *global* batch of
+``batch_size`` rows; :func:`jaxpost.train.batches.on_mesh` then moves to
+each host's devices only the shards they hold. So 1 and N processes train
+on the same batches, every host's iterator state is the same, and a
+checkpoint resumes exactly on another number of hosts. The price: every
+host tokenizes (and packs) every row, and holds the whole global batch in
+host memory (tiny next to the model).
 
 The last batch of a finite run is completed with padding rows (all masks 0)
 so every batch has the same shape.
@@ -32,7 +36,6 @@ from typing import Any, Callable, Mapping
 
 import gin
 import grain
-import jax
 import numpy as np
 
 from jaxpost.errors import UserError
@@ -82,21 +85,15 @@ class PipelineIterator(grain.DatasetIterator):
 
 
 def _rows_dataset(rows: Any, allowed: tuple[str, ...], kind: str, *, seed: int, shuffle: bool,
-                  shard_index: int, shard_count: int, num_epochs: int | None
-                  ) -> tuple[grain.MapDataset, str, str | None]:
+                  num_epochs: int | None) -> tuple[grain.MapDataset, str, str | None]:
     source = source_name(rows)
     fmt = formats.check_rows(rows, source)
     if fmt not in allowed:
         raise ValueError(f"{kind} pipeline takes formats {allowed}, but {source or 'the data'} is {fmt!r}")
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count})")
-    if len(rows) < shard_count:
-        raise ValueError(f"{len(rows)} rows cannot be sharded over {shard_count} hosts (each needs a row)")
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be >= 1 or None (forever), got {num_epochs}")
     # Keep each row's original index: errors found while encoding name it.
     ds = grain.MapDataset.source(rows).map_with_index(lambda i, row: (i, row))
-    ds = ds[shard_index::shard_count]
     if shuffle:
         ds = ds.shuffle(seed=seed)
     return ds.repeat(num_epochs), fmt, source
@@ -127,12 +124,6 @@ def _counted(stats: DataStats, fn: Callable[[int, Mapping[str, Any]], tuple[Any,
     return apply
 
 
-def _epoch_len(rows: Any, shard_index: int | None, shard_count: int | None) -> int:
-    count = jax.process_count() if shard_count is None else shard_count
-    index = jax.process_index() if shard_index is None else shard_index
-    return len(range(index, len(rows), count))
-
-
 def _finish(ds: grain.MapDataset, batch_size: int, read_options: grain.ReadOptions | None,
             fill: Mapping[str, Any], pack: Callable[[grain.IterDataset], grain.IterDataset] | None,
             stats: DataStats) -> PipelineIterator:
@@ -148,7 +139,6 @@ def _finish(ds: grain.MapDataset, batch_size: int, read_options: grain.ReadOptio
 @gin.configurable
 def make_lm_pipeline(rows: Any, tokenizer: Any, seq_len: int, batch_size: int, seed: int = 0, *,
                      packing: bool = True, train_on_prompt: bool = False, overlong: str = "truncate",
-                     shard_index: int | None = None, shard_count: int | None = None,
                      num_epochs: int | None = None, shuffle: bool = True,
                      packing_bins: int | None = None, read_options: grain.ReadOptions | None = None,
                      stats: DataStats | None = None) -> PipelineIterator:
@@ -161,14 +151,12 @@ def make_lm_pipeline(rows: Any, tokenizer: Any, seq_len: int, batch_size: int, s
     ``packing_bins`` rows, default ``batch_size``); otherwise one example per
     row, right-padded. Over-long examples are truncated (``truncated``) or,
     with ``overlong="drop"``, dropped (``dropped_too_long``); examples with
-    nothing to train are dropped (``dropped_empty``). Shards default to
-    ``jax.process_index()`` of ``jax.process_count()``.
+    nothing to train are dropped (``dropped_empty``). ``batch_size`` is the
+    global batch: every host yields the same batches (module docstring).
     """
     stats = stats if stats is not None else DataStats()
     ds, fmt, source = _rows_dataset(
-        rows, _LM_FORMATS, "LM", seed=seed, shuffle=shuffle,
-        shard_index=jax.process_index() if shard_index is None else shard_index,
-        shard_count=jax.process_count() if shard_count is None else shard_count, num_epochs=num_epochs)
+        rows, _LM_FORMATS, "LM", seed=seed, shuffle=shuffle, num_epochs=num_epochs)
     pad = encode.pad_id(tokenizer)
 
     def encode_row(row_index: int, row: Mapping[str, Any]):
@@ -179,7 +167,7 @@ def make_lm_pipeline(rows: Any, tokenizer: Any, seq_len: int, batch_size: int, s
             arrays = pad_lm(arrays, seq_len, pad)
         return arrays, events
 
-    ds = ds.map_with_index(_counted(stats, encode_row, _epoch_len(rows, shard_index, shard_count), source))
+    ds = ds.map_with_index(_counted(stats, encode_row, len(rows), source))
     pack = (lambda it: pack_lm(it, seq_len, num_bins=packing_bins or batch_size, pad=pad, seed=seed)) \
         if packing else None
     return _finish(ds, batch_size, read_options, {"tokens": pad, "targets": pad}, pack, stats)
@@ -190,7 +178,6 @@ def make_preference_pipeline(rows: Any, tokenizer: Any, seq_len: int, batch_size
                              max_prompt_len: int | None = None, overlong: str = "truncate",
                              packing: bool = False, max_pairs_per_row: int | None = None,
                              packing_bins: int | None = None, shared_prompt: bool = False,
-                             shard_index: int | None = None, shard_count: int | None = None,
                              num_epochs: int | None = None, shuffle: bool = True,
                              read_options: grain.ReadOptions | None = None,
                              stats: DataStats | None = None) -> PipelineIterator:
@@ -224,15 +211,14 @@ def make_preference_pipeline(rows: Any, tokenizer: Any, seq_len: int, batch_size
     Chosen and rejected start with the same prompt ids; the prompt keeps its
     end when longer than ``max_prompt_len`` (default ``seq_len // 2``) and
     completions are cut at their end to fit (see
-    :func:`jaxpost.data.prepare.prepare_preference_pair`).
+    :func:`jaxpost.data.prepare.prepare_preference_pair`). ``batch_size``
+    is the global batch: every host yields the same batches (module docstring).
     """
     if shared_prompt and packing:
         raise ValueError("shared_prompt and packing are two layouts; choose one")
     stats = stats if stats is not None else DataStats()
     ds, fmt, source = _rows_dataset(
-        rows, (formats.PREFERENCE,), "Preference", seed=seed, shuffle=shuffle,
-        shard_index=jax.process_index() if shard_index is None else shard_index,
-        shard_count=jax.process_count() if shard_count is None else shard_count, num_epochs=num_epochs)
+        rows, (formats.PREFERENCE,), "Preference", seed=seed, shuffle=shuffle, num_epochs=num_epochs)
     pad = encode.pad_id(tokenizer)
     # Packed rows hold one array per pair-level key, so a key must be on every pair or on none.
     pair_keys = ["pair_mask", "row_index"]
@@ -260,7 +246,7 @@ def make_preference_pipeline(rows: Any, tokenizer: Any, seq_len: int, batch_size
             arrays = pair_element(arrays["chosen"], arrays["rejected"], {k: arrays[k] for k in pair_keys})
         return arrays, events
 
-    ds = ds.map_with_index(_counted(stats, encode_row, _epoch_len(rows, shard_index, shard_count), source))
+    ds = ds.map_with_index(_counted(stats, encode_row, len(rows), source))
     if packing:
         max_pairs = max_pairs_per_row or seq_len
         pack = lambda it: pack_pairs(it, 2 * seq_len, max_pairs, num_bins=packing_bins or batch_size, pad=pad,
@@ -277,8 +263,7 @@ def make_preference_pipeline(rows: Any, tokenizer: Any, seq_len: int, batch_size
 
 @gin.configurable
 def make_prompt_pipeline(rows: Any, tokenizer: Any, max_prompt_len: int, batch_size: int, seed: int = 0, *,
-                         overlong: str = "truncate", shard_index: int | None = None,
-                         shard_count: int | None = None, num_epochs: int | None = None,
+                         overlong: str = "truncate", num_epochs: int | None = None,
                          shuffle: bool = True, read_options: grain.ReadOptions | None = None,
                          stats: DataStats | None = None) -> PipelineIterator:
     """Prompts for online methods (PPO, GRPO/RLOO, online DPO, generation).
@@ -289,13 +274,13 @@ def make_prompt_pipeline(rows: Any, tokenizer: Any, max_prompt_len: int, batch_s
     source rows, e.g. reference answers for reward functions). Formats with
     a prompt: ``prompt_only``, ``prompt_completion``, ``preference``
     (implicit prompts are extracted). Padding rows of a short final batch
-    have an all-zero mask and ``None`` for ``prompt``/``row``.
+    have an all-zero mask and ``None`` for ``prompt``/``row``. ``B =
+    batch_size`` is the global batch: every host yields the same prompts
+    (module docstring).
     """
     stats = stats if stats is not None else DataStats()
     ds, fmt, source = _rows_dataset(
-        rows, _PROMPT_FORMATS, "Prompt", seed=seed, shuffle=shuffle,
-        shard_index=jax.process_index() if shard_index is None else shard_index,
-        shard_count=jax.process_count() if shard_count is None else shard_count, num_epochs=num_epochs)
+        rows, _PROMPT_FORMATS, "Prompt", seed=seed, shuffle=shuffle, num_epochs=num_epochs)
     pad = encode.pad_id(tokenizer)
 
     def encode_row(row_index: int, row: Mapping[str, Any]):
@@ -305,7 +290,7 @@ def make_prompt_pipeline(rows: Any, tokenizer: Any, max_prompt_len: int, batch_s
             arrays = {**arrays, "prompt": example["prompt"], "row": dict(row)}
         return arrays, events
 
-    ds = ds.map_with_index(_counted(stats, encode_row, _epoch_len(rows, shard_index, shard_count), source))
+    ds = ds.map_with_index(_counted(stats, encode_row, len(rows), source))
     return _finish(ds, batch_size, read_options, {"prompt_tokens": pad}, None, stats)
 
 

@@ -65,6 +65,30 @@ def process_logits(logits: jax.Array, temperature: float, top_k: int = 0, top_p:
     return top_p_filter(top_k_filter(x, top_k), top_p)
 
 
+def argmax_last(x: jax.Array) -> jax.Array:
+    """``jnp.argmax(x, axis=-1)`` (the first index of the maximum) as two plain reductions.
+
+    A max, then the smallest index holding it. XLA:CPU runs ``argmax`` as a
+    variadic (value, index) reduction that it does not vectorise: over a
+    ``[16, 8192]`` batch of logits that took 0.63 ms, this 0.10 ms -- a
+    fifth of a small model's whole decode step. Same result for NaN-free
+    input (every row then has a maximum).
+    """
+    V = x.shape[-1]
+    top = jnp.max(x, axis=-1, keepdims=True)
+    first = jnp.min(jnp.where(x == top, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+    return jnp.minimum(first, V - 1)  # a NaN row would match nowhere
+
+
+def categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
+    """``jax.random.categorical(key, logits)`` for one row ``[V]``, the same draw, faster on CPU.
+
+    ``jax.random.categorical`` is ``argmax(gumbel(key, [V]) + logits)``; this
+    is the same sum with :func:`argmax_last`.
+    """
+    return argmax_last(jax.random.gumbel(key, logits.shape, logits.dtype) + logits)
+
+
 def choose_tokens(keys: jax.Array, logits: jax.Array, temperature: float, top_k: int = 0,
                   top_p: float = 1.0) -> tuple[jax.Array, jax.Array]:
     """One token per row from ``logits`` ``[B, V]`` with one PRNG key per row ``keys`` ``[B]``.
@@ -77,9 +101,9 @@ def choose_tokens(keys: jax.Array, logits: jax.Array, temperature: float, top_k:
     """
     logits = logits.astype(jnp.float32)
     if temperature == 0:
-        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        tokens = argmax_last(logits).astype(jnp.int32)
         return tokens, jnp.zeros(tokens.shape, jnp.float32)
     z = process_logits(logits, temperature, top_k, top_p)
-    tokens = jax.vmap(jax.random.categorical)(keys, z).astype(jnp.int32)
+    tokens = jax.vmap(categorical)(keys, z).astype(jnp.int32)
     logp = jax.nn.log_softmax(z, axis=-1)
     return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]

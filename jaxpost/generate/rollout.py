@@ -11,6 +11,15 @@ the same layout the sampler's KV cache used, so the training forward
 reproduces the sampler's log-probs. Scores come from a scorer
 (:mod:`jaxpost.generate.scorers`); ``old_logp``/``ref_logp``/``old_values``
 from training forwards (:func:`jaxpost.algorithms.online.make_rollout_logprobs`).
+
+Multi-host: the prompt batch is the same global batch on every process.
+Sampling and every forward run on the whole mesh; the sampled tokens and
+measured log-probs are gathered to every process (they are small), so
+every process holds the whole rollout and computes the same global
+statistics. A scorer that runs on the devices (a reward model,
+``on_devices = True``) scores the global batch at once; any other scorer
+(Python reward functions) scores only this process's rows
+(:func:`jaxpost.distributed.host_rows`) and the scores are all-gathered.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from jaxpost.algorithms.batch import LM_KEYS
 from jaxpost.algorithms.online import make_rollout_logprobs
 from jaxpost.data.encode import pad_id
 from jaxpost.data.tokenizer import stop_token_ids
+from jaxpost.distributed import all_rows, host_rows, to_host
 from jaxpost.generate.sampler import Sampler, SamplingConfig, left_pad
 from jaxpost.models.config import ModelConfig
 from jaxpost.sharding import Partitioner
@@ -159,6 +169,32 @@ def decode_completions(tokenizer: Any, tokens: np.ndarray, mask: np.ndarray) -> 
             for row, mrow in zip(tokens, mask)]
 
 
+def measure_rollout(measure: Callable, r: Rollout, policy, reference, value, generate_s: float) -> dict[str, float]:
+    """Adds the training forwards' ``old_logp``/``ref_logp``/``token_entropy`` (and ``old_values``) to
+    ``r.batch`` and returns the rollout's metrics, computed from gathered (global) values.
+
+    ``measure`` is the compiled :func:`jaxpost.algorithms.online.make_rollout_logprobs`; ``r.scores``,
+    ``r.raw_scores`` and ``r.finished`` must be set.
+    """
+    measured = measure(policy, reference, value, r.batch)
+    r.batch.update(measured)
+    got = to_host({k: measured[k] for k in ("old_logp", "ref_logp", "token_entropy")})
+    mask = r.host["loss_mask"]
+    lengths = mask.sum(-1)
+    return {
+        "objective/scores": float(r.scores.mean()),
+        "objective/raw_scores": float(r.raw_scores.mean()),
+        # TRL: summed per sequence, averaged over sequences.
+        "objective/kl": float(((got["old_logp"] - got["ref_logp"]) * mask).sum(-1).mean()),
+        "objective/entropy": float((-got["old_logp"] * mask).sum(-1).mean()),
+        "policy/token_entropy": float((got["token_entropy"] * mask).sum() / max(mask.sum(), 1.0)),
+        "rollout/completion_length": float(lengths.mean()),
+        "rollout/missing_eos_fraction": float((~r.finished).mean()),
+        "rollout/tokens_per_s": float(lengths.sum() / max(generate_s, 1e-9)),
+        "time/generate_s": generate_s,
+    }
+
+
 def check_prompt_batch(batch: dict) -> None:
     """Raises naming the rows of a prompt batch that hold no prompt (padding rows)."""
     empty = np.flatnonzero(~np.asarray(batch["prompt_mask"]).astype(bool).any(-1))
@@ -188,11 +224,29 @@ class Roller:
         self._measure = jax.jit(make_rollout_logprobs(graphdef, config, value_graphdef, rollout.chunk_size))
         self.has_value = value_graphdef is not None
 
+    def _score(self, r: Rollout) -> np.ndarray:
+        """``[B]`` float32 scores: on the devices at once, or each process scoring its own rows."""
+        B = len(r.completions)
+        if getattr(self.scorer, "on_devices", False):
+            raw = np.asarray(self.scorer(r), np.float32)
+        else:
+            own = host_rows(B)
+            mine = dataclasses.replace(r, batch={}, host={k: v[own] for k, v in r.host.items()},
+                                       completions=r.completions[own], prompts=r.prompts[own], rows=r.rows[own],
+                                       finished=r.finished[own])
+            raw = np.asarray(self.scorer(mine), np.float32)
+            if raw.shape != (len(mine.completions),):
+                raise ValueError(f"scorer returned shape {raw.shape}, expected ({len(mine.completions)},)")
+            raw = all_rows(raw, B)
+        if raw.shape != (B,):
+            raise ValueError(f"scorer returned shape {raw.shape}, expected ({B},)")
+        return raw
+
     def __call__(self, policy, reference, value, prompt_batch: dict, rng: jax.Array) -> Rollout:
         check_prompt_batch(prompt_batch)
         G = self.cfg.group_size
         start = time.perf_counter()
-        out = jax.device_get(self.sampler(policy, prompt_batch["prompt_tokens"], prompt_batch["prompt_mask"], rng))
+        out = to_host(self.sampler(policy, prompt_batch["prompt_tokens"], prompt_batch["prompt_mask"], rng))
         generate_s = time.perf_counter() - start
         prompt_tokens = np.repeat(np.asarray(prompt_batch["prompt_tokens"]), G, axis=0)
         prompt_mask = np.repeat(np.asarray(prompt_batch["prompt_mask"]), G, axis=0)
@@ -203,27 +257,10 @@ class Roller:
                     prompts=[p for p in prompt_batch["prompt"] for _ in range(G)],
                     rows=[row for row in prompt_batch["row"] for _ in range(G)],
                     finished=np.asarray(out.finished, bool))
-        raw = np.asarray(self.scorer(r), np.float32)
-        if raw.shape != (len(r.completions),):
-            raise ValueError(f"scorer returned shape {raw.shape}, expected ({len(r.completions)},)")
+        raw = self._score(r)
         penalty = self.cfg.missing_eos_penalty
         r.raw_scores = raw
         r.scores = raw - np.float32(penalty or 0.0) * (~r.finished).astype(np.float32)
-        measured = self._measure(policy, reference, value if self.has_value else None, batch)
-        batch.update(measured)
-        got = jax.device_get({k: measured[k] for k in ("old_logp", "ref_logp", "token_entropy")})
-        mask = host["loss_mask"]
-        lengths = mask.sum(-1)
-        r.metrics = {
-            "objective/scores": float(r.scores.mean()),
-            "objective/raw_scores": float(raw.mean()),
-            # TRL: summed per sequence, averaged over sequences.
-            "objective/kl": float(((got["old_logp"] - got["ref_logp"]) * mask).sum(-1).mean()),
-            "objective/entropy": float((-got["old_logp"] * mask).sum(-1).mean()),
-            "policy/token_entropy": float((got["token_entropy"] * mask).sum() / max(mask.sum(), 1.0)),
-            "rollout/completion_length": float(lengths.mean()),
-            "rollout/missing_eos_fraction": float((~r.finished).mean()),
-            "rollout/tokens_per_s": float(lengths.sum() / max(generate_s, 1e-9)),
-            "time/generate_s": generate_s,
-        }
+        r.metrics = measure_rollout(self._measure, r, policy, reference, value if self.has_value else None,
+                                    generate_s)
         return r

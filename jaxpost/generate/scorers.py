@@ -1,6 +1,8 @@
 """Reward sources for online runs: a Python reward function or a trained reward model.
 
 A scorer is called once per rollout as ``scorer(rollout) -> float32 [B]``
+(with several processes, a scorer without ``on_devices = True`` sees only
+this process's rows of the rollout; see :mod:`jaxpost.generate.rollout`)
 where ``rollout`` is a :class:`jaxpost.generate.rollout.Rollout` (token
 arrays of prompt + completion, decoded completion texts, the prompts and
 the raw source rows, one entry per completion).
@@ -21,6 +23,7 @@ import gin
 import jax
 import numpy as np
 
+from jaxpost.distributed import to_host
 from jaxpost.generate.rewards import get_reward
 from jaxpost.losses.reward import gather_last
 from jaxpost.models import forward
@@ -76,6 +79,8 @@ class RewardModelScorer:
     ids as they are.
     """
 
+    on_devices = True  # one forward over the global batch, on the whole mesh
+
     def __init__(self, model_dir: str, partitioner: Partitioner, policy_vocab_size: int | None = None):
         config, graphdef, params = load_model(None, model_dir, partitioner, head="score")
         if policy_vocab_size is not None and config.vocab_size < policy_vocab_size:
@@ -94,7 +99,7 @@ class RewardModelScorer:
         b = rollout.batch
         with self.partitioner.activate():
             out = self._score(self.params, b["tokens"], b["positions"], b["segment_ids"])
-        return np.asarray(jax.device_get(out), np.float32)
+        return np.asarray(to_host(out), np.float32)
 
 
 @gin.configurable

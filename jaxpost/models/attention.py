@@ -26,10 +26,16 @@ from jaxpost.models.splash import SPLASH_BLOCK_MULTIPLE, splash_attention
 class KVCache:
     """Keys and values of every layer for incremental decoding.
 
-    ``k[l]``, ``v[l]``: ``[B, S, Nkv, Hd]`` for layer ``l``; ``segment_ids``:
+    ``k[l]``: ``[B, Nkv, Hd, S]`` and ``v[l]``: ``[B, Nkv, S, Hd]`` for layer
+    ``l``: heads-major, keys transposed, so that a decode step's score
+    matmul ``q [G, Hd] @ k [Hd, S]`` and value matmul ``p [G, S] @ v [S, Hd]``
+    both read the cache in place, as plain (untransposed) matmuls, half the
+    time of reading keys as ``[S, Hd]`` on CPU; ``segment_ids``:
     ``[B, S]`` int32 segment id of each filled slot (0 = padding or empty);
     ``index``: int32 scalar, the number of filled slots (the same for every
-    row: prompts are left-padded to one length).
+    row: prompts are left-padded to one length). A step costs in proportion
+    to the cache's allocated size ``S``; the sampler keeps ``S`` near the
+    filled part by growing the cache in steps (:func:`pad_cache`).
     """
 
     k: tuple
@@ -45,17 +51,52 @@ class KVCache:
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
     """An empty cache of ``max_len`` slots (``dtype`` defaults to ``config.dtype``)."""
     dtype = jnp.dtype(dtype or config.dtype)
-    shape = (batch, max_len, config.num_kv_heads, config.dim_per_head)
-    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-    return KVCache(k=zeros(), v=zeros(), segment_ids=jnp.zeros((batch, max_len), jnp.int32),
+    K, H = config.num_kv_heads, config.dim_per_head
+    zeros = lambda shape: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    return KVCache(k=zeros((batch, K, H, max_len)), v=zeros((batch, K, max_len, H)), segment_ids=jnp.zeros((batch, max_len), jnp.int32),
                    index=jnp.zeros((), jnp.int32))
 
 
 def cache_logical_axes(config: ModelConfig) -> KVCache:
     """Logical axis names of every leaf of :func:`init_cache`'s result."""
-    kv = ("batch", "length", "kv_heads", "head_dim")
-    return KVCache(k=(kv,) * config.num_layers, v=(kv,) * config.num_layers,
+    k, v = ("batch", "kv_heads", "head_dim", "length"), ("batch", "kv_heads", "length", "head_dim")
+    return KVCache(k=(k,) * config.num_layers, v=(v,) * config.num_layers,
                    segment_ids=("batch", "length"), index=())
+
+
+def pad_cache(cache: KVCache, max_len: int) -> KVCache:
+    """``cache`` with its slots extended (empty, segment 0) to ``max_len``; contents unchanged."""
+    extra = max_len - cache.max_len
+    if extra < 0:
+        raise ValueError(f"pad_cache cannot shrink a cache of {cache.max_len} slots to {max_len}")
+    if extra == 0:
+        return cache
+    grow_k = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra)))
+    grow_v = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0)))
+    return KVCache(k=tuple(map(grow_k, cache.k)), v=tuple(map(grow_v, cache.v)),
+                   segment_ids=jnp.pad(cache.segment_ids, ((0, 0), (0, extra))), index=cache.index)
+
+
+def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_segments: jax.Array,
+                     k_segments: jax.Array, q_start: jax.Array, sliding_window: int | None = None) -> jax.Array:
+    """Queries ``q [B, T, N, Hd]`` at slots ``[q_start, q_start + T)`` over a heads-major cache.
+
+    ``k_cache [B, Nkv, Hd, S]``, ``v_cache [B, Nkv, S, Hd]`` (already
+    holding the queries' own keys and values), ``k_segments [B, S]``; the rule of :func:`attention_mask`. The
+    arithmetic is that of :func:`blocked_causal_attention` (queries
+    pre-scaled in their dtype, float32 scores and softmax, probabilities
+    cast to the values' dtype), so cached and training log-probs agree.
+    """
+    B, T, N, Hd = q.shape
+    K = k_cache.shape[1]
+    qt = jnp.transpose(q.reshape(B, T, K, N // K, Hd), (0, 2, 3, 1, 4)) * jnp.asarray(Hd ** -0.5, q.dtype)
+    kt, vt = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+    mask = attention_mask(q_segments, k_segments, q_start, sliding_window)  # [B, 1, T, S]
+    scores = jnp.einsum("bkgth,bkhs->bkgts", qt, kt, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bksh->bkgth", probs.astype(vt.dtype), vt)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, T, N, Hd)
 
 
 def attention_mask(q_segments: jax.Array, k_segments: jax.Array, q_start: jax.Array | int,
@@ -322,7 +363,8 @@ class Attention(nnx.Module):
 
         Returns ``(out [B, T, D], (k cache, v cache) or None)``. With a cache
         the new keys/values are written at slots ``[index, index + T)`` and
-        the queries attend over the whole cache under :func:`attention_mask`.
+        the queries attend over the whole cache under :func:`attention_mask`
+        (:func:`cached_attention`).
         ``branches`` (no cache): the row is a shared prefix and its branches.
         """
         c = self.config
@@ -343,9 +385,9 @@ class Attention(nnx.Module):
                 out = branched_attention(attend, q, k, v, segment_ids, c.sliding_window, branches, kernel)
             return self.o_proj(out.reshape(B, T, c.num_heads * h)), None
         k_cache, v_cache, cache_segments, index = kv
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-        mask = attention_mask(segment_ids, cache_segments, index, c.sliding_window)
-        out = jax.nn.dot_product_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask=mask,
-                                           scale=h ** -0.5)
+        k_new = jnp.transpose(k, (0, 2, 3, 1)).astype(k_cache.dtype)  # [B, T, Nkv, Hd] -> [B, Nkv, Hd, T]
+        v_new = jnp.swapaxes(v, 1, 2).astype(v_cache.dtype)  # -> [B, Nkv, T, Hd]
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k_new, (0, 0, 0, index))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v_new, (0, 0, index, 0))
+        out = cached_attention(q, k_cache, v_cache, segment_ids, cache_segments, index, c.sliding_window)
         return self.o_proj(out.reshape(B, T, c.num_heads * h)), (k_cache, v_cache)

@@ -11,9 +11,11 @@ Importing this package registers every recipe with gin (``run.task = @sft``).
 
 import gin
 
+from jaxpost.recipes.continual import continual
 from jaxpost.recipes.distill import distill
 from jaxpost.recipes.dpo import dpo
 from jaxpost.recipes.grpo import grpo
+from jaxpost.recipes.kto import kto
 from jaxpost.recipes.online_dpo import online_dpo
 from jaxpost.recipes.ppo import ppo
 from jaxpost.recipes.reward import reward_model
@@ -31,4 +33,4 @@ def run(task=gin.REQUIRED):
     return task()
 
 
-__all__ = ["distill", "dpo", "grpo", "online_dpo", "ppo", "reward_model", "run", "sft", "synthesize"]
+__all__ = ["continual", "distill", "dpo", "grpo", "kto", "online_dpo", "ppo", "reward_model", "run", "sft", "synthesize"]

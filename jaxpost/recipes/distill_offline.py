@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 from etils import epath
 
 from jaxpost import models
@@ -40,7 +39,6 @@ def distill_offline(run: epath.Path, part: Partitioner, tok: Any, student: tuple
     arguments of :func:`jaxpost.train.fit.finish_run`.
     """
     config, graphdef, params = student
-    host_batch = batch_size // jax.process_count()
     stats = DataStats()
     frozen = frozen_shardings = eval_loss = cache = None
     extra: dict[str, Any] = {}
@@ -74,16 +72,16 @@ def distill_offline(run: epath.Path, part: Partitioner, tok: Any, student: tuple
 
     epoch_batches = None  # one epoch of the training stream, for LoopConfig.num_epochs (not with a teacher cache)
     if cache is not None:
-        batches = MeshBatches(make_cache_pipeline(cache, host_batch, loop.seed), part)
+        batches = MeshBatches(make_cache_pipeline(cache, batch_size, loop.seed), part)
     else:
-        batches = MeshBatches(make_lm_pipeline(rows, tok, seq_len, host_batch, loop.seed, packing=packing,
+        batches = MeshBatches(make_lm_pipeline(rows, tok, seq_len, batch_size, loop.seed, packing=packing,
                                                stats=stats), part)
-        epoch_batches = lambda: make_lm_pipeline(rows, tok, seq_len, host_batch, loop.seed, packing=packing,
+        epoch_batches = lambda: make_lm_pipeline(rows, tok, seq_len, batch_size, loop.seed, packing=packing,
                                                  num_epochs=1)
     evaluate = None
     if held_out is not None:
         def eval_batches():
-            return MeshBatches(make_lm_pipeline(held_out, tok, seq_len, host_batch, 0, packing=packing, num_epochs=1,
+            return MeshBatches(make_lm_pipeline(held_out, tok, seq_len, batch_size, 0, packing=packing, num_epochs=1,
                                                 shuffle=False), part)
         step = make_eval_step(eval_loss) if eval_loss is not None else make_sft_eval(graphdef, config, chunk_size)
         evaluate = make_evaluator(step, eval_batches, loop.eval_batches, frozen=frozen)

@@ -67,7 +67,7 @@ def dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
     if eval_data or eval_fraction:
         rows, held_out = train_eval_split(rows, eval_path=eval_data,
                                           eval_fraction=None if eval_data else eval_fraction, seed=loop.seed)
-    pipeline = lambda r, **kw: make_preference_pipeline(r, tok, seq_len, batch_size // jax.process_count(),
+    pipeline = lambda r, **kw: make_preference_pipeline(r, tok, seq_len, batch_size,
                                                        max_prompt_len=max_prompt_len, packing=packing,
                                                        shared_prompt=shared_prompt, **kw)
 

@@ -14,10 +14,7 @@ frozen reference with weight ``beta``, aggregation configured on
 
 from __future__ import annotations
 
-import time
-
 import gin
-import jax
 import numpy as np
 
 from jaxpost import models
@@ -26,15 +23,17 @@ from jaxpost.algorithms.online import make_grpo_loss
 from jaxpost.config import build, build_if_bound
 from jaxpost.data import check_run_inputs, make_prompt_pipeline
 from jaxpost.errors import UserError
+from jaxpost.generate.environments import Environment
+from jaxpost.generate.multiturn import MultiTurnConfig, MultiTurnRoller
 from jaxpost.generate.rollout import Roller, RolloutConfig
 from jaxpost.generate.scorers import make_scorer
 from jaxpost.losses.grpo import group_advantages, rloo_advantages
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.load import load_model
 from jaxpost.sharding import Partitioner
-from jaxpost.train.online import (OnlineConfig, OnlineTrainer, check_single_process, minibatch_orders, reference_policy,
-                                  rollout_rng)
+from jaxpost.train.batches import on_mesh
 from jaxpost.train.fit import finish_run
+from jaxpost.train.online import OnlineConfig, RolloutBatches, Stateless, fit_online, reference_policy
 from jaxpost.train.run_dir import prepare_run_dir
 
 ADVANTAGES = ("grpo", "dr_grpo", "rloo")
@@ -49,11 +48,27 @@ def compute_advantages(scores: np.ndarray, group_size: int, kind: str) -> np.nda
     raise ValueError(f"Unknown advantage estimator {kind!r}; choose one of {ADVANTAGES}")
 
 
+class GRPORollouts(Stateless):
+    """A rollout becomes rows with group-relative advantages of its (global) scores."""
+
+    def __init__(self, roller: Roller, reference, advantage: str, partitioner: Partitioner):
+        self.roller, self.reference, self.advantage, self.partitioner = roller, reference, advantage, partitioner
+
+    def rollout(self, params, prompts, rng, index):
+        r = self.roller(params, self.reference(params), None, prompts, rng)
+        group = self.roller.cfg.group_size
+        rows = {k: r.batch[k] for k in (*LM_KEYS, "old_logp", "ref_logp")}
+        rows.update(on_mesh({"advantages": compute_advantages(r.scores, group, self.advantage)}, self.partitioner))
+        spread = r.scores.reshape(-1, group).std(axis=1)
+        return rows, {**r.metrics, "reward/std_within_group": float(spread.mean()),
+                      "reward/zero_std_fraction": float((spread == 0).mean())}
+
+
 @gin.configurable
 def grpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: str | None = None,
          model: ModelConfig | None = None, init_from: str | None = None, advantage: str = "grpo",
          rollout: RolloutConfig | None = None, online: OnlineConfig | None = None,
-         num_iterations: int = 1, minibatch_size: int | None = None) -> dict:
+         num_iterations: int = 1, minibatch_size: int | None = None, environment: Environment | None = None) -> dict:
     """Trains a policy with GRPO/RLOO from prompt-only data; exports ``run_dir/final``.
 
     ``advantage``: ``grpo``, ``dr_grpo`` or ``rloo``. The reference (for
@@ -61,12 +76,13 @@ def grpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer:
     initial policy, or under LoRA the base with adapters off. Summary: the last rollout's metrics.
     ``rollout`` (default: ``RolloutConfig(group_size=8)``), ``online`` (``OnlineConfig()``) and ``model``
     (``ModelConfig()`` where gin binds any of its fields) are built at call time with gin's bindings.
+    ``environment`` (e.g. ``@CalculatorEnv()``): multi-turn episodes scored by it
+    (:mod:`jaxpost.generate.multiturn`, budgets in ``MultiTurnConfig``) instead of one scored completion.
     """
     # Built here, at call time, so that bindings of RolloutConfig/OnlineConfig/ModelConfig apply without
     # `grpo.rollout = @RolloutConfig()`; the run's own defaults yield to gin's bindings.
     rollout, online = build(RolloutConfig, rollout, group_size=8), build(OnlineConfig, online)
     model = build_if_bound(ModelConfig, model)
-    check_single_process("GRPO")
     if advantage not in ADVANTAGES:
         raise UserError(f"grpo.advantage={advantage!r} is unknown; choose one of {ADVANTAGES}")
     if rollout.group_size < 2:
@@ -76,39 +92,21 @@ def grpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer:
     run = prepare_run_dir(run_dir)
     part = Partitioner()
     config, graphdef, params = load_model(model, init_from, part, seed=online.seed)
-    reference = reference_policy(params)
     param_shardings = part.shardings(models.logical_axes(config), params)
 
-    rows_per_rollout = online.prompts_per_rollout * rollout.group_size
-    minibatch_size = minibatch_size or rows_per_rollout
-    updates = online.num_rollouts * num_iterations * (rows_per_rollout // minibatch_size)
-    loss_fn = make_grpo_loss(graphdef, config, max_len=rollout.max_new_tokens)
-    trainer = OnlineTrainer(run, loss_fn, params, param_shardings, part, online, total_updates=updates)
-    roller = Roller(graphdef, config, tok, part, make_scorer(part, policy_vocab_size=config.vocab_size), rollout)
+    roller = (MultiTurnRoller(graphdef, config, tok, part, environment, rollout, build(MultiTurnConfig))
+              if environment is not None else
+              Roller(graphdef, config, tok, part, make_scorer(part, policy_vocab_size=config.vocab_size), rollout))
     prompts = make_prompt_pipeline(rows, tok, online.max_prompt_len, online.prompts_per_rollout,
                                    online.seed, num_epochs=None)
-    extras = trainer.restore(prompts) or {"rollout": 0}
-    record: dict = {}
-    try:
-        with part.activate():
-            for i in range(extras["rollout"], online.num_rollouts):
-                start = time.perf_counter()
-                r = roller(trainer.state.params, reference(trainer.state.params), None, next(prompts), rollout_rng(online.seed, i))
-                adv = compute_advantages(r.scores, rollout.group_size, advantage)
-                batch = {k: r.batch[k] for k in (*LM_KEYS, "old_logp", "ref_logp")}
-                batch["advantages"] = jax.device_put(adv, part.batch_sharding(1))
-                train = trainer.update(batch, minibatch_orders(rows_per_rollout, minibatch_size, num_iterations,
-                                                               online.seed, i))
-                groups = r.scores.reshape(-1, rollout.group_size)
-                extras = {"rollout": i + 1}
-                seconds = time.perf_counter() - start
-                record = {**r.metrics, **train, "reward/std_within_group": float(groups.std(axis=1).mean()),
-                          "reward/zero_std_fraction": float((groups.std(axis=1) == 0).mean()),
-                          "time/rollout_s": seconds, "time/generate_fraction": r.metrics["time/generate_s"] / seconds}
-                trainer.log(i + 1, record)
-                trainer.save(i + 1, prompts, extras)
-    finally:
-        trainer.close()
-    summary = {"rollout": extras["rollout"], "step": int(trainer.state.step), **record}
-    return finish_run(run, config, trainer.state, tok, summary, method="grpo", init_from=init_from,
+    batches = RolloutBatches(GRPORollouts(roller, reference_policy(params), advantage, part), prompts, part,
+                             rows=online.prompts_per_rollout * rollout.group_size, minibatch_size=minibatch_size,
+                             epochs=num_iterations, seed=online.seed)
+    summary: dict = {}
+    with part.activate():
+        state = fit_online(run_dir=run, loss_fn=make_grpo_loss(graphdef, config, max_len=rollout.max_new_tokens),
+                           params=params, param_shardings=param_shardings, partitioner=part, batches=batches,
+                           online=online, model_config=config, summary=summary)
+    summary["step"] = int(state.step)
+    return finish_run(run, config, state, tok, summary, method="grpo", init_from=init_from,
                       data={"prompts": train_data})

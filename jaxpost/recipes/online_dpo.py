@@ -7,12 +7,11 @@ policy, ranked by the reward model or reward functions; the best and the
 worst completion of each prompt form a (chosen, rejected) pair (prompts
 whose completions all score the same are skipped); then ``updates_per_round``
 DPO steps (the loss ``make_dpo_loss`` is gin-configured with; reference =
-the initial policy) on the fresh pairs.
+the initial policy) on the fresh pairs. A minibatch without a valid pair
+changes nothing (see :func:`jaxpost.train.make_train_step`).
 """
 
 from __future__ import annotations
-
-import time
 
 import gin
 
@@ -20,6 +19,7 @@ from jaxpost import models
 from jaxpost.algorithms import make_dpo_loss, with_base_reference
 from jaxpost.config import build, build_if_bound
 from jaxpost.data import check_run_inputs, make_prompt_pipeline
+from jaxpost.errors import UserError
 from jaxpost.generate.rollout import Roller, RolloutConfig, best_worst_pairs, pair_batch
 from jaxpost.generate.scorers import make_scorer
 from jaxpost.models.config import ModelConfig
@@ -27,10 +27,23 @@ from jaxpost.models.load import load_model
 from jaxpost.models.lora import has_adapters
 from jaxpost.sharding import Partitioner
 from jaxpost.train.batches import on_mesh
-from jaxpost.train.online import (OnlineConfig, OnlineTrainer, check_single_process, minibatch_orders, reference_policy,
-                                  rollout_rng)
 from jaxpost.train.fit import finish_run
+from jaxpost.train.online import OnlineConfig, RolloutBatches, Stateless, fit_online, reference_policy
 from jaxpost.train.run_dir import prepare_run_dir
+
+
+class PairRollouts(Stateless):
+    """A rollout becomes one (best, worst) pair per prompt; groups that all scored alike are masked out."""
+
+    def __init__(self, roller: Roller, reference, partitioner: Partitioner):
+        self.roller, self.reference, self.partitioner = roller, reference, partitioner
+
+    def rollout(self, params, prompts, rng, index):
+        r = self.roller(params, self.reference(params), None, prompts, rng)
+        chosen, rejected, valid = best_worst_pairs(r.scores, self.roller.cfg.group_size)
+        gap = float((r.scores[chosen] - r.scores[rejected])[valid].mean()) if valid.any() else 0.0
+        rows = on_mesh(pair_batch(r.host, chosen, rejected, valid), self.partitioner)
+        return rows, {**r.metrics, "pairs/valid_fraction": float(valid.mean()), "pairs/score_gap": gap}
 
 
 @gin.configurable
@@ -51,9 +64,8 @@ def online_dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, toke
     # `online_dpo.rollout = @RolloutConfig()`; the run's own defaults yield to gin's bindings.
     rollout, online = build(RolloutConfig, rollout, group_size=2), build(OnlineConfig, online)
     model = build_if_bound(ModelConfig, model)
-    check_single_process("Online DPO")
     if rollout.group_size < 2:
-        raise ValueError(f"online DPO needs RolloutConfig.group_size >= 2, got {rollout.group_size}")
+        raise UserError(f"online DPO needs RolloutConfig.group_size >= 2, got {rollout.group_size}")
     tok, rows = check_run_inputs("online_dpo", train_data=train_data, kind="prompt", tokenizer=tokenizer,
                                  init_from=init_from, model=model)
     run = prepare_run_dir(run_dir)
@@ -69,37 +81,16 @@ def online_dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, toke
         else:
             frozen, frozen_shardings = {"reference": reference(params)}, {"reference": param_shardings}
 
-    pairs = online.prompts_per_rollout
-    minibatch_size = minibatch_size or pairs
-    updates = online.num_rollouts * updates_per_round * (pairs // minibatch_size)
-    trainer = OnlineTrainer(run, loss_fn, params, param_shardings, part, online, total_updates=updates,
-                            frozen=frozen, frozen_shardings=frozen_shardings)
     roller = Roller(graphdef, config, tok, part, make_scorer(part, policy_vocab_size=config.vocab_size), rollout)
     prompts = make_prompt_pipeline(rows, tok, online.max_prompt_len, online.prompts_per_rollout,
                                    online.seed, num_epochs=None)
-    extras = trainer.restore(prompts) or {"rollout": 0}
-    record: dict = {}
-    try:
-        with part.activate():
-            for i in range(extras["rollout"], online.num_rollouts):
-                start = time.perf_counter()
-                r = roller(trainer.state.params, reference(trainer.state.params), None, next(prompts), rollout_rng(online.seed, i))
-                chosen, rejected, valid = best_worst_pairs(r.scores, rollout.group_size)
-                train = {}
-                if valid.any():
-                    batch = on_mesh(pair_batch(r.host, chosen, rejected, valid), part)
-                    train = trainer.update(batch, minibatch_orders(pairs, minibatch_size, updates_per_round,
-                                                                   online.seed, i))
-                extras = {"rollout": i + 1}
-                seconds = time.perf_counter() - start
-                record = {**r.metrics, **train, "pairs/valid_fraction": float(valid.mean()),
-                          "pairs/score_gap": float((r.scores[chosen] - r.scores[rejected])[valid].mean())
-                          if valid.any() else 0.0,
-                          "time/rollout_s": seconds, "time/generate_fraction": r.metrics["time/generate_s"] / seconds}
-                trainer.log(i + 1, record)
-                trainer.save(i + 1, prompts, extras)
-    finally:
-        trainer.close()
-    summary = {"rollout": extras["rollout"], "step": int(trainer.state.step), **record}
-    return finish_run(run, config, trainer.state, tok, summary, method="online_dpo", init_from=init_from,
+    batches = RolloutBatches(PairRollouts(roller, reference, part), prompts, part, rows=online.prompts_per_rollout,
+                             minibatch_size=minibatch_size, epochs=updates_per_round, seed=online.seed)
+    summary: dict = {}
+    with part.activate():
+        state = fit_online(run_dir=run, loss_fn=loss_fn, params=params, param_shardings=param_shardings,
+                           partitioner=part, batches=batches, online=online, frozen=frozen,
+                           frozen_shardings=frozen_shardings, model_config=config, summary=summary)
+    summary["step"] = int(state.step)
+    return finish_run(run, config, state, tok, summary, method="online_dpo", init_from=init_from,
                       data={"prompts": train_data})

@@ -15,7 +15,6 @@ fixed (``kl_target=None``) or adapted (Ziegler et al. 2019).
 from __future__ import annotations
 
 import functools
-import time
 
 import gin
 import jax
@@ -26,6 +25,7 @@ from jaxpost.algorithms import LM_KEYS
 from jaxpost.algorithms.online import make_ppo_loss, ppo_advantages
 from jaxpost.config import build, build_if_bound
 from jaxpost.data import check_run_inputs, make_prompt_pipeline
+from jaxpost.distributed import to_host
 from jaxpost.generate.rollout import Roller, RolloutConfig
 from jaxpost.generate.scorers import make_scorer
 from jaxpost.losses.ppo import AdaptiveKLController
@@ -33,9 +33,35 @@ from jaxpost.models.config import ModelConfig
 from jaxpost.models.export import export
 from jaxpost.models.load import load_model
 from jaxpost.sharding import Partitioner
-from jaxpost.train.online import (OnlineConfig, OnlineTrainer, check_single_process, minibatch_orders, reference_policy,
-                                  rollout_rng)
-from jaxpost.train.run_dir import prepare_run_dir, write_operative_config, write_summary
+from jaxpost.train.batches import on_mesh
+from jaxpost.train.online import OnlineConfig, RolloutBatches, fit_online, reference_policy
+from jaxpost.train.run_dir import prepare_run_dir, release_run_dirs, write_operative_config, write_summary
+
+
+class PPORollouts:
+    """A rollout becomes rows with GAE advantages and returns; the KL coefficient adapts between rollouts."""
+
+    def __init__(self, roller: Roller, reference, partitioner: Partitioner, advantages, kl_coef: float,
+                 kl_control: AdaptiveKLController):
+        self.roller, self.reference, self.partitioner, self.advantages = roller, reference, partitioner, advantages
+        self.kl_coef, self.kl_control = kl_coef, kl_control
+
+    def rollout(self, params, prompts, rng, index):
+        r = self.roller(params["policy"], self.reference(params["policy"]), params["value"], prompts, rng)
+        b, coef = r.batch, self.kl_coef
+        scores = on_mesh({"scores": r.scores}, self.partitioner)["scores"]
+        adv, ret, obj = self.advantages(b["old_logp"], b["ref_logp"], b["old_values"], scores, b["loss_mask"],
+                                        jnp.float32(coef))
+        obj = {k: float(v) for k, v in to_host(obj).items()}
+        self.kl_coef = float(self.kl_control.update(coef, obj["objective/kl"], len(r.scores)))
+        rows = {k: b[k] for k in (*LM_KEYS, "old_logp", "old_values")}
+        return {**rows, "advantages": adv, "returns": ret}, {**r.metrics, **obj, "objective/kl_coef": coef}
+
+    def get_state(self) -> dict:
+        return {"kl_coef": self.kl_coef}
+
+    def set_state(self, state) -> None:
+        self.kl_coef = float(state.get("kl_coef", self.kl_coef))
 
 
 @gin.configurable
@@ -47,11 +73,9 @@ def ppo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
         whiten_rewards: bool = False) -> dict:
     """Trains a policy and a value model with PPO against the gin-configured scorer.
 
-    The policy starts from ``init_from`` (an SFT export) or a fresh
-    ``model``; the reference is a frozen copy of it (under LoRA, its base
-    with adapters off). The value model starts
-    from ``value_from`` (usually the reward model) or the policy's body,
-    with a ``score`` head. Exports ``run_dir/final`` (policy) and
+    The policy starts from ``init_from`` (an SFT export) or a fresh ``model``; the reference is a frozen
+    copy of it (under LoRA, its base with adapters off). The value model starts from ``value_from``
+    (usually the reward model) or the policy's body, with a ``score`` head. Exports ``run_dir/final`` (policy) and
     ``run_dir/value``. Summary: the last rollout's metrics.
     ``rollout`` (default: ``RolloutConfig()``), ``online`` (``OnlineConfig()``) and ``model``
     (``ModelConfig()`` where gin binds any of its fields) are built at call time with gin's bindings.
@@ -60,60 +84,37 @@ def ppo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
     # `ppo.rollout = @RolloutConfig()`; the run's own defaults yield to gin's bindings.
     rollout, online = build(RolloutConfig, rollout), build(OnlineConfig, online)
     model = build_if_bound(ModelConfig, model)
-    check_single_process("PPO")
     tok, rows = check_run_inputs("ppo", train_data=train_data, kind="prompt", tokenizer=tokenizer,
                                  init_from=init_from, model=model)
     run = prepare_run_dir(run_dir)
     part = Partitioner()
     config, graphdef, policy = load_model(model, init_from, part, seed=online.seed)
     v_config, v_graphdef, value = load_model(model, value_from or init_from, part, seed=online.seed, head="score")
-    reference = reference_policy(policy)
     params = {"policy": policy, "value": value}
     shardings = {"policy": part.shardings(models.logical_axes(config), policy),
                  "value": part.shardings(models.logical_axes(v_config), value)}
 
-    rows_per_rollout = online.prompts_per_rollout * rollout.group_size
-    minibatch_size = minibatch_size or rows_per_rollout
-    updates = online.num_rollouts * ppo_epochs * (rows_per_rollout // minibatch_size)
-    trainer = OnlineTrainer(run, make_ppo_loss(graphdef, config, v_graphdef), params, shardings, part, online,
-                            total_updates=updates)
     roller = Roller(graphdef, config, tok, part, make_scorer(part, policy_vocab_size=config.vocab_size), rollout,
                     value_graphdef=v_graphdef)
-    prompts = make_prompt_pipeline(rows, tok, online.max_prompt_len, online.prompts_per_rollout,
-                                   online.seed, num_epochs=None)
     advantages = jax.jit(functools.partial(ppo_advantages, kl_estimator=kl_estimator, gamma=gamma, lam=lam,
                                            whiten_rewards=whiten_rewards))
-    kl_control = AdaptiveKLController(kl_target, kl_horizon)
-    extras = trainer.restore(prompts) or {"rollout": 0, "kl_coef": kl_coef}
-    record: dict = {}
-    try:
-        with part.activate():
-            for i in range(extras["rollout"], online.num_rollouts):
-                start = time.perf_counter()
-                p = trainer.state.params
-                r = roller(p["policy"], reference(p["policy"]), p["value"], next(prompts), rollout_rng(online.seed, i))
-                coef = extras["kl_coef"]
-                adv, ret, obj = advantages(r.batch["old_logp"], r.batch["ref_logp"], r.batch["old_values"],
-                                           jnp.asarray(r.scores), r.batch["loss_mask"], jnp.float32(coef))
-                batch = {k: r.batch[k] for k in (*LM_KEYS, "old_logp", "old_values")}
-                batch.update(advantages=adv, returns=ret)
-                train = trainer.update(batch, minibatch_orders(rows_per_rollout, minibatch_size, ppo_epochs,
-                                                               online.seed, i))
-                obj = {k: float(v) for k, v in jax.device_get(obj).items()}
-                extras = {"rollout": i + 1,
-                          "kl_coef": float(kl_control.update(coef, obj["objective/kl"], rows_per_rollout))}
-                seconds = time.perf_counter() - start
-                record = {**r.metrics, **obj, **train, "objective/kl_coef": coef,
-                          "time/rollout_s": seconds, "time/generate_fraction": r.metrics["time/generate_s"] / seconds}
-                trainer.log(i + 1, record)
-                trainer.save(i + 1, prompts, extras)
-    finally:
-        trainer.close()
+    method = PPORollouts(roller, reference_policy(policy), part, advantages, kl_coef,
+                         AdaptiveKLController(kl_target, kl_horizon))
+    prompts = make_prompt_pipeline(rows, tok, online.max_prompt_len, online.prompts_per_rollout,
+                                   online.seed, num_epochs=None)
+    batches = RolloutBatches(method, prompts, part, rows=online.prompts_per_rollout * rollout.group_size,
+                             minibatch_size=minibatch_size, epochs=ppo_epochs, seed=online.seed)
+    summary: dict = {}
+    with part.activate():
+        state = fit_online(run_dir=run, loss_fn=make_ppo_loss(graphdef, config, v_graphdef), params=params,
+                           param_shardings=shardings, partitioner=part, batches=batches, online=online,
+                           model_config=config, summary=summary)
     write_operative_config(run, config)
-    summary = {"rollout": extras["rollout"], "step": int(trainer.state.step), **record}
+    summary["step"] = int(state.step)
     card = dict(data={"prompts": train_data}, summary=summary)
-    export(run, config, trainer.state.params["policy"], tok, method="ppo", init_from=init_from, **card)
-    export(run, v_config, trainer.state.params["value"], tok, name="value", method="ppo",
+    export(run, config, state.params["policy"], tok, method="ppo", init_from=init_from, **card)
+    export(run, v_config, state.params["value"], tok, name="value", method="ppo",
            init_from=value_from or init_from, **card)
     write_summary(run, summary)
+    release_run_dirs()
     return summary

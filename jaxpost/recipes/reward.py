@@ -12,7 +12,6 @@ directory, is what PPO and the data tools load as a scorer.
 from __future__ import annotations
 
 import gin
-import jax
 
 from jaxpost import models
 from jaxpost.algorithms import make_reward_loss
@@ -59,8 +58,7 @@ def reward_model(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, to
         rows, held_out = train_eval_split(rows, eval_path=eval_data,
                                           eval_fraction=None if eval_data else eval_fraction, seed=loop.seed)
     stats = DataStats()
-    host_batch = batch_size // jax.process_count()
-    pipeline = lambda r, **kw: make_preference_pipeline(r, tok, seq_len, host_batch, max_prompt_len=max_prompt_len,
+    pipeline = lambda r, **kw: make_preference_pipeline(r, tok, seq_len, batch_size, max_prompt_len=max_prompt_len,
                                                        packing=packing, shared_prompt=shared_prompt, **kw)
     batches = MeshBatches(pipeline(rows, seed=loop.seed, stats=stats), part)
     evaluate = None

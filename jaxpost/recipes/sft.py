@@ -10,7 +10,6 @@ parquet, arrow or a Hub name). Loss on responses only unless
 from __future__ import annotations
 
 import gin
-import jax
 
 from jaxpost import models
 from jaxpost.algorithms import make_sft_eval, make_sft_loss
@@ -50,17 +49,16 @@ def sft(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
         rows, held_out = train_eval_split(rows, eval_path=eval_data, eval_fraction=None if eval_data else eval_fraction,
                                           seed=loop.seed)
     stats = DataStats()
-    host_batch = batch_size // jax.process_count()
 
     def train_pipeline(**kw):  # the training stream; num_epochs=1 gives one epoch, for LoopConfig.num_epochs
-        return make_lm_pipeline(rows, tok, seq_len, host_batch, loop.seed, packing=packing,
+        return make_lm_pipeline(rows, tok, seq_len, batch_size, loop.seed, packing=packing,
                                 train_on_prompt=train_on_prompt, **kw)
     batches = MeshBatches(train_pipeline(stats=stats), part)
 
     evaluate = None
     if held_out is not None:
         def eval_batches():
-            return MeshBatches(make_lm_pipeline(held_out, tok, seq_len, host_batch, 0, packing=packing,
+            return MeshBatches(make_lm_pipeline(held_out, tok, seq_len, batch_size, 0, packing=packing,
                                                 train_on_prompt=train_on_prompt, num_epochs=1, shuffle=False), part)
         evaluate = make_evaluator(make_sft_eval(graphdef, config, chunk_size), eval_batches, loop.eval_batches)
 

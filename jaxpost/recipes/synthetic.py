@@ -80,8 +80,7 @@ def synthesize(model_dir: str = gin.REQUIRED, tokenizer: str | None = None, prom
     sampling = sampling.replace(group_size=n_samples, pad_token_id=pad,
                                 stop_token_ids=sampling.stop_token_ids or tuple(stop_token_ids(tok)))
     sampler = Sampler(graphdef, config, sampling, part)
-    it = make_prompt_pipeline(prompt_rows, tok, max_prompt_len, batch_size, seed, num_epochs=1, shuffle=False,
-                              shard_index=0, shard_count=1)
+    it = make_prompt_pipeline(prompt_rows, tok, max_prompt_len, batch_size, seed, num_epochs=1, shuffle=False)
     stats = SynthesisStats()
     all_scores, best_scores = [], []
     key = jax.random.PRNGKey(seed)

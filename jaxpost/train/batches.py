@@ -1,4 +1,4 @@
-"""Batches on the mesh: this host's rows -> global sharded arrays, and sums over the global batch."""
+"""Batches on the mesh: the global batch (the same on every host) -> global sharded arrays, and sums over it."""
 
 from __future__ import annotations
 
@@ -14,10 +14,13 @@ __all__ = ["MeshBatches", "count_loss_tokens", "global_sum", "on_mesh"]
 
 
 def on_mesh(batch: Mapping[str, Any], partitioner: Partitioner) -> dict[str, jax.Array]:
-    """This host's rows of a batch -> global arrays split over the batch axes.
+    """The global batch -> global arrays split over the batch axes.
 
-    Every host passes its own ``[B / num_hosts, ...]`` rows; the result is
-    the ``[B, ...]`` global array (``jax.make_array_from_process_local_data``).
+    Every host passes the same global ``[B, ...]`` numpy batch (the
+    pipelines of :mod:`jaxpost.data.pipeline` yield it on every host); each
+    host transfers only the shards its own devices hold
+    (``jax.make_array_from_callback``), so any mesh layout works, whichever
+    rows a host's devices hold. ``B`` must divide over the batch axes.
     Non-array entries (raw prompt text) are dropped.
     """
     out = {}
@@ -25,12 +28,12 @@ def on_mesh(batch: Mapping[str, Any], partitioner: Partitioner) -> dict[str, jax
         if not isinstance(v, np.ndarray):
             continue
         sharding = partitioner.batch_sharding(v.ndim)
-        out[k] = jax.make_array_from_process_local_data(sharding, v)
+        out[k] = jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
     return out
 
 
 class MeshBatches:
-    """Wraps a host-local batch iterator so ``next`` yields global sharded arrays.
+    """Wraps an iterator of global numpy batches (the same on every host) so ``next`` yields global arrays.
 
     Passes ``get_state``/``set_state`` through, so checkpoints hold the
     underlying pipeline's position.

@@ -6,10 +6,10 @@ Each step directory holds three items saved together with
 * ``state``: the :class:`TrainState` (sharded arrays, ``StandardSave``); each
   host writes its own shards, restore reads straight into the *target*
   shardings, so a run saved on one mesh resumes on another;
-* ``data``: the iterator's ``get_state()`` (``JsonSave``). Orbax writes JSON
-  items from process 0 only, so with several processes every process's
-  state is gathered first and saved as ``process_states``: each host reads
-  its own rows (``rows[h::n]``, packed), so the hosts' positions differ;
+* ``data``: the iterator's ``get_state()`` (``JsonSave``, written by
+  process 0). Every host reads the same global batches (see
+  :mod:`jaxpost.data.pipeline`), so every host's position is the same and
+  a run resumes exactly also on another number of hosts;
 * ``config``: ``{"gin": operative config text}`` (``JsonSave``).
 
 Orbax writes a step to ``<step>.orbax-checkpoint-tmp-*`` and renames it when
@@ -22,14 +22,12 @@ newest step that restores is used and the damaged ones are moved to
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, NamedTuple
 
 import gin
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxpost import paths
@@ -49,19 +47,8 @@ class Restored(NamedTuple):
     data_state: Any
     config: str
     data_states: list | None = None
-    """Every saving process's iterator state, in process order (None for
-    checkpoints written before per-process states were kept)."""
-
-
-def _allgather_json(value: Any) -> list:
-    """``value`` of every process (JSON-serialisable), in process order; a collective."""
-    from jax.experimental import multihost_utils
-    raw = np.frombuffer(json.dumps(value).encode(), dtype=np.uint8)
-    lengths = multihost_utils.process_allgather(np.asarray([raw.size], np.int32))
-    padded = np.zeros(int(lengths.max()), np.uint8)
-    padded[:raw.size] = raw
-    every = multihost_utils.process_allgather(padded)
-    return [json.loads(bytes(row[:int(n)]).decode()) for row, n in zip(every, lengths.reshape(-1))]
+    """The saved iterator states: ``[data_state]``, or every process's state
+    for checkpoints written when hosts read disjoint shards (``process_states``)."""
 
 
 def abstract_with_shardings(tree: Any, shardings: Any = None) -> Any:
@@ -127,9 +114,7 @@ class Checkpointer:
             return False
         if config is None:
             config = gin.operative_config_str()
-        data = {"state": data_state}
-        if jax.process_count() > 1:
-            data["process_states"] = _allgather_json(data_state)
+        data = {"state": data_state}  # the same on every process: process 0 writes it
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data),
@@ -154,12 +139,11 @@ class Checkpointer:
         set (:func:`abstract_with_shardings`); arrays are read directly into
         those shards, whatever mesh the checkpoint was written from.
 
-        ``data_state`` is this process's own saved iterator state when the
-        checkpoint was written by as many processes as are running now;
-        otherwise (hosts added or removed, so each host's ``rows[h::n]`` shard
-        changes) it is process 0's state, which keeps the epoch position but
-        not the exact example order, and a warning says so. ``data_states``
-        holds every saving process's state for iterators that can use them.
+        ``data_state`` is the saved iterator state, the same for every
+        process, so a run resumes exactly on any number of processes. An
+        older checkpoint that kept ``process_states`` (hosts then read
+        disjoint shards) restores process 0's state, with a warning when it
+        was written by several processes (its position is of one host's shard).
         """
         if step not in self.all_steps():
             raise FileNotFoundError(f"No complete checkpoint for step {step} in {self.directory}; "
@@ -174,19 +158,16 @@ class Checkpointer:
             config=ocp.args.JsonRestore(),
         ))
         data = out["data"]
-        states = data.get("process_states")
-        data_state = data["state"]
-        if states is not None and len(states) == jax.process_count():
-            data_state = states[jax.process_index()]
-        elif (len(states) if states is not None else 1) != jax.process_count():
-            log.warning("Checkpoint step %d was written by %d processes, restoring in %d: the data iterators "
-                        "resume from process 0's position; the example order differs from the saved run.",
-                        step, len(states) if states is not None else 1, jax.process_count())
-        return Restored(step=step, state=out["state"], data_state=data_state, config=out["config"]["gin"],
+        states = data.get("process_states")  # older checkpoints: one state per host's shard
+        if states is not None and len(states) > 1:
+            log.warning("Checkpoint step %d was written by %d processes that each read a shard of the rows (an "
+                        "older jaxpost): the data iterators resume from process 0's position; the example order "
+                        "differs from the saved run.", step, len(states))
+        return Restored(step=step, state=out["state"], data_state=data["state"], config=out["config"]["gin"],
                         data_states=states if states is not None else [data["state"]])
 
     def data_states(self, step: int) -> list:
-        """Every saving process's iterator state at ``step`` (reads only the ``data`` item)."""
+        """The saved iterator states at ``step`` (reads only the ``data`` item), as in :class:`Restored`."""
         if step not in self.all_steps():
             raise FileNotFoundError(f"No complete checkpoint for step {step} in {self.directory}; "
                                     f"available: {self.all_steps()}")

@@ -14,7 +14,6 @@ from typing import Any, Callable, Iterator, Mapping
 
 import gin
 import jax
-import numpy as np
 from etils import epath
 
 from jaxpost.distributed import is_main_process
@@ -170,17 +169,13 @@ def make_evaluator(eval_step: Callable, make_batches: Callable[[], Iterator], nu
 def count_epoch_batches(make_epoch: Callable[[], Iterator]) -> int:
     """Batches in one pass over the training data: ``make_epoch()`` is iterated to its end, once.
 
-    ``make_epoch`` builds this host's pipeline for one epoch (``num_epochs=1``,
-    the training seed and options, so packing gives the same rows); its
-    batches are counted, which tokenizes (and packs) the data once. With
-    several processes the largest count of any host is returned (on every
-    host), so each one reads at least its whole share. Raises
+    ``make_epoch`` builds the pipeline for one epoch (``num_epochs=1``, the
+    training seed and options, so packing gives the same rows); its batches
+    are counted, which tokenizes (and packs) the data once. Every host reads
+    the same global batches, so every host counts the same number. Raises
     :class:`UserError` when an epoch holds no batch.
     """
     n = sum(1 for _ in make_epoch())
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        n = int(np.max(multihost_utils.process_allgather(np.asarray([n], np.int32))))
     if n == 0:
         raise UserError("LoopConfig.num_epochs: one pass over the training data yields no batch (every example "
                         "dropped?); check the data and seq_len, or set LoopConfig.num_steps")
@@ -200,7 +195,8 @@ def fit(*, run_dir: epath.Path, loss_fn: Callable, params: dict, param_shardings
         batches: MeshBatches, loop: LoopConfig, frozen: Any = None, frozen_shardings: Any = None,
         evaluate: Callable | None = None, flops_per_step: float | None = None, data_stats: Any = None,
         trainable_mask: Any = None, model_config: ModelConfig | None = None,
-        epoch_batches: Callable[[], Iterator] | None = None, summary: dict | None = None) -> Any:
+        epoch_batches: Callable[[], Iterator] | None = None, summary: dict | None = None,
+        extra_metrics: Callable[[Any], Mapping] | None = None) -> Any:
     """Optimizer, sharded state, compiled step, checkpoints and the loop: returns the final state.
 
     Resumes automatically from ``run_dir/checkpoints``. ``make_optimizer``
@@ -219,6 +215,12 @@ def fit(*, run_dir: epath.Path, loss_fn: Callable, params: dict, param_shardings
     and ``stop_reason``. A W&B project without ``wandb`` installed and a
     missing ``epoch_batches``/``evaluate`` raise :class:`UserError` before
     the state is built.
+
+    ``batches`` yields global batches (``next``), or, for online runs, is a
+    source whose batches depend on the current state (``next_for(state)``,
+    :class:`jaxpost.train.online.RolloutBatches`): the step is then compiled
+    on its first batch instead of one read up front. ``extra_metrics(state)``
+    is added to every logged record (with the data statistics).
     """
     if loop.best_metric is not None and evaluate is None:
         raise UserError(f"LoopConfig.best_metric={loop.best_metric!r} compares evaluations, but this run has no "
@@ -245,11 +247,14 @@ def fit(*, run_dir: epath.Path, loss_fn: Callable, params: dict, param_shardings
         abstract = abstract_state(params, optimizer, loop.seed)
         shardings = state_shardings(abstract, param_shardings, partitioner, optimizer)
         state = init_sharded_state(params, optimizer, shardings, seed=loop.seed)
-        batches = PeekedBatches(batches)  # compile against real shapes; that batch is still trained on
-        first = batches.first
-        step = compile_train_step(
-            make_train_step(loss_fn, optimizer, grad_accum_steps=loop.grad_accum_steps),
-            shardings, batch_shardings(first, partitioner), frozen_shardings, steps_per_call=loop.steps_per_call)
+        train_step = make_train_step(loss_fn, optimizer, grad_accum_steps=loop.grad_accum_steps)
+        if hasattr(batches, "next_for"):  # batches sampled from the state itself: compile on the first one
+            step = _compiled_on_first_batch(train_step, shardings, partitioner, frozen_shardings,
+                                            loop.steps_per_call)
+        else:
+            batches = PeekedBatches(batches)  # compile against real shapes; that batch is still trained on
+            step = compile_train_step(train_step, shardings, batch_shardings(batches.first, partitioner),
+                                      frozen_shardings, steps_per_call=loop.steps_per_call)
         checkpointer = Checkpointer(run_dir / "checkpoints", save_every=loop.save_every or num_steps,
                                     keep=loop.keep_checkpoints, resume_from=ResumeConfig().from_step)
         write_operative_config(run_dir, model_config)  # the step is built: every value it reads is known
@@ -258,7 +263,9 @@ def fit(*, run_dir: epath.Path, loss_fn: Callable, params: dict, param_shardings
             best = BestCheckpoint(run_dir / "checkpoints_best", metric=loop.best_metric, mode=loop.best_mode,
                                   min_delta=loop.min_delta, patience=loop.patience)
 
-        extra = (lambda _state: data_stats.as_metrics()) if data_stats is not None else None
+        extra_fns = [f for f in (extra_metrics, None if data_stats is None else lambda _s: data_stats.as_metrics())
+                     if f is not None]
+        extra = (lambda st: {k: v for f in extra_fns for k, v in f(st).items()}) if extra_fns else None
         try:
             state = train(state=state, step_fn=step, batches=batches, frozen=frozen, num_steps=num_steps,
                           checkpointer=checkpointer, eval_fn=evaluate, eval_every=loop.eval_every,
@@ -288,6 +295,21 @@ def fit(*, run_dir: epath.Path, loss_fn: Callable, params: dict, param_shardings
             best.close()
         writer.close()
     return state
+
+def _compiled_on_first_batch(train_step: Callable, shardings: Any, partitioner: Partitioner, frozen_shardings: Any,
+                             steps_per_call: int) -> Callable:
+    """``step(state, batch, frozen)`` compiled for the shapes of the first batch it is called with."""
+    compiled = None
+
+    def step(state, batch, frozen=None):
+        nonlocal compiled
+        if compiled is None:
+            compiled = compile_train_step(train_step, shardings, batch_shardings(batch, partitioner),
+                                          frozen_shardings, steps_per_call=steps_per_call)
+        return compiled(state, batch, frozen)
+
+    return step
+
 
 def finish_run(run_dir: str | os.PathLike, config: ModelConfig, state: Any, tokenizer: Any, summary: dict,
                evaluate: Callable | None = None, *, method: str | None = None, init_from: str | None = None,

@@ -259,7 +259,9 @@ def train(*, state: TrainState, step_fn: Callable, batches: Iterator, frozen: An
       step_fn: compiled ``(state, batch, frozen) -> (state, metrics)`` with
         ``metrics["is_finite"]`` (see :func:`jaxpost.train.make_train_step`);
         the state passed in may be donated.
-      batches: iterator with ``get_state``/``set_state`` (checkpointed).
+      batches: iterator with ``get_state``/``set_state`` (checkpointed), or
+        a source of batches that depend on the state (online rollouts:
+        ``batches.next_for(state)``, :class:`jaxpost.train.online.RolloutBatches`).
       num_steps: total optimizer steps of the run (not steps of this call).
       checkpointer: saves at its ``should_save`` steps and at ``num_steps``.
       eval_fn: ``eval_fn(state) -> dict``, run every ``eval_every`` steps,
@@ -316,6 +318,8 @@ def train(*, state: TrainState, step_fn: Callable, batches: Iterator, frozen: An
     if best is not None:
         best.start(step, eval_every)
     console = Console(num_steps, initial=step, progress=progress)
+    # Online sources sample their batches from the current policy; offline ones are plain iterators.
+    take = batches.next_for if hasattr(batches, "next_for") else (lambda _state: next(batches))
     n_devices, kind = jax.device_count(), jax.devices()[0].device_kind
     pending: list[tuple[int, jax.Array]] = []
     watch, interval_steps = Stopwatch(), 0
@@ -350,7 +354,7 @@ def train(*, state: TrainState, step_fn: Callable, batches: Iterator, frozen: An
 
     try:
         while step < num_steps and not (best is not None and best.should_stop):
-            parts = [next(batches) for _ in range(n)]
+            parts = [take(state) for _ in range(n)]
             if tokens_per_batch_fn is not None:
                 interval_tokens.extend(tokens_per_batch_fn(b) for b in parts)
             batch = parts[0] if n == 1 else stack_batches(parts)

@@ -360,7 +360,7 @@ def format_log_line(step: int, total: int, record: Mapping[str, Any], unit: str 
     gradient norm, learning rate, epoch, tokens/s, MFU; for online runs the
     scores, KL, completion length and sampling speed), then every ``eval/``
     key in sorted order. The
-    same formatter serves the offline loop and :class:`OnlineTrainer`, so
+    same formatter serves offline and online runs (one loop), so
     their lines read alike.
     """
     parts = [f"{unit} {step:>{len(str(total))}}/{total}"]

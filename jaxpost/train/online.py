@@ -1,32 +1,43 @@
-"""What the online runs (PPO, GRPO/RLOO, online DPO) share: the update loop and its checkpoints.
+"""Online runs (PPO, GRPO/RLOO, online DPO, on-policy distillation): the offline loop fed by rollouts.
 
-An online run alternates rollouts and updates. :class:`OnlineTrainer` owns
-the optimizer, the sharded :class:`jaxpost.train.TrainState`, the one
-compiled train step, the metrics writer and the checkpointer. Checkpoints
-are taken at rollout boundaries and hold the train state, the prompt
-iterator's position and the online extras (rollout index, KL coefficient),
-so a restarted run continues from the same rollout with the same results:
-sampling keys and minibatch orders are functions of ``(seed, rollout)``.
+An online run is the offline :func:`jaxpost.train.fit` with one difference:
+its batches come from :class:`RolloutBatches`, which samples a rollout with
+the *current* policy whenever the previous rollout's minibatches are used
+up. So the NaN guard, logging, checkpoints, resume and the run directory
+behave exactly as in offline training. A method supplies only what differs,
+an :class:`OnlineMethod`: how a batch of prompts becomes a batch of training
+rows (sample, score, measure, advantages) from the current params.
+
+Multi-host: prompts are the same global batch on every host; the sampler
+and every forward run on the whole mesh (each host's devices hold their
+share of the rows); Python rewards run on each host for its own rows; every
+statistic is computed from globally gathered values, so it is global.
+Sampling keys are ``fold_in(fold_in(PRNGKey(seed), rollout), step)`` per
+global row of the rollout, and minibatch orders are functions of ``(seed,
+rollout)``: the numbers do not depend on how many hosts run them.
+Checkpoints are taken at rollout boundaries only.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+import math
+import time
+from typing import Any, Callable, Mapping, Protocol
 
 import gin
 import jax
 import numpy as np
+from etils import epath
 
-from jaxpost import paths
-from jaxpost.models.lora import has_adapters, trainable_mask as lora_trainable_mask, without_adapters
+from jaxpost.errors import UserError
+from jaxpost.models.lora import has_adapters, without_adapters
 from jaxpost.sharding import Partitioner
-from jaxpost.train import (Checkpointer, MetricsWriter, NonFiniteLossError, abstract_state, abstract_with_shardings,
-                           batch_shardings, compile_train_step, format_log_line, init_sharded_state, make_optimizer,
-                           make_train_step, state_shardings)
-from jaxpost.train.run_dir import ResumeConfig
-from jaxpost.train.trainable import stop_frozen_gradients
+from jaxpost.train.fit import LoopConfig, fit
+from jaxpost.train.step import batch_shardings
+
+__all__ = ["OnlineConfig", "OnlineMethod", "RolloutBatches", "Stateless", "fit_online", "minibatch_orders", "reference_policy",
+           "rollout_rng"]
 
 
 @gin.configurable
@@ -34,11 +45,12 @@ from jaxpost.train.trainable import stop_frozen_gradients
 class OnlineConfig:
     """How long and how an online run trains.
 
-    ``num_rollouts`` rollout batches of ``prompts_per_rollout`` prompts
-    (``* group_size`` completions); checkpoints every ``save_every``
-    rollouts (0: only at the end), the newest ``keep_checkpoints`` kept.
-    ``seed`` fixes the initialisation, prompt order, sampling keys and
-    minibatch orders.
+    ``num_rollouts`` rollout batches of ``prompts_per_rollout`` prompts (a
+    global count over all hosts; ``* group_size`` completions); metrics are
+    logged every ``log_every`` rollouts and checkpoints taken every
+    ``save_every`` rollouts (0: only at the end), the newest
+    ``keep_checkpoints`` kept. ``seed`` fixes the initialisation, prompt
+    order, sampling keys and minibatch orders. ``progress``: the tqdm bar.
     """
 
     num_rollouts: int = 100
@@ -47,6 +59,15 @@ class OnlineConfig:
     save_every: int = 0
     keep_checkpoints: int = 2
     seed: int = 0
+    log_every: int = 1
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("num_rollouts", "prompts_per_rollout", "max_prompt_len", "log_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"OnlineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.save_every < 0:
+            raise UserError(f"OnlineConfig.save_every must be >= 0 (0: only at the end), got {self.save_every}")
 
 
 def rollout_rng(seed: int, rollout: int) -> jax.Array:
@@ -58,22 +79,16 @@ def minibatch_orders(num_rows: int, minibatch_size: int, epochs: int, seed: int,
     """Row indices of every minibatch of a rollout: ``epochs`` shuffled passes, each split in order.
 
     The permutation of pass ``e`` is ``default_rng([seed, rollout, e])``:
-    the same on resume. ``minibatch_size`` must divide ``num_rows``.
+    the same on resume and on any number of hosts. ``minibatch_size`` must
+    divide ``num_rows``.
     """
     if minibatch_size < 1 or num_rows % minibatch_size:
-        raise ValueError(f"minibatch_size={minibatch_size} must divide the {num_rows} rows of a rollout batch")
+        raise UserError(f"minibatch_size={minibatch_size} must divide the {num_rows} rows of a rollout batch")
     out = []
     for e in range(epochs):
         perm = np.random.default_rng([seed, rollout, e]).permutation(num_rows).astype(np.int32)
         out.extend(perm[i:i + minibatch_size] for i in range(0, num_rows, minibatch_size))
     return out
-
-
-def mean_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Per-key mean over the updates of one rollout (fetched from the devices once)."""
-    records = jax.device_get(list(records))
-    keys = {k for r in records for k in r if k != "is_finite"}
-    return {k: float(np.mean([np.asarray(r[k], np.float64) for r in records if k in r])) for k in sorted(keys)}
 
 
 def reference_policy(params: Any) -> Callable[[Any], Any]:
@@ -91,99 +106,143 @@ def reference_policy(params: Any) -> Callable[[Any], Any]:
     return lambda current: initial
 
 
-class OnlineTrainer:
-    """Optimizer, sharded state, one compiled step, metrics and checkpoints of an online run.
+class OnlineMethod(Protocol):
+    """What an online method supplies to :class:`RolloutBatches`.
 
-    ``total_updates`` (optimizer steps over the whole run) sets the
-    learning-rate schedule of the gin-configured :func:`make_optimizer`.
+    ``rollout(params, prompts, rng, index)`` turns one global batch of
+    prompts (from the prompt pipeline) into ``(rows, metrics)``: ``rows`` a
+    dict of global ``[R, ...]`` arrays on the mesh (the training rows of this
+    rollout; ``R`` is the same every rollout) and ``metrics`` floats to log.
+    ``params`` are the current train-state params. ``get_state``/``set_state``
+    hold what must survive a restart (e.g. an adaptive KL coefficient) as
+    JSON values.
     """
 
-    def __init__(self, run_dir: Path, loss_fn: Callable, params: Any, param_shardings: Any,
-                 partitioner: Partitioner, online: OnlineConfig, total_updates: int, frozen: Any = None,
-                 frozen_shardings: Any = None):
-        self.partitioner, self.online, self.frozen, self.frozen_shardings = partitioner, online, frozen, frozen_shardings
-        # With LoRA adapters only they (and score heads) train, as in offline runs.
-        mask = lora_trainable_mask(params) if has_adapters(params) else None
-        if mask is not None:
-            loss_fn = stop_frozen_gradients(loss_fn, mask)
-        self.optimizer = make_optimizer(total_steps=max(total_updates, 1), trainable_mask=mask)
-        self.shardings = state_shardings(abstract_state(params, self.optimizer, online.seed), param_shardings,
-                                         partitioner, self.optimizer)
-        self.state = init_sharded_state(params, self.optimizer, self.shardings, seed=online.seed)
-        self._step = make_train_step(loss_fn, self.optimizer)
-        self.step_fn = None  # compiled on the first minibatch, whose shapes every later one shares
+    def rollout(self, params: Any, prompts: Mapping[str, Any], rng: jax.Array, index: int
+                ) -> tuple[dict[str, jax.Array], dict[str, float]]: ...
+
+    def get_state(self) -> dict: ...
+
+    def set_state(self, state: Mapping[str, Any]) -> None: ...
+
+
+class RolloutBatches:
+    """The batch source of an online run: minibatches of rollouts sampled from the current policy.
+
+    The loop asks ``next_for(state)``; when the current rollout's
+    minibatches are used up, ``method.rollout(state.params, next(prompts),
+    rollout_rng(seed, i), i)`` makes the next one, and its ``rows`` are split
+    into ``epochs`` shuffled passes of ``minibatch_size`` rows
+    (:func:`minibatch_orders`), gathered on the devices straight into the
+    step's input layout. ``get_state`` (checkpoints) is only valid between
+    rollouts: the loop saves at multiples of :attr:`updates_per_rollout`.
+    ``metrics()`` are the newest rollout's metrics, with ``rollout`` (its
+    1-based number) and its timing.
+    """
+
+    def __init__(self, method: OnlineMethod, prompts: Any, partitioner: Partitioner, *, rows: int,
+                 minibatch_size: int | None = None, epochs: int = 1, seed: int = 0):
+        self.method, self.prompts, self.partitioner = method, prompts, partitioner
+        self.rows, self.minibatch_size = rows, minibatch_size or rows
+        self.epochs, self.seed = epochs, seed
+        if epochs < 1:
+            raise UserError(f"the number of passes over each rollout must be >= 1, got {epochs}")
+        minibatch_orders(rows, self.minibatch_size, 1, seed, 0)  # raises early when the minibatch does not divide
+        shards = _batch_shards(partitioner)
+        if self.minibatch_size % shards:
+            raise UserError(f"a minibatch of {self.minibatch_size} rows does not split over the {shards} batch shards "
+                            f"of the mesh; make the minibatch size (and rows per rollout) a multiple of {shards}")
+        self.updates_per_rollout = epochs * (rows // self.minibatch_size)
+        self.index = 0  # rollouts made so far
+        self._queue: list[np.ndarray] = []
+        self._rows: dict[str, jax.Array] | None = None
+        self._metrics: dict[str, float] = {}
+        self._started = 0.0
         self._take = None
-        self.checkpointer = Checkpointer(paths.resolve(run_dir) / "checkpoints",
-                                         save_every=online.save_every or online.num_rollouts,
-                                         keep=online.keep_checkpoints, resume_from=ResumeConfig().from_step)
-        self.writer = MetricsWriter(run_dir)
-        if jax.process_index() == 0:  # the step and optimizer are built: an interrupted run keeps its config
-            paths.atomic_write_text(paths.resolve(run_dir) / "operative_config.gin", gin.operative_config_str())
 
-    def restore(self, prompts: Any) -> dict | None:
-        """Restores the newest checkpoint (state and prompt position); returns its online extras or None."""
-        restored = self.checkpointer.restore_latest(abstract_with_shardings(self.state))
-        self.writer.resume_at(0 if restored is None else restored.step)  # records are per rollout
-        if restored is None:
-            return None
-        self.state = restored.state
-        prompts.set_state(restored.data_state["prompts"])
-        return dict(restored.data_state["online"])
+    def next_for(self, state: Any) -> dict[str, jax.Array]:
+        """The next minibatch; samples a new rollout from ``state.params`` when the last one is used up."""
+        if not self._queue:
+            self._rows = None  # free the old rollout before sampling the next
+            self._started = time.perf_counter()
+            rows, metrics = self.method.rollout(state.params, next(self.prompts), rollout_rng(self.seed, self.index),
+                                                self.index)
+            self._check_rows(rows)
+            self._rows, self._metrics = rows, dict(metrics)
+            self._metrics["time/rollout_s"] = time.perf_counter() - self._started
+            self._queue = minibatch_orders(self.rows, self.minibatch_size, self.epochs, self.seed, self.index)
+            self.index += 1
+        idx = self._queue.pop(0)
+        if self._take is None:
+            shapes = {k: jax.ShapeDtypeStruct((self.minibatch_size,) + v.shape[1:], v.dtype)
+                      for k, v in self._rows.items()}
+            out = batch_shardings(shapes, self.partitioner)
+            self._take = jax.jit(lambda b, i: jax.tree.map(lambda x: x[i], b), out_shardings=out)
+        return self._take(self._rows, jax.device_put(idx, self.partitioner.replicated))
 
-    def _compile(self, batch: Mapping[str, jax.Array]) -> None:
-        shardings = batch_shardings(batch, self.partitioner)
-        self.step_fn = compile_train_step(self._step, self.shardings, shardings, self.frozen_shardings)
-        # Minibatch rows are gathered on the devices straight into the step's input layout.
-        self._take = jax.jit(lambda b, idx: jax.tree.map(lambda x: x[idx], b), out_shardings=shardings)
+    def _check_rows(self, rows: Mapping[str, jax.Array]) -> None:
+        bad = {k: tuple(v.shape) for k, v in rows.items() if not v.ndim or v.shape[0] != self.rows}
+        if bad:
+            raise ValueError(f"a rollout must give {self.rows} rows per entry; got shapes {bad}")
 
-    def update(self, batch: Mapping[str, jax.Array], orders: Sequence[np.ndarray]) -> dict[str, float]:
-        """One train step per index array of ``orders`` (rows of ``batch``); mean metrics.
+    def metrics(self, state: Any = None) -> dict[str, float]:
+        """The newest rollout's metrics, ``rollout`` (1-based) and ``time/generate_fraction`` of its cycle so far."""
+        out = {**self._metrics, "rollout": float(self.index)}
+        cycle = time.perf_counter() - self._started
+        if "time/generate_s" in out and cycle > 0:
+            out["time/generate_fraction"] = out["time/generate_s"] / cycle
+        return out
 
-        Raises :class:`NonFiniteLossError` before anything is saved when a
-        step's loss or gradient norm is not finite.
-        """
-        records = []
-        for idx in orders:
-            if self.step_fn is None:
-                self._compile({k: jax.ShapeDtypeStruct((len(idx),) + v.shape[1:], v.dtype) for k, v in batch.items()})
-            mb = self._take(dict(batch), jax.device_put(idx, self.partitioner.replicated))
-            self.state, metrics = self.step_fn(self.state, mb, self.frozen)
-            records.append(metrics)
-        if not records:
-            return {}
-        flags = jax.device_get([m["is_finite"] for m in records])
-        if not all(bool(f) for f in flags):
-            self.checkpointer.wait_until_finished()
-            saved = self.checkpointer.all_steps()
-            raise NonFiniteLossError(int(jax.device_get(self.state.step)), saved[-1] if saved else None, saved)
-        return mean_metrics(records)
+    def get_state(self) -> dict:
+        """``{"prompts", "rollout", "method"}``: the position between two rollouts."""
+        if self._queue:
+            raise RuntimeError(f"RolloutBatches.get_state in the middle of rollout {self.index}: checkpoints are "
+                               f"taken at rollout boundaries (every {self.updates_per_rollout} updates)")
+        return {"prompts": self.prompts.get_state(), "rollout": self.index, "method": self.method.get_state()}
 
-    def save(self, rollout: int, prompts: Any, extras: Mapping[str, Any]) -> None:
-        """Checkpoints after rollout number ``rollout`` (1-based) when due or last."""
-        last = rollout == self.online.num_rollouts
-        if last or self.checkpointer.should_save(rollout):
-            self.checkpointer.save(rollout, self.state, force=last,
-                                   data_state={"prompts": prompts.get_state(), "online": dict(extras)})
-
-    def log(self, rollout: int, record: Mapping[str, Any]) -> None:
-        """Writes one record per rollout (its step is the rollout number) and prints its console line.
-
-        The line is the offline loop's (:func:`jaxpost.train.format_log_line`):
-        ``rollout 3/100 | loss ... | lr ... | reward ... | kl ...``, main process only.
-        """
-        values = {k: float(v) for k, v in record.items()}
-        self.writer.write(rollout, values)
-        if jax.process_index() == 0:
-            print(format_log_line(rollout, self.online.num_rollouts, values, unit="rollout"), flush=True)
-
-    def close(self) -> None:
-        """Waits for pending saves and closes the writers."""
-        self.writer.close()
-        self.checkpointer.close()
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Restores a position from :meth:`get_state`."""
+        self.prompts.set_state(state["prompts"])
+        self.index = int(state["rollout"])
+        self.method.set_state(state.get("method") or {})
+        self._queue, self._rows, self._metrics = [], None, {}
 
 
-def check_single_process(what: str) -> None:
-    """Online runs decode and score on one host; raise clearly on multi-process launches."""
-    if jax.process_count() > 1:
-        raise RuntimeError(f"{what} runs in one process (rollouts are decoded and scored on one host); "
-                                  f"got jax.process_count()={jax.process_count()}")
+def _batch_shards(partitioner: Partitioner) -> int:
+    axes = partitioner.batch_sharding(1).spec[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return math.prod(partitioner.mesh.shape[a] for a in axes)
+
+
+def fit_online(*, run_dir: epath.Path, loss_fn: Callable, params: Any, param_shardings: Any,
+               partitioner: Partitioner, batches: RolloutBatches, online: OnlineConfig, frozen: Any = None,
+               frozen_shardings: Any = None, model_config: Any = None, summary: dict | None = None) -> Any:
+    """Trains for ``online.num_rollouts`` rollouts with :func:`jaxpost.train.fit`; returns the final state.
+
+    One optimizer step per minibatch: ``num_steps = num_rollouts x
+    batches.updates_per_rollout``; metrics every ``log_every`` rollouts (the
+    last update's loss metrics and the rollout's :meth:`RolloutBatches.metrics`),
+    checkpoints every ``save_every`` rollouts, both at rollout boundaries.
+    ``summary`` gets the last rollout's metrics and ``rollout``.
+    """
+    per = batches.updates_per_rollout
+    loop = LoopConfig(num_steps=online.num_rollouts * per, log_every=online.log_every * per,
+                      save_every=online.save_every * per, keep_checkpoints=online.keep_checkpoints,
+                      seed=online.seed, progress=online.progress)
+    state = fit(run_dir=run_dir, loss_fn=loss_fn, params=params, param_shardings=param_shardings,
+                partitioner=partitioner, batches=batches, loop=loop, frozen=frozen, frozen_shardings=frozen_shardings,
+                model_config=model_config, extra_metrics=batches.metrics, summary=summary)
+    if summary is not None:
+        summary.update({k: v for k, v in batches.metrics().items() if not k.startswith("time/")})
+        summary["rollout"] = batches.index
+    return state
+
+
+class Stateless:
+    """Base of an :class:`OnlineMethod` with nothing to keep across a restart."""
+
+    def get_state(self) -> dict:
+        return {}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        del state

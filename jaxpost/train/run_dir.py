@@ -34,7 +34,7 @@ import re
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import gin
 import jax

@@ -23,7 +23,7 @@ micro-batches hold different numbers of trained tokens.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +87,10 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     ``grad_norm`` (global L2 norm of the gradient before clipping),
     ``learning_rate`` (when a schedule is known: lr used by this update),
     and ``is_finite`` (bool: loss and gradient norm are finite).
+
+    A preference batch whose ``pair_mask`` is all 0 (no real pair: padding
+    only, or an online round where every group scored alike) leaves params
+    and optimizer state unchanged; ``step`` still counts it.
     """
     if grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
@@ -150,6 +154,11 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if isinstance(batch, Mapping) and "pair_mask" in batch:
+            # Zero gradients would still move the params through momentum and weight decay.
+            keep = jnp.sum(batch["pair_mask"]) > 0
+            params, opt_state = jax.tree.map(lambda new, old: jnp.where(keep, new, old), (params, opt_state),
+                                             (state.params, state.opt_state))
         metrics = dict(metrics)
         metrics["loss"] = loss
         metrics["grad_norm"] = grad_norm

@@ -1,0 +1,218 @@
+"""`jaxpost plan`: the per-device breakdown, the fit verdict with measured suggestions, errors, and accuracy."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--gin_file=configs/models/tiny.gin"]
+SFT = ["--gin_file=configs/runs/sft.gin", *TINY, "--gin.sft.seq_len=64"]
+GRPO = ["--gin_file=configs/runs/grpo.gin", *TINY, "--gin.RolloutConfig.max_new_tokens=16",
+        "--gin.OnlineConfig.max_prompt_len=16", "--gin.OnlineConfig.prompts_per_rollout=8",
+        "--gin.RolloutConfig.group_size=2"]
+
+
+def _plan(args, tmp_path, capsys_or_fd):
+    from jaxpost.cli import main
+
+    out = tmp_path / "plan.json"
+    rc = main(["plan", *args, "--json", str(out)])
+    text = capsys_or_fd.readouterr()
+    return rc, text.out, text.err, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def test_sft_breakdown_on_8_devices(tmp_path, capsys):
+    rc, out, _, plan = _plan([*SFT, "--devices", "8", "--device_kind", "h100"], tmp_path, capsys)
+    assert rc == 0, out
+    for line in ("parameters", "optimizer state", "gradients", "XLA temporaries (train step)", "peak",
+                 "fits in 80.00 GiB", "FLOPs (XLA)", "ms per step", "estimate: XLA CPU compile"):
+        assert line in out, (line, out)
+    assert plan["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and plan["devices"] == 8
+    # Exact from shapes: fp32 params split 8 ways over fsdp (the tiny model's dimensions all divide, except
+    # norm scales, which stay whole); Adam holds two copies of them.
+    assert plan["num_params"] * 4 / 8 <= plan["params"] <= plan["num_params"] * 4 / 8 + 4 * 64 * 5
+    assert plan["optimizer"] >= 2 * plan["params"] and plan["gradients"] == plan["params"]
+    assert plan["peak"] == plan["step_arguments"] + plan["step_outputs"] - plan["step_aliased"] + plan["step_temp"]
+    assert plan["xla_flops"] > 0 and plan["model_flops"] > 0 and plan["fits"]
+
+
+def test_grpo_breakdown_on_8_devices(tmp_path, capsys):
+    rc, out, _, plan = _plan([*GRPO, "--devices", "8", "--device_kind", "v5e"], tmp_path, capsys)
+    assert rc == 0, out
+    for line in ("frozen model: reference", "KV cache (rollouts)", "peak (rollout: sampler program)",
+                 "peak (train step)", "fits in 16.00 GiB"):
+        assert line in out, (line, out)
+    assert plan["frozen"]["reference"] == plan["params"]  # a copy of the policy, sharded alike
+    # KV cache: 2 (k, v) x layers x rows x kv_heads x slots x head_dim x fp32, the batch split 8 ways.
+    # 8 prompts x 2 samples; at its largest the cache holds 16 prompt + 16 new tokens; plus int32 segment
+    # ids per slot and the int32 fill index.
+    assert plan["kv_cache"] == 2 * 2 * (16 // 8) * 2 * 32 * 16 * 4 + (16 // 8) * 32 * 4 + 4
+    assert plan["peak"] == max(plan["step_peak"], plan["rollout_peak"]) > 0
+
+
+def test_grpo_with_a_reward_model_holds_it_beside_the_step(tmp_path, capsys):
+    """No such directory: the reward model is assumed policy-sized (a score head instead of the LM head)."""
+    args = [*GRPO, "--gin.make_scorer.reward_model=no/such/rm", "--devices", "8", "--no_suggestions"]
+    rc, out, _, plan = _plan(args, tmp_path, capsys)
+    assert rc == 0 and "frozen model: reward model" in out and "assumed policy-sized" in out
+    assert 0 < plan["frozen"]["reward model"] < plan["params"]  # 64 score weights instead of 256 x 64 logits
+
+
+@pytest.mark.parametrize("method,frozen", [("dpo", "reference"), ("kto", "reference"), ("reward", None),
+                                           ("distill", "teacher")])
+def test_every_offline_method_plans(method, frozen, tmp_path, capsys):
+    """Each method's entry compiles; frozen models the step reads are counted (a teacher from its config.json)."""
+    from jaxpost.models.config import ModelConfig
+    from jaxpost.models.hf import model_config_to_hf_config
+
+    teacher = ModelConfig(num_layers=3, hidden_size=128, intermediate_size=256)
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "config.json").write_text(json.dumps(model_config_to_hf_config(teacher)))
+    args = [f"--gin_file=configs/runs/{method}.gin", *TINY, f"--gin.{method}.seq_len=64", "--devices", "8"]
+    if method == "distill":
+        args.append(f"--gin.distill.teacher_from={tmp_path / 'teacher'}")
+    if method == "reward":
+        args[2] = "--gin.reward_model.seq_len=64"
+    rc, out, _, plan = _plan([*args, "--no_suggestions"], tmp_path, capsys)
+    assert rc == 0, out
+    if frozen == "reference":
+        assert plan["frozen"] == {"reference": plan["params"]}
+    elif frozen == "teacher":
+        assert 0 < plan["frozen"]["teacher"] and plan["frozen"]["teacher"] != plan["params"]
+    else:
+        assert plan["frozen"] == {}
+
+
+def test_does_not_fit_prints_measured_suggestions(tmp_path, capfd):
+    """4 devices from this 8-device process: the plan runs in a subprocess (XLA_FLAGS device count 4)."""
+    args = [*SFT, "--gin_file=configs/mesh/data_parallel.gin", "--gin.ModelConfig.remat='full'", "--devices", "4",
+            "--device_kind", "v5e", "--device_memory_gb", "0.0005"]
+    rc, out, err, plan = _plan(args, tmp_path, capfd)
+    assert rc == 1, out + err
+    assert "does NOT fit in 0.51 MiB" in out and "mesh: data=4 x fsdp=1" in out
+    names = [s["setting"] for s in plan["suggestions"]]
+    assert any(n.startswith("FSDP over all devices") for n in names) and any(n.startswith("LoRA") for n in names)
+    assert "LoopConfig.grad_accum_steps = 2" in names  # 8 rows over 4 batch shards: 2 per shard
+    fsdp = next(s for s in plan["suggestions"] if s["setting"].startswith("FSDP"))
+    assert fsdp["saves"] > 0 and fsdp["saves"] == plan["peak"] - fsdp["peak"]  # measured, not guessed
+    assert "saves" in out and "Largest single saving" in out
+
+
+def test_wrong_key_names_it(tmp_path, capsys):
+    rc, _, err, plan = _plan([*SFT, "--gin.sft.seq_lenn=64", "--devices", "8"], tmp_path, capsys)
+    assert rc == 2 and plan is None
+    assert err.startswith("jaxpost: error:") and "sft.seq_lenn" in err
+
+
+def test_unknown_device_kind(tmp_path, capsys):
+    rc, _, err, _ = _plan([*SFT, "--devices", "8", "--device_kind", "a100"], tmp_path, capsys)
+    assert rc == 2 and "--device_kind='a100' is unknown" in err
+
+
+# --- accuracy: planned peak vs the measured peak of the same step ------------------------------------
+
+ACCURACY_RUNS = {
+    "sft": ["--gin_file=configs/runs/sft.gin", "--gin_file=configs/models/bench.gin", "--gin.sft.seq_len=512",
+            "--gin.sft.batch_size=8"],
+    # Logits recomputed per chunk in the backward pass, every layer rematerialised: another memory profile.
+    "sft_chunked": ["--gin_file=configs/runs/sft.gin", "--gin_file=configs/models/bench.gin",
+                    "--gin.sft.seq_len=256", "--gin.sft.batch_size=16", "--gin.sft.chunk_size=128",
+                    "--gin.ModelConfig.stored_logits_mib=0", "--gin.ModelConfig.remat='full'"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(ACCURACY_RUNS))
+def test_planned_peak_matches_measured_peak(name):
+    """The planned peak of a small SFT run is within 20% of the peak measured when the same step runs.
+
+    Measurement (a fresh subprocess with one CPU device, where ``memory_stats()`` is None): the step is built
+    the way ``jaxpost.train.fit`` builds it (real params from ``load_model``, ``init_sharded_state``,
+    ``compile_train_step``) and run once to warm up. Then, with the state and a batch on the device,
+    ``measured = live + growth``: ``live`` is the bytes of every live ``jax.Array`` (exact: the step's
+    arguments), and ``growth`` is how far the process's peak resident memory rises above its resident
+    memory while the step runs once more: the peak (``VmHWM``) is reset first by writing 5 to
+    ``/proc/self/clear_refs`` and read from ``/proc/self/status`` after ``block_until_ready``. XLA's CPU
+    runtime allocates the step's temporaries and non-donated outputs from the heap for each run, so the
+    growth is what they really touch, measured by the OS rather than taken from XLA's own accounting.
+    The plan comes from ``plan_current``, the engine of ``jaxpost plan``, compiled from shapes only.
+    """
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # a cached executable would skip the compile either way; keep it simple
+    proc = subprocess.run([sys.executable, __file__, "measure", *ACCURACY_RUNS[name]], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["live"] == pytest.approx(r["planned_arguments"], rel=0.01), r  # the arguments are exact
+    assert r["measured"] == pytest.approx(r["planned"], rel=0.20), r
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _measure(gin_args: list[str]) -> dict:
+    import jax
+    import numpy as np
+
+    from jaxpost import config, models
+    from jaxpost.algorithms import make_sft_loss
+    from jaxpost.models.config import ModelConfig
+    from jaxpost.models.load import load_model
+    from jaxpost.plan.core import plan_current
+    from jaxpost.plan.methods import recipe_arg
+    from jaxpost.recipes.sft import sft
+    from jaxpost.sharding import Partitioner
+    from jaxpost.train.optimizer import make_optimizer
+    from jaxpost.train.state import abstract_state, init_sharded_state, state_shardings
+    from jaxpost.train.step import batch_shardings, compile_train_step, make_train_step
+
+    files, bindings, _ = config.split_gin_args(gin_args)
+    config.parse(files, bindings, finalize=False)
+    planned = plan_current(1)
+    seq_len, batch_size = recipe_arg(sft, "seq_len"), recipe_arg(sft, "batch_size")
+    part = Partitioner()
+    with part.activate():
+        cfg, graphdef, params = load_model(ModelConfig(), None, part)
+        shardings_p = part.shardings(models.logical_axes(cfg), params)
+        optimizer = make_optimizer(total_steps=1000)
+        shardings = state_shardings(abstract_state(params, optimizer), shardings_p, part, optimizer)
+        state = init_sharded_state(params, optimizer, shardings)
+        del params
+        rng = np.random.default_rng(0)
+        host = {"tokens": rng.integers(0, cfg.vocab_size, (batch_size, seq_len), dtype=np.int32),
+                "positions": np.tile(np.arange(seq_len, dtype=np.int32), (batch_size, 1)),
+                "segment_ids": np.ones((batch_size, seq_len), np.int32),
+                "targets": rng.integers(0, cfg.vocab_size, (batch_size, seq_len), dtype=np.int32),
+                "loss_mask": np.ones((batch_size, seq_len), np.float32)}
+        b_sh = batch_shardings(host, part)
+        batch = jax.device_put(host, b_sh)
+        step = compile_train_step(make_train_step(make_sft_loss(graphdef, cfg, recipe_arg(sft, "chunk_size")),
+                                                  optimizer), shardings, b_sh, None)
+        state, metrics = step(state, batch, None)  # warm-up: compile, first-run allocations, thread pools
+        jax.block_until_ready((state, metrics))
+        del metrics
+        gc.collect()
+        live = sum(x.nbytes for x in jax.live_arrays())
+        rss = _status("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        state, metrics = step(state, batch, None)
+        jax.block_until_ready((state, metrics))
+        growth = _status("VmHWM") - rss
+    return {"planned": planned.step_peak, "planned_arguments": planned.step_arguments,
+            "planned_temp": planned.step_temp, "live": live, "growth": growth, "measured": live + growth,
+            "loss": float(metrics["loss"])}
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "measure":
+    print(json.dumps(_measure(sys.argv[2:])))
