@@ -85,6 +85,9 @@ def test_tokenizer_defaults_to_init_from_and_one_of_them_is_needed(tok_dir, tmp_
 @pytest.mark.parametrize("run", ["sft", "dpo", "reward_model", "grpo", "ppo", "online_dpo", "distill"])
 def test_every_run_checks_its_inputs_before_the_run_dir(run, tmp_path):
     import importlib
+
+    import gin
+    gin.clear_config()  # bindings another test left (e.g. of ModelConfig) would change which check comes first
     module = {"reward_model": "reward"}.get(run, run)
     fn = getattr(importlib.import_module(f"jaxpost.recipes.{module}"), run)
     kwargs = {"teacher_from": "teacher"} if run == "distill" else {}
