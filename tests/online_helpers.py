@@ -3,10 +3,11 @@
 import json
 
 import gin
+import jax
 import pytest
 
 from jaxpost.data import build_tokenizer
-from jaxpost.models import ModelConfig
+from jaxpost.models import ModelConfig, create
 
 CONFIG = ModelConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                      num_kv_heads=2)
@@ -38,3 +39,15 @@ def gin_scope():
 def scores_and_kl(run_dir):
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     return [r["objective/scores"] for r in rows], [r["objective/kl"] for r in rows], rows
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer(None)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The tiny policy with larger weights: peaked, context-dependent distributions (the default init is near uniform)."""
+    graphdef, params = create(CONFIG, seed=3)
+    return graphdef, jax.tree.map(lambda x: x * 10.0 if x.ndim == 2 else x, params)

@@ -8,29 +8,19 @@ import jax
 import numpy as np
 import pytest
 
-from jaxpost.data import build_tokenizer, make_prompt_pipeline
+from jaxpost.data import make_prompt_pipeline
 from jaxpost.generate.environments import CalculatorEnv, ToolEnvironment, calculator, make_arithmetic_data
 from jaxpost.generate.multiturn import MultiTurnConfig, MultiTurnRoller
 from jaxpost.generate.rollout import RolloutConfig
 from jaxpost.generate.tools import ToolCall, ToolError, parse_tool_calls, run_tool
-from jaxpost.models import ModelConfig, create, forward
+from jaxpost.models import forward
 from jaxpost.models.heads import logits as lm_logits
 from jaxpost.sharding import Partitioner
 from jaxpost.train.online import OnlineConfig
 
-CONFIG = ModelConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                     num_kv_heads=2)
+from online_helpers import CONFIG, model, tok  # noqa: F401 (fixtures)
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer(None)
-
-
-@pytest.fixture(scope="module")
-def model():
-    graphdef, params = create(CONFIG, seed=3)
-    return graphdef, jax.tree.map(lambda x: x * 10.0 if x.ndim == 2 else x, params)
 
 
 # --- tools ------------------------------------------------------------------------------------------------

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from jaxpost.algorithms.online import make_ppo_loss, make_rollout_logprobs, ppo_advantages
-from jaxpost.data import build_tokenizer, make_prompt_pipeline
+from jaxpost.data import make_prompt_pipeline
 from jaxpost.generate.sampler import Sampler, SamplingConfig
-from jaxpost.models import ModelConfig, create, forward, scores
+from jaxpost.models import create, forward, scores
 from jaxpost.train.batches import on_mesh
 from jaxpost.train.online import OnlineConfig, RolloutBatches, Stateless, fit_online, minibatch_orders
 from jaxpost.generate.rollout import Roller, RolloutConfig, best_worst_pairs, pair_batch, rollout_sequences
@@ -18,21 +18,10 @@ from jaxpost.generate.scorers import FunctionScorer
 from jaxpost.sharding import Partitioner
 from jaxpost.train import NonFiniteLossError
 
-CONFIG = ModelConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                     num_kv_heads=2)
+from online_helpers import CONFIG, model, tok  # noqa: F401 (fixtures)
 N = 6
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer(None)
-
-
-@pytest.fixture(scope="module")
-def model():
-    graphdef, params = create(CONFIG, seed=3)
-    # Larger weights: peaked, context-dependent distributions (the default init is near uniform).
-    return graphdef, jax.tree.map(lambda x: x * 10.0 if x.ndim == 2 else x, params)
 
 
 def prompt_batch(tok, n=8, seed=0):

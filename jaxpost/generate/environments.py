@@ -27,6 +27,7 @@ right final number.
 from __future__ import annotations
 
 import ast
+import abc
 import copy
 import json
 import operator
@@ -45,17 +46,20 @@ __all__ = ["CalculatorEnv", "Environment", "ToolEnvironment", "calculator", "mak
 Message = dict
 
 
-class Environment:
+class Environment(abc.ABC):
     """Base of an environment: ``reset(row) -> messages``, ``step(message) -> (observation, reward, done)``."""
 
     info: dict  # per-episode numbers, set by reset (e.g. ToolEnvironment's tool_calls)
     info_keys: tuple[str, ...] = ()  # numbers of ``info`` averaged into the rollout metrics as ``env/<key>``
 
+    @abc.abstractmethod
     def reset(self, row: Mapping[str, Any]) -> list[Message]:
-        raise NotImplementedError
+        """Starts an episode for the prompt dataset ``row``; returns the first observation (messages)."""
 
+    @abc.abstractmethod
     def step(self, message: Message) -> tuple[list[Message] | None, float, bool]:
-        raise NotImplementedError
+        """Takes the model's turn ``{"role": "assistant", "content": ...}``; returns ``(observation messages or
+        None, reward of this turn, done)``. Rewards add up over the episode."""
 
     def spawn(self) -> Environment:
         """A fresh copy for one episode (default: a deep copy of this configured environment)."""
