@@ -19,7 +19,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+import gin  # noqa: E402
 import jax  # noqa: E402  (imported after XLA_FLAGS on purpose)
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -33,3 +35,17 @@ def pytest_collection_modifyitems(config, items):
     the 4-minute demo test last and left one worker idle for minutes).
     """
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.fixture(autouse=True)
+def fresh_gin():
+    """Every test starts with no gin bindings.
+
+    Gin's registry is process-global and a worker runs many files: a test that
+    runs ``jaxpost train`` in-process leaves e.g. ``sft.init_from =
+    %gin.REQUIRED`` bound, and a later file's direct ``sft(...)`` call would
+    read it (CI failed exactly so, depending on which files shared a worker).
+    """
+    gin.clear_config()
+    yield
+    gin.clear_config()
