@@ -3,7 +3,7 @@
     jaxpost train --gin_file=configs/experiments/demo/sft.gin --gin.LoopConfig.num_steps=50
     jaxpost generate --model runs/demo/sft/final --prompts prompts.jsonl --out samples.jsonl --n 4
     jaxpost synthesize --model runs/demo/sft/final --prompts prompts.jsonl --out data/ --n 8 --mode all --reward exact_match
-    jaxpost demo [--out runs/demo] [--quick] [--resume] [--feedback]
+    jaxpost demo [--out runs/demo] [--quick] [--resume] [--feedback | --tools]
     jaxpost plot runs/demo/sft [runs/demo/dpo ...] [--out curves.png]
     jaxpost plan --gin_file=configs/runs/sft.gin --gin_file=configs/models/llama3_2_1b.gin --devices 8 --device_kind h100
 """
@@ -228,7 +228,13 @@ def _demo(argv: Sequence[str]) -> int:
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
     p.add_argument("--feedback", action="store_true",
                    help="after a demo in --out: simulated users rate its SFT policy, continual rounds learn from it")
+    p.add_argument("--tools", action="store_true",
+                   help="the tool demo: SFT then multi-turn GRPO with a calculator tool, into --out/tools")
     args = p.parse_args(argv)
+    if args.feedback and args.tools:
+        p.error("--feedback and --tools are two separate demos: pass one of them")
+    if args.tools and args.resume:
+        p.error("--resume continues the main demo; the tool demo starts over: pass a new --out")
     from jaxpost.compile_cache import compilation_cache
     from jaxpost.demo import run_demo
 
@@ -238,6 +244,10 @@ def _demo(argv: Sequence[str]) -> int:
         run_feedback_demo(args.out, **({"batches": 2, "per_batch": 64} if args.quick else {}))
         return 0
     try:
+        if args.tools:
+            from jaxpost.demo.tools import run_tools_demo
+            run_tools_demo(args.out, quick=args.quick)
+            return 0
         run_demo(args.out, quick=args.quick, resume=args.resume)
     except FileExistsError as e:
         print(f"jaxpost demo: {e}", file=sys.stderr)

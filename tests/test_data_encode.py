@@ -121,6 +121,19 @@ def test_conversational_prompt_completion(tok):
     assert tok.decode(ids[trained]) == "Blue.<|im_end|>"
 
 
+def test_completions_with_tool_turns_train_only_the_assistant_messages(tok):
+    """Episode rows (synthesize with an environment): tool results inside a completion are context."""
+    prompt = [{"role": "user", "content": "37*48?"}]
+    turns = [{"role": "assistant", "content": "call"}, {"role": "tool", "content": "1776"},
+             {"role": "assistant", "content": "1776"}]
+    ids, trained = encode.encode_lm(tok, {"format": "prompt_completion", "conversational": True, "prompt": prompt,
+                                          "completion": turns})
+    assert [tok.decode(ids[a:b]) for a, b in _runs(trained)] == ["call<|im_end|>", "1776<|im_end|>"]
+    _, chosen, rejected = encode.encode_preference(tok, {"prompt": prompt, "chosen": turns, "rejected": turns[:1]})
+    assert [tok.decode(chosen[0][a:b]) for a, b in _runs(chosen[1])] == ["call<|im_end|>", "1776<|im_end|>"]
+    assert tok.decode(rejected[0][rejected[1]]) == "call<|im_end|>"
+
+
 def test_template_without_prefix_property_is_rejected():
     bad = tk.build_tokenizer(CORPUS, vocab_size=300)
     # Marks the last message specially, so a prefix renders differently.

@@ -4,7 +4,8 @@ Each HF model gets random weights (norms and biases included), is saved with
 ``save_pretrained`` and loaded with ``load_hf``; logits must agree to 1e-4 on
 a batch with a right-padded row, GQA (4 query heads, 2 kv heads), tied and
 untied embeddings, Llama 3.1 RoPE scaling, Qwen2 biases, Qwen3 q/k norms and
-a Mistral sliding window shorter than the sequence.
+a Mistral sliding window shorter than the sequence. Every test runs in both
+layer layouts (``scan_layers``: the layers under ``jax.lax.scan``).
 """
 
 import jax
@@ -15,6 +16,7 @@ import torch
 
 from hf_models import CASES, make_model
 from jaxpost.models import forward, load_hf, logits, scores
+from jaxpost.models.layout import is_scanned, layer_index
 
 B, L = 3, 12
 LENGTHS = [12, 7, 10]  # rows 1 and 2 are right-padded
@@ -29,11 +31,16 @@ def _batch():
     return ids, mask, positions
 
 
+LAYOUTS = pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+
+
+@LAYOUTS
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_causal_lm_logits_match_transformers(case, tmp_path):
+def test_causal_lm_logits_match_transformers(case, scan, tmp_path):
     model = make_model(case)
     model.save_pretrained(tmp_path)
-    config, graphdef, params = load_hf(tmp_path)
+    config, graphdef, params = load_hf(tmp_path, scan_layers=scan)
+    assert is_scanned(params) == scan
     ids, mask, positions = _batch()
     with torch.no_grad():
         ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
@@ -47,11 +54,12 @@ def test_causal_lm_logits_match_transformers(case, tmp_path):
     assert np.std(ref[valid]) > 0.05
 
 
+@LAYOUTS
 @pytest.mark.parametrize("case", ["llama_gqa_untied", "qwen3_qknorm_headdim"])
-def test_sequence_classification_scores_match_transformers(case, tmp_path):
+def test_sequence_classification_scores_match_transformers(case, scan, tmp_path):
     model = make_model(case, head="score")
     model.save_pretrained(tmp_path)
-    config, graphdef, params = load_hf(tmp_path)
+    config, graphdef, params = load_hf(tmp_path, scan_layers=scan)
     assert config.head == "score"
     ids, mask, positions = _batch()
     with torch.no_grad():
@@ -62,8 +70,9 @@ def test_sequence_classification_scores_match_transformers(case, tmp_path):
     np.testing.assert_allclose(per_token[np.arange(B), last], ref, atol=1e-4, rtol=0)
 
 
+@LAYOUTS
 @pytest.mark.parametrize("case", ["llama_gqa_untied", "mistral_window", "qwen3_qknorm_headdim"])
-def test_sft_loss_gradients_match_transformers(case, tmp_path):
+def test_sft_loss_gradients_match_transformers(case, scan, tmp_path):
     """Every parameter's gradient of the next-token loss equals PyTorch autograd's.
 
     This covers jaxpost's hand-written backward passes (LM head log-prob,
@@ -75,7 +84,7 @@ def test_sft_loss_gradients_match_transformers(case, tmp_path):
 
     model = make_model(case)
     model.save_pretrained(tmp_path)
-    config, graphdef, params = load_hf(tmp_path)
+    config, graphdef, params = load_hf(tmp_path, scan_layers=scan)
     ids, mask, positions = _batch()
     targets = np.concatenate([ids[:, 1:], np.zeros((B, 1), ids.dtype)], axis=1)
     weights = (mask * np.concatenate([mask[:, 1:], np.zeros((B, 1), mask.dtype)], axis=1)).astype(np.float32)
@@ -94,10 +103,11 @@ def test_sft_loss_gradients_match_transformers(case, tmp_path):
     grads = jax.jit(jax.grad(loss))(params)
     checked = 0
     for hf_name, path, transpose in weight_map(config):
+        leaf_path, layer = layer_index(path, scan)
         g = grads
-        for k in path:
+        for k in leaf_path:
             g = g[k]
-        g = np.asarray(g)
+        g = np.asarray(g if layer is None else g[layer])
         expected = ref[hf_name].grad.numpy()
         np.testing.assert_allclose(g.T if transpose else g, expected, atol=2e-5, rtol=1e-3, err_msg=hf_name)
         checked += 1

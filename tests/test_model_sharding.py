@@ -1,4 +1,4 @@
-"""Sharded init and forward: same numbers on 1 and 8 devices; params placed by their rules."""
+"""Sharded init and forward: same numbers on 1 and 8 devices; params placed by their rules (both layer layouts)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxpost.models import ModelConfig, create, forward, token_logprobs
+from jaxpost.models.layout import to_layout
 from jaxpost.sharding import Partitioner, make_mesh
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -42,21 +43,30 @@ def reference():
     return params, jax.jit(_run, static_argnums=0)(graphdef, params, *_inputs())
 
 
+def _layer(params, i, scanned):
+    """Layer ``i``'s params dict (unrolled), or the stacked dict that holds every layer (scanned)."""
+    return params["layers"] if scanned else params["layers"][i]
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
 @pytest.mark.parametrize("name", sorted(MESHES))
-def test_sharded_forward_matches_single_device(name, reference):
+def test_sharded_forward_matches_single_device(name, scan, reference):
     ref_params, (ref_h, ref_lp) = reference
     mesh_kw, rules = MESHES[name]
     part = Partitioner(make_mesh(**mesh_kw), rules)
-    graphdef, params = create(CFG, seed=0, partitioner=part)
-    # init is sharding-invariant
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), ref_params, params)
-    specs = (params["layers"][0]["attn"]["q_proj"]["kernel"].sharding.spec,
-             params["layers"][0]["attn"]["k_proj"]["bias"].sharding.spec,
-             params["layers"][1]["mlp"]["down_proj"]["kernel"].sharding.spec,
+    graphdef, params = create(CFG.replace(scan_layers=scan), seed=0, partitioner=part)
+    # init is sharding- and layout-invariant
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), ref_params,
+                 to_layout(params, scanned=False))
+    layers = (None,) if scan else ()  # the stacked leaves' leading axis is replicated
+    expected = tuple(P(*layers, *spec) if i < 3 else spec for i, spec in enumerate(EXPECTED_SPECS[name]))
+    specs = (_layer(params, 0, scan)["attn"]["q_proj"]["kernel"].sharding.spec,
+             _layer(params, 0, scan)["attn"]["k_proj"]["bias"].sharding.spec,
+             _layer(params, 1, scan)["mlp"]["down_proj"]["kernel"].sharding.spec,
              params["lm_head"]["kernel"].sharding.spec,
              params["embed"]["embedding"].sharding.spec)
-    assert specs == EXPECTED_SPECS[name]
-    assert len(params["layers"][0]["attn"]["q_proj"]["kernel"].addressable_shards) == 8
+    assert specs == expected
+    assert len(_layer(params, 0, scan)["attn"]["q_proj"]["kernel"].addressable_shards) == 8
     tokens, pos, seg = (jax.device_put(x, part.batch_sharding()) for x in _inputs())
     with part.activate():
         h, lp = jax.jit(_run, static_argnums=0)(graphdef, params, tokens, pos, seg)

@@ -8,7 +8,9 @@ with 8 devices running the same command; SFT and DPO run with shuffle and
 packing on. Same global batches, same 8-device mesh, so losses, gradient
 norms and the exported weights must agree to float32 round-off (only the
 order of the cross-process sums differs), and a checkpoint of the
-2-process run resumes exactly in one process.
+2-process run resumes exactly in one process. The 2-process DPO run has its
+layers scanned (``ModelConfig.scan_layers``) and its reference unrolled:
+layouts and process counts give the same run.
 
 All runs start together in one module fixture (they are mostly start-up and
 compilation), each bounded by a timeout and killed on failure.
@@ -124,7 +126,8 @@ def runs(tmp_path_factory):
     jobs = [launcher]
     deadline = time.monotonic() + TIMEOUT_S
     try:  # on any failure or timeout every job is killed and the failing one's log shown
-        jobs += [*_two_processes("dpo_2proc", dpo_args(dirs["dpo_2proc"]), root),
+        jobs += [*_two_processes("dpo_2proc", dpo_args(dirs["dpo_2proc"]) + ["--gin.ModelConfig.scan_layers=True"],
+                                 root),
                  _one_process("sft_reference", sft_args(dirs["sft_reference"], 6), root),
                  _one_process("dpo_reference", dpo_args(dirs["dpo_reference"]), root)]
         _wait([launcher], deadline)

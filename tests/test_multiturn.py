@@ -106,15 +106,40 @@ class ScriptedEnv(ToolEnvironment):
 
 
 class Recorder:
-    """Wraps the roller's sampler and keeps every turn's prompts and outputs."""
+    """Wraps the roller's sampler and keeps every turn's prompts and outputs (the re-prefill path)."""
 
     def __init__(self, sampler):
         self.sampler, self.calls = sampler, []
 
-    def __call__(self, params, tokens, mask, rng, budget=None):
-        out = self.sampler(params, tokens, mask, rng, budget)
+    def __call__(self, params, tokens, mask, rng, budget=None, row_ids=None):
+        out = self.sampler(params, tokens, mask, rng, budget, row_ids=row_ids)
         self.calls.append((np.asarray(tokens), np.asarray(mask), jax.device_get(out)))
         return out
+
+    def start(self, *args):
+        raise AssertionError("the re-prefill path must not continue from a cache")
+
+    extend = start
+
+
+class Counter:
+    """Wraps the roller's sampler and counts prefilled token slots; only the continuation entry points may run."""
+
+    def __init__(self, sampler):
+        self.sampler, self.calls, self.prefilled = sampler, 0, 0
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError("the continuation path must not re-prefill whole conversations")
+
+    def start(self, params, tokens, mask, *args):
+        self.calls += 1
+        self.prefilled += int(np.asarray(mask).sum())
+        return self.sampler.start(params, tokens, mask, *args)
+
+    def extend(self, params, state, tokens, mask, *args):
+        self.calls += 1
+        self.prefilled += int(np.asarray(mask).sum())
+        return self.sampler.extend(params, state, tokens, mask, *args)
 
 
 def _prompts(tok, tools, group):
@@ -122,16 +147,29 @@ def _prompts(tok, tools, group):
     return next(make_prompt_pipeline(rows, tok, 16, len(rows), 0, shuffle=False, num_epochs=None))
 
 
-def test_rollout_mask_and_logprobs_cover_exactly_the_model_tokens(tok, model):
+def _roll(tok, model, continuation, wrap):
     graphdef, params = model
     part = Partitioner()
     stops = (4,) + tuple(range(140, 264))  # <|im_end|> and half the vocabulary: turns of a few tokens
     roller = MultiTurnRoller(graphdef, CONFIG, tok, part, ScriptedEnv(),
                              RolloutConfig(max_new_tokens=5, group_size=2, stop_token_ids=stops),
-                             MultiTurnConfig(max_turns=3, max_episode_tokens=12, max_length=128))
-    roller.sampler = rec = Recorder(roller.sampler)
+                             MultiTurnConfig(max_turns=3, max_episode_tokens=12, max_length=128,
+                                             continuation=continuation))
+    roller.sampler = rec = wrap(roller.sampler)
     with part.activate():
         r = roller(params, params, None, _prompts(tok, ["good"] * 4, 2), jax.random.PRNGKey(1))
+    return r, rec
+
+
+@pytest.fixture(scope="module")
+def reprefilled(tok, model):
+    """The rollout of the re-prefill path, with every sampler call recorded."""
+    return _roll(tok, model, False, Recorder)
+
+
+def test_rollout_mask_and_logprobs_cover_exactly_the_model_tokens(tok, model, reprefilled):
+    graphdef, params = model
+    r, rec = reprefilled
     host, B = r.host, 8
     old = np.asarray(jax.device_get(r.batch["old_logp"]))
     assert max(len(c[0]) for c in rec.calls) >= 1 and len(rec.calls) >= 2  # several turns were sampled
@@ -160,6 +198,31 @@ def test_rollout_mask_and_logprobs_cover_exactly_the_model_tokens(tok, model):
     direct = np.take_along_axis(np.asarray(z), host["targets"][..., None], -1)[..., 0] * host["loss_mask"]
     np.testing.assert_allclose(old, direct, atol=1e-4)
     assert r.metrics["env/turns"] > 1 and r.metrics["env/tool_calls"] > 0
+
+
+def test_continuation_rollout_equals_the_reprefill_rollout(tok, model, reprefilled):
+    """Continuing from the cache samples the same conversations (keys per episode row and step) and prefills
+    only the new tokens; its rows' masks and log-probs so hold the contract checked above."""
+    graphdef, params = model
+    ref, rec = reprefilled
+    r, counter = _roll(tok, model, True, Counter)
+    for key in ("tokens", "segment_ids", "positions", "targets", "loss_mask"):
+        np.testing.assert_array_equal(r.host[key], ref.host[key], err_msg=key)
+    np.testing.assert_allclose(r.host["sampler_logp"], ref.host["sampler_logp"], atol=2e-5)
+    np.testing.assert_allclose(np.asarray(jax.device_get(r.batch["old_logp"])),
+                               np.asarray(jax.device_get(ref.batch["old_logp"])), atol=0)
+    np.testing.assert_array_equal(r.scores, ref.scores)
+    lengths = r.host["loss_mask"].sum(-1)
+    assert len(set(lengths.tolist())) > 1 and r.metrics["env/turns"] > 1  # episodes of different lengths
+    # The first turn prefills the prompts; later turns only the observations (plus each row's last sampled
+    # token, which the cache does not hold yet): far fewer than the whole conversations re-prefilled.
+    assert counter.calls == len(rec.calls)
+    reprefilled_tokens = sum(int(mask.sum()) for _, mask, _ in rec.calls)
+    assert counter.prefilled < reprefilled_tokens
+    hidden, _ = forward(graphdef, params, r.host["tokens"], r.host["positions"], r.host["segment_ids"])
+    z = jax.nn.log_softmax(lm_logits(params, CONFIG, hidden).astype(np.float32), -1)
+    direct = np.take_along_axis(np.asarray(z), r.host["targets"][..., None], -1)[..., 0] * r.host["loss_mask"]
+    np.testing.assert_allclose(r.host["sampler_logp"], direct, atol=1e-4)
 
 
 def test_failing_tools_end_their_episode_with_an_error_and_the_rollout_goes_on(tok, model):
@@ -271,3 +334,19 @@ def test_docs_example_environment(tok, model):
         r = roller(params, params, None, next(make_prompt_pipeline(rows, tok, 16, 8, 0, num_epochs=None)),
                    jax.random.PRNGKey(0))
     assert r.metrics["env/hints"] == 2 and "try again" in r.completions[0]
+
+
+def test_multiturn_benchmark_runs_tiny():
+    """benchmarks/multiturn_rollout.py end to end on a tiny model (its harness, not its speed)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import multiturn_rollout
+
+    report = multiturn_rollout.main(["--rows", "8", "--turns", "3", "--new", "6", "--rollouts", "2", "--hidden", "32",
+                                     "--layers", "1", "--stops", "60"])
+    modes = report["modes"]
+    assert report["same_conversations"] and report["ratio_reprefill_over_continuation"] > 0
+    assert modes["continuation"]["mean_turns"] > 1.5  # the scripted tool calls made episodes of several turns
+    assert modes["continuation"]["prefilled_tokens_per_rollout"] < modes["reprefill"]["prefilled_tokens_per_rollout"]

@@ -74,6 +74,24 @@ def test_sft_resume_continues_exactly(task, tmp_path):
         assert c[step] == pytest.approx(a[step], rel=1e-5), (step, a[step], c[step])
 
 
+def test_sft_resumes_in_the_other_layer_layout(task, tmp_path):
+    """A checkpoint of the unrolled layers resumes with ``ModelConfig.scan_layers = True``: the same run."""
+    const = ["make_optimizer.schedule = 'constant'", "LoopConfig.save_every = 2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_task("sft", _sft_bindings(task, straight, 4, const))
+    run_task("sft", _sft_bindings(task, resumed, 2, const))
+    run_task("sft", _sft_bindings(task, resumed, 4, const + ["ModelConfig.scan_layers = True"]))
+    a, b = losses(straight), losses(resumed)
+    assert sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), (step, a[step], b[step])
+    # The scanned run exports the usual Hugging Face layout, with the same weights.
+    _, _, want = models.load_hf(straight / "final")
+    _, _, got = models.load_hf(resumed / "final")
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6), want, got)
+    assert "ModelConfig.scan_layers = True" in (resumed / "operative_config.gin").read_text()
+
+
 def test_sft_loss_is_only_on_response_tokens(task):
     """The loss equals -mean log p over the assistant reply tokens, found by hand."""
     tok = load_tokenizer(task["tokenizer"])

@@ -1,4 +1,4 @@
-"""jaxpost greedy decoding reproduces transformers' ``generate(do_sample=False)`` token for token."""
+"""jaxpost greedy decoding reproduces transformers' ``generate(do_sample=False)`` token for token (both layer layouts)."""
 
 import jax
 import numpy as np
@@ -41,10 +41,14 @@ def hf_greedy(model, prompts, eos):
     return np.pad(gen, ((0, 0), (0, N - gen.shape[1])), constant_values=PAD)
 
 
+LAYOUTS = pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+
+
+@LAYOUTS
 @pytest.mark.parametrize("stop", [None, "from_hf"])
-def test_greedy_matches_transformers_generate(hf_dir, stop):
+def test_greedy_matches_transformers_generate(hf_dir, stop, scan):
     path, hf_model = hf_dir
-    config, graphdef, params = load_hf(path)
+    config, graphdef, params = load_hf(path, scan_layers=scan)
     if stop is None:
         eos = None
         want = hf_greedy(hf_model, PROMPTS, eos)
@@ -66,10 +70,11 @@ def test_greedy_matches_transformers_generate(hf_dir, stop):
             assert out.lengths[b] == (hit[0] + 1 if hit.size else N)
 
 
-def test_logprobs_match_transformers(hf_dir):
+@LAYOUTS
+def test_logprobs_match_transformers(hf_dir, scan):
     """Sampled log-probs equal log_softmax of HF's logits of the full sequence."""
     path, hf_model = hf_dir
-    config, graphdef, params = load_hf(path)
+    config, graphdef, params = load_hf(path, scan_layers=scan)
     tokens, mask = left_pad(PROMPTS, pad_token_id=PAD)
     s = SamplingConfig(max_new_tokens=N, temperature=0.0, pad_token_id=PAD)
     out = jax.device_get(sample(graphdef, params, config, tokens, mask, jax.random.key(0), s))

@@ -160,7 +160,7 @@ def encode_lm(tokenizer: Any, example: Mapping[str, Any], train_on_prompt: bool 
         if example["conversational"]:
             prompt, completion = example["prompt"], example["completion"]
             ids, trained = chat_encode(tokenizer, [*prompt, *completion],
-                                       [False] * len(prompt) + [True] * len(completion))
+                                       [False] * len(prompt) + [m["role"] == "assistant" for m in completion])
         else:
             p = _bos(tokenizer) + encode_text(tokenizer, example["prompt"])
             c = encode_text(tokenizer, example["completion"]) + _eos(tokenizer)
@@ -198,7 +198,7 @@ def encode_preference(tokenizer: Any, example: Mapping[str, Any]
             sides.append((ids, np.ones(len(ids), bool)))
             continue
         ids, trained = chat_encode(tokenizer, [*prompt, *completion],
-                                   [False] * len(prompt) + [True] * len(completion))
+                                   [False] * len(prompt) + [m["role"] == "assistant" for m in completion])
         p = len(prompt_ids)
         if list(ids[:p]) != list(prompt_ids):
             raise ValueError(f"The tokens of the prompt (with generation prompt) are not a prefix of the "

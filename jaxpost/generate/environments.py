@@ -11,12 +11,15 @@ needs, e.g. ``answer``); ``model_message`` is ``{"role": "assistant",
 ``observation`` is a list of messages appended to the conversation (``tool``
 messages, a ``user`` reply) or None; ``reward`` adds to the episode's
 score; ``done`` ends it. :class:`jaxpost.generate.multiturn.MultiTurnRoller`
-runs episodes for GRPO/RLOO (and is written to serve PPO and synthesis
-too): each episode gets its own copy of the configured environment
+runs episodes for GRPO/RLOO, PPO (``grpo.environment``,
+``ppo.environment``) and ``synthesize`` (``synthesize.environment``): each
+episode gets its own copy of the configured environment
 (:meth:`Environment.spawn`, a deep copy), so an environment keeps its
 episode's state in plain attributes set by ``reset``. The numbers of its
 ``info`` dict named in ``info_keys`` (e.g. ``tool_calls``) are averaged into
-the rollout's metrics.
+the rollout's metrics. An exception from ``reset`` or ``step`` (other than
+:class:`~jaxpost.errors.UserError`, which stops the run) ends only that
+episode: it scores 0, is not trained, and counts in ``env/errors``.
 
 :class:`ToolEnvironment` is an environment whose model calls Python
 functions (:mod:`jaxpost.generate.tools`); :class:`CalculatorEnv` is the

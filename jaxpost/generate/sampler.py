@@ -28,11 +28,23 @@ What a decode step costs is kept to the work left:
 Rows keep their index in the caller's batch throughout; it picks their
 random keys, so none of this changes a result.
 
+Conversations (multi-turn rollouts) continue from their cache:
+:meth:`Sampler.start` samples like ``Sampler.__call__`` and returns a
+:class:`Continuation`; :meth:`Sampler.extend` appends each row's new
+tokens (left-padded to a length bucket, padding under segment 0) after the
+cache's filled slots, at positions that continue the row's own count, and
+decodes on. One cache serves all rows; the slots between a row's turns
+(padding, other rows' longer turns) are segment-0 holes its tokens never
+attend to, so a row's tokens and log-probs are those of re-prefilling its
+whole conversation, for the price of prefilling the new tokens. (A model's
+sliding window counts slots, which holes would stretch: such models are
+refused.)
+
 Layout of one row (prompt length ``P``, ``N = max_new_tokens``)::
 
     cache slot   0 .. P-1                 P .. P+N-1
     content      [pad .. pad, prompt]     generated tokens
-    segment      0 .. 0, 1 .. 1           1 ...
+    segment      0 .. 0, 1 .. 1           1 ... (0 for what a row feeds after its stop)
     position     0 .. 0, 0 .. n-1         n, n+1, ...        (n = real prompt tokens)
 
 Left padding carries segment 0, so it is invisible to the real tokens (the
@@ -60,7 +72,7 @@ from flax import nnx, struct
 
 from jaxpost.generate.processing import choose_tokens
 from jaxpost.models.api import forward, inputs_from_attention_mask
-from jaxpost.models.attention import KVCache, cache_logical_axes, init_cache, pad_cache
+from jaxpost.models.attention import KVCache, cache_logical_axes, init_cache, map_layer_caches, pad_cache
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.heads import logits as lm_logits
 from jaxpost.sharding import Partitioner, active_partitioner, constrain
@@ -196,7 +208,9 @@ class _Rows:
     last: jax.Array  # [b] token sampled last, fed to the next step
     done: jax.Array  # [b] bool: stopped (stop token or budget)
     finished: jax.Array  # [b] bool: stopped on a stop token
-    rows: jax.Array  # [b] int32: the row's index in the caller's batch (its keys, its output row)
+    rows: jax.Array  # [b] int32: the row's index in the caller's batch (its output row)
+    key_ids: jax.Array  # [b] int32: the row's key index (``row_ids``; default its index in the batch)
+    last_real: jax.Array  # [b] bool: ``last`` is a real token (sampled while the row was live), not padding
     n_real: jax.Array  # [b] int32: real prompt tokens
     budget: jax.Array  # [b] int32: the row's max new tokens
     tokens: jax.Array  # [b, N]
@@ -218,15 +232,16 @@ class _Outputs:
 
 def _constrain_cache(cache: KVCache, config: ModelConfig) -> KVCache:
     axes = cache_logical_axes(config)
-    return KVCache(k=tuple(constrain(x, a) for x, a in zip(cache.k, axes.k)),
-                   v=tuple(constrain(x, a) for x, a in zip(cache.v, axes.v)),
+    on = lambda xs, a: tuple(map(constrain, xs, a)) if isinstance(xs, tuple) else constrain(xs, a)
+    return KVCache(k=on(cache.k, axes.k), v=on(cache.v, axes.v),
                    segment_ids=constrain(cache.segment_ids, axes.segment_ids), index=cache.index)
 
 
 def _constrain_rows(st: _Rows, config: ModelConfig) -> _Rows:
     row, buf = lambda x: constrain(x, ("batch",)), lambda x: constrain(x, ("batch", None))
     return st.replace(cache=_constrain_cache(st.cache, config), last=row(st.last), done=row(st.done),
-                      finished=row(st.finished), rows=row(st.rows), n_real=row(st.n_real), budget=row(st.budget),
+                      finished=row(st.finished), rows=row(st.rows), key_ids=row(st.key_ids),
+                      last_real=row(st.last_real), n_real=row(st.n_real), budget=row(st.budget),
                       tokens=buf(st.tokens), logprobs=buf(st.logprobs), processed=buf(st.processed),
                       mask=buf(st.mask))
 
@@ -235,7 +250,7 @@ def _record(st: _Rows, logits: jax.Array, rng: jax.Array, s: SamplingConfig) -> 
     """Samples token ``st.step`` of every live row from ``logits [b, V]`` and writes it down."""
     i = st.step
     step_key = jax.random.fold_in(rng, i)
-    keys = jax.vmap(lambda r: jax.random.fold_in(step_key, r))(st.rows.astype(jnp.uint32))
+    keys = jax.vmap(lambda r: jax.random.fold_in(step_key, r))(st.key_ids.astype(jnp.uint32))
     tok, plp = choose_tokens(keys, logits, s.temperature, s.top_k, s.top_p)
     z = logits.astype(jnp.float32)
     # The training forward's formula (heads.token_logprobs): z[t] - logsumexp(z).
@@ -246,25 +261,28 @@ def _record(st: _Rows, logits: jax.Array, rng: jax.Array, s: SamplingConfig) -> 
     hit = (tok[:, None] == jnp.asarray(s.stop_token_ids, jnp.int32)[None, :]).any(-1) if s.stop_token_ids \
         else jnp.zeros_like(alive)
     put = lambda buf, x: jax.lax.dynamic_update_slice(buf, x[:, None].astype(buf.dtype), (0, i))
-    return st.replace(step=i + 1, last=tok, done=st.done | (alive & hit) | (i + 1 >= st.budget),
+    return st.replace(step=i + 1, last=tok, last_real=alive, done=st.done | (alive & hit) | (i + 1 >= st.budget),
                       finished=st.finished | (alive & hit), tokens=put(st.tokens, tok),
                       logprobs=put(st.logprobs, lp * live), processed=put(st.processed, plp * live),
                       mask=put(st.mask, live))
 
 
-def _prefill(graphdef, params, prompt_tokens, prompt_mask, budget, rng, config: ModelConfig, s: SamplingConfig,
-             capacity: int) -> _Rows:
-    """Prefill of the prompts into a cache of ``capacity`` slots, and the first token of every row."""
+def _prefill(graphdef, params, prompt_tokens, prompt_mask, budget, key_ids, rng, config: ModelConfig,
+             s: SamplingConfig, capacity: int) -> _Rows:
+    """Prefill of the prompts into a cache of ``capacity`` slots, and the first token of every row.
+
+    ``budget`` ``[prompts]``: a row with budget 0 starts done (samples nothing);
+    ``key_ids`` ``[prompts * G]``: the rows' key indices.
+    """
     G, N = s.group_size, s.max_new_tokens
     real = prompt_mask.astype(bool)
     # Ids under padding may be anything (e.g. -100); a gather out of range yields NaN.
     tokens = jnp.where(real, prompt_tokens, 0).astype(jnp.int32)
     tokens, real = constrain(tokens, ("batch", "length")), constrain(real, ("batch", "length"))
     prompts = tokens.shape[0]
-    B = prompts * G
     positions, segments = inputs_from_attention_mask(real)
     n_real = segments.sum(-1)
-    budget = jnp.clip(jnp.asarray(budget, jnp.int32), 1, N)
+    budget = jnp.clip(jnp.asarray(budget, jnp.int32), 0, N)
 
     # Prefill each prompt once; the G samples of a group share its keys/values (prefix sharing),
     # so prefill costs 1/G of prefilling the repeated batch.
@@ -272,30 +290,38 @@ def _prefill(graphdef, params, prompt_tokens, prompt_mask, budget, rng, config: 
     hidden, cache = forward(graphdef, params, tokens, positions, segments, cache)
     first_logits = lm_logits(params, config, hidden[:, -1])  # [prompts, V]: the only prompt logits computed
     if G > 1:
-        grow = lambda x: jnp.repeat(x, G, axis=0)
-        cache = cache.replace(k=tuple(map(grow, cache.k)), v=tuple(map(grow, cache.v)),
-                              segment_ids=grow(cache.segment_ids))
+        grow = lambda x: jnp.repeat(x, G, axis=x.ndim - 4 if x.ndim >= 4 else 0)  # batch: axis -4 of k and v
+        cache = map_layer_caches(grow, grow, cache).replace(segment_ids=grow(cache.segment_ids))
         first_logits, n_real, budget = grow(first_logits), grow(n_real), grow(budget)
-    st = _Rows(step=jnp.zeros((), jnp.int32), cache=cache, last=jnp.zeros((B,), jnp.int32),
-               done=jnp.zeros((B,), bool), finished=jnp.zeros((B,), bool), rows=jnp.arange(B, dtype=jnp.int32),
-               n_real=n_real.astype(jnp.int32), budget=budget,
-               tokens=jnp.full((B, N), s.pad_token_id, jnp.int32), logprobs=jnp.zeros((B, N), jnp.float32),
-               processed=jnp.zeros((B, N), jnp.float32), mask=jnp.zeros((B, N), jnp.float32))
-    return _record(_constrain_rows(st, config), first_logits, rng, s)
+    return _record(_constrain_rows(_fresh_rows(cache, n_real, budget, key_ids, s), config), first_logits, rng, s)
+
+
+def _fresh_rows(cache: KVCache, n_real, budget, key_ids, s: SamplingConfig) -> _Rows:
+    """Rows at step 0 after a prefill: nothing sampled yet; a row with budget 0 is done from the start."""
+    B, N = budget.shape[0], s.max_new_tokens
+    return _Rows(step=jnp.zeros((), jnp.int32), cache=cache, last=jnp.zeros((B,), jnp.int32),
+                 done=budget <= 0, finished=jnp.zeros((B,), bool), rows=jnp.arange(B, dtype=jnp.int32),
+                 key_ids=jnp.asarray(key_ids, jnp.int32), last_real=jnp.zeros((B,), bool),
+                 n_real=n_real.astype(jnp.int32), budget=budget,
+                 tokens=jnp.full((B, N), s.pad_token_id, jnp.int32), logprobs=jnp.zeros((B, N), jnp.float32),
+                 processed=jnp.zeros((B, N), jnp.float32), mask=jnp.zeros((B, N), jnp.float32))
 
 
 def _phase(graphdef, params, st: _Rows, rng, min_live, config: ModelConfig, s: SamplingConfig) -> _Rows:
     """``T = 1`` decode steps until every row has stopped, the cache is full, or at most ``min_live`` rows live."""
-    N, S, b = s.max_new_tokens, st.cache.max_len, st.done.shape[0]
+    N, S = s.max_new_tokens, st.cache.max_len
 
     def cond(st: _Rows):
         live = jnp.sum(~st.done, dtype=jnp.int32)
         return (st.step < N) & (st.cache.index < S) & (live > min_live)
 
     def body(st: _Rows) -> _Rows:
-        # Feed the token sampled last: it sits at position n_real + step - 1, slot P + step - 1.
+        # Feed the token sampled last: it sits at position n_real + step - 1, slot P + step - 1. A row that
+        # stopped feeds padding under segment 0, so its cache holds no slot after its stop that a later
+        # token of the row (a continuation, Sampler.extend) could attend to.
         pos = (st.n_real + st.step - 1)[:, None]
-        h, cache = forward(graphdef, params, st.last[:, None], pos, jnp.ones((b, 1), jnp.int32), st.cache)
+        seg = st.last_real.astype(jnp.int32)[:, None]
+        h, cache = forward(graphdef, params, st.last[:, None], pos, seg, st.cache)
         st = st.replace(cache=_constrain_cache(cache, config))
         return _record(st, lm_logits(params, config, h[:, 0]), rng, s)
 
@@ -311,12 +337,12 @@ def _scope(partitioner: Partitioner | None):
     return partitioner.activate() if partitioner is not None else contextlib.nullcontext()
 
 
-def _sample_impl(graphdef, params, prompt_tokens, prompt_mask, budget, rng, *, config: ModelConfig,
+def _sample_impl(graphdef, params, prompt_tokens, prompt_mask, budget, key_ids, rng, *, config: ModelConfig,
                  sampling: SamplingConfig, partitioner: Partitioner | None) -> SampleOutput:
     """The whole of :func:`sample` in one program: prefill, then one decode phase per cache size."""
     with _scope(partitioner):
         caps = cache_capacities(prompt_tokens.shape[1], sampling.max_new_tokens, sampling.cache_block)
-        st = _prefill(graphdef, params, prompt_tokens, prompt_mask, budget, rng, config, sampling, caps[0])
+        st = _prefill(graphdef, params, prompt_tokens, prompt_mask, budget, key_ids, rng, config, sampling, caps[0])
         for k, cap in enumerate(caps):
             if k:  # the cache is full: copy it into the next size (every row done: the loop exits at once)
                 st = st.replace(cache=_constrain_cache(pad_cache(st.cache, cap), config))
@@ -330,10 +356,10 @@ _sample_jit = jax.jit(_sample_impl, static_argnames=_STATIC)
 
 # --- the scheduled path of Sampler: host-driven phases, live rows compacted ----------------------
 
-def _start_impl(graphdef, params, prompt_tokens, prompt_mask, budget, rng, *, config, sampling, partitioner,
-                capacity):
+def _start_impl(graphdef, params, prompt_tokens, prompt_mask, budget, key_ids, rng, *, config, sampling,
+                partitioner, capacity):
     with _scope(partitioner):
-        st = _prefill(graphdef, params, prompt_tokens, prompt_mask, budget, rng, config, sampling, capacity)
+        st = _prefill(graphdef, params, prompt_tokens, prompt_mask, budget, key_ids, rng, config, sampling, capacity)
         R, N = st.tokens.shape
         buf = lambda x: constrain(x, ("batch", None))
         out = _Outputs(tokens=buf(jnp.full((R, N), sampling.pad_token_id, jnp.int32)),
@@ -363,10 +389,11 @@ def _regroup_impl(st, out, *, config, partitioner, batch, capacity):
         if batch != st.done.shape[0]:
             keep = jnp.argsort(st.done, stable=True)[:batch]  # live rows first, in their order
             take = lambda x: jnp.take(x, keep, axis=0)
+            take_kv = lambda x: jnp.take(x, keep, axis=x.ndim - 4)  # batch: axis -4 of k and v in either layout
             c = st.cache
-            st = st.replace(cache=KVCache(k=tuple(map(take, c.k)), v=tuple(map(take, c.v)),
-                                          segment_ids=take(c.segment_ids), index=c.index),
+            st = st.replace(cache=map_layer_caches(take_kv, take_kv, c).replace(segment_ids=take(c.segment_ids)),
                             last=take(st.last), done=take(st.done), finished=take(st.finished), rows=take(st.rows),
+                            key_ids=take(st.key_ids), last_real=take(st.last_real),
                             n_real=take(st.n_real), budget=take(st.budget), tokens=take(st.tokens),
                             logprobs=take(st.logprobs), processed=take(st.processed), mask=take(st.mask))
         st = st.replace(cache=pad_cache(st.cache, capacity))
@@ -386,7 +413,138 @@ _start_jit = jax.jit(_start_impl, static_argnames=_STATIC + ("capacity",))
 _phase_jit = jax.jit(_phase_impl, static_argnames=_STATIC, donate_argnames=("st",))  # the cache updates in place
 _regroup_jit = jax.jit(_regroup_impl, static_argnames=("config", "partitioner", "batch", "capacity"))
 _finish_jit = jax.jit(_finish_impl, static_argnames=("partitioner", "rows"))
-_JITS = (_sample_jit, _start_jit, _phase_jit, _regroup_jit, _finish_jit)
+
+
+# --- continuation: one cache per batch of conversations, extended turn by turn -------------------------
+
+@struct.dataclass
+class _Carry:
+    """What a continuation keeps on device between calls, for all ``b`` rows of the batch.
+
+    ``cache`` holds each row's conversation so far *except* its last sampled
+    token (slots of other content -- padding, stopped rows' feeds -- are
+    segment 0); ``n_real [b]`` counts the row's tokens in it (the position of
+    its next token); ``last [b]`` is the row's last sampled token and
+    ``has_last [b]`` whether the last call sampled one for the row.
+    """
+
+    cache: KVCache
+    n_real: jax.Array
+    last: jax.Array
+    has_last: jax.Array
+
+
+@dataclasses.dataclass
+class Continuation:
+    """Opaque state of a batch of conversations between :meth:`Sampler.start`/:meth:`Sampler.extend` calls.
+
+    ``carry``: the device arrays (:class:`_Carry`, global and sharded by
+    the batch); ``index``: filled cache slots (the same on every process);
+    ``rows``: the caller's rows (the carry may hold padding rows after them).
+    A state is consumed by the call that extends it.
+    """
+
+    carry: _Carry
+    index: int
+    rows: int
+
+    @property
+    def slots(self) -> int:
+        """The cache's allocated slots."""
+        return self.carry.cache.max_len
+
+
+def continuation_capacities(allocated: int, start: int, max_new_tokens: int, cache_block: int) -> list[int]:
+    """The cache sizes of one continuation call's decode phases, smallest first.
+
+    ``allocated``: the cache's slots before the call (0 for a new batch);
+    ``start``: slots filled once the new tokens are in. Every size is a
+    ladder value of ``cache_block`` (:func:`_ladder`; ``cache_block == 0``:
+    one size, a power of two), at least ``allocated``, and the last holds
+    ``start + max_new_tokens``. Sizes come from a fixed ladder rather than
+    from ``start + N`` so that the compiled programs are reused across turns.
+    """
+    need = start + max_new_tokens
+    if cache_block <= 0:
+        return [max(allocated, bucket_length(need, 16))]
+    c = max(allocated, _ladder(cache_block, start + 1))
+    caps = [c]
+    while c < need:
+        c = _ladder(cache_block, c + 1)
+        caps.append(c)
+    return caps
+
+
+def _open_impl(graphdef, params, prompt_tokens, prompt_mask, budget, key_ids, rng, *, config, sampling,
+               partitioner, capacity):
+    with _scope(partitioner):
+        return _prefill(graphdef, params, prompt_tokens, prompt_mask, budget, key_ids, rng, config, sampling,
+                        capacity)
+
+
+def _chunk(carry: _Carry, new_tokens, new_mask):
+    """Each row's chunk ``[b, C + 1]``: its pending last token (if any) then its new tokens, left-padded.
+
+    Returns ``(tokens, positions, segments)``; positions continue the row's
+    count ``carry.n_real``; padding has segment 0 and position 0.
+    """
+    C = new_tokens.shape[1]
+    real_new = new_mask.astype(bool)
+    at = (jnp.arange(C + 1)[None] == (C - real_new.sum(-1))[:, None]) & carry.has_last[:, None]
+    tokens = jnp.pad(jnp.where(real_new, new_tokens, 0).astype(jnp.int32), ((0, 0), (1, 0)))
+    tokens = jnp.where(at, carry.last[:, None], tokens)
+    real = jnp.pad(real_new, ((0, 0), (1, 0))) | at
+    positions = jnp.where(real, carry.n_real[:, None] + jnp.cumsum(real, -1, dtype=jnp.int32) - 1, 0)
+    return tokens, positions, real.astype(jnp.int32)
+
+
+def _extend_impl(graphdef, params, carry, new_tokens, new_mask, budget, key_ids, rng, *, config, sampling,
+                 partitioner, capacity):
+    """Prefills each row's chunk (:func:`_chunk`) after the cache's filled slots; samples every row's first token."""
+    with _scope(partitioner):
+        tokens, positions, segments = (constrain(x, ("batch", "length"))
+                                       for x in _chunk(carry, new_tokens, new_mask))
+        cache = _constrain_cache(pad_cache(carry.cache, capacity), config)
+        hidden, cache = forward(graphdef, params, tokens, positions, segments, cache)
+        logits = lm_logits(params, config, hidden[:, -1])  # the chunk's last slot: each live row's last token
+        budget = jnp.clip(jnp.asarray(budget, jnp.int32), 0, sampling.max_new_tokens)
+        n_real = carry.n_real + segments.sum(-1)
+        st = _fresh_rows(cache, n_real, budget, key_ids, sampling)
+        return _record(_constrain_rows(st, config), logits, rng, sampling)
+
+
+def _grow_impl(st, *, config, partitioner, capacity):
+    with _scope(partitioner):
+        return _constrain_rows(st.replace(cache=pad_cache(st.cache, capacity)), config)
+
+
+def _settle_impl(st, start, *, config, partitioner, rows):
+    """The call's outputs (first ``rows``) and the carry: the last sampled token of each row leaves the cache.
+
+    Token ``j`` of a row was fed at slot ``start + j`` (``start``: filled
+    slots before decoding) if a later step ran; the last one, ``L - 1``, is
+    set to segment 0 there whether fed or not, and kept as ``last`` instead,
+    so the carry's invariant holds without knowing which rows were fed.
+    """
+    with _scope(partitioner):
+        L = st.mask.sum(-1).astype(jnp.int32)
+        has = L >= 1
+        c = st.cache
+        drop = (jnp.arange(c.max_len, dtype=jnp.int32)[None] == (start + L - 1)[:, None]) & has[:, None]
+        cache = c.replace(segment_ids=jnp.where(drop, 0, c.segment_ids))
+        last = jnp.take_along_axis(st.tokens, jnp.maximum(L - 1, 0)[:, None], -1)[:, 0]
+        row = lambda x: constrain(x, ("batch",))
+        carry = _Carry(cache=_constrain_cache(cache, config), n_real=row(st.n_real + jnp.maximum(L - 1, 0)),
+                       last=row(last), has_last=row(has))
+        return _output(st.tokens, st.logprobs, st.processed, st.mask, st.finished)[:rows], carry
+
+
+_open_jit = jax.jit(_open_impl, static_argnames=_STATIC + ("capacity",))
+_extend_jit = jax.jit(_extend_impl, static_argnames=_STATIC + ("capacity",))
+_grow_jit = jax.jit(_grow_impl, static_argnames=("config", "partitioner", "capacity"))
+_settle_jit = jax.jit(_settle_impl, static_argnames=("config", "partitioner", "rows"))
+_JITS = (_sample_jit, _start_jit, _phase_jit, _regroup_jit, _finish_jit, _open_jit, _extend_jit, _grow_jit,
+         _settle_jit)
 
 
 def compiled_programs() -> int:
@@ -425,15 +583,15 @@ def check_prompts(prompt_tokens, prompt_mask) -> None:
                          "prompts must be left-padded: zeros, then ones")
 
 
-def _budgets(max_new_tokens, prompts: int, N: int):
-    """Per-prompt budgets ``[prompts]`` int32 (``None``: ``N`` for all); values must be in ``[1, N]``."""
+def _budgets(max_new_tokens, prompts: int, N: int, low: int = 1):
+    """Per-prompt budgets ``[prompts]`` int32 (``None``: ``N`` for all); values must be in ``[low, N]``."""
     if max_new_tokens is None:
         return np.full((prompts,), N, np.int32)
     if isinstance(max_new_tokens, jax.core.Tracer):
         return jnp.broadcast_to(jnp.asarray(max_new_tokens, jnp.int32), (prompts,))
     budget = np.broadcast_to(np.asarray(max_new_tokens), (prompts,)).astype(np.int32)
-    if budget.size and (budget.min() < 1 or budget.max() > N):
-        raise ValueError(f"max_new_tokens per prompt must be in [1, {N}] (SamplingConfig.max_new_tokens); "
+    if budget.size and (budget.min() < low or budget.max() > N):
+        raise ValueError(f"max_new_tokens per prompt must be in [{low}, {N}] (SamplingConfig.max_new_tokens); "
                          f"got values from {budget.min()} to {budget.max()}")
     return budget
 
@@ -449,14 +607,16 @@ def _place(partitioner, shards, *arrays):
 
 def sample(graphdef: nnx.GraphDef, params: dict, config: ModelConfig, prompt_tokens: jax.Array,
            prompt_mask: jax.Array, rng: jax.Array, sampling: SamplingConfig,
-           partitioner: Partitioner | None = None, max_new_tokens=None) -> SampleOutput:
+           partitioner: Partitioner | None = None, max_new_tokens=None, row_ids=None) -> SampleOutput:
     """Samples up to ``sampling.max_new_tokens`` tokens after each left-padded prompt.
 
     ``prompt_tokens`` int32 ``[B, P]`` and ``prompt_mask`` ``[B, P]`` (1 =
     real token, left-padded: zeros then ones, at least one 1 per row).
     Returns a :class:`SampleOutput` of ``B * group_size`` rows. Step ``i``
-    of row ``r`` draws with key ``fold_in(fold_in(rng, i), r)``, so a row's
-    draws depend on neither the batch size nor the sharding.
+    of row ``r`` draws with key ``fold_in(fold_in(rng, i), row_ids[r])``
+    (``row_ids``: optional ints, one per output row; default ``r``), so a
+    row's draws depend on neither the batch size nor the sharding, and a
+    caller that samples a subset of its rows can keep each row's keys.
 
     ``max_new_tokens`` (optional, int or ``[B]`` ints in ``[1, N]``): a
     budget per prompt (shared by its group); a row that reaches its budget
@@ -489,10 +649,24 @@ def sample(graphdef: nnx.GraphDef, params: dict, config: ModelConfig, prompt_tok
         raise ValueError(f"batch of {prompt_tokens.shape[0]} prompts x group_size {sampling.group_size} = {rows} "
                          f"rows does not divide over {shards} batch shards of {partitioner}")
     budget = _budgets(max_new_tokens, prompt_tokens.shape[0], sampling.max_new_tokens)
+    key_ids = _key_ids(row_ids, rows)
     # Only the un-repeated prompts need to divide; the repeat happens inside the jit.
-    prompt_tokens, prompt_mask, budget = _place(partitioner, shards, prompt_tokens, prompt_mask, budget)
-    return _sample_jit(graphdef, params, prompt_tokens, prompt_mask, budget, rng, config=config, sampling=sampling,
-                       partitioner=partitioner)
+    prompt_tokens, prompt_mask, budget, key_ids = _place(partitioner, shards, prompt_tokens, prompt_mask, budget,
+                                                         key_ids)
+    return _sample_jit(graphdef, params, prompt_tokens, prompt_mask, budget, key_ids, rng, config=config,
+                       sampling=sampling, partitioner=partitioner)
+
+
+def _key_ids(row_ids, rows: int):
+    """``row_ids`` as int32 ``[rows]`` (``None``: ``0 .. rows-1``); traced ids pass as they are."""
+    if row_ids is None:
+        return np.arange(rows, dtype=np.int32)
+    if isinstance(row_ids, jax.core.Tracer):
+        return row_ids
+    ids = np.asarray(row_ids, np.int32)
+    if ids.shape != (rows,):
+        raise ValueError(f"row_ids must hold one id per output row ({rows}), got shape {ids.shape}")
+    return ids
 
 
 def left_pad(prompts: Sequence[Sequence[int]], length: int | None = None, pad_token_id: int = 0
@@ -552,6 +726,9 @@ class Sampler:
     program per (batch size, cache size) pair met; ``compiled_programs()``
     counts them.
 
+    :meth:`start` and :meth:`extend` sample conversations turn by turn from
+    their KV cache (module docstring); they never compact.
+
     ``compiled_shapes`` holds the ``(batch, length)`` prompt buckets used so far.
     """
 
@@ -574,10 +751,11 @@ class Sampler:
         return -(-b // shards) * shards
 
     def __call__(self, params: dict, prompt_tokens, prompt_mask, rng: jax.Array,
-                 max_new_tokens=None) -> SampleOutput:
+                 max_new_tokens=None, row_ids=None) -> SampleOutput:
         """:func:`sample` on the bucketed shapes; returns the ``B * group_size`` real rows.
 
-        ``max_new_tokens``: optional per-prompt budgets, as in :func:`sample`.
+        ``max_new_tokens``: optional per-prompt budgets; ``row_ids``: optional
+        key index per output row; both as in :func:`sample`.
         """
         prompt_tokens, prompt_mask = np.asarray(prompt_tokens), np.asarray(prompt_mask)
         check_prompts(prompt_tokens, prompt_mask)
@@ -595,16 +773,18 @@ class Sampler:
         budget[B:] = budget[0]
         self.compiled_shapes.add((Bb, Pb))
         rows = B * s.group_size
+        key_ids = self._padded_key_ids(row_ids, rows, Bb * s.group_size)
         if not self.compact:
-            out = sample(self.graphdef, params, self.config, tokens, mask, rng, s, self.partitioner, budget)
+            out = sample(self.graphdef, params, self.config, tokens, mask, rng, s, self.partitioner, budget,
+                         key_ids)
             return out[:rows] if Bb != B else out
         part = self.partitioner if self.partitioner is not None else active_partitioner()
         shards = _batch_shards(part)
-        tokens, mask, budget = _place(part, shards, tokens, mask, budget)
+        tokens, mask, budget, key_ids = _place(part, shards, tokens, mask, budget, key_ids)
         statics = dict(graphdef=self.graphdef, config=self.config, sampling=s, partitioner=part)
         caps = cache_capacities(Pb, s.max_new_tokens, s.cache_block)
-        st, out = _start_jit(params=params, prompt_tokens=tokens, prompt_mask=mask, budget=budget, rng=rng,
-                             capacity=caps[0], **statics)
+        st, out = _start_jit(params=params, prompt_tokens=tokens, prompt_mask=mask, budget=budget, key_ids=key_ids,
+                             rng=rng, capacity=caps[0], **statics)
         cap, self.phases = 0, []
         while True:
             b = st.done.shape[0]
@@ -620,6 +800,131 @@ class Sampler:
             batch = _ladder(shards, live) if live <= floor else b
             st, out = _regroup_jit(st, out, config=self.config, partitioner=part, batch=batch, capacity=caps[cap])
         return _finish_jit(st, out, partitioner=part, rows=rows)
+
+    # --- continuation ------------------------------------------------------------------------------
+
+    def start(self, params: dict, prompt_tokens, prompt_mask, rng: jax.Array, max_new_tokens=None,
+              row_ids=None) -> tuple[SampleOutput, Continuation]:
+        """Like ``__call__``, and also returns the batch's :class:`Continuation` for :meth:`extend`.
+
+        The outputs equal ``__call__``'s for the same arguments (``row_ids``:
+        key index per output row, as in :func:`sample`; a row with budget 0
+        draws nothing, so its id does not matter). ``max_new_tokens`` may hold 0 for a row: it samples nothing
+        (``lengths`` 0). Decoding never compacts (the batch stays whole: it
+        owns the cache), whatever ``compact`` says.
+        """
+        self._check_continuable()
+        prompt_tokens, prompt_mask = np.asarray(prompt_tokens), np.asarray(prompt_mask)
+        check_prompts(prompt_tokens, prompt_mask)
+        s = self.sampling
+        B, P = prompt_tokens.shape
+        Bb, Pb = self.bucket_batch(B), bucket_length(P, self.min_length_bucket, self.length_buckets)
+        tokens = np.full((Bb, Pb), s.pad_token_id, np.int32)
+        mask = np.zeros((Bb, Pb), np.int32)
+        tokens[:B, Pb - P:], mask[:B, Pb - P:] = prompt_tokens, prompt_mask
+        tokens[B:], mask[B:] = tokens[0], mask[0]  # padding rows: a valid prompt, budget 0 (never decoded)
+        budget = np.zeros((Bb,), np.int32)
+        budget[:B] = _budgets(max_new_tokens, B, s.max_new_tokens, low=0)
+        self.compiled_shapes.add((Bb, Pb))
+        part, shards = self._part_shards()
+        key_ids = self._padded_key_ids(row_ids, B * s.group_size, Bb * s.group_size)
+        tokens, mask, budget, key_ids = _place(part, shards, tokens, mask, budget, key_ids)
+        caps = continuation_capacities(0, Pb, s.max_new_tokens, s.cache_block)
+        st = _open_jit(params=params, prompt_tokens=tokens, prompt_mask=mask, budget=budget, key_ids=key_ids,
+                       rng=rng, capacity=caps[0], **self._statics(part))
+        return self._decode(params, st, rng, caps, Pb, B * s.group_size, part)
+
+    def extend(self, params: dict, state: Continuation, new_tokens, new_mask, rng: jax.Array, max_new_tokens=None,
+               row_ids=None) -> tuple[SampleOutput, Continuation]:
+        """Continues every conversation of ``state`` after ``new_tokens``; returns the outputs and the next state.
+
+        ``new_tokens``/``new_mask`` ``[R, C]`` (``R = state.rows``,
+        left-padded, a row may have none): what follows each row's last
+        sampled token in its conversation (an observation, the next
+        assistant header). ``max_new_tokens``: int or ``[R]`` ints in
+        ``[0, N]`` (``None``: ``N``); a row with 0 samples nothing this call
+        (a finished conversation) and its new tokens may be empty; a row with
+        more needs a last token: a new one, or one it sampled the call
+        before. ``row_ids``: key index per row (default ``r``), as in
+        :func:`sample`. ``state`` is consumed.
+
+        Contract: row ``r``'s outputs equal those of ``__call__`` on the row's
+        whole conversation so far (every prompt, sampled token and new token,
+        padding removed) with the same row id, up to float rounding: the
+        tokens come from the same per-(row, step) keys, the log-probs from
+        the same positions over the same tokens. Only the chunk of new
+        tokens is prefilled: each row's chunk (its last sampled token, which
+        the cache does not hold yet, then its new tokens; left-padded to a
+        length bucket, padding under segment 0) is written after the
+        cache's filled slots, at positions continuing the row's own count
+        of tokens, so rows share one cache whose slots between their turns
+        are segment-0 holes no real token attends to. Compiled programs are
+        reused: the chunk length is bucketed like prompt lengths and the
+        cache grows along the fixed ladder of
+        :func:`continuation_capacities`.
+        """
+        self._check_continuable()
+        new_tokens, new_mask = np.asarray(new_tokens), np.asarray(new_mask)
+        s, R = self.sampling, state.rows
+        if new_tokens.ndim != 2 or new_mask.shape != new_tokens.shape or new_tokens.shape[0] != R:
+            raise ValueError(f"new_tokens and new_mask must both be [{R}, C] (one row per conversation); got "
+                             f"{tuple(new_tokens.shape)} and {tuple(new_mask.shape)}")
+        m = new_mask.astype(bool)
+        bad = np.flatnonzero((m[:, :-1] & ~m[:, 1:]).any(-1))
+        if bad.size:
+            raise ValueError(f"new_mask rows {bad[:8].tolist()} are not left-padded (a 0 follows a 1)")
+        Bb, C = state.carry.n_real.shape[0], new_tokens.shape[1]
+        Cb = bucket_length(C + 1, self.min_length_bucket, self.length_buckets)  # + 1: the pending last token
+        tokens = np.full((Bb, Cb - 1), s.pad_token_id, np.int32)
+        mask = np.zeros((Bb, Cb - 1), np.int32)
+        tokens[:R, Cb - 1 - C:], mask[:R, Cb - 1 - C:] = new_tokens, new_mask
+        budget = np.zeros((Bb,), np.int32)
+        budget[:R] = _budgets(max_new_tokens, R, s.max_new_tokens, low=0)
+        part, shards = self._part_shards()
+        key_ids = self._padded_key_ids(row_ids, R, Bb)
+        tokens, mask, budget, key_ids = _place(part, shards, tokens, mask, budget, key_ids)
+        start = state.index + Cb
+        caps = continuation_capacities(state.slots, start, s.max_new_tokens, s.cache_block)
+        st = _extend_jit(params=params, carry=state.carry, new_tokens=tokens, new_mask=mask, budget=budget,
+                         key_ids=key_ids, rng=rng, capacity=caps[0], **self._statics(part))
+        return self._decode(params, st, rng, caps, start, R, part)
+
+    def _check_continuable(self):
+        if self.config.sliding_window is not None:
+            # The model's window counts cache slots; a continuation leaves holes between turns, so slot
+            # distance would exceed token distance. Re-prefill (``__call__``) instead.
+            raise ValueError(f"Sampler.start/extend do not support sliding_window={self.config.sliding_window} "
+                             "models (the window counts cache slots, and a continued cache has holes); sample "
+                             "each turn with Sampler.__call__ on the whole conversation instead")
+
+    @staticmethod
+    def _padded_key_ids(row_ids, rows: int, padded: int) -> np.ndarray:
+        """``row_ids`` of the real rows, then the padding rows' own indices (they are cut from the outputs)."""
+        return np.concatenate([_key_ids(row_ids, rows), np.arange(rows, padded, dtype=np.int32)]).astype(np.int32)
+
+    def _part_shards(self):
+        part = self.partitioner if self.partitioner is not None else active_partitioner()
+        return part, _batch_shards(part)
+
+    def _statics(self, part) -> dict:
+        return dict(graphdef=self.graphdef, config=self.config, sampling=self.sampling, partitioner=part)
+
+    def _decode(self, params, st: _Rows, rng, caps: list[int], start: int, rows: int, part
+                ) -> tuple[SampleOutput, Continuation]:
+        """Decode phases over ``caps`` (host-driven, no compaction), then the outputs and the next state."""
+        statics, N = self._statics(part), self.sampling.max_new_tokens
+        k, self.phases = 0, []
+        while True:
+            self.phases.append((st.done.shape[0], caps[k]))
+            st, info = _phase_jit(params=params, st=st, rng=rng, min_live=np.int32(0), **statics)
+            # Replicated: each host reads its own copy (no gather of a global array).
+            live, step, index = (int(v) for v in np.asarray(info.addressable_data(0)))
+            if live == 0 or step >= N:
+                break
+            k += 1  # the loop left early only because the cache is full: grow it
+            st = _grow_jit(st, config=self.config, partitioner=part, capacity=caps[k])
+        out, carry = _settle_jit(st, np.int32(start), config=self.config, partitioner=part, rows=rows)
+        return out, Continuation(carry=carry, index=index, rows=rows)
 
     def sample_ids(self, params: dict, prompts: Sequence[Sequence[int]], rng: jax.Array,
                    max_new_tokens=None) -> SampleOutput:

@@ -36,10 +36,13 @@ class KVCache:
     row: prompts are left-padded to one length). A step costs in proportion
     to the cache's allocated size ``S``; the sampler keeps ``S`` near the
     filled part by growing the cache in steps (:func:`pad_cache`).
+    A model with ``scan_layers`` keeps ``k`` and ``v`` as single arrays
+    stacked on a leading layer axis (``[L, B, Nkv, Hd, S]``), scanned with
+    the layers; code that handles either counts axes from the end.
     """
 
-    k: tuple
-    v: tuple
+    k: tuple | jax.Array
+    v: tuple | jax.Array
     segment_ids: jax.Array
     index: jax.Array
 
@@ -52,16 +55,32 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVC
     """An empty cache of ``max_len`` slots (``dtype`` defaults to ``config.dtype``)."""
     dtype = jnp.dtype(dtype or config.dtype)
     K, H = config.num_kv_heads, config.dim_per_head
-    zeros = lambda shape: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-    return KVCache(k=zeros((batch, K, H, max_len)), v=zeros((batch, K, max_len, H)), segment_ids=jnp.zeros((batch, max_len), jnp.int32),
-                   index=jnp.zeros((), jnp.int32))
+    if config.scanned:
+        zeros = lambda shape: jnp.zeros((config.num_layers,) + shape, dtype)
+    else:
+        zeros = lambda shape: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    return KVCache(k=zeros((batch, K, H, max_len)), v=zeros((batch, K, max_len, H)),
+                   segment_ids=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32))
 
 
 def cache_logical_axes(config: ModelConfig) -> KVCache:
     """Logical axis names of every leaf of :func:`init_cache`'s result."""
     k, v = ("batch", "kv_heads", "head_dim", "length"), ("batch", "kv_heads", "length", "head_dim")
+    if config.scanned:
+        return KVCache(k=("layers",) + k, v=("layers",) + v, segment_ids=("batch", "length"), index=())
     return KVCache(k=(k,) * config.num_layers, v=(v,) * config.num_layers,
                    segment_ids=("batch", "length"), index=())
+
+
+def map_layer_caches(fn_k, fn_v, cache: KVCache) -> KVCache:
+    """``cache`` with ``fn_k`` applied to every layer's keys and ``fn_v`` to its values.
+
+    The functions see one array per layer (unrolled) or the stacked
+    ``[L, ...]`` array (scanned), so they must index axes from the end
+    (batch is axis ``-4`` of both ``k`` and ``v``).
+    """
+    apply = lambda fn, x: tuple(map(fn, x)) if isinstance(x, tuple) else fn(x)
+    return KVCache(k=apply(fn_k, cache.k), v=apply(fn_v, cache.v), segment_ids=cache.segment_ids, index=cache.index)
 
 
 def pad_cache(cache: KVCache, max_len: int) -> KVCache:
@@ -71,10 +90,10 @@ def pad_cache(cache: KVCache, max_len: int) -> KVCache:
         raise ValueError(f"pad_cache cannot shrink a cache of {cache.max_len} slots to {max_len}")
     if extra == 0:
         return cache
-    grow_k = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra)))
-    grow_v = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0)))
-    return KVCache(k=tuple(map(grow_k, cache.k)), v=tuple(map(grow_v, cache.v)),
-                   segment_ids=jnp.pad(cache.segment_ids, ((0, 0), (0, extra))), index=cache.index)
+    pad = lambda x, axis: jnp.pad(x, [(0, extra if a == x.ndim + axis else 0) for a in range(x.ndim)])
+    grown = map_layer_caches(lambda k: pad(k, -1), lambda v: pad(v, -2), cache)
+    return KVCache(k=grown.k, v=grown.v, segment_ids=jnp.pad(cache.segment_ids, ((0, 0), (0, extra))),
+                   index=cache.index)
 
 
 def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_segments: jax.Array,

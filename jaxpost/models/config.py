@@ -23,6 +23,10 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192
 
 
+# Depth from which ``ModelConfig(scan_layers=None)`` scans: from here on the scanned step compiles faster than
+# the unrolled one at the same step time (benchmarks/scan_layers.py); below it both are about equal.
+SCAN_LAYERS_FROM = 16
+
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 LORA_TARGET_PRESETS = {
@@ -115,6 +119,16 @@ class ModelConfig:
     :class:`LoraConfig` or None) adds low-rank adapters to the projections
     it targets (see :mod:`jaxpost.models.lora`); parameter and FLOP counts
     below are those of the base model.
+    ``scan_layers``: run the layers under ``jax.lax.scan`` over parameters
+    stacked on a leading ``layers`` axis (``params["layers"]["attn"]...``
+    ``[L, ...]``) instead of a Python loop over ``params["layers"][i]``.
+    Tracing and compile time then stay flat in depth; ``remat`` applies
+    per layer either way. ``None`` (the default) scans models of
+    :data:`SCAN_LAYERS_FROM` layers or more, where scanning compiles faster
+    and steps as fast (``benchmarks/scan_layers.py``); :attr:`scanned` is
+    the layout in use. The numbers are the same in both layouts, and
+    :mod:`jaxpost.models.layout` converts params, optimizer state and
+    checkpoints between them.
     """
 
     vocab_size: int = 256
@@ -140,6 +154,7 @@ class ModelConfig:
     architecture: str = "llama"
     sliding_window: int | None = None
     lora: LoraConfig | None = None
+    scan_layers: bool | None = None
 
     def __post_init__(self):
         if self.lora is not None and not isinstance(self.lora, LoraConfig):
@@ -157,6 +172,11 @@ class ModelConfig:
                              "set head_dim explicitly")
         if self.dim_per_head % 2:
             raise ValueError(f"head dimension {self.dim_per_head} must be even for rotary embeddings")
+
+    @property
+    def scanned(self) -> bool:
+        """Whether the layers run under ``jax.lax.scan`` (stacked params): ``scan_layers``, or by depth when None."""
+        return self.num_layers >= SCAN_LAYERS_FROM if self.scan_layers is None else bool(self.scan_layers)
 
     @property
     def dim_per_head(self) -> int:

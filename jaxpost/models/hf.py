@@ -25,6 +25,7 @@ from jaxpost import paths
 from jaxpost.hub import resolve_model_dir
 from jaxpost.models.api import abstract, logical_axes
 from jaxpost.models.config import ModelConfig, RopeScaling
+from jaxpost.models.layout import layer_index
 from jaxpost.models.safetensors_io import SafetensorsFile, save_file
 
 _FAMILIES = {"Llama": "llama", "Mistral": "mistral", "Qwen2": "qwen2", "Qwen3": "qwen3"}
@@ -216,6 +217,13 @@ def _set(tree: dict, path, value):
     tree[path[-1]] = value
 
 
+def _tensor_of(params: dict, jpath: tuple, config: ModelConfig):
+    """The array at unrolled key path ``jpath`` (layer ``i`` of a stacked leaf in the scanned layout)."""
+    leaf_path, i = layer_index(jpath, config.scanned)
+    x = _get(params, leaf_path)
+    return x if i is None else x[i]
+
+
 def _checkpoint_files(path: Path) -> dict[str, str]:
     """tensor name -> file name, from the index or the single safetensors file."""
     index = path / "model.safetensors.index.json"
@@ -229,27 +237,31 @@ def _checkpoint_files(path: Path) -> dict[str, str]:
                             "only safetensors checkpoints are read (never pickles)")
 
 
-def load_hf(path: str | os.PathLike, partitioner=None, dtype=None):
+def load_hf(path: str | os.PathLike, partitioner=None, dtype=None, scan_layers: bool | None = None):
     """Loads a Hugging Face checkpoint directory (or Hub name, :mod:`jaxpost.hub`) -> ``(config, graphdef, params)``.
 
     Reads tensor by tensor (memory-mapped), transposes linear weights to
     ``[in, out]``, casts to ``dtype`` (default: the checkpoint's dtype) and,
     with a partitioner, puts each straight into its ``NamedSharding``.
     Raises ``KeyError`` naming a missing tensor and ``ValueError`` naming a
-    mis-shaped one with expected and actual shapes.
+    mis-shaped one with expected and actual shapes. ``scan_layers`` sets
+    ``ModelConfig.scan_layers`` (None: by depth); in the scanned layout
+    (:mod:`jaxpost.models.layout`) each device reads only its slice of
+    every layer's tensor.
     """
     path = Path(resolve_model_dir(path, key=None))  # a directory, or a Hub name through the hub cache
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{cfg_file} not found")
-    config = hf_config_to_model_config(json.loads(cfg_file.read_text()), dtype=dtype)
+    config = hf_config_to_model_config(json.loads(cfg_file.read_text()), dtype=dtype).replace(scan_layers=scan_layers)
     graphdef, shapes = abstract(config)
     shardings = None if partitioner is None else partitioner.shardings(logical_axes(config), shapes)
     files = _checkpoint_files(path)
     opened: dict[str, SafetensorsFile] = {}
-    params: dict = {}
     used = set()
-    for hf_name, jpath, transpose in weight_map(config):
+
+    def tensor(hf_name: str, jpath: tuple, transpose: bool, want) -> np.ndarray:
+        """The checkpoint's tensor as a memory-mapped view in jaxpost's orientation, shape-checked."""
         if hf_name not in files:
             raise KeyError(f"{path}: tensor {hf_name!r} (for params{''.join(f'[{k!r}]' for k in jpath)}) "
                            f"is missing from the checkpoint")
@@ -259,16 +271,35 @@ def load_hf(path: str | os.PathLike, partitioner=None, dtype=None):
         f = opened[fname]
         if hf_name not in f.header:
             raise KeyError(f"{path / fname}: tensor {hf_name!r} listed in the index is not in the file")
-        want = _get(shapes, jpath)
-        expected = tuple(reversed(want.shape)) if transpose else tuple(want.shape)
+        expected = tuple(reversed(want)) if transpose else tuple(want)
         if f.shape(hf_name) != expected:
             raise ValueError(f"{path / fname}: tensor {hf_name!r} has shape {f.shape(hf_name)}, "
                              f"expected {expected} for {config.architecture} config")
-        x = f.get(hf_name)
-        x = np.asarray(x.T if transpose else x).astype(want.dtype)
-        sharding = None if shardings is None else _get(shardings, jpath)
-        _set(params, jpath, jax.device_put(x, sharding))
         used.add(hf_name)
+        x = f.get(hf_name)
+        return x.T if transpose else x
+
+    # Scanned layout: the L per-layer tensors of one stacked leaf are read together.
+    groups: dict[tuple, list] = {}
+    for hf_name, jpath, transpose in weight_map(config):
+        leaf_path, _ = layer_index(jpath, config.scanned)
+        groups.setdefault(leaf_path, []).append((hf_name, jpath, transpose))
+    params: dict = {}
+    for leaf_path, members in groups.items():
+        want = _get(shapes, leaf_path)
+        sharding = None if shardings is None else _get(shardings, leaf_path)
+        if not (config.scanned and leaf_path[0] == "layers"):
+            (member,) = members
+            x = jax.device_put(np.asarray(tensor(*member, want.shape)).astype(want.dtype), sharding)
+        else:
+            views = [tensor(*m, want.shape[1:]) for m in members]
+            if sharding is None:
+                x = jax.device_put(np.stack([np.asarray(v).astype(want.dtype) for v in views]))
+            else:  # each device reads only its slice of every layer's (memory-mapped) tensor
+                x = jax.make_array_from_callback(want.shape, sharding, lambda idx, views=views, dtype=want.dtype:
+                                                 np.stack([np.asarray(v[idx[1:]]).astype(dtype)
+                                                           for v in views[idx[0]]]))
+        _set(params, leaf_path, x)
     unused = sorted(k for k in files if k not in used and not k.endswith(_IGNORED_SUFFIXES)
                     and not (k == "lm_head.weight" and config.tie_embeddings))
     if unused:
@@ -304,7 +335,7 @@ def save_hf(path: str | os.PathLike, config: ModelConfig, params: dict, dtype=No
     path.mkdir(parents=True, exist_ok=True)
     dtype = jnp.dtype(dtype or config.param_dtype)
     entries = weight_map(config)
-    sizes = [math.prod(_get(params, p).shape) * dtype.itemsize for _, p, _ in entries]
+    sizes = [math.prod(_tensor_of(params, p, config).shape) * dtype.itemsize for _, p, _ in entries]
     shards: list[list[int]] = [[]]
     acc = 0
     for i, size in enumerate(sizes):
@@ -320,7 +351,7 @@ def save_hf(path: str | os.PathLike, config: ModelConfig, params: dict, dtype=No
         tensors = {}
         for i in members:
             hf_name, jpath, transpose = entries[i]
-            x = np.asarray(jax.device_get(_get(params, jpath))).astype(dtype)
+            x = np.asarray(jax.device_get(_tensor_of(params, jpath, config))).astype(dtype)
             tensors[hf_name] = x.T if transpose else x
             weight_files[hf_name] = name
         save_file(tensors, path / name, metadata={"format": "pt"})

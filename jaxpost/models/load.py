@@ -28,7 +28,7 @@ __all__ = ["RUN_FIELDS", "load_model"]
 
 # How a run computes, not what the weights are: with ``init_from`` these come from the run's ModelConfig, every
 # other field (shapes, rope, norms, architecture) from the checkpoint's config.json.
-RUN_FIELDS = ("dtype", "remat", "attention", "stored_logits_mib", "lora")
+RUN_FIELDS = ("dtype", "remat", "attention", "stored_logits_mib", "lora", "scan_layers")
 
 
 def _bound_fields(model: ModelConfig) -> set[str]:
@@ -67,7 +67,8 @@ def load_model(model: ModelConfig | None, init_from: str | None, partitioner: Pa
     safetensors, e.g. the ``final/`` directory every jaxpost run exports) or
     None for a random init of ``model``. With ``init_from``, shapes come from
     the checkpoint and the fields in :data:`RUN_FIELDS` (``dtype``,
-    ``remat``, ``attention``, ``stored_logits_mib``, ``lora``) from
+    ``remat``, ``attention``, ``stored_logits_mib``, ``lora``,
+    ``scan_layers``) from
     ``model`` when given; ``param_dtype`` is the checkpoint's unless
     ``model`` sets it. A field ``model`` sets (non-default or bound in gin)
     that the checkpoint overrides is named in one ``UserWarning``. ``head``
@@ -93,7 +94,8 @@ def load_model(model: ModelConfig | None, init_from: str | None, partitioner: Pa
                             f"directory beside it (a LoRA run exports it as final/), or merge the adapters first")
         bound = _bound_fields(model) if model is not None else set()
         dtype = model.param_dtype if "param_dtype" in bound else None  # cast while loading: no second copy
-        config, graphdef, params = load_hf(init_from, partitioner=partitioner, dtype=dtype)
+        config, graphdef, params = load_hf(init_from, partitioner=partitioner, dtype=dtype,
+                                           scan_layers=None if model is None else model.scan_layers)
         if model is not None:
             _warn_overridden(model, config, init_from, bound)
             # Not lora: the checkpoint is the plain base, apply_lora below adds the run's adapters to it.

@@ -38,6 +38,7 @@ import numpy as np
 from jaxpost.models.api import abstract, logical_axes
 from jaxpost.models.config import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, LoraConfig, ModelConfig
 from jaxpost.models.layers import lora_a_init
+from jaxpost.models.layout import is_scanned, to_layout
 from jaxpost.models.safetensors_io import SafetensorsFile, save_file
 
 __all__ = [
@@ -145,8 +146,15 @@ def apply_lora(config: ModelConfig, params: dict, lora_config: LoraConfig, seed:
         for site in sites:
             a = _get(shapes, site + ("lora_a",))
             b = _get(shapes, site + ("lora_b",))
-            key = jax.random.fold_in(root, zlib.crc32(_path_str(site).encode()) & 0x7FFFFFFF)
-            out[site] = (lora_a_init(key, a.shape[0], a.shape[1]).astype(a.dtype), jnp.zeros(b.shape, b.dtype))
+            # Keyed by the unrolled path of each layer, so both layouts draw the same adapters.
+            draw = lambda unrolled_site: lora_a_init(
+                jax.random.fold_in(root, zlib.crc32(_path_str(unrolled_site).encode()) & 0x7FFFFFFF),
+                a.shape[-2], a.shape[-1])
+            if a.ndim == 3:  # scanned layout: [L, in, r]
+                init_a = jnp.stack([draw(site[:1] + (i,) + site[1:]) for i in range(a.shape[0])])
+            else:
+                init_a = draw(site)
+            out[site] = (init_a.astype(a.dtype), jnp.zeros(b.shape, b.dtype))
         return out
 
     out_shardings = None
@@ -191,8 +199,8 @@ def merge_lora(config: ModelConfig, params: dict) -> tuple[ModelConfig, dict]:
     for site in sites:
         node = _get(out, site)
         w, a, b = node["kernel"], node.pop("lora_a"), node.pop("lora_b")
-        delta = jnp.dot(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32),
-                        precision=jax.lax.Precision.HIGHEST)
+        delta = jnp.matmul(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32),  # per layer when stacked
+                           precision=jax.lax.Precision.HIGHEST)
         node["kernel"] = (jnp.asarray(w, jnp.float32) + scale * delta).astype(w.dtype)
     return config.replace(lora=None), out
 
@@ -224,10 +232,13 @@ def save_adapters(path: str | os.PathLike, params: dict, lora_config: LoraConfig
     for site in sites:
         node = _get(params, site)
         a, b = np.asarray(jax.device_get(node["lora_a"])), np.asarray(jax.device_get(node["lora_b"]))
-        if a.shape[1] != lora_config.rank or b.shape[0] != lora_config.rank:
-            raise ValueError(f"{_path_str(site)} has rank {a.shape[1]}, lora_config.rank is {lora_config.rank}")
-        tensors[_peft_name(site, "A")] = np.ascontiguousarray(a.T)
-        tensors[_peft_name(site, "B")] = np.ascontiguousarray(b.T)
+        if a.shape[-1] != lora_config.rank or b.shape[-2] != lora_config.rank:
+            raise ValueError(f"{_path_str(site)} has rank {a.shape[-1]}, lora_config.rank is {lora_config.rank}")
+        # One PEFT tensor per layer: a stacked (scanned) adapter [L, in, r] is written layer by layer.
+        layers = [(site, a, b)] if a.ndim == 2 else [(site[:1] + (i,) + site[1:], a[i], b[i]) for i in range(len(a))]
+        for layer_site, la, lb in layers:
+            tensors[_peft_name(layer_site, "A")] = np.ascontiguousarray(la.T)
+            tensors[_peft_name(layer_site, "B")] = np.ascontiguousarray(lb.T)
     has_head = "score" in params
     if has_head:
         tensors[_PEFT_HEAD] = np.ascontiguousarray(np.asarray(jax.device_get(params["score"]["kernel"])).T)
@@ -291,8 +302,12 @@ def set_adapters(params: dict, adapters: dict) -> dict:
     Every leaf of ``adapters`` must exist in ``params`` with the same shape,
     else ``KeyError``/``ValueError`` naming the path. Values are cast to the
     existing leaf's dtype and placed with its sharding. Returns a new tree;
-    other leaves are shared with ``params``.
+    other leaves are shared with ``params``. Adapters in the unrolled layout
+    (as :func:`load_adapters` reads them) are stacked first when ``params``
+    are scanned.
     """
+    if is_scanned(params):
+        adapters = to_layout(adapters, scanned=True)
     out = _copy_dicts(params)
     for path, x in jax.tree_util.tree_flatten_with_path(adapters)[0]:
         keys = tuple(_key(k) for k in path)

@@ -21,6 +21,12 @@ Params layout (``nnx.to_pure_dict``)::
     final_norm/scale                     [D]         (norm,)
     lm_head/kernel                       [D, V]      (embed, vocab)     (head="lm", untied)
     score/kernel                         [D, 1]      (embed, None)      (head="score")
+
+With ``config.scanned`` (``ModelConfig.scan_layers``) every ``layers/<i>/...`` leaf is instead one
+``layers/...`` leaf stacked on a leading ``layers`` axis (``[L, D, N*Hd]``,
+logical axes ``("layers", "embed", "heads")``), and the layers run under
+``jax.lax.scan``: one traced and compiled layer whatever the depth
+(:mod:`jaxpost.models.layout` converts between the two).
 """
 
 from __future__ import annotations
@@ -76,6 +82,27 @@ class Block(nnx.Module):
         return constrain(x, ACTIVATION_AXES), new_kv
 
 
+def stacked_block(config: ModelConfig, rngs: nnx.Rngs) -> Block:
+    """One :class:`Block` whose parameters are those of ``config.num_layers`` blocks stacked on axis 0.
+
+    The blocks are drawn one after another from ``rngs`` as the unrolled
+    model draws them, so both layouts of one seed hold the same numbers
+    (layer ``i`` is ``leaf[i]``). Each parameter's ``logical_axes`` gains a
+    leading ``"layers"`` (replicated by every sharding preset).
+    """
+    blocks = [Block(config, rngs=rngs) for _ in range(config.num_layers)]
+    graphdef, _ = nnx.split(blocks[0])
+    states = [nnx.split(b)[1] for b in blocks]
+
+    def stack(*variables):
+        first = variables[0]
+        axes = ("layers",) + tuple(first.get_metadata()["logical_axes"])
+        return first.replace(jnp.stack([v[...] for v in variables]), logical_axes=axes)
+
+    stacked = jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.merge(graphdef, stacked)
+
+
 class Transformer(nnx.Module):
     """Decoder-only transformer; ``__call__`` returns ``(hidden, cache)``.
 
@@ -86,7 +113,8 @@ class Transformer(nnx.Module):
         c = config
         self.config = c
         self.embed = Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
-        self.layers = nnx.List([Block(c, rngs=rngs) for _ in range(c.num_layers)])
+        self.layers = (stacked_block(c, rngs) if c.scanned else
+                       nnx.List([Block(c, rngs=rngs) for _ in range(c.num_layers)]))
         self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
         kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
         self.lm_head = (Linear(c.hidden_size, c.vocab_size, ("embed", "vocab"), **kw)
@@ -103,26 +131,41 @@ class Transformer(nnx.Module):
                              f"{positions.shape}, {segment_ids.shape}")
         segment_ids = segment_ids.astype(jnp.int32)
         x = constrain(self.embed(tokens), ACTIVATION_AXES)
-
-        def call(block: Block, x, rope, segment_ids, kv):
-            return block(x, rope, segment_ids, kv, branches)  # branches are static: closed over
-
-        if c.remat != "none":
-            call = nnx.remat(call, policy=REMAT_POLICIES[c.remat])
         if cache is not None:
             if cache.segment_ids.shape[0] != tokens.shape[0]:
                 raise ValueError(f"cache batch {cache.segment_ids.shape[0]} != tokens batch {tokens.shape[0]}")
             cache_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index))
         rope = rope_tables(positions, c.dim_per_head, c)
-        new_k, new_v = [], []
-        for i, block in enumerate(self.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i], cache_segments, cache.index)
-            x, layer_kv = call(block, x, rope, segment_ids, kv)
-            if layer_kv is not None:
-                new_k.append(layer_kv[0])
-                new_v.append(layer_kv[1])
+
+        def call(block: Block, x, kv):
+            if kv is not None:
+                kv = (kv[0], kv[1], cache_segments, cache.index)
+            return block(x, rope, segment_ids, kv, branches)  # rope, segments, branches: closed over
+
+        policy = REMAT_POLICIES.get(c.remat)
+        kvs = None if cache is None else (cache.k, cache.v)
+        if c.scanned:
+            graphdef, stacked = nnx.split(self.layers)
+
+            def body(x, layer):
+                params, kv = layer
+                return call(nnx.merge(graphdef, params), x, kv)
+
+            if c.remat != "none":  # per layer, as unrolled; prevent_cse is not needed inside a scan
+                body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+            x, new_kvs = jax.lax.scan(body, x, (stacked, kvs))
+        else:
+            if c.remat != "none":
+                call = nnx.remat(call, policy=policy)
+            new_k, new_v = [], []
+            for i, block in enumerate(self.layers):
+                x, layer_kv = call(block, x, None if kvs is None else (kvs[0][i], kvs[1][i]))
+                if layer_kv is not None:
+                    new_k.append(layer_kv[0])
+                    new_v.append(layer_kv[1])
+            new_kvs = (tuple(new_k), tuple(new_v))
         hidden = self.final_norm(x)
         if cache is not None:
-            cache = KVCache(k=tuple(new_k), v=tuple(new_v), segment_ids=cache_segments,
+            cache = KVCache(k=new_kvs[0], v=new_kvs[1], segment_ids=cache_segments,
                             index=cache.index + tokens.shape[1])
         return hidden, cache

@@ -24,9 +24,8 @@ from jaxpost.config import build, build_if_bound
 from jaxpost.data import check_run_inputs, make_prompt_pipeline
 from jaxpost.errors import UserError
 from jaxpost.generate.environments import Environment
-from jaxpost.generate.multiturn import MultiTurnConfig, MultiTurnRoller
+from jaxpost.generate.multiturn import check_environment, make_roller
 from jaxpost.generate.rollout import Roller, RolloutConfig
-from jaxpost.generate.scorers import make_scorer
 from jaxpost.losses.grpo import group_advantages, rloo_advantages
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.load import load_model
@@ -83,6 +82,7 @@ def grpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer:
     # `grpo.rollout = @RolloutConfig()`; the run's own defaults yield to gin's bindings.
     rollout, online = build(RolloutConfig, rollout, group_size=8), build(OnlineConfig, online)
     model = build_if_bound(ModelConfig, model)
+    check_environment(environment, "grpo")
     if advantage not in ADVANTAGES:
         raise UserError(f"grpo.advantage={advantage!r} is unknown; choose one of {ADVANTAGES}")
     if rollout.group_size < 2:
@@ -94,9 +94,7 @@ def grpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer:
     config, graphdef, params = load_model(model, init_from, part, seed=online.seed)
     param_shardings = part.shardings(models.logical_axes(config), params)
 
-    roller = (MultiTurnRoller(graphdef, config, tok, part, environment, rollout, build(MultiTurnConfig))
-              if environment is not None else
-              Roller(graphdef, config, tok, part, make_scorer(part, policy_vocab_size=config.vocab_size), rollout))
+    roller = make_roller(graphdef, config, tok, part, rollout, environment, owner="grpo")
     prompts = make_prompt_pipeline(rows, tok, online.max_prompt_len, online.prompts_per_rollout,
                                    online.seed, num_epochs=None)
     batches = RolloutBatches(GRPORollouts(roller, reference_policy(params), advantage, part), prompts, part,

@@ -9,7 +9,7 @@ into per-token rewards, GAE advantages (whitened) and returns, then
 ``ppo_epochs`` passes of shuffled minibatch updates of policy and value
 together: one :class:`TrainState` with ``params = {"policy", "value"}``
 and loss ``policy_loss + vf_coef * value_loss``. The KL coefficient is
-fixed (``kl_target=None``) or adapted (Ziegler et al. 2019).
+fixed (``kl_target=None``) or adapted (Ziegler et al. 2019). ``ppo.environment``: multi-turn episodes.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from jaxpost.algorithms.online import make_ppo_loss, ppo_advantages
 from jaxpost.config import build, build_if_bound
 from jaxpost.data import check_run_inputs, make_prompt_pipeline
 from jaxpost.distributed import to_host
+from jaxpost.generate.environments import Environment
+from jaxpost.generate.multiturn import check_environment, make_roller
 from jaxpost.generate.rollout import Roller, RolloutConfig
-from jaxpost.generate.scorers import make_scorer
 from jaxpost.losses.ppo import AdaptiveKLController
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.export import export
@@ -70,20 +71,21 @@ def ppo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
         rollout: RolloutConfig | None = None, online: OnlineConfig | None = None, ppo_epochs: int = 4,
         minibatch_size: int | None = None, kl_coef: float = 0.05, kl_target: float | None = None,
         kl_horizon: float = 10000.0, kl_estimator: str = "k1", gamma: float = 1.0, lam: float = 0.95,
-        whiten_rewards: bool = False) -> dict:
-    """Trains a policy and a value model with PPO against the gin-configured scorer.
+        whiten_rewards: bool = False, environment: Environment | None = None) -> dict:
+    """Trains a policy and a value model with PPO against the gin-configured scorer (or an ``environment``).
 
     The policy starts from ``init_from`` (an SFT export) or a fresh ``model``; the reference is a frozen
     copy of it (under LoRA, its base with adapters off). The value model starts from ``value_from``
     (usually the reward model) or the policy's body, with a ``score`` head. Exports ``run_dir/final`` (policy) and
-    ``run_dir/value``. Summary: the last rollout's metrics.
-    ``rollout`` (default: ``RolloutConfig()``), ``online`` (``OnlineConfig()``) and ``model``
-    (``ModelConfig()`` where gin binds any of its fields) are built at call time with gin's bindings.
+    ``run_dir/value``. Summary: the last rollout's metrics. ``rollout`` (default: ``RolloutConfig()``), ``online``
+    (``OnlineConfig()``) and ``model`` (``ModelConfig()`` where gin binds any of its fields) are built at call time
+    with gin's bindings. ``environment``: episodes scored by it instead of the scorer; loss on the model's tokens only.
     """
     # Built here, at call time, so that bindings of RolloutConfig/OnlineConfig/ModelConfig apply without
     # `ppo.rollout = @RolloutConfig()`; the run's own defaults yield to gin's bindings.
     rollout, online = build(RolloutConfig, rollout), build(OnlineConfig, online)
     model = build_if_bound(ModelConfig, model)
+    check_environment(environment, "ppo")
     tok, rows = check_run_inputs("ppo", train_data=train_data, kind="prompt", tokenizer=tokenizer,
                                  init_from=init_from, model=model)
     run = prepare_run_dir(run_dir)
@@ -93,9 +95,7 @@ def ppo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
     params = {"policy": policy, "value": value}
     shardings = {"policy": part.shardings(models.logical_axes(config), policy),
                  "value": part.shardings(models.logical_axes(v_config), value)}
-
-    roller = Roller(graphdef, config, tok, part, make_scorer(part, policy_vocab_size=config.vocab_size), rollout,
-                    value_graphdef=v_graphdef)
+    roller = make_roller(graphdef, config, tok, part, rollout, environment, value_graphdef=v_graphdef, owner="ppo")
     advantages = jax.jit(functools.partial(ppo_advantages, kl_estimator=kl_estimator, gamma=gamma, lam=lam,
                                            whiten_rewards=whiten_rewards))
     method = PPORollouts(roller, reference_policy(policy), part, advantages, kl_coef,

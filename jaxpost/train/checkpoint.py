@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 
 from jaxpost import paths
 from jaxpost.errors import UserError
+from jaxpost.models.layout import is_scanned, to_layout
 from jaxpost.train.state import TrainState
 
 log = logging.getLogger("jaxpost")
@@ -92,8 +93,10 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=1, max_to_keep=keep, enable_async_checkpointing=async_save,
             create=True, cleanup_tmp_directories=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              item_names=("state", "data", "config"))
+        # Handlers named up front, so that a fresh manager can read a step's metadata before any save or restore.
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+            "state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+            "config": ocp.JsonCheckpointHandler()})
 
     def __repr__(self) -> str:
         return f"Checkpointer({self.directory!r}, save_every={self.save_every}, steps={self.all_steps()})"
@@ -144,6 +147,9 @@ class Checkpointer:
         older checkpoint that kept ``process_states`` (hosts then read
         disjoint shards) restores process 0's state, with a warning when it
         was written by several processes (its position is of one host's shard).
+        A checkpoint whose layers are in the other layout than
+        ``abstract_state``'s (``ModelConfig.scan_layers`` changed) is restored
+        in its own layout and converted (:mod:`jaxpost.models.layout`).
         """
         if step not in self.all_steps():
             raise FileNotFoundError(f"No complete checkpoint for step {step} in {self.directory}; "
@@ -152,19 +158,38 @@ class Checkpointer:
             if getattr(leaf, "sharding", None) is None:
                 raise ValueError(f"abstract_state{jax.tree_util.keystr(path)} has no sharding; "
                                  "build the target with abstract_with_shardings(...)")
+        target_scanned, saved_scanned = is_scanned(abstract_state.params), self._saved_scanned(step)
+        convert = None not in (target_scanned, saved_scanned) and target_scanned != saved_scanned
+        source = to_layout(abstract_state, saved_scanned) if convert else abstract_state
         out = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
+            state=ocp.args.StandardRestore(source),
             data=ocp.args.JsonRestore(),
             config=ocp.args.JsonRestore(),
         ))
+        state = out["state"]
+        if convert:  # ModelConfig.scan_layers changed since the save: same numbers, other layout
+            log.warning("Checkpoint step %d holds the layers %s; converting them to the run's %s layout.", step,
+                        "stacked (scan_layers)" if saved_scanned else "unrolled", "scanned" if target_scanned
+                        else "unrolled")
+            shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+            # Eager (not one jit): the state's scalars may sit on other devices than its sharded arrays.
+            state = jax.device_put(to_layout(state, target_scanned), shardings)
         data = out["data"]
         states = data.get("process_states")  # older checkpoints: one state per host's shard
         if states is not None and len(states) > 1:
             log.warning("Checkpoint step %d was written by %d processes that each read a shard of the rows (an "
                         "older jaxpost): the data iterators resume from process 0's position; the example order "
                         "differs from the saved run.", step, len(states))
-        return Restored(step=step, state=out["state"], data_state=data["state"], config=out["config"]["gin"],
+        return Restored(step=step, state=state, data_state=data["state"], config=out["config"]["gin"],
                         data_states=states if states is not None else [data["state"]])
+
+    def _saved_scanned(self, step: int) -> bool | None:
+        """Whether ``step`` saved its params' layers stacked (scanned layout); None when it cannot tell."""
+        try:
+            layers = self._manager.item_metadata(step)["state"]["params"]["layers"]
+        except Exception:  # no metadata, or a tree without layers: restore as asked
+            return None
+        return not all(str(k).isdigit() for k in layers.keys())
 
     def data_states(self, step: int) -> list:
         """The saved iterator states at ``step`` (reads only the ``data`` item), as in :class:`Restored`."""

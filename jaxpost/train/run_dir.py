@@ -65,6 +65,7 @@ RESUMABLE_KEYS = (
     "OnlineConfig.num_rollouts", "OnlineConfig.save_every", "OnlineConfig.keep_checkpoints",
     "*.run_dir", "MetricsWriter.*", "compilation_cache.*", "ResumeConfig.*",
     "make_mesh.*",  # a checkpoint restores onto any mesh
+    "ModelConfig.scan_layers",  # ... and into either layout of the layers
 )
 
 
