@@ -20,6 +20,11 @@ GRPO = ["--gin_file=configs/runs/grpo.gin", *TINY, "--gin.RolloutConfig.max_new_
 
 
 def _plan(args, tmp_path, capsys_or_fd):
+    """``jaxpost plan ARGS --json``: (exit status, stdout, stderr, the JSON plan or None).
+
+    The test process lacks the planning XLA flags (``jaxpost.plan.PLAN_XLA_FLAGS``), so the plan runs in the
+    subprocess ``jaxpost plan`` starts for itself: pass ``capfd``, which sees its output.
+    """
     from jaxpost.cli import main
 
     out = tmp_path / "plan.json"
@@ -28,8 +33,8 @@ def _plan(args, tmp_path, capsys_or_fd):
     return rc, text.out, text.err, (json.loads(out.read_text()) if out.exists() else None)
 
 
-def test_sft_breakdown_on_8_devices(tmp_path, capsys):
-    rc, out, _, plan = _plan([*SFT, "--devices", "8", "--device_kind", "h100"], tmp_path, capsys)
+def test_sft_breakdown_on_8_devices(tmp_path, capfd):
+    rc, out, _, plan = _plan([*SFT, "--devices", "8", "--device_kind", "h100"], tmp_path, capfd)
     assert rc == 0, out
     for line in ("parameters", "optimizer state", "gradients", "XLA temporaries (train step)", "peak",
                  "fits in 80.00 GiB", "FLOPs (XLA)", "ms per step", "estimate: XLA CPU compile"):
@@ -43,8 +48,8 @@ def test_sft_breakdown_on_8_devices(tmp_path, capsys):
     assert plan["xla_flops"] > 0 and plan["model_flops"] > 0 and plan["fits"]
 
 
-def test_grpo_breakdown_on_8_devices(tmp_path, capsys):
-    rc, out, _, plan = _plan([*GRPO, "--devices", "8", "--device_kind", "v5e"], tmp_path, capsys)
+def test_grpo_breakdown_on_8_devices(tmp_path, capfd):
+    rc, out, _, plan = _plan([*GRPO, "--devices", "8", "--device_kind", "v5e"], tmp_path, capfd)
     assert rc == 0, out
     for line in ("frozen model: reference", "KV cache (rollouts)", "peak (rollout: sampler program)",
                  "peak (train step)", "fits in 16.00 GiB"):
@@ -57,17 +62,17 @@ def test_grpo_breakdown_on_8_devices(tmp_path, capsys):
     assert plan["peak"] == max(plan["step_peak"], plan["rollout_peak"]) > 0
 
 
-def test_grpo_with_a_reward_model_holds_it_beside_the_step(tmp_path, capsys):
+def test_grpo_with_a_reward_model_holds_it_beside_the_step(tmp_path, capfd):
     """No such directory: the reward model is assumed policy-sized (a score head instead of the LM head)."""
     args = [*GRPO, "--gin.make_scorer.reward_model=no/such/rm", "--devices", "8", "--no_suggestions"]
-    rc, out, _, plan = _plan(args, tmp_path, capsys)
+    rc, out, _, plan = _plan(args, tmp_path, capfd)
     assert rc == 0 and "frozen model: reward model" in out and "assumed policy-sized" in out
     assert 0 < plan["frozen"]["reward model"] < plan["params"]  # 64 score weights instead of 256 x 64 logits
 
 
 @pytest.mark.parametrize("method,frozen", [("dpo", "reference"), ("kto", "reference"), ("reward", None),
                                            ("distill", "teacher")])
-def test_every_offline_method_plans(method, frozen, tmp_path, capsys):
+def test_every_offline_method_plans(method, frozen, tmp_path, capfd):
     """Each method's entry compiles; frozen models the step reads are counted (a teacher from its config.json)."""
     from jaxpost.models.config import ModelConfig
     from jaxpost.models.hf import model_config_to_hf_config
@@ -80,7 +85,7 @@ def test_every_offline_method_plans(method, frozen, tmp_path, capsys):
         args.append(f"--gin.distill.teacher_from={tmp_path / 'teacher'}")
     if method == "reward":
         args[2] = "--gin.reward_model.seq_len=64"
-    rc, out, _, plan = _plan([*args, "--no_suggestions"], tmp_path, capsys)
+    rc, out, _, plan = _plan([*args, "--no_suggestions"], tmp_path, capfd)
     assert rc == 0, out
     if frozen == "reference":
         assert plan["frozen"] == {"reference": plan["params"]}
@@ -88,6 +93,118 @@ def test_every_offline_method_plans(method, frozen, tmp_path, capsys):
         assert 0 < plan["frozen"]["teacher"] and plan["frozen"]["teacher"] != plan["params"]
     else:
         assert plan["frozen"] == {}
+
+
+def _teacher_dir(tmp_path) -> str:
+    from jaxpost.models.config import ModelConfig
+    from jaxpost.models.hf import model_config_to_hf_config
+
+    teacher = ModelConfig(num_layers=3, hidden_size=128, intermediate_size=256)
+    (tmp_path / "teacher").mkdir(exist_ok=True)
+    (tmp_path / "teacher" / "config.json").write_text(json.dumps(model_config_to_hf_config(teacher)))
+    return str(tmp_path / "teacher")
+
+
+ROLLOUT = ["--gin.RolloutConfig.max_new_tokens=16", "--gin.OnlineConfig.max_prompt_len=16",
+           "--gin.OnlineConfig.prompts_per_rollout=8"]
+
+
+@pytest.mark.parametrize("method", ["ppo", "online_dpo", "distill_on_policy"])
+def test_every_online_method_plans_its_step_and_sampler(method, tmp_path, capfd):
+    """PPO (policy + value model trained together), online DPO (reference as a step argument) and on-policy
+    distillation (the teacher as a step argument) each compile their step and their sampler; the KV cache and
+    the frozen models are counted, and the rollout peak holds what stays on the devices while sampling."""
+    if method == "distill_on_policy":
+        args = ["--gin_file=configs/runs/distill.gin", *TINY, "--gin.distill.mode='on_policy'",
+                "--gin.distill.seq_len=64", f"--gin.distill.teacher_from={_teacher_dir(tmp_path)}"]
+    else:
+        args = [f"--gin_file=configs/runs/{method}.gin", *TINY, *ROLLOUT, "--gin.RolloutConfig.group_size=2"]
+    rc, out, err, plan = _plan([*args, "--devices", "8", "--no_suggestions"], tmp_path, capfd)
+    assert rc == 0, out + err
+    assert "KV cache (rollouts)" in out and plan["kv_cache"] > 0 and plan["rollout_peak"] > 0
+    assert plan["peak"] == max(plan["step_peak"], plan["rollout_peak"])
+    if method == "ppo":
+        # params = {"policy", "value"}: the value model is the policy's body with a 1-wide score head instead
+        # of the (untied) [64, 256] LM head, both split over fsdp; Adam holds two of each; the reference copies the policy only.
+        policy = plan["frozen"]["reference"]
+        assert plan["params"] == policy + (policy - 64 * 256 * 4 // 8 + 64 * 4 // 8)  # kernels split 8 ways
+        assert plan["optimizer"] >= 2 * plan["params"] and "policy + value model" in out
+        assert plan["step_peak"] == plan["step_arguments"] + plan["step_outputs"] - plan["step_aliased"] \
+            + plan["step_temp"] + policy  # the reference is held beside the step
+    elif method == "online_dpo":
+        assert plan["frozen"] == {"reference": plan["params"]} and "8 pairs" in out  # one pair per prompt
+        assert plan["step_peak"] == plan["step_arguments"] + plan["step_outputs"] - plan["step_aliased"] \
+            + plan["step_temp"]  # the reference is a step argument, not held beside it
+    else:
+        assert 0 < plan["frozen"]["teacher"] != plan["params"] and "the student samples 32 tokens" in out
+        # 8 rows sample 32 new tokens after 32-token prompts, 1 sample each: 64 slots, rows split 8 ways.
+        assert plan["kv_cache"] == 2 * 2 * 1 * 2 * 64 * 16 * 4 + 1 * 64 * 4 + 4
+
+
+_CONTINUAL = """
+import json, sys
+from jaxpost import config
+from jaxpost.plan import core, methods
+from jaxpost.sharding import Partitioner
+files, bindings, _ = config.split_gin_args(sys.argv[1:])
+config.parse(files, bindings, finalize=False)
+plan = core.plan_current(8)
+part = Partitioner()
+with part.activate():
+    steps = {s.shape_note.split(":")[0]: core._plan_setup(s, part, 8).peak for s in methods.plan_continual(part)}
+print(json.dumps({"peak": plan.peak, "note": plan.shape_note, "frozen": plan.frozen, "params": plan.params,
+                  "method": plan.method, "steps": steps}))
+"""
+
+
+def test_continual_plans_the_larger_of_its_round_steps():
+    """A continual round runs KTO then DPO, each with a copy of init_from as the reference; the plan is the step
+    with the larger peak. (In a subprocess with the planning flags, as ``jaxpost plan`` runs.)"""
+    from jaxpost.plan import plan_xla_flags
+
+    args = ["--gin_file=configs/runs/continual.gin", *TINY, "--gin.continual.seq_len=64"]
+    env = {**os.environ, "XLA_FLAGS": plan_xla_flags(8), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", _CONTINUAL, *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["method"] == "continual" and set(r["steps"]) == {"round step KTO", "round step DPO"}
+    assert r["peak"] == max(r["steps"].values()) and r["note"].startswith(max(r["steps"], key=r["steps"].get))
+    assert r["frozen"] == {"reference": r["params"]}
+
+
+def test_plan_xla_flags_keep_the_users_and_add_the_plans():
+    from jaxpost.plan import PLAN_XLA_FLAGS, plan_xla_flags
+
+    flags = plan_xla_flags(4, "--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=8 "
+                              "--xla_disable_hlo_passes=my-pass")
+    assert flags.split()[0] == "--xla_backend_optimization_level=0"
+    assert "--xla_force_host_platform_device_count=4" in flags.split() and "count=8" not in flags
+    assert "--xla_cpu_enable_concurrency_optimized_scheduler=false" in flags.split()
+    # One list of disabled passes (a second --xla_disable_hlo_passes would replace the first).
+    assert flags.count("--xla_disable_hlo_passes=") == 1 and "my-pass,cpu-all-reduce-combiner" in flags
+    assert plan_xla_flags(4, flags) == flags and all(f.split("=")[0] in flags for f in PLAN_XLA_FLAGS)
+
+
+def test_fsdp_temporaries_do_not_hold_every_layers_weights(tmp_path, capfd):
+    """Regression (issue 21): with full remat, an FSDP step needs about one layer's gathered weights at a time.
+
+    XLA:CPU's default schedule issued every all-gather up front and its all-reduce combiner chained every
+    layer's gradient reduction to the end of the backward pass: 4 more layers added about 2x their float32
+    weights to the temporaries (measured with default flags: 31.5 MB per layer of 15.7 MB). The plan's flags
+    remove both; what is left per layer is the whole float32 gradient XLA:CPU keeps in place of a
+    reduce-scatter (about 1x; docs/plan.md).
+    """
+    base = [*SFT, "--gin.ModelConfig.hidden_size=512", "--gin.ModelConfig.intermediate_size=2048",
+            "--gin.ModelConfig.num_heads=8", "--gin.ModelConfig.num_kv_heads=4", "--gin.ModelConfig.remat='full'",
+            "--gin.sft.seq_len=32", "--devices", "8", "--no_suggestions"]
+    plans = {}
+    for layers in (2, 6):
+        rc, out, err, plans[layers] = _plan([*base, f"--gin.ModelConfig.num_layers={layers}"], tmp_path, capfd)
+        assert rc == 0, out + err
+    layer_f32 = (plans[6]["num_params"] - plans[2]["num_params"]) * 4  # 4 layers' weights in float32
+    growth = plans[6]["step_temp"] - plans[2]["step_temp"]
+    assert growth < 1.5 * layer_f32, (growth, layer_f32)
 
 
 def test_does_not_fit_prints_measured_suggestions(tmp_path, capfd):
@@ -105,14 +222,14 @@ def test_does_not_fit_prints_measured_suggestions(tmp_path, capfd):
     assert "saves" in out and "Largest single saving" in out
 
 
-def test_wrong_key_names_it(tmp_path, capsys):
-    rc, _, err, plan = _plan([*SFT, "--gin.sft.seq_lenn=64", "--devices", "8"], tmp_path, capsys)
+def test_wrong_key_names_it(tmp_path, capfd):
+    rc, _, err, plan = _plan([*SFT, "--gin.sft.seq_lenn=64", "--devices", "8"], tmp_path, capfd)
     assert rc == 2 and plan is None
     assert err.startswith("jaxpost: error:") and "sft.seq_lenn" in err
 
 
-def test_unknown_device_kind(tmp_path, capsys):
-    rc, _, err, _ = _plan([*SFT, "--devices", "8", "--device_kind", "a100"], tmp_path, capsys)
+def test_unknown_device_kind(tmp_path, capfd):
+    rc, _, err, _ = _plan([*SFT, "--devices", "8", "--device_kind", "a100"], tmp_path, capfd)
     assert rc == 2 and "--device_kind='a100' is unknown" in err
 
 
@@ -144,7 +261,10 @@ def test_planned_peak_matches_measured_peak(name):
     growth is what they really touch, measured by the OS rather than taken from XLA's own accounting.
     The plan comes from ``plan_current``, the engine of ``jaxpost plan``, compiled from shapes only.
     """
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    from jaxpost.plan import plan_xla_flags
+
+    # The planning flags in both: the plan and the measured run compile the same program the same way.
+    env = {**os.environ, "XLA_FLAGS": plan_xla_flags(1, ""), "JAX_PLATFORMS": "cpu"}
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # a cached executable would skip the compile either way; keep it simple
     proc = subprocess.run([sys.executable, __file__, "measure", *ACCURACY_RUNS[name]], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)

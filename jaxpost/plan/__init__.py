@@ -11,12 +11,14 @@ that fits ``--device_kind``'s memory, the step's FLOPs and its time at the
 chip's bf16 peak. A run that does not fit gets suggestions, each measured by
 planning again with that one change. See ``docs/plan.md``.
 
-The process needs ``--devices`` devices before JAX starts: when it has
-another count it re-runs itself in a subprocess with
-``XLA_FLAGS=--xla_force_host_platform_device_count=N`` and
-``JAX_PLATFORMS=cpu``. Temporaries and peak are therefore XLA's CPU
-compile of the same program, an estimate of the TPU/GPU compile;
-parameter, optimizer, gradient, frozen-model and cache bytes are exact.
+The process needs ``--devices`` devices and :data:`PLAN_XLA_FLAGS` before
+JAX starts: when it lacks either it re-runs itself in a subprocess with
+``XLA_FLAGS`` from :func:`plan_xla_flags` (the caller's flags, the device
+count ``N`` and the planning flags) and ``JAX_PLATFORMS=cpu``. Temporaries
+and peak are therefore XLA's CPU compile of the same program, an estimate
+of the TPU/GPU compile (``docs/plan.md``, "FSDP temporaries", says where it
+overstates); parameter, optimizer, gradient, frozen-model and cache bytes
+are exact.
 """
 
 from __future__ import annotations
@@ -33,10 +35,21 @@ from typing import Sequence
 from jaxpost.errors import UserError
 from jaxpost.plan.devices import DEVICE_KINDS, DeviceKind, device_kind
 
-__all__ = ["DEVICE_KINDS", "DeviceKind", "device_kind", "main"]
+__all__ = ["DEVICE_KINDS", "PLAN_XLA_FLAGS", "DeviceKind", "device_kind", "main", "plan_xla_flags"]
 
 _CHILD_ENV = "JAXPOST_PLAN_CHILD"
 _COUNT_FLAG = "--xla_force_host_platform_device_count"
+# Two XLA:CPU compile choices would put every layer's FSDP weights among the step's temporaries, where the TPU
+# and GPU compiles keep about one layer's (docs/plan.md, "FSDP temporaries", has the measurements):
+# * the default CPU schedule is built for concurrency: it issues every all-gather of the step up front, so all
+#   layers' gathered weights are live at once (the TPU/GPU schedulers bound the collectives in flight);
+# * XLA:CPU has no reduce-scatter: a gradient is all-reduced whole and then sliced, and its all-reduce combiner
+#   joins the layers' all-reduces into one chain that ends after the whole backward pass, which keeps every
+#   layer's whole float32 weight gradient live until then.
+# The plan compiles with the memory-minimizing CPU schedule and without that combiner.
+PLAN_XLA_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",
+                  "--xla_disable_hlo_passes=cpu-all-reduce-combiner")
+_DISABLE = "--xla_disable_hlo_passes="
 
 EPILOG = """\
 gin arguments as for `jaxpost train` (--gin_file=FILE, --gin.KEY=VALUE; required paths such as run_dir,
@@ -91,9 +104,11 @@ def main(argv: Sequence[str]) -> int:
 
 
 def _process_has(n: int) -> bool:
-    """True when this process runs on ``n`` CPU devices (JAX started, or about to start, with them)."""
-    m = re.search(_COUNT_FLAG + r"=(\d+)", os.environ.get("XLA_FLAGS", ""))
-    if not m or int(m.group(1)) != n:
+    """True when this process runs on ``n`` CPU devices (JAX started, or about to start, with them) and with
+    :data:`PLAN_XLA_FLAGS`."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    m = re.search(_COUNT_FLAG + r"=(\d+)", flags)
+    if not m or int(m.group(1)) != n or plan_xla_flags(n, flags).split() != flags.split():
         return False
     import jax
     return jax.default_backend() == "cpu" and jax.device_count() == n
@@ -102,10 +117,22 @@ def _process_has(n: int) -> bool:
 def _reexec(argv: list[str], n: int) -> int:
     if os.environ.get(_CHILD_ENV):
         raise RuntimeError(f"jaxpost plan: the subprocess still does not have {n} CPU devices")
-    flags = re.sub(_COUNT_FLAG + r"=\d+", "", os.environ.get("XLA_FLAGS", "")).strip()
-    env = {**os.environ, "XLA_FLAGS": f"{flags} {_COUNT_FLAG}={n}".strip(), "JAX_PLATFORMS": "cpu",
-           _CHILD_ENV: "1"}
+    env = {**os.environ, "XLA_FLAGS": plan_xla_flags(n), "JAX_PLATFORMS": "cpu", _CHILD_ENV: "1"}
     return subprocess.run([sys.executable, "-m", "jaxpost.plan", *argv], env=env).returncode
+
+
+def plan_xla_flags(n: int, flags: str | None = None) -> str:
+    """``XLA_FLAGS`` for a planning process of ``n`` CPU devices: ``flags`` (default: this process's) with the
+    device count set to ``n`` and :data:`PLAN_XLA_FLAGS` added."""
+    flags = os.environ.get("XLA_FLAGS", "") if flags is None else flags
+    disabled: list[str] = []
+    kept = []
+    for f in [*flags.split(), *PLAN_XLA_FLAGS]:
+        if f.startswith(_DISABLE):  # one list of disabled passes: the user's and the plan's
+            disabled += [p for p in f[len(_DISABLE):].split(",") if p and p not in disabled]
+        elif not f.startswith(_COUNT_FLAG + "=") and f not in kept:
+            kept.append(f)
+    return " ".join([*kept, f"{_COUNT_FLAG}={n}"] + ([_DISABLE + ",".join(disabled)] if disabled else []))
 
 
 def _run(files, bindings, args, kind: DeviceKind) -> int:
@@ -176,7 +203,7 @@ def format_plan(plan, kind: DeviceKind) -> str:
     rows += [("step arguments (state, batch, frozen)", plan.step_arguments, "XLA"),
              ("XLA temporaries (train step)", plan.step_temp, f"estimate: XLA {plan.backend.upper()} compile"),
              ("peak (train step)", plan.step_peak, "arguments + outputs - donated + temporaries"
-              + (" + resident frozen models" if plan.frozen and plan.rollout_peak else ""))]
+              + (" + frozen models held beside it" if plan.resident else ""))]
     if plan.rollout_peak:
         rows.append(("peak (rollout: sampler program)", plan.rollout_peak,
                      "sampler (policy, cache, temporaries) + optimizer state + frozen models"))

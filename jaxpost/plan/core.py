@@ -13,8 +13,9 @@ batches and caches are shapes.
 
 Exact (from shapes and shardings): parameters, optimizer state, gradients,
 frozen models, KV cache. Estimated: XLA's temporaries and the peak, which come
-from the compile for the backend this process has (CPU here), a stand-in for
-the TPU/GPU compile of the same program.
+from the compile for the backend this process has (CPU here, with
+:data:`jaxpost.plan.PLAN_XLA_FLAGS` when started by ``jaxpost plan``), a
+stand-in for the TPU/GPU compile of the same program.
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ class Plan:
     compile_s: float
     backend: str
     settings: dict = dataclasses.field(default_factory=dict)
+    resident: int = 0               # of ``frozen``: the bytes held beside the step (not its arguments)
 
     @property
     def frozen_total(self) -> int:
@@ -178,7 +180,8 @@ def _compile_sampler(setup: Setup, part: Partitioner):
 
     tokens = jax.ShapeDtypeStruct((ro.prompts, ro.prompt_len), np.int32, sharding=prompt_sh)
     rng = jax.ShapeDtypeStruct((2,), np.uint32, sharding=part.replicated)
-    compiled = jax.jit(run).lower(setup.params, tokens, tokens, rng).compile()
+    policy = setup.params if setup.sampler_params is None else setup.sampler_params
+    compiled = jax.jit(run).lower(policy, tokens, tokens, rng).compile()
     rows = ro.prompts * ro.group_size
     slots = cache_capacities(ro.prompt_len, ro.max_new_tokens, sampling.cache_block)[-1]
     cache = jax.eval_shape(lambda: init_cache(config, rows, slots, dtype=sampling.cache_dtype))
@@ -200,7 +203,11 @@ def _check_batch_divides(setup: Setup, part: Partitioner) -> None:
 
 
 def plan_current(device_count: int | None = None) -> Plan:
-    """Plans the run gin describes now on ``jax.devices()`` (its count must be ``device_count`` when given)."""
+    """Plans the run gin describes now on ``jax.devices()`` (its count must be ``device_count`` when given).
+
+    A method whose run holds several different steps (``continual``: KTO, then DPO) is planned for each; the
+    plan returned is the one with the largest peak (its ``shape_note`` names that step).
+    """
     task = bound_task()
     n = len(jax.devices())
     if device_count is not None and n != device_count:
@@ -212,46 +219,65 @@ def plan_current(device_count: int | None = None) -> Plan:
     t0 = time.perf_counter()
     with part.activate():
         try:
-            setup = METHODS[task](part)
+            setups = METHODS[task](part)
         except ValueError as e:  # e.g. a dimension that does not divide over the mesh
             raise UserError(f"jaxpost plan: {e}") from None
-        _check_batch_divides(setup, part)
-        compiled, abstract, shardings, grad_bytes = _compile_step(setup, part)
-        args, outs, alias, temp = _memory(compiled)
-        xla_flops = _flops(compiled)
-        step_peak = args + outs - alias + temp
-        param_bytes = per_device_bytes(abstract.params, shardings.params)
-        opt_bytes = per_device_bytes(abstract.opt_state, shardings.opt_state)
-        frozen = {}
-        if setup.frozen is not None:
-            for name, tree in setup.frozen.items():
-                frozen[name] = per_device_bytes(tree, setup.frozen_shardings[name])
-        resident = {name: per_device_bytes(tree, sh) for name, (tree, sh) in setup.resident.items()}
-        frozen.update(resident)
-        resident_total = sum(resident.values())
-        kv, rollout_peak = 0, 0
-        if setup.rollout is not None:
-            s_compiled, kv = _compile_sampler(setup, part)
-            s_args, s_outs, s_alias, s_temp = _memory(s_compiled)
-            # While sampling: the sampler's program (the policy params are its arguments) plus what stays
-            # resident: optimizer state and the frozen models.
-            rollout_peak = s_args + s_outs - s_alias + s_temp + opt_bytes + resident_total
-    compile_s = time.perf_counter() - t0
+        plans = [_plan_setup(setup, part, n) for setup in (setups if isinstance(setups, list) else [setups])]
+    best = max(plans, key=lambda p: p.peak)
+    best.compile_s = time.perf_counter() - t0
+    return best
+
+
+def _plan_setup(setup: Setup, part: Partitioner, n: int) -> Plan:
+    """One step's :class:`Plan` on ``part``'s mesh of ``n`` devices (its sampler too, for an online method).
+
+    Raises :class:`UserError` when the batch does not split over the batch shards. ``compile_s`` is left 0
+    (:func:`plan_current` sets it for the whole run).
+    """
+    _check_batch_divides(setup, part)
+    compiled, abstract, shardings, grad_bytes = _compile_step(setup, part)
+    args, outs, alias, temp = _memory(compiled)
+    xla_flops = _flops(compiled)
+    step_peak = args + outs - alias + temp
+    param_bytes = per_device_bytes(abstract.params, shardings.params)
+    opt_bytes = per_device_bytes(abstract.opt_state, shardings.opt_state)
+    frozen = {}
+    if setup.frozen is not None:
+        for name, tree in setup.frozen.items():
+            frozen[name] = per_device_bytes(tree, setup.frozen_shardings[name])
+    frozen_args = sum(frozen.values())
+    resident = {name: per_device_bytes(tree, sh) for name, (tree, sh) in setup.resident.items()}
+    frozen.update(resident)
+    resident_total = sum(resident.values())
+    kv, rollout_peak = 0, 0
+    if setup.rollout is not None:
+        s_compiled, kv = _compile_sampler(setup, part)
+        s_args, s_outs, s_alias, s_temp = _memory(s_compiled)
+        # While sampling: the sampler's program (the policy params are its arguments) plus what stays on the
+        # devices: optimizer state, trained params the sampler does not read (PPO's value model), and the
+        # frozen models (the step's own, e.g. a reference or teacher, and those held beside it).
+        unsampled = 0 if setup.sampler_params is None else param_bytes - per_device_bytes(setup.sampler_params)
+        rollout_peak = (s_args + s_outs - s_alias + s_temp + opt_bytes + unsampled + frozen_args
+                        + resident_total)
     train_peak = step_peak + resident_total
-    return Plan(method=task, model=_model_label(setup.config), num_params=setup.config.num_params(),
+    return Plan(method=setup.method, model=_model_label(setup.config), num_params=setup.config.num_params(),
                 mesh=_mesh_label(part), rules=_rules_name(part), shape_note=setup.shape_note, devices=n,
                 params=param_bytes, optimizer=opt_bytes, gradients=grad_bytes, frozen=frozen, kv_cache=kv,
                 step_arguments=args, step_outputs=outs, step_aliased=alias, step_temp=temp, step_peak=train_peak,
                 rollout_peak=rollout_peak, peak=max(train_peak, rollout_peak), xla_flops=xla_flops,
-                model_flops=setup.model_flops / n, compile_s=compile_s, backend=jax.default_backend(),
+                model_flops=setup.model_flops / n, compile_s=0.0, backend=jax.default_backend(),
                 settings={"options": setup.options, "remat": setup.config.remat,
-                          "grad_accum_steps": setup.grad_accum_steps, "lora": setup.config.lora is not None})
+                          "grad_accum_steps": setup.grad_accum_steps, "lora": setup.config.lora is not None},
+                resident=resident_total)
 
 
 def _model_label(config) -> str:
+    """Size and the settings that decide memory, including the layer layout where the config has one."""
     n = config.num_params()
     size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
-    return (f"{size} params ({config.num_layers} layers, hidden {config.hidden_size}, {config.dtype} compute, "
+    scanned = getattr(config, "scanned", None)  # ModelConfig.scan_layers (layers under lax.scan), when it exists
+    layout = "" if scanned is None else " scanned" if scanned else " unrolled"
+    return (f"{size} params ({config.num_layers}{layout} layers, hidden {config.hidden_size}, {config.dtype} compute, "
             f"{config.param_dtype} params, remat {config.remat}{', LoRA' if config.lora else ''})")
 
 

@@ -67,6 +67,8 @@ class Setup:
     # (label, gin bindings) of settings that may reduce memory; measured by re-planning
     options: list = dataclasses.field(default_factory=list)
     batch_key: str = ""              # the gin key that sets the batch's rows (named when they do not divide)
+    # The sampler's params when ``params`` holds more than the policy (PPO: {"policy", "value"}); None = params
+    sampler_params: Any = None
 
 
 def recipe_arg(task: Callable, name: str) -> Any:
@@ -185,7 +187,10 @@ def plan_sft(part: Partitioner) -> Setup:
                  shape_note=f"{batch_size} rows x {seq_len} tokens", options=options, batch_key="sft.batch_size")
 
 
-def plan_dpo(part: Partitioner) -> Setup:
+def _dpo_setup(task: Callable, part: Partitioner, seq_len: int, batch_size: int, *,
+               reference_from: str | None) -> Setup:
+    """DPO's step (``make_dpo_loss``, one pair per row) for recipe ``task``'s model, as ``jaxpost.recipes.dpo``
+    builds it; ``reference_from``: the ``dpo`` call's argument (a copy of that model is the reference)."""
     from jaxpost.algorithms import make_dpo_loss, with_base_reference
     from jaxpost.recipes.dpo import _dpo_flops, dpo
 
@@ -193,8 +198,7 @@ def plan_dpo(part: Partitioner) -> Setup:
     if recipe_arg(dpo, "packing") or recipe_arg(dpo, "shared_prompt"):
         raise UserError("jaxpost plan does not yet model dpo.packing or dpo.shared_prompt batches; plan the "
                         "one-pair-per-row layout (their default) for an upper bound")
-    config, graphdef, params, shardings = model_for(dpo, part)
-    seq_len, batch_size = recipe_arg(dpo, "seq_len"), recipe_arg(dpo, "batch_size")
+    config, graphdef, params, shardings = model_for(task, part)
     precompute = recipe_arg(dpo, "precompute_reference")
     loss_fn = make_dpo_loss(graphdef, config)
     batch = {**_lm_batch(batch_size, seq_len, "chosen_"), **_lm_batch(batch_size, seq_len, "rejected_"),
@@ -206,7 +210,7 @@ def plan_dpo(part: Partitioner) -> Setup:
             batch.update(ref_chosen_logps=_sds((batch_size,), np.float32),
                          ref_rejected_logps=_sds((batch_size,), np.float32))
             note = "reference: precomputed log-probs"
-        elif config.lora is not None and recipe_arg(dpo, "reference_from") is None:
+        elif config.lora is not None and reference_from is None:
             loss_fn = with_base_reference(loss_fn)
             note = "reference: the LoRA base (no copy)"
         else:
@@ -215,13 +219,20 @@ def plan_dpo(part: Partitioner) -> Setup:
     options = _common_options("dpo", config, part) + _accum_options(batch_size, part, loop.grad_accum_steps)
     if frozen is not None:
         options.append(("dpo.precompute_reference = True", ["dpo.precompute_reference = True"]))
+    key = task.__name__
     if seq_len >= 256:
-        options.append((f"dpo.seq_len = {seq_len // 2}", [f"dpo.seq_len = {seq_len // 2}"]))
+        options.append((f"{key}.seq_len = {seq_len // 2}", [f"{key}.seq_len = {seq_len // 2}"]))
     return Setup("dpo", config, graphdef, params, shardings, loss_fn, batch, loop.grad_accum_steps,
                  loop.num_steps or 1000, loop.seed, frozen=frozen, frozen_shardings=frozen_shardings,
                  model_flops=_dpo_flops(config, seq_len, batch_size, frozen is not None),
                  shape_note=f"{batch_size} pairs x 2 x {seq_len} tokens; {note}", options=options,
-                 batch_key="dpo.batch_size")
+                 batch_key=f"{key}.batch_size")
+
+
+def plan_dpo(part: Partitioner) -> Setup:
+    from jaxpost.recipes.dpo import dpo
+    return _dpo_setup(dpo, part, recipe_arg(dpo, "seq_len"), recipe_arg(dpo, "batch_size"),
+                      reference_from=recipe_arg(dpo, "reference_from"))
 
 
 def plan_reward_model(part: Partitioner) -> Setup:
@@ -245,43 +256,74 @@ def plan_reward_model(part: Partitioner) -> Setup:
                  batch_key="reward_model.batch_size")
 
 
-def plan_kto(part: Partitioner) -> Setup:
+def _kto_setup(task: Callable, part: Partitioner, seq_len: int, batch_size: int, *,
+               reference_from: str | None) -> Setup:
+    """KTO's step (``make_kto_loss``: matched and KL sequences per example) for recipe ``task``'s model, as
+    ``jaxpost.recipes.kto`` builds it; ``reference_from``: the ``kto`` call's argument."""
     from jaxpost.algorithms import with_base_reference
     from jaxpost.algorithms.kto import make_kto_loss
-    from jaxpost.recipes.kto import kto
 
     loop = _loop()
-    config, graphdef, params, shardings = model_for(kto, part)
-    seq_len, batch_size = recipe_arg(kto, "seq_len"), recipe_arg(kto, "batch_size")
+    config, graphdef, params, shardings = model_for(task, part)
     loss_fn = make_kto_loss(graphdef, config)
     batch = {**_lm_batch(batch_size, seq_len), **_lm_batch(batch_size, seq_len, "kl_"),
              "label": _sds((batch_size,), np.float32), "example_mask": _sds((batch_size,), np.float32),
              "row_index": _sds((batch_size,), np.int32)}
     frozen = frozen_shardings = None
-    if config.lora is not None and recipe_arg(kto, "reference_from") is None:
+    if config.lora is not None and reference_from is None:
         loss_fn, note = with_base_reference(loss_fn), "reference: the LoRA base (no copy)"
     else:
         frozen, frozen_shardings, note = {"reference": params}, {"reference": shardings}, "reference: a frozen copy"
     options = _common_options("kto", config, part) + _accum_options(batch_size, part, loop.grad_accum_steps)
+    key = task.__name__
     if seq_len >= 256:
-        options.append((f"kto.seq_len = {seq_len // 2}", [f"kto.seq_len = {seq_len // 2}"]))
+        options.append((f"{key}.seq_len = {seq_len // 2}", [f"{key}.seq_len = {seq_len // 2}"]))
     return Setup("kto", config, graphdef, params, shardings, loss_fn, batch, loop.grad_accum_steps,
                  loop.num_steps or 1000, loop.seed, frozen=frozen, frozen_shardings=frozen_shardings,
                  model_flops=config.flops_per_token(seq_len) * 2 * batch_size * seq_len * 4 / 3,
                  shape_note=f"{batch_size} examples x 2 (matched + KL) x {seq_len} tokens; {note}", options=options,
-                 batch_key="kto.batch_size")
+                 batch_key=f"{key}.batch_size")
+
+
+def plan_kto(part: Partitioner) -> Setup:
+    from jaxpost.recipes.kto import kto
+    return _kto_setup(kto, part, recipe_arg(kto, "seq_len"), recipe_arg(kto, "batch_size"),
+                      reference_from=recipe_arg(kto, "reference_from"))
+
+
+def plan_continual(part: Partitioner) -> list[Setup]:
+    """A continual round's two steps, as ``jaxpost.recipes.continual`` runs them: KTO (thumbs, ratings), then DPO
+    (choices), each from ``continual.init_from``'s shapes with ``continual.seq_len``/``batch_size`` and a frozen
+    copy of ``init_from`` as the reference (``reference_from = init_from``). The plan is the larger of the two."""
+    from jaxpost.recipes.continual import continual
+
+    seq_len, batch_size = recipe_arg(continual, "seq_len"), recipe_arg(continual, "batch_size")
+    ref = recipe_arg(continual, "init_from") or "init_from"  # always set by continual: a copy, never the LoRA base
+    out = []
+    for name, make in (("KTO", _kto_setup), ("DPO", _dpo_setup)):
+        setup = make(continual, part, seq_len, batch_size, reference_from=ref)
+        setup.method, setup.shape_note = "continual", f"round step {name}: {setup.shape_note}"
+        out.append(setup)
+    return out
 
 
 def plan_distill(part: Partitioner) -> Setup:
-    """Offline distillation (``mode`` ``offline`` or ``sequence``): a live teacher, or a finished top-k cache."""
+    """Distillation: ``offline``/``sequence`` (a live teacher, or a finished top-k cache) and ``on_policy`` (GKD).
+
+    ``on_policy`` is :func:`jaxpost.recipes.distill_on_policy.distill_on_policy`'s step: the live teacher as
+    a step argument, ``alpha = 1`` (the recipe requires it), ``batch_size`` rows of ``seq_len`` tokens; and
+    its sampler: the student samples ``seq_len - P`` new tokens (``P = max_prompt_len or seq_len // 2``)
+    for every row's prompt, one sample each, with the teacher and optimizer state held beside it.
+    """
     from jaxpost.algorithms.distill import make_cached_distill_loss, make_distill_loss
     from jaxpost.recipes.distill import distill
 
     loop = _loop()
     mode = recipe_arg(distill, "mode")
-    if mode == "on_policy":
-        raise UserError("jaxpost plan does not yet model distill.mode = 'on_policy'; plan mode 'offline' for the "
-                        "train step (the same step, on the student's samples)")
+    on_policy = mode == "on_policy"
+    if on_policy and (loop.grad_accum_steps != 1 or loop.steps_per_call != 1):
+        raise UserError("distill.mode = 'on_policy' samples between updates, one batch per update: "
+                        "LoopConfig.grad_accum_steps and LoopConfig.steps_per_call must be 1")
     config, graphdef, params, shardings = model_for(distill, part)
     seq_len, batch_size = recipe_arg(distill, "seq_len"), recipe_arg(distill, "batch_size")
     chunk, top_k = recipe_arg(distill, "chunk_size"), recipe_arg(distill, "top_k")
@@ -289,7 +331,7 @@ def plan_distill(part: Partitioner) -> Setup:
     frozen = frozen_shardings = None
     flops = config.flops_per_token(seq_len) * batch_size * seq_len
     teacher_cache = recipe_arg(distill, "teacher_cache")
-    if teacher_cache is not None and top_k >= 1:
+    if teacher_cache is not None and top_k >= 1 and not on_policy:
         loss_fn = make_cached_distill_loss(graphdef, config, temperature=recipe_arg(distill, "temperature"),
                                            alpha=recipe_arg(distill, "alpha"), chunk_size=chunk)
         batch.update(teacher_topk_logps=_sds((batch_size, seq_len, top_k), np.float32),
@@ -300,30 +342,92 @@ def plan_distill(part: Partitioner) -> Setup:
                                                                 use_model=False)
         loss_fn = make_distill_loss(graphdef, config, t_graphdef, t_config,
                                     divergence=recipe_arg(distill, "divergence"),
-                                    temperature=recipe_arg(distill, "temperature"), alpha=recipe_arg(distill, "alpha"),
+                                    temperature=recipe_arg(distill, "temperature"),
+                                    alpha=1.0 if on_policy else recipe_arg(distill, "alpha"),
                                     beta=recipe_arg(distill, "beta"), top_k=top_k, chunk_size=chunk)
         frozen, frozen_shardings = {"teacher": t_params}, {"teacher": t_shardings}
         flops += t_config.flops_per_token(seq_len) * batch_size * seq_len / 3
         note = f"teacher: {t_config.num_params() / 1e9:.2f}B params, live"
-    options = _common_options("distill", config, part) + _accum_options(batch_size, part, loop.grad_accum_steps)
+    rollout = None
+    if on_policy:
+        from jaxpost.generate.sampler import bucket_length
+        prompt_len = recipe_arg(distill, "max_prompt_len") or seq_len // 2
+        if not 0 < prompt_len < seq_len:
+            raise UserError(f"distill.max_prompt_len={prompt_len} must be in (0, seq_len={seq_len}): the rest "
+                            f"holds sampled responses")
+        rollout = Rollout(prompts=_bucket_batch(batch_size, part), prompt_len=bucket_length(prompt_len, 16),
+                          max_new_tokens=seq_len - prompt_len, group_size=1)
+        note += f"; on-policy: the student samples {seq_len - prompt_len} tokens after {prompt_len}-token prompts"
+        options = _common_options("distill", config, part)
+    else:
+        options = _common_options("distill", config, part) + _accum_options(batch_size, part,
+                                                                             loop.grad_accum_steps)
     if seq_len >= 256:
         options.append((f"distill.seq_len = {seq_len // 2}", [f"distill.seq_len = {seq_len // 2}"]))
     return Setup("distill", config, graphdef, params, shardings, loss_fn, batch, loop.grad_accum_steps,
                  loop.num_steps or 1000, loop.seed, frozen=frozen, frozen_shardings=frozen_shardings,
-                 model_flops=flops, shape_note=f"{batch_size} rows x {seq_len} tokens; {note}", options=options,
-                 batch_key="distill.batch_size")
+                 rollout=rollout, model_flops=flops, shape_note=f"{batch_size} rows x {seq_len} tokens; {note}",
+                 options=options, batch_key="distill.batch_size")
 
 
 # --- online methods ------------------------------------------------------------------------------
 
-def _rollout_shapes(rollout_cfg, online, part: Partitioner) -> Rollout:
-    """Prompt batch and length as :class:`jaxpost.generate.sampler.Sampler` buckets them."""
-    from jaxpost.generate.sampler import Sampler, bucket_length
+def _bucket_batch(rows: int, part: Partitioner) -> int:
+    """``rows`` prompts as :meth:`jaxpost.generate.sampler.Sampler.bucket_batch` pads them on ``part``."""
+    from jaxpost.generate.sampler import Sampler
     fake = Sampler.__new__(Sampler)  # only bucket_batch, which reads .partitioner
     fake.partitioner = part
-    return Rollout(prompts=fake.bucket_batch(online.prompts_per_rollout),
+    return fake.bucket_batch(rows)
+
+
+def _rollout_shapes(rollout_cfg, online, part: Partitioner) -> Rollout:
+    """Prompt batch and length as :class:`jaxpost.generate.sampler.Sampler` buckets them."""
+    from jaxpost.generate.sampler import bucket_length
+    return Rollout(prompts=_bucket_batch(online.prompts_per_rollout, part),
                    prompt_len=bucket_length(online.max_prompt_len, 16),
                    max_new_tokens=rollout_cfg.max_new_tokens, group_size=rollout_cfg.group_size)
+
+
+def _reward_model(config: ModelConfig, part: Partitioner) -> tuple[dict, str]:
+    """``{"reward model": (shapes, shardings)}`` when ``make_scorer.reward_model`` names one (it stays on the
+    devices for the whole run; shapes from its ``config.json``, else assumed policy-sized), and a note."""
+    try:
+        reward_dir = gin.query_parameter("make_scorer.reward_model")
+    except ValueError:
+        reward_dir = None
+    if not isinstance(reward_dir, str):
+        return {}, ""
+    note = ""
+    cfg_file = Path(reward_dir) / "config.json"
+    if cfg_file.exists():
+        from jaxpost.models.hf import hf_config_to_model_config
+        rm_config = hf_config_to_model_config(json.loads(cfg_file.read_text())).replace(head="score")
+    else:
+        rm_config, note = config.replace(head="score", lora=None), "; reward model: assumed policy-sized"
+    _, rm_shapes = models.abstract(rm_config)
+    return {"reward model": (rm_shapes, part.shardings(models.logical_axes(rm_config), rm_shapes))}, note
+
+
+def _minibatch_options(task: str, mb: int, part: Partitioner, what: str) -> list:
+    from jaxpost.train.online import _batch_shards
+    shards = _batch_shards(part)
+    for k in (2, 4):
+        if mb % k == 0 and (mb // k) % shards == 0:
+            return [(f"{task}.minibatch_size = {mb // k} ({k} updates per {what})",
+                     [f"{task}.minibatch_size = {mb // k}"])]
+    return []
+
+
+def _new_tokens_option(ro: Rollout) -> list:
+    if ro.max_new_tokens < 64:
+        return []
+    return [(f"RolloutConfig.max_new_tokens = {ro.max_new_tokens // 2}",
+             [f"RolloutConfig.max_new_tokens = {ro.max_new_tokens // 2}"])]
+
+
+def _rollout_batch(keys, rows: int, length: int) -> dict:
+    """ShapeDtypeStructs of a rollout batch spec (``[B, L]`` and ``[B]`` entries) of ``rows`` x ``length``."""
+    return {k: _sds((rows, length) if keys.shapes[k] == "[B, L]" else (rows,), v) for k, v in keys.items()}
 
 
 def plan_grpo(part: Partitioner) -> Setup:
@@ -340,36 +444,14 @@ def plan_grpo(part: Partitioner) -> Setup:
     rows = online.prompts_per_rollout * rollout_cfg.group_size
     mb = recipe_arg(grpo, "minibatch_size") or rows
     length = ro.prompt_len + ro.max_new_tokens
-    batch = {k: _sds((mb, length) if GRPO_KEYS.shapes[k] == "[B, L]" else (mb,), v) for k, v in GRPO_KEYS.items()}
+    batch = _rollout_batch(GRPO_KEYS, mb, length)
     resident = {}
     if not has_adapters(params):  # jaxpost.train.online.reference_policy: a copy of the initial policy
         resident["reference"] = (params, shardings)
-    reward_note = ""
-    try:  # a reward model scorer (make_scorer.reward_model) stays on the devices for the whole run
-        reward_dir = gin.query_parameter("make_scorer.reward_model")
-    except ValueError:
-        reward_dir = None
-    if isinstance(reward_dir, str):
-        cfg_file = Path(reward_dir) / "config.json"
-        if cfg_file.exists():
-            from jaxpost.models.hf import hf_config_to_model_config
-            rm_config = hf_config_to_model_config(json.loads(cfg_file.read_text())).replace(head="score")
-        else:
-            rm_config, reward_note = config.replace(head="score", lora=None), "; reward model: assumed policy-sized"
-        _, rm_shapes = models.abstract(rm_config)
-        rm_sh = part.shardings(models.logical_axes(rm_config), rm_shapes)
-        resident["reward model"] = (rm_shapes, rm_sh)
-    options = _common_options("grpo", config, part)
-    from jaxpost.train.online import _batch_shards
-    shards = _batch_shards(part)
-    for k in (2, 4):
-        if mb % k == 0 and (mb // k) % shards == 0:
-            options.append((f"grpo.minibatch_size = {mb // k} ({k} updates per rollout)",
-                            [f"grpo.minibatch_size = {mb // k}"]))
-            break
-    if ro.max_new_tokens >= 64:
-        options.append((f"RolloutConfig.max_new_tokens = {ro.max_new_tokens // 2}",
-                        [f"RolloutConfig.max_new_tokens = {ro.max_new_tokens // 2}"]))
+    reward, reward_note = _reward_model(config, part)
+    resident.update(reward)
+    options = (_common_options("grpo", config, part) + _minibatch_options("grpo", mb, part, "rollout")
+               + _new_tokens_option(ro))
     loss_fn = make_grpo_loss(graphdef, config, max_len=rollout_cfg.max_new_tokens)
     return Setup("grpo", config, graphdef, params, shardings, loss_fn, batch, 1, online.num_rollouts, online.seed,
                  resident=resident, rollout=ro,
@@ -380,12 +462,109 @@ def plan_grpo(part: Partitioner) -> Setup:
                  options=options, batch_key="grpo.minibatch_size (or OnlineConfig.prompts_per_rollout)")
 
 
-METHODS: dict[str, Callable[[Partitioner], Setup]] = {
+def plan_ppo(part: Partitioner) -> Setup:
+    """PPO as ``jaxpost.recipes.ppo`` runs it: one state with ``params = {"policy", "value"}`` (the value model a
+    policy-shaped body with a score head, from ``value_from`` or ``init_from``), ``make_ppo_loss`` on
+    ``PPO_KEYS`` minibatches; the reference policy (a copy, unless LoRA) and a reward model stay resident;
+    the sampler runs the policy alone."""
+    from jaxpost.algorithms.batch import PPO_KEYS
+    from jaxpost.algorithms.online import make_ppo_loss
+    from jaxpost.generate.rollout import RolloutConfig
+    from jaxpost.models.lora import has_adapters
+    from jaxpost.recipes.ppo import ppo
+    from jaxpost.train.online import OnlineConfig
+
+    if _bound("ppo.environment"):
+        raise UserError("jaxpost plan does not yet model ppo.environment (multi-turn episodes); plan the "
+                        "single-turn run with RolloutConfig.max_new_tokens set to an episode's token budget")
+    rollout_cfg, online = build(RolloutConfig, None), build(OnlineConfig, None)
+    config, graphdef, policy, p_sh = model_for(ppo, part)
+    v_arg = "value_from" if recipe_arg(ppo, "value_from") else "init_from"
+    v_config, v_graphdef, value, v_sh = model_for(ppo, part, head="score", init_arg=v_arg)
+    params, shardings = {"policy": policy, "value": value}, {"policy": p_sh, "value": v_sh}
+    ro = _rollout_shapes(rollout_cfg, online, part)
+    rows = online.prompts_per_rollout * rollout_cfg.group_size
+    mb = recipe_arg(ppo, "minibatch_size") or rows
+    length = ro.prompt_len + ro.max_new_tokens
+    batch = _rollout_batch(PPO_KEYS, mb, length)
+    resident = {}
+    if not has_adapters(policy):
+        resident["reference"] = (policy, p_sh)
+    reward, reward_note = _reward_model(config, part)
+    resident.update(reward)
+    options = (_common_options("ppo", config, part) + _minibatch_options("ppo", mb, part, "epoch")
+               + _new_tokens_option(ro))
+    flops = (config.flops_per_token(length) + v_config.flops_per_token(length)) * mb * length
+    return Setup("ppo", config, graphdef, params, shardings, make_ppo_loss(graphdef, config, v_graphdef), batch, 1,
+                 online.num_rollouts, online.seed, resident=resident, rollout=ro, model_flops=flops,
+                 shape_note=(f"{online.prompts_per_rollout} prompts x {rollout_cfg.group_size} samples, "
+                             f"{ro.prompt_len} prompt + {ro.max_new_tokens} new tokens; updates on {mb} rows "
+                             f"(policy + value model)" + reward_note),
+                 options=options, batch_key="ppo.minibatch_size (or OnlineConfig.prompts_per_rollout)",
+                 sampler_params=policy)
+
+
+def plan_online_dpo(part: Partitioner) -> Setup:
+    """Online DPO as ``jaxpost.recipes.online_dpo`` runs it: ``group_size`` samples per prompt, one (best, worst)
+    pair per prompt (``pair_batch``: the LM keys twice and ``pair_mask``, prompt + new tokens long), the
+    ``make_dpo_loss`` step with the initial policy's copy as a step argument (the LoRA base under LoRA);
+    a reward model stays resident."""
+    from jaxpost.algorithms import make_dpo_loss, with_base_reference
+    from jaxpost.generate.rollout import RolloutConfig
+    from jaxpost.models.lora import has_adapters
+    from jaxpost.recipes.online_dpo import online_dpo
+    from jaxpost.train.online import OnlineConfig
+
+    rollout_cfg, online = build(RolloutConfig, None, group_size=2), build(OnlineConfig, None)
+    if rollout_cfg.group_size < 2:
+        raise UserError(f"online DPO needs RolloutConfig.group_size >= 2, got {rollout_cfg.group_size}")
+    config, graphdef, params, shardings = model_for(online_dpo, part)
+    ro = _rollout_shapes(rollout_cfg, online, part)
+    mb = recipe_arg(online_dpo, "minibatch_size") or online.prompts_per_rollout
+    length = ro.prompt_len + ro.max_new_tokens
+    batch = {**_lm_batch(mb, length, "chosen_"), **_lm_batch(mb, length, "rejected_"),
+             "pair_mask": _sds((mb,), np.float32)}
+    loss_fn = make_dpo_loss(graphdef, config)
+    frozen = frozen_shardings = None
+    note = "reference: none needed"
+    if loss_fn.needs_reference:
+        if has_adapters(params):
+            loss_fn, note = with_base_reference(loss_fn), "reference: the LoRA base (no copy)"
+        else:
+            frozen, frozen_shardings, note = {"reference": params}, {"reference": shardings}, "reference: a copy"
+    reward, reward_note = _reward_model(config, part)
+    options = (_common_options("online_dpo", config, part) + _minibatch_options("online_dpo", mb, part, "round")
+               + _new_tokens_option(ro))
+    flops = config.flops_per_token(length) * 2 * mb * length * (4 / 3 if frozen is not None else 1.0)
+    return Setup("online_dpo", config, graphdef, params, shardings, loss_fn, batch, 1, online.num_rollouts,
+                 online.seed, frozen=frozen, frozen_shardings=frozen_shardings, resident=reward, rollout=ro,
+                 model_flops=flops,
+                 shape_note=(f"{online.prompts_per_rollout} prompts x {rollout_cfg.group_size} samples, "
+                             f"{ro.prompt_len} prompt + {ro.max_new_tokens} new tokens; updates on {mb} pairs; "
+                             f"{note}" + reward_note),
+                 options=options, batch_key="online_dpo.minibatch_size (or OnlineConfig.prompts_per_rollout)")
+
+
+def _bound(key: str) -> bool:
+    """True when gin binds ``key`` to something other than None."""
+    try:
+        return gin.query_parameter(key) is not None
+    except ValueError:
+        return False
+
+
+METHODS: dict[str, Callable[[Partitioner], Setup | list[Setup]]] = {
     "sft": plan_sft,
     "dpo": plan_dpo,
     "reward_model": plan_reward_model,
     "kto": plan_kto,
     "distill": plan_distill,
     "grpo": plan_grpo,
+    "ppo": plan_ppo,
+    "online_dpo": plan_online_dpo,
+    "continual": plan_continual,
 }
-"""``run.task`` name -> its setup. Not modelled yet: ppo, online_dpo, continual, distill's on_policy mode."""
+"""``run.task`` name -> its setup (``continual``: a list, one per step a round runs; the plan is the largest).
+
+Not modelled yet: ``ppo.environment`` (multi-turn episodes), the ``packing``/``shared_prompt`` preference
+layouts, ``synthesize``."""
