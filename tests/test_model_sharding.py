@@ -48,8 +48,8 @@ def _layer(params, i, scanned):
     return params["layers"] if scanned else params["layers"][i]
 
 
-@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
-@pytest.mark.parametrize("name", sorted(MESHES))
+@pytest.mark.parametrize("name,scan", [(name, False) for name in sorted(MESHES)] + [("fsdp4_tp2", True)],
+                         ids=lambda v: v if isinstance(v, str) else ("scanned" if v else "unrolled"))
 def test_sharded_forward_matches_single_device(name, scan, reference):
     ref_params, (ref_h, ref_lp) = reference
     mesh_kw, rules = MESHES[name]

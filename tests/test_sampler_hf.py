@@ -44,8 +44,8 @@ def hf_greedy(model, prompts, eos):
 LAYOUTS = pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
 
 
-@LAYOUTS
-@pytest.mark.parametrize("stop", [None, "from_hf"])
+@pytest.mark.parametrize("stop,scan", [(None, False), ("from_hf", False), ("from_hf", True)],
+                         ids=["no_stop", "stop", "stop-scanned"])
 def test_greedy_matches_transformers_generate(hf_dir, stop, scan):
     path, hf_model = hf_dir
     config, graphdef, params = load_hf(path, scan_layers=scan)
