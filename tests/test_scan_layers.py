@@ -52,7 +52,7 @@ def test_layout_stacks_layer_i_at_index_i_and_converts_back():
     opt = optax.adam(1e-3).init(unrolled)
     converted = to_layout(opt, scanned=True)
     assert converted[0].mu["layers"]["input_norm"]["scale"].shape == (3, 32)
-    assert to_layout(scanned, scanned=True) is not None and is_scanned(to_layout(scanned, scanned=True))
+    assert_trees_equal(to_layout(scanned, scanned=True), scanned)
     assert layer_index(("layers", 2, "attn", "q_proj", "kernel"), True) == (("layers", "attn", "q_proj", "kernel"), 2)
     assert layer_index(("lm_head", "kernel"), True) == (("lm_head", "kernel"), None)
     with pytest.raises(ValueError, match="layer keys must be 0..1"):

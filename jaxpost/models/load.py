@@ -23,7 +23,7 @@ from jaxpost.models.hf import load_hf
 from jaxpost.models.lora import ADAPTER_CONFIG, apply_lora
 from jaxpost.sharding import Partitioner
 
-__all__ = ["RUN_FIELDS", "load_model"]
+__all__ = ["RUN_FIELDS", "load_model", "load_reference"]
 
 
 # How a run computes, not what the weights are: with ``init_from`` these come from the run's ModelConfig, every
@@ -107,6 +107,19 @@ def load_model(model: ModelConfig | None, init_from: str | None, partitioner: Pa
     if lora is not None:
         config, graphdef, params, _ = apply_lora(config, params, lora, seed=seed, partitioner=partitioner)
     return config, graphdef, params
+
+
+def load_reference(model: ModelConfig | None, reference_from: str | None, params: dict,
+                   partitioner: Partitioner) -> dict:
+    """A preference run's frozen reference: the weights of ``reference_from``, else a copy of ``params``.
+
+    A copy, not the same arrays: the train step donates the policy's buffers.
+    (Under LoRA without ``reference_from`` the runs use the base itself instead,
+    :func:`jaxpost.algorithms.with_base_reference`, and never call this.)
+    """
+    if reference_from is not None:
+        return load_model(model, reference_from, partitioner)[2]
+    return jax.tree.map(lambda x: x.copy(), params)
 
 
 def _switch_head(config: ModelConfig, params: dict, head: str, partitioner: Partitioner, seed: int):

@@ -425,6 +425,25 @@ def _new_tokens_option(ro: Rollout) -> list:
              [f"RolloutConfig.max_new_tokens = {ro.max_new_tokens // 2}"])]
 
 
+def _policy_rollout(recipe, keys, rollout_cfg, online, part: Partitioner):
+    """GRPO/PPO update shapes -> ``(rollout, minibatch rows, row length, batch)``: a minibatch of
+    ``recipe``'s ``minibatch_size`` (default: the whole rollout) rows of prompt + new tokens."""
+    ro = _rollout_shapes(rollout_cfg, online, part)
+    mb = recipe_arg(recipe, "minibatch_size") or online.prompts_per_rollout * rollout_cfg.group_size
+    length = ro.prompt_len + ro.max_new_tokens
+    return ro, mb, length, _rollout_batch(keys, mb, length)
+
+
+def _reference_and_reward(config, policy, shardings, part: Partitioner) -> tuple[dict, str]:
+    """What stays resident beside a GRPO/PPO step -> ``(resident, note)``: the reference policy (a copy of the
+    initial one, :func:`jaxpost.train.online.reference_policy`; none under LoRA) and a bound reward model."""
+    from jaxpost.models.lora import has_adapters
+
+    resident = {} if has_adapters(policy) else {"reference": (policy, shardings)}
+    reward, note = _reward_model(config, part)
+    return {**resident, **reward}, note
+
+
 def _rollout_batch(keys, rows: int, length: int) -> dict:
     """ShapeDtypeStructs of a rollout batch spec (``[B, L]`` and ``[B]`` entries) of ``rows`` x ``length``."""
     return {k: _sds((rows, length) if keys.shapes[k] == "[B, L]" else (rows,), v) for k, v in keys.items()}
@@ -434,22 +453,13 @@ def plan_grpo(part: Partitioner) -> Setup:
     from jaxpost.algorithms.batch import GRPO_KEYS
     from jaxpost.algorithms.online import make_grpo_loss
     from jaxpost.generate.rollout import RolloutConfig
-    from jaxpost.models.lora import has_adapters
     from jaxpost.recipes.grpo import grpo
     from jaxpost.train.online import OnlineConfig
 
     rollout_cfg, online = build(RolloutConfig, None, group_size=8), build(OnlineConfig, None)
     config, graphdef, params, shardings = model_for(grpo, part)
-    ro = _rollout_shapes(rollout_cfg, online, part)
-    rows = online.prompts_per_rollout * rollout_cfg.group_size
-    mb = recipe_arg(grpo, "minibatch_size") or rows
-    length = ro.prompt_len + ro.max_new_tokens
-    batch = _rollout_batch(GRPO_KEYS, mb, length)
-    resident = {}
-    if not has_adapters(params):  # jaxpost.train.online.reference_policy: a copy of the initial policy
-        resident["reference"] = (params, shardings)
-    reward, reward_note = _reward_model(config, part)
-    resident.update(reward)
+    ro, mb, length, batch = _policy_rollout(grpo, GRPO_KEYS, rollout_cfg, online, part)
+    resident, reward_note = _reference_and_reward(config, params, shardings, part)
     options = (_common_options("grpo", config, part) + _minibatch_options("grpo", mb, part, "rollout")
                + _new_tokens_option(ro))
     loss_fn = make_grpo_loss(graphdef, config, max_len=rollout_cfg.max_new_tokens)
@@ -470,7 +480,6 @@ def plan_ppo(part: Partitioner) -> Setup:
     from jaxpost.algorithms.batch import PPO_KEYS
     from jaxpost.algorithms.online import make_ppo_loss
     from jaxpost.generate.rollout import RolloutConfig
-    from jaxpost.models.lora import has_adapters
     from jaxpost.recipes.ppo import ppo
     from jaxpost.train.online import OnlineConfig
 
@@ -482,16 +491,8 @@ def plan_ppo(part: Partitioner) -> Setup:
     v_arg = "value_from" if recipe_arg(ppo, "value_from") else "init_from"
     v_config, v_graphdef, value, v_sh = model_for(ppo, part, head="score", init_arg=v_arg)
     params, shardings = {"policy": policy, "value": value}, {"policy": p_sh, "value": v_sh}
-    ro = _rollout_shapes(rollout_cfg, online, part)
-    rows = online.prompts_per_rollout * rollout_cfg.group_size
-    mb = recipe_arg(ppo, "minibatch_size") or rows
-    length = ro.prompt_len + ro.max_new_tokens
-    batch = _rollout_batch(PPO_KEYS, mb, length)
-    resident = {}
-    if not has_adapters(policy):
-        resident["reference"] = (policy, p_sh)
-    reward, reward_note = _reward_model(config, part)
-    resident.update(reward)
+    ro, mb, length, batch = _policy_rollout(ppo, PPO_KEYS, rollout_cfg, online, part)
+    resident, reward_note = _reference_and_reward(config, policy, p_sh, part)
     options = (_common_options("ppo", config, part) + _minibatch_options("ppo", mb, part, "epoch")
                + _new_tokens_option(ro))
     flops = (config.flops_per_token(length) + v_config.flops_per_token(length)) * mb * length

@@ -14,7 +14,6 @@ policy's own frozen base with the adapters switched off: no second copy.
 from __future__ import annotations
 
 import gin
-import jax
 
 from jaxpost import models
 from jaxpost.algorithms import make_dpo_loss, with_base_reference
@@ -22,7 +21,7 @@ from jaxpost.algorithms.reference import with_reference_logps
 from jaxpost.config import build, build_if_bound
 from jaxpost.data import DataStats, check_run_inputs, make_preference_pipeline, report_data_stats, train_eval_split
 from jaxpost.models.config import ModelConfig
-from jaxpost.models.load import load_model
+from jaxpost.models.load import load_model, load_reference
 from jaxpost.models.lora import without_adapters
 from jaxpost.sharding import Partitioner
 from jaxpost.train import make_eval_step
@@ -76,10 +75,8 @@ def dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
     if loss_fn.needs_reference:
         if base_reference:  # LoRA: the frozen base itself, adapters off
             ref_params = without_adapters(params)
-        elif reference_from is not None:
-            _, _, ref_params = load_model(model, reference_from, part)
-        else:  # a frozen copy; the policy's buffers are donated by the train step
-            ref_params = jax.tree.map(lambda x: x.copy(), params)
+        else:
+            ref_params = load_reference(model, reference_from, params, part)
         if precompute_reference:
             with part.activate():
                 rows = with_reference_logps(rows, graphdef, config, ref_params, pipeline, part, run / "reference")

@@ -14,7 +14,6 @@ TRL's ``KTOTrainer`` (:mod:`jaxpost.losses.kto`).
 from __future__ import annotations
 
 import gin
-import jax
 
 from jaxpost import models
 from jaxpost.algorithms import with_base_reference
@@ -24,7 +23,7 @@ from jaxpost.data import DataStats, check_run_inputs, report_data_stats, train_e
 from jaxpost.data.unpaired import make_unpaired_pipeline
 from jaxpost.errors import UserError
 from jaxpost.models.config import ModelConfig
-from jaxpost.models.load import load_model
+from jaxpost.models.load import load_model, load_reference
 from jaxpost.sharding import Partitioner
 from jaxpost.train import make_eval_step
 from jaxpost.train.batches import MeshBatches
@@ -70,11 +69,8 @@ def kto(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
     if config.lora is not None and reference_from is None:  # LoRA: the frozen base itself, adapters off
         loss_fn = with_base_reference(loss_fn)
     else:
-        if reference_from is not None:
-            _, _, ref_params = load_model(model, reference_from, part)
-        else:  # a frozen copy; the policy's buffers are donated by the train step
-            ref_params = jax.tree.map(lambda x: x.copy(), params)
-        frozen, frozen_shardings = {"reference": ref_params}, {"reference": param_shardings}
+        frozen = {"reference": load_reference(model, reference_from, params, part)}
+        frozen_shardings = {"reference": param_shardings}
 
     stats = DataStats()
     batches = MeshBatches(pipeline(rows, seed=loop.seed, stats=stats), part)
