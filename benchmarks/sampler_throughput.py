@@ -47,7 +47,8 @@ def model_config(a):
 
     return ModelConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
                        num_layers=a.layers, num_heads=a.heads, num_kv_heads=a.kv_heads, rope_theta=10000.0,
-                       rms_norm_eps=1e-5, max_position_embeddings=2048, tie_embeddings=False)
+                       rms_norm_eps=1e-5, max_position_embeddings=2048, tie_embeddings=False,
+                       scan_layers=a.scan_layers)
 
 
 def workloads(a):
@@ -72,7 +73,8 @@ def jaxpost_runner(a, config, params, graphdef, prompts):
     def run(lengths):
         N = int(lengths.max())
         if N not in samplers:
-            s = SamplingConfig(max_new_tokens=N, temperature=0.0, pad_token_id=PAD, cache_block=a.cache_block)
+            s = SamplingConfig(max_new_tokens=N, temperature=0.0, pad_token_id=PAD, cache_block=a.cache_block,
+                               fuse_projections=not a.no_fuse)
             samplers[N] = Sampler(graphdef, config, s, compact=not a.no_compact)
         out = samplers[N](params, prompts, mask, jax.random.key(0), max_new_tokens=lengths)
         tokens, lens = jax.device_get((out.tokens, out.lengths))
@@ -153,6 +155,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-block", type=int, default=64, help="SamplingConfig.cache_block (0: one cache)")
     ap.add_argument("--no-compact", action="store_true", help="Sampler(compact=False): one program, no compaction")
+    ap.add_argument("--no-fuse", action="store_true", help="SamplingConfig.fuse_projections=False")
+    ap.add_argument("--scan-layers", action="store_true", help="ModelConfig.scan_layers=True: layers under a scan")
+    ap.add_argument("--pause", type=float, default=0.5, help="seconds of rest before each timed call")
     ap.add_argument("--systems", default="jaxpost,transformers")
     ap.add_argument("--workloads", default="equal,mixed")
     ap.add_argument("--json", default="", help="also write the report here")
@@ -177,7 +182,9 @@ def main(argv=None) -> dict:
 
         report = {"settings": vars(a), "device": jax.devices()[0].device_kind, "workloads": {}}
         print(f"{a.prompts} prompts x {a.prompt_len} tokens, vocab {a.vocab}, hidden {a.hidden}, {a.layers} layers, "
-              f"fp32, torch threads {a.threads}, jax on {report['device']}, median of {a.repeats}")
+              f"fp32, torch threads {a.threads}, jax on {report['device']}, median of {a.repeats}; "
+              f"layers {'scanned' if config.scanned else 'unrolled'}, fuse_projections={not a.no_fuse}, "
+              f"compact={not a.no_compact}")
         for name in a.workloads.split(","):
             L = lengths[name]
             times, tokens = {s: [] for s in runners}, {}
@@ -187,6 +194,9 @@ def main(argv=None) -> dict:
                 report.setdefault("first_call_s", {}).setdefault(name, {})[s] = time.perf_counter() - t
             for _ in range(a.repeats):
                 for s, run in runners.items():
+                    # Each system's worker threads spin for a while after its call (OpenMP's wait policy,
+                    # XLA's pool); a pause keeps them from taking the cores of the next system's timed call.
+                    time.sleep(a.pause)
                     t = time.perf_counter()
                     run(L)
                     times[s].append(time.perf_counter() - t)

@@ -8,6 +8,11 @@ statistic is computed from gathered values, so the sampled tokens, the
 rewards, the losses and the exported weights must agree (to float32
 round-off of cross-process sums). A GRPO checkpoint written by 2 processes
 resumes in 1 process exactly as the uninterrupted 1-process run.
+
+Every run uses the experiment's FSDP mesh (fsdp=8); GRPO and PPO also run
+under the ``fsdp_tp`` preset (configs/mesh/fsdp_tp.gin: fsdp=4 x tensor=2,
+heads, MLP and vocab split over ``tensor``), with the policy, reference,
+value model and reward model all on that mesh, and must agree the same way.
 """
 
 from __future__ import annotations
@@ -32,8 +37,17 @@ TIMEOUT_S = 480
 pytestmark = pytest.mark.slow
 
 
-def _jobs(task: dict, root: Path, rm_dir: Path, grpo_rollouts: int, names: list[str]) -> str:
-    """The worker's job list: ``names`` are methods, or ``method:run_name`` to use another run directory."""
+TP = "fsdp_tp"  # configs/mesh/fsdp_tp.gin
+LAYOUTS = {  # the mesh and the first q_proj kernel's spec ([embed, heads]) each mesh preset gives on 8 devices
+    None: {"mesh": {"data": 1, "fsdp": 8, "tensor": 1}, "q_proj": ["fsdp", None]},
+    TP: {"mesh": {"data": 1, "fsdp": 4, "tensor": 2}, "q_proj": ["fsdp", "tensor"]},
+}
+
+
+def _job(task: dict, root: Path, rm_dir: Path, method: str, name: str | None = None, *,
+         grpo_rollouts: int = 2, mesh: str | None = None) -> dict:
+    """One worker job: ``method`` run in ``root / name`` (default: ``method``, or ``method_mesh`` with a
+    ``mesh``, a configs/mesh preset that replaces the experiment's FSDP mesh)."""
     extra = {
         "grpo": [f"--gin.OnlineConfig.num_rollouts={grpo_rollouts}"],
         "ppo": ["--gin.OnlineConfig.num_rollouts=2", "--gin.make_scorer.reward_functions=None",
@@ -42,17 +56,35 @@ def _jobs(task: dict, root: Path, rm_dir: Path, grpo_rollouts: int, names: list[
                 "--gin.OnlineConfig.prompts_per_rollout=16"],
         "online_dpo": ["--gin.OnlineConfig.num_rollouts=2", "--gin.OnlineConfig.prompts_per_rollout=8"],
     }
-    jobs = []
-    for entry in names:
-        method, run_name = (entry.split(":") + [entry])[:2]
-        jobs.append({"name": run_name, "args": [
-            f"--gin_file={EXPERIMENT}", f"--gin.run.task=@{method}", f"--gin.{method}.model=@ModelConfig()",
-            f"--gin.{method}.train_data='{task['prompts']}'", f"--gin.{method}.tokenizer='{task['tokenizer']}'",
-            f"--gin.{method}.run_dir='{root / run_name}'", *extra[method]]})
-    return json.dumps(jobs)
+    name = name or (method if mesh is None else f"{method}_{mesh}")
+    files = [f"--gin_file={EXPERIMENT}"] + ([f"--gin_file=configs/mesh/{mesh}.gin"] if mesh else [])
+    return {"name": name, "args": [
+        *files, f"--gin.run.task=@{method}", f"--gin.{method}.model=@ModelConfig()",
+        f"--gin.{method}.train_data='{task['prompts']}'", f"--gin.{method}.tokenizer='{task['tokenizer']}'",
+        f"--gin.{method}.run_dir='{root / name}'", *extra[method]]}
 
 
-def _worker(name: str, root: Path, spec: str, processes: int) -> list[Job]:
+def _jobs(task: dict, root: Path, rm_dir: Path, grpo_rollouts: int) -> list[dict]:
+    """Every method on the experiment's FSDP mesh, then GRPO and PPO (2 rollouts each) on the TP mesh.
+
+    One worker runs them one after another, so process start-up and the distributed set-up are paid once.
+    """
+    jobs = [_job(task, root, rm_dir, m, grpo_rollouts=grpo_rollouts) for m in ("grpo", "ppo", "online_dpo")]
+    return jobs + [_job(task, root, rm_dir, m, mesh=TP) for m in ("grpo", "ppo")]
+
+
+def _wait_for(paths: list[Path], jobs: list[Job], deadline: float) -> None:
+    """Waits until every path exists; raises with a job's log if it exits first, or at the deadline."""
+    while not all(p.exists() for p in paths):
+        ended = [job for job in jobs if job.proc.poll() is not None]
+        if ended or time.monotonic() > deadline:
+            _wait(ended, deadline)  # raises for a job that failed
+            raise AssertionError(f"{[job.name for job in ended] or 'timed out'}: no {[str(p) for p in paths]}")
+        time.sleep(0.2)
+
+
+def _worker(name: str, root: Path, jobs: list[dict], processes: int) -> list[Job]:
+    spec = json.dumps(jobs)
     if processes == 1:
         return [Job(name, [sys.executable, WORKER, str(root), spec], _env(8), root / f"{name}.log")]
     port = portpicker.pick_unused_port()
@@ -78,17 +110,19 @@ def runs(tmp_path_factory):
     two = root / "two"
     one = root / "one"
     two.mkdir(), one.mkdir()
+    # The 2-process GRPO run stops after rollout 2 with a checkpoint; the 1-process worker, once through its
+    # own runs, takes a copy of it to rollout 3 while the 2-process worker goes on with its TP runs.
+    ready = one / "grpo_resumed.ready"
+    resume = {**_job(task, one, rm_dir, "grpo", "grpo_resumed", grpo_rollouts=3), "wait_for": str(ready)}
     jobs = []
     deadline = time.monotonic() + TIMEOUT_S
     try:
-        jobs += _worker("two", two, _jobs(task, two, rm_dir, 2, ["grpo", "ppo", "online_dpo"]), 2)
-        jobs += _worker("one", one, _jobs(task, one, rm_dir, 3, ["grpo", "ppo", "online_dpo"]), 1)
-        _wait(jobs, deadline)
-        # The 2-process GRPO run stopped after rollout 2 with a checkpoint; one process takes it to rollout 3.
+        jobs += _worker("two", two, _jobs(task, two, rm_dir, 2), 2)
+        jobs += _worker("one", one, _jobs(task, one, rm_dir, 3) + [resume], 1)
+        _wait_for([two / "grpo_0.json", two / "grpo_1.json"], jobs, deadline)  # written after the run's end
         shutil.copytree(two / "grpo", one / "grpo_resumed")
-        resume = _worker("resume", one, _jobs(task, one, rm_dir, 3, ["grpo:grpo_resumed"]), 1)
-        jobs += resume
-        _wait(resume, deadline)
+        ready.touch()
+        _wait(jobs, deadline)
     finally:
         for job in jobs:
             job.kill()
@@ -100,9 +134,11 @@ def _tokens(run_root: Path, name: str, process: int) -> list[np.ndarray]:
         return [f[f"arr_{i}"] for i in range(len(f.files))]
 
 
-@pytest.mark.parametrize("name", ["grpo", "ppo", "online_dpo"])
-def test_two_processes_sample_and_train_like_one(runs, name):
+@pytest.mark.parametrize("method,mesh", [("grpo", None), ("ppo", None), ("online_dpo", None),
+                                         ("grpo", TP), ("ppo", TP)], ids=lambda v: v or "fsdp")
+def test_two_processes_sample_and_train_like_one(runs, method, mesh):
     two, one = runs["two"], runs["one"]
+    name = method if mesh is None else f"{method}_{mesh}"
     t0, t1, ref = _tokens(two, name, 0), _tokens(two, name, 1), _tokens(one, name, 0)
     assert len(t0) == 2 and len(ref) >= 2
     for a, b, c in zip(t0, t1, ref):
@@ -116,10 +152,16 @@ def test_two_processes_sample_and_train_like_one(runs, name):
                     "loss/policy", "loss/value", "objective/kl_coef", "pairs/valid_fraction"):
             if key in rb:
                 assert ra[key] == pytest.approx(rb[key], rel=2e-5, abs=1e-6), (name, ra["step"], key)
-    if name != "grpo":  # the 1-process GRPO run goes on to rollout 3 (see the resume test)
+    if name != "grpo":  # the 1-process FSDP GRPO run goes on to rollout 3 (see the resume test)
         _assert_same_weights(two / name, one / name)
     info = [json.loads((two / f"{name}_{i}.json").read_text()) for i in range(2)]
-    assert [(i["process_count"], i["device_count"]) for i in info] == [(2, 8), (2, 8)]
+    info.append(json.loads((one / f"{name}_0.json").read_text()))
+    assert [(i["process_count"], i["device_count"]) for i in info] == [(2, 8), (2, 8), (1, 8)]
+    # Every model the rollouts used lay on the preset's mesh, split as the preset says (PPO: all four).
+    models = {"ppo": ["policy", "reference", "reward_model", "value"]}.get(method, ["policy", "reference"])
+    for i in info:
+        assert sorted(i["layouts"]) == models
+        assert all(layout == LAYOUTS[mesh] for layout in i["layouts"].values()), i["layouts"]
 
 
 def test_checkpoint_of_two_processes_resumes_in_one_process_identically(runs):

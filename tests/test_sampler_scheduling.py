@@ -187,7 +187,7 @@ def test_benchmark_script_runs_tiny():
 
     report = sampler_throughput.main(["--vocab", "96", "--hidden", "32", "--intermediate", "64", "--layers", "2",
                                       "--prompts", "4", "--prompt-len", "6", "--new", "6", "--min-len", "2",
-                                      "--max-len", "9", "--repeats", "1"])
+                                      "--max-len", "9", "--repeats", "1", "--pause", "0"])
     mixed = report["workloads"]["mixed"]
     assert mixed["real_tokens"] == int(sampler_throughput.workloads(
         sampler_throughput.argparse.Namespace(seed=0, vocab=96, prompts=4, prompt_len=6, new=6, min_len=2,

@@ -167,3 +167,26 @@ def test_checkpoint_of_the_scanned_layout_restores_into_the_unrolled_one(tmp_pat
     assert_trees_equal(restored.state.opt_state, to_layout(state.opt_state, scanned=False))
     kernel = restored.state.params["layers"][1]["mlp"]["up_proj"]["kernel"]
     assert kernel.sharding == target.params["layers"][1]["mlp"]["up_proj"]["kernel"].sharding
+
+
+@pytest.mark.parametrize("config", [CFG, SCANNED], ids=["unrolled", "scanned"])
+def test_fused_projections_sample_what_the_separate_projections_sample(config):
+    """``SamplingConfig.fuse_projections``: stacked k/v and gate/up matmuls, LoRA on all four, fsdp_tp."""
+    part = Partitioner(make_mesh(fsdp=4, tensor=2), "fsdp_tp")
+    _, base = models.create(config, seed=3)
+    lcfg = LoraConfig(rank=2, alpha=4.0, targets=["k_proj", "v_proj", "gate_proj", "up_proj"])
+    config, graphdef, params, _ = apply_lora(config, base, lcfg, seed=1)
+    rng = np.random.default_rng(1)   # trained (non-zero) adapters, so that they matter
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.5 * rng.normal(size=x.shape).astype(np.float32)
+        if "lora_b" in jax.tree_util.keystr(path) else x, params)
+    params = jax.device_put(params, part.shardings(models.logical_axes(config), params))
+    prompts = np.array([[0, 0, 5, 6, 7, 8], [0, 9, 10, 11, 12, 13], [3, 4, 5, 6, 7, 8], [0, 0, 0, 0, 1, 2]], np.int32)
+    mask = (prompts > 0).astype(np.int32)
+    outs = []
+    for fuse in (False, True):
+        s = SamplingConfig(max_new_tokens=16, temperature=1.0, group_size=2, cache_block=8, fuse_projections=fuse)
+        outs.append(Sampler(graphdef, config, s, part)(params, prompts, mask, jax.random.PRNGKey(5)))
+    np.testing.assert_array_equal(np.asarray(outs[0].tokens), np.asarray(outs[1].tokens))
+    np.testing.assert_allclose(np.asarray(outs[0].logprobs), np.asarray(outs[1].logprobs), atol=1e-6)
+    assert len({tuple(r) for r in np.asarray(outs[1].tokens).tolist()}) > 1

@@ -23,7 +23,10 @@ What a decode step costs is kept to the work left:
   tiny Llama, 16 x 128 tokens, 8 rollouts: 18.5 s of sampling with
   compaction, 4.0 s without, most of it the first rollout's compile; the
   steady-state rollout 0.025 s either way). Turn it on for long generations
-  of very mixed lengths that reuse few shapes (``Sampler.compact = True``).
+  of very mixed lengths that reuse few shapes (``Sampler.compact = True``);
+* a decode step runs key and value, and gate and up, as one matmul each
+  (``SamplingConfig.fuse_projections``), and a scanned model's step writes
+  only the new token's slots of the stacked cache, in place.
 
 Rows keep their index in the caller's batch throughout; it picks their
 random keys, so none of this changes a result.
@@ -100,7 +103,13 @@ class SamplingConfig:
     step's attention reads about the filled part of the cache, never all
     ``P + max_new_tokens`` slots; each size is one more compiled loop body.
     0 allocates all ``P + max_new_tokens`` slots at once (one phase). The
-    results do not depend on it.
+    results do not depend on it. ``fuse_projections`` runs each decode
+    step's key and value projections as one matmul, and its gate and up
+    projections as another, over stacked copies of their kernels made once
+    per call outside the decode loop (:func:`~jaxpost.models.transformer.
+    fuse_projections`): the same tokens, fewer matmuls, for the memory of
+    those copies (about half a Llama's weights) while sampling; False
+    samples in the weights' memory alone.
     """
 
     max_new_tokens: int = 64
@@ -112,6 +121,7 @@ class SamplingConfig:
     group_size: int = 1
     cache_dtype: str | None = None
     cache_block: int = 64
+    fuse_projections: bool = True
 
     def __post_init__(self):
         # gin and JSON hand over lists; a tuple keeps the config hashable (a jit static arg).
@@ -321,7 +331,8 @@ def _phase(graphdef, params, st: _Rows, rng, min_live, config: ModelConfig, s: S
         # token of the row (a continuation, Sampler.extend) could attend to.
         pos = (st.n_real + st.step - 1)[:, None]
         seg = st.last_real.astype(jnp.int32)[:, None]
-        h, cache = forward(graphdef, params, st.last[:, None], pos, seg, st.cache)
+        h, cache = forward(graphdef, params, st.last[:, None], pos, seg, st.cache,
+                           fuse=s.fuse_projections)
         st = st.replace(cache=_constrain_cache(cache, config))
         return _record(st, lm_logits(params, config, h[:, 0]), rng, s)
 

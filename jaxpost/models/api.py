@@ -64,7 +64,7 @@ def create(config: ModelConfig, seed: int = 0, partitioner=None) -> tuple[nnx.Gr
 
 def forward(graphdef: nnx.GraphDef, params: dict, tokens: jax.Array, positions: jax.Array,
             segment_ids: jax.Array, cache: KVCache | None = None,
-            branches: Branches | None = None) -> tuple[jax.Array, KVCache | None]:
+            branches: Branches | None = None, fuse: bool = False) -> tuple[jax.Array, KVCache | None]:
     """Hidden states ``[B, T, D]`` after the final norm, and the advanced cache.
 
     Pure; call it inside ``jax.jit``. ``tokens``, ``positions`` and
@@ -74,9 +74,13 @@ def forward(graphdef: nnx.GraphDef, params: dict, tokens: jax.Array, positions: 
     earlier slots of their segment; the returned cache has ``index += T``.
     With :class:`~jaxpost.models.attention.Branches` (static) each row is a
     shared prefix followed by branches that do not see each other.
+    ``fuse`` computes each layer's key and value projections as one matmul,
+    and its gate and up projections as another, over stacked copies of
+    their kernels: the same numbers, fewer matmuls, for a decode loop that
+    makes the copies once (:func:`~jaxpost.models.transformer.fuse_projections`).
     """
     model = nnx.merge(graphdef, params)
-    return model(tokens, positions, segment_ids, cache, branches)
+    return model(tokens, positions, segment_ids, cache, branches, fuse)
 
 
 def inputs_from_attention_mask(attention_mask: jax.Array, position_ids: jax.Array | None = None

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx, struct
 
 from jaxpost.models.config import ModelConfig
-from jaxpost.models.layers import Linear, RMSNorm, apply_rope, lora_kwargs
+from jaxpost.models.layers import Linear, RMSNorm, apply_rope, lora_kwargs, stacked_linear
 from jaxpost.models.splash import SPLASH_BLOCK_MULTIPLE, splash_attention
 
 
@@ -375,23 +375,27 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], segment_ids: jax.Array,
-                 kv: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
-                 branches: Branches | None = None):
+                 kv: tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array | None] | None = None,
+                 branches: Branches | None = None, kv_proj=None):
         """``x`` ``[B, T, D]``; ``rope`` = :func:`rope_tables` of the positions;
-        ``kv`` = (k cache, v cache, cache segment ids, index) or None.
+        ``kv`` = (k cache, v cache, cache segment ids, index, layer) or None;
+        ``layer`` None: the caches are this layer's; an int32 scalar: they
+        are every layer's, stacked ``[L, ...]``, and this is layer ``layer``.
 
         Returns ``(out [B, T, D], (k cache, v cache) or None)``. With a cache
         the new keys/values are written at slots ``[index, index + T)`` and
         the queries attend over the whole cache under :func:`attention_mask`
         (:func:`cached_attention`).
         ``branches`` (no cache): the row is a shared prefix and its branches.
+        ``kv_proj``: optional ``stack_linears(k_proj, v_proj)``, for one matmul instead of two.
         """
         c = self.config
         B, T, _ = x.shape
         h = c.dim_per_head
         q = self.q_proj(x).reshape(B, T, c.num_heads, h)
-        k = self.k_proj(x).reshape(B, T, c.num_kv_heads, h)
-        v = self.v_proj(x).reshape(B, T, c.num_kv_heads, h)
+        k, v = (self.k_proj(x), self.v_proj(x)) if kv_proj is None else \
+            stacked_linear(self.k_proj, self.v_proj, x, kv_proj)
+        k, v = k.reshape(B, T, c.num_kv_heads, h), v.reshape(B, T, c.num_kv_heads, h)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
@@ -403,10 +407,17 @@ class Attention(nnx.Module):
             else:
                 out = branched_attention(attend, q, k, v, segment_ids, c.sliding_window, branches, kernel)
             return self.o_proj(out.reshape(B, T, c.num_heads * h)), None
-        k_cache, v_cache, cache_segments, index = kv
+        k_cache, v_cache, cache_segments, index, layer = kv
         k_new = jnp.transpose(k, (0, 2, 3, 1)).astype(k_cache.dtype)  # [B, T, Nkv, Hd] -> [B, Nkv, Hd, T]
         v_new = jnp.swapaxes(v, 1, 2).astype(v_cache.dtype)  # -> [B, Nkv, T, Hd]
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k_new, (0, 0, 0, index))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v_new, (0, 0, index, 0))
-        out = cached_attention(q, k_cache, v_cache, segment_ids, cache_segments, index, c.sliding_window)
+        if layer is None:
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k_new, (0, 0, 0, index))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v_new, (0, 0, index, 0))
+            k_layer, v_layer = k_cache, v_cache
+        else:
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k_new[None], (layer, 0, 0, 0, index))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v_new[None], (layer, 0, 0, index, 0))
+            k_layer = jax.lax.dynamic_index_in_dim(k_cache, layer, keepdims=False)
+            v_layer = jax.lax.dynamic_index_in_dim(v_cache, layer, keepdims=False)
+        out = cached_attention(q, k_layer, v_layer, segment_ids, cache_segments, index, c.sliding_window)
         return self.o_proj(out.reshape(B, T, c.num_heads * h)), (k_cache, v_cache)

@@ -37,7 +37,8 @@ from flax import nnx
 
 from jaxpost.models.attention import Attention, Branches, KVCache
 from jaxpost.models.config import ModelConfig
-from jaxpost.models.layers import Embed, Linear, RMSNorm, lora_kwargs, rope_tables, swiglu
+from jaxpost.models.layers import (Embed, Linear, RMSNorm, lora_kwargs, rope_tables, stack_linears,
+                                   stacked_linear, swiglu)
 from jaxpost.sharding import constrain
 
 ACTIVATION_AXES = ("batch", "length", "embed")
@@ -61,8 +62,29 @@ class MLP(nnx.Module):
         self.down_proj = Linear(c.intermediate_size, c.hidden_size, ("mlp", "embed"), **kw,
                                 **lora_kwargs(c, "down_proj"))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+    def __call__(self, x: jax.Array, gate_up=None) -> jax.Array:
+        """``gate_up``: optional ``stack_linears(gate_proj, up_proj)``, for one matmul instead of two."""
+        if gate_up is None:
+            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(swiglu(*stacked_linear(self.gate_proj, self.up_proj, x, gate_up)))
+
+
+def fuse_projections(block: Block) -> tuple:
+    """``(key+value, gate+up)`` :func:`~jaxpost.models.layers.stack_linears` of a block (of all layers when scanned).
+
+    A decode step (one token per row) multiplies a few rows by every weight,
+    so a matmul costs about the reading of its weights plus a fixed
+    overhead; one ``[D, 2F]`` product instead of two ``[D, F]`` ones saves
+    that overhead (XLA:CPU, batch 16, hidden 256: gate and up 0.085 ms
+    against 2 x 0.062 ms). The new axis is replicated; the others keep the
+    kernels' sharding (the query, sharded by ``heads``, is left alone).
+    """
+    kv, kv_bias = stack_linears(block.attn.k_proj, block.attn.v_proj)
+    gate_up, _ = stack_linears(block.mlp.gate_proj, block.mlp.up_proj)
+    lead = ("layers",) * (kv.ndim - 3)
+    kv = constrain(kv, lead + ("embed", None, "kv_heads"))
+    kv_bias = None if kv_bias is None else constrain(kv_bias, lead + (None, "kv_heads"))
+    return (kv, kv_bias), (constrain(gate_up, lead + ("embed", None, "mlp")), None)
 
 
 class Block(nnx.Module):
@@ -75,10 +97,12 @@ class Block(nnx.Module):
         self.post_attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
         self.mlp = MLP(c, rngs=rngs)
 
-    def __call__(self, x, rope, segment_ids, kv=None, branches=None):
-        attn_out, new_kv = self.attn(self.input_norm(x), rope, segment_ids, kv, branches)
+    def __call__(self, x, rope, segment_ids, kv=None, branches=None, fused=None):
+        """``fused``: optional :func:`fuse_projections` of this block."""
+        kv_proj, gate_up = (None, None) if fused is None else fused
+        attn_out, new_kv = self.attn(self.input_norm(x), rope, segment_ids, kv, branches, kv_proj)
         x = x + attn_out
-        x = x + self.mlp(self.post_attn_norm(x))
+        x = x + self.mlp(self.post_attn_norm(x), gate_up)
         return constrain(x, ACTIVATION_AXES), new_kv
 
 
@@ -122,7 +146,9 @@ class Transformer(nnx.Module):
         self.score = Linear(c.hidden_size, 1, ("embed", None), **kw) if c.head == "score" else None
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-                 cache: KVCache | None = None, branches: Branches | None = None) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCache | None = None, branches: Branches | None = None,
+                 fuse: bool = False) -> tuple[jax.Array, KVCache | None]:
+        """``fuse``: key and value, and gate and up, each as one matmul (:func:`fuse_projections`)."""
         c = self.config
         if branches is not None and cache is not None:
             raise ValueError("branches apply to a whole-row forward, not to a cached (sampling) one")
@@ -137,29 +163,35 @@ class Transformer(nnx.Module):
             cache_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index))
         rope = rope_tables(positions, c.dim_per_head, c)
 
-        def call(block: Block, x, kv):
+        def call(block: Block, x, kv, fused, layer=None):
             if kv is not None:
-                kv = (kv[0], kv[1], cache_segments, cache.index)
-            return block(x, rope, segment_ids, kv, branches)  # rope, segments, branches: closed over
+                kv = (kv[0], kv[1], cache_segments, cache.index, layer)
+            return block(x, rope, segment_ids, kv, branches, fused)  # rope, segments, branches: closed over
 
         policy = REMAT_POLICIES.get(c.remat)
         kvs = None if cache is None else (cache.k, cache.v)
         if c.scanned:
             graphdef, stacked = nnx.split(self.layers)
+            fused = fuse_projections(self.layers) if fuse else None  # all layers', outside the scan
 
-            def body(x, layer):
-                params, kv = layer
-                return call(nnx.merge(graphdef, params), x, kv)
+            def body(carry, layer):
+                # The stacked caches ride in the carry and each layer writes only its new slots, in place: as
+                # scan inputs and outputs, every decode step would copy the whole cache (2x slower on CPU).
+                x, kv = carry
+                params, layer_fused, i = layer
+                x, kv = call(nnx.merge(graphdef, params), x, kv, layer_fused, i)
+                return (x, kv), None
 
             if c.remat != "none":  # per layer, as unrolled; prevent_cse is not needed inside a scan
                 body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-            x, new_kvs = jax.lax.scan(body, x, (stacked, kvs))
+            (x, new_kvs), _ = jax.lax.scan(body, (x, kvs), (stacked, fused, jnp.arange(c.num_layers)))
         else:
             if c.remat != "none":
                 call = nnx.remat(call, policy=policy)
             new_k, new_v = [], []
             for i, block in enumerate(self.layers):
-                x, layer_kv = call(block, x, None if kvs is None else (kvs[0][i], kvs[1][i]))
+                x, layer_kv = call(block, x, None if kvs is None else (kvs[0][i], kvs[1][i]),
+                                   fuse_projections(block) if fuse else None)
                 if layer_kv is not None:
                     new_k.append(layer_kv[0])
                     new_v.append(layer_kv[1])
