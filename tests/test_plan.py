@@ -62,6 +62,31 @@ def test_grpo_breakdown_on_8_devices(tmp_path, capfd):
     assert plan["peak"] == max(plan["step_peak"], plan["rollout_peak"]) > 0
 
 
+def test_rollouts_offer_decoding_without_the_fused_copies(monkeypatch):
+    """``SamplingConfig.fuse_projections = False`` is a suggestion of online plans while it is on, and the
+    planned sampler holds exactly the stacked copies more with it on.
+
+    In this process (8 devices, without the planning flags: only the two plans' difference matters), data
+    parallel: replicated weights, so the copies are whole and live through the decode loop, the peak.
+    """
+    from jaxpost import config
+    from jaxpost.plan.core import plan_current
+
+    monkeypatch.chdir(REPO)
+    files, bindings, _ = config.split_gin_args([*GRPO, "--gin_file=configs/mesh/data_parallel.gin"])
+    plans = {}
+    for fuse in (True, False):
+        config.parse(files, [*bindings, "ModelConfig.intermediate_size = 1024",
+                             f"SamplingConfig.fuse_projections = {fuse}"], finalize=False)
+        plans[fuse] = plan_current(8)
+    offered = {fuse: [b for _, extra in plan.settings["options"] for b in extra] for fuse, plan in plans.items()}
+    assert "SamplingConfig.fuse_projections = False" in offered[True]
+    assert not any("fuse_projections" in b for b in offered[False])
+    copies = 2 * 64 * 2 * (2 * 16 + 1024) * 4  # 2 layers' stacked k/v and gate/up kernels, fp32, replicated
+    assert abs(plans[True].rollout_peak - plans[False].rollout_peak - copies) <= 64  # (measured: 32 bytes less)
+    assert plans[True].step_peak == plans[False].step_peak
+
+
 def test_grpo_with_a_reward_model_holds_it_beside_the_step(tmp_path, capfd):
     """No such directory: the reward model is assumed policy-sized (a score head instead of the LM head)."""
     args = [*GRPO, "--gin.make_scorer.reward_model=no/such/rm", "--devices", "8", "--no_suggestions"]

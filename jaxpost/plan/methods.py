@@ -358,7 +358,7 @@ def plan_distill(part: Partitioner) -> Setup:
         rollout = Rollout(prompts=_bucket_batch(batch_size, part), prompt_len=bucket_length(prompt_len, 16),
                           max_new_tokens=seq_len - prompt_len, group_size=1)
         note += f"; on-policy: the student samples {seq_len - prompt_len} tokens after {prompt_len}-token prompts"
-        options = _common_options("distill", config, part)
+        options = _common_options("distill", config, part) + _fuse_option()
     else:
         options = _common_options("distill", config, part) + _accum_options(batch_size, part,
                                                                              loop.grad_accum_steps)
@@ -418,11 +418,21 @@ def _minibatch_options(task: str, mb: int, part: Partitioner, what: str) -> list
     return []
 
 
-def _new_tokens_option(ro: Rollout) -> list:
-    if ro.max_new_tokens < 64:
+def _rollout_options(ro: Rollout) -> list:
+    """Settings that shrink a GRPO/PPO/online DPO rollout: shorter completions, then :func:`_fuse_option`."""
+    half = ro.max_new_tokens // 2
+    shorter = [(f"RolloutConfig.max_new_tokens = {half}", [f"RolloutConfig.max_new_tokens = {half}"])]
+    return (shorter if ro.max_new_tokens >= 64 else []) + _fuse_option()
+
+
+def _fuse_option() -> list:
+    """Decoding without the stacked key/value and gate/up copies, when the sampler makes them."""
+    from jaxpost.generate.sampler import SamplingConfig
+
+    if not build(SamplingConfig, None).fuse_projections:
         return []
-    return [(f"RolloutConfig.max_new_tokens = {ro.max_new_tokens // 2}",
-             [f"RolloutConfig.max_new_tokens = {ro.max_new_tokens // 2}"])]
+    return [("SamplingConfig.fuse_projections = False (no stacked k/v, gate/up copies while sampling)",
+             ["SamplingConfig.fuse_projections = False"])]
 
 
 def _policy_rollout(recipe, keys, rollout_cfg, online, part: Partitioner):
@@ -461,7 +471,7 @@ def plan_grpo(part: Partitioner) -> Setup:
     ro, mb, length, batch = _policy_rollout(grpo, GRPO_KEYS, rollout_cfg, online, part)
     resident, reward_note = _reference_and_reward(config, params, shardings, part)
     options = (_common_options("grpo", config, part) + _minibatch_options("grpo", mb, part, "rollout")
-               + _new_tokens_option(ro))
+               + _rollout_options(ro))
     loss_fn = make_grpo_loss(graphdef, config, max_len=rollout_cfg.max_new_tokens)
     return Setup("grpo", config, graphdef, params, shardings, loss_fn, batch, 1, online.num_rollouts, online.seed,
                  resident=resident, rollout=ro,
@@ -494,7 +504,7 @@ def plan_ppo(part: Partitioner) -> Setup:
     ro, mb, length, batch = _policy_rollout(ppo, PPO_KEYS, rollout_cfg, online, part)
     resident, reward_note = _reference_and_reward(config, policy, p_sh, part)
     options = (_common_options("ppo", config, part) + _minibatch_options("ppo", mb, part, "epoch")
-               + _new_tokens_option(ro))
+               + _rollout_options(ro))
     flops = (config.flops_per_token(length) + v_config.flops_per_token(length)) * mb * length
     return Setup("ppo", config, graphdef, params, shardings, make_ppo_loss(graphdef, config, v_graphdef), batch, 1,
                  online.num_rollouts, online.seed, resident=resident, rollout=ro, model_flops=flops,
@@ -535,7 +545,7 @@ def plan_online_dpo(part: Partitioner) -> Setup:
             frozen, frozen_shardings, note = {"reference": params}, {"reference": shardings}, "reference: a copy"
     reward, reward_note = _reward_model(config, part)
     options = (_common_options("online_dpo", config, part) + _minibatch_options("online_dpo", mb, part, "round")
-               + _new_tokens_option(ro))
+               + _rollout_options(ro))
     flops = config.flops_per_token(length) * 2 * mb * length * (4 / 3 if frozen is not None else 1.0)
     return Setup("online_dpo", config, graphdef, params, shardings, loss_fn, batch, 1, online.num_rollouts,
                  online.seed, frozen=frozen, frozen_shardings=frozen_shardings, resident=reward, rollout=ro,
