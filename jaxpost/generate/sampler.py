@@ -768,21 +768,12 @@ class Sampler:
         ``max_new_tokens``: optional per-prompt budgets; ``row_ids``: optional
         key index per output row; both as in :func:`sample`.
         """
-        prompt_tokens, prompt_mask = np.asarray(prompt_tokens), np.asarray(prompt_mask)
-        check_prompts(prompt_tokens, prompt_mask)
         s = self.sampling
-        B, P = prompt_tokens.shape
-        Bb = self.bucket_batch(B)
-        Pb = bucket_length(P, self.min_length_bucket, self.length_buckets)
-        tokens = np.full((Bb, Pb), s.pad_token_id, np.int32)
-        mask = np.zeros((Bb, Pb), np.int32)
-        tokens[:B, Pb - P:] = prompt_tokens
-        mask[:B, Pb - P:] = prompt_mask
-        tokens[B:], mask[B:] = tokens[0], mask[0]
+        tokens, mask, B = self._bucketed(prompt_tokens, prompt_mask)
+        Bb, Pb = tokens.shape
         budget = np.full((Bb,), s.max_new_tokens, np.int32)
         budget[:B] = _budgets(max_new_tokens, B, s.max_new_tokens)
         budget[B:] = budget[0]
-        self.compiled_shapes.add((Bb, Pb))
         rows = B * s.group_size
         key_ids = self._padded_key_ids(row_ids, rows, Bb * s.group_size)
         if not self.compact:
@@ -825,18 +816,11 @@ class Sampler:
         owns the cache), whatever ``compact`` says.
         """
         self._check_continuable()
-        prompt_tokens, prompt_mask = np.asarray(prompt_tokens), np.asarray(prompt_mask)
-        check_prompts(prompt_tokens, prompt_mask)
         s = self.sampling
-        B, P = prompt_tokens.shape
-        Bb, Pb = self.bucket_batch(B), bucket_length(P, self.min_length_bucket, self.length_buckets)
-        tokens = np.full((Bb, Pb), s.pad_token_id, np.int32)
-        mask = np.zeros((Bb, Pb), np.int32)
-        tokens[:B, Pb - P:], mask[:B, Pb - P:] = prompt_tokens, prompt_mask
-        tokens[B:], mask[B:] = tokens[0], mask[0]  # padding rows: a valid prompt, budget 0 (never decoded)
-        budget = np.zeros((Bb,), np.int32)
+        tokens, mask, B = self._bucketed(prompt_tokens, prompt_mask)
+        Bb, Pb = tokens.shape
+        budget = np.zeros((Bb,), np.int32)  # padding rows: budget 0 (never decoded)
         budget[:B] = _budgets(max_new_tokens, B, s.max_new_tokens, low=0)
-        self.compiled_shapes.add((Bb, Pb))
         part, shards = self._part_shards()
         key_ids = self._padded_key_ids(row_ids, B * s.group_size, Bb * s.group_size)
         tokens, mask, budget, key_ids = _place(part, shards, tokens, mask, budget, key_ids)
@@ -907,6 +891,22 @@ class Sampler:
             raise ValueError(f"Sampler.start/extend do not support sliding_window={self.config.sliding_window} "
                              "models (the window counts cache slots, and a continued cache has holes); sample "
                              "each turn with Sampler.__call__ on the whole conversation instead")
+
+    def _bucketed(self, prompt_tokens, prompt_mask) -> tuple[np.ndarray, np.ndarray, int]:
+        """Checked prompts left-padded to the length bucket and the batch padded to its bucket, with ``B``.
+
+        Padding rows repeat row 0 (a valid prompt); the callers cut them from the outputs.
+        """
+        prompt_tokens, prompt_mask = np.asarray(prompt_tokens), np.asarray(prompt_mask)
+        check_prompts(prompt_tokens, prompt_mask)
+        B, P = prompt_tokens.shape
+        Bb, Pb = self.bucket_batch(B), bucket_length(P, self.min_length_bucket, self.length_buckets)
+        tokens = np.full((Bb, Pb), self.sampling.pad_token_id, np.int32)
+        mask = np.zeros((Bb, Pb), np.int32)
+        tokens[:B, Pb - P:], mask[:B, Pb - P:] = prompt_tokens, prompt_mask
+        tokens[B:], mask[B:] = tokens[0], mask[0]
+        self.compiled_shapes.add((Bb, Pb))
+        return tokens, mask, B
 
     @staticmethod
     def _padded_key_ids(row_ids, rows: int, padded: int) -> np.ndarray:
