@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import select
 import subprocess
 import sys
 from pathlib import Path
@@ -19,22 +20,81 @@ GRPO = ["--gin_file=configs/runs/grpo.gin", *TINY, "--gin.RolloutConfig.max_new_
         "--gin.RolloutConfig.group_size=2"]
 
 
-def _plan(args, tmp_path, capsys_or_fd):
-    """``jaxpost plan ARGS --json``: (exit status, stdout, stderr, the JSON plan or None).
+def _cli_plan(args, tmp_path, capfd):
+    """``jaxpost plan ARGS --json`` as a user runs it: (exit status, stdout, stderr, the JSON plan or None).
 
-    The test process lacks the planning XLA flags (``jaxpost.plan.PLAN_XLA_FLAGS``), so the plan runs in the
+    The test process lacks the planning XLA flags (``jaxpost.plan.PLAN_XLA_FLAGS``), so a plan runs in the
     subprocess ``jaxpost plan`` starts for itself: pass ``capfd``, which sees its output.
     """
     from jaxpost.cli import main
 
     out = tmp_path / "plan.json"
+    out.unlink(missing_ok=True)
     rc = main(["plan", *args, "--json", str(out)])
-    text = capsys_or_fd.readouterr()
+    text = capfd.readouterr()
     return rc, text.out, text.err, (json.loads(out.read_text()) if out.exists() else None)
 
 
-def test_sft_breakdown_on_8_devices(tmp_path, capfd):
-    rc, out, _, plan = _plan([*SFT, "--devices", "8", "--device_kind", "h100"], tmp_path, capfd)
+PLAN_TIMEOUT_S = 300
+
+
+class PlanProcess:
+    """One planning process for the module (``tests/plan_worker.py``): ``jaxpost plan`` runs there in-process.
+
+    It is started as ``jaxpost plan`` starts its subprocess (``XLA_FLAGS`` from ``plan_xla_flags(8)``: the
+    test flags, 8 devices and the planning flags; ``JAX_PLATFORMS=cpu``), so each 8-device plan runs the code
+    the user's command runs in that subprocess, without importing JAX and jaxpost anew (seconds) each time.
+    """
+
+    def __init__(self, log: Path):
+        from jaxpost.plan import _CHILD_ENV, plan_xla_flags
+
+        env = {**os.environ, "XLA_FLAGS": plan_xla_flags(8), "JAX_PLATFORMS": "cpu", _CHILD_ENV: "1"}
+        self.log = log
+        with open(log, "w") as f:
+            self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "plan_worker.py")], cwd=REPO, env=env,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=f, text=True)
+
+    def run(self, request: dict, tmp_path: Path) -> tuple[int, str, str]:
+        """(exit status, stdout, stderr) of one request (see ``tests/plan_worker.py``)."""
+        out, err = tmp_path / "plan.out", tmp_path / "plan.err"
+        self.proc.stdin.write(json.dumps({**request, "out": str(out), "err": str(err)}) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], PLAN_TIMEOUT_S)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            self.close()
+            raise AssertionError(f"the planning process {'exited' if ready else 'timed out'}:\n"
+                                 f"{self.log.read_text()[-3000:]}")
+        return json.loads(line)["rc"], out.read_text(), err.read_text()
+
+    def plan(self, args, tmp_path):
+        """``jaxpost plan ARGS --json`` there: (exit status, stdout, stderr, the JSON plan or None)."""
+        out = tmp_path / "plan.json"
+        out.unlink(missing_ok=True)
+        rc, stdout, stderr = self.run({"argv": [*args, "--json", str(out)]}, tmp_path)
+        return rc, stdout, stderr, (json.loads(out.read_text()) if out.exists() else None)
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def planner(tmp_path_factory):
+    """The module's planning process (:class:`PlanProcess`), started at its first plan's test."""
+    process = PlanProcess(tmp_path_factory.mktemp("plan_worker") / "worker.log")
+    yield process
+    process.close()
+
+
+def test_sft_breakdown_on_8_devices(tmp_path, planner):
+    rc, out, _, plan = planner.plan([*SFT, "--devices", "8", "--device_kind", "h100"], tmp_path)
     assert rc == 0, out
     for line in ("parameters", "optimizer state", "gradients", "XLA temporaries (train step)", "peak",
                  "fits in 80.00 GiB", "FLOPs (XLA)", "ms per step", "estimate: XLA CPU compile"):
@@ -48,8 +108,8 @@ def test_sft_breakdown_on_8_devices(tmp_path, capfd):
     assert plan["xla_flops"] > 0 and plan["model_flops"] > 0 and plan["fits"]
 
 
-def test_grpo_breakdown_on_8_devices(tmp_path, capfd):
-    rc, out, _, plan = _plan([*GRPO, "--devices", "8", "--device_kind", "v5e"], tmp_path, capfd)
+def test_grpo_breakdown_on_8_devices(tmp_path, planner):
+    rc, out, _, plan = planner.plan([*GRPO, "--devices", "8", "--device_kind", "v5e"], tmp_path)
     assert rc == 0, out
     for line in ("frozen model: reference", "KV cache (rollouts)", "peak (rollout: sampler program)",
                  "peak (train step)", "fits in 16.00 GiB"):
@@ -64,7 +124,7 @@ def test_grpo_breakdown_on_8_devices(tmp_path, capfd):
 
 def test_rollouts_offer_decoding_without_the_fused_copies(monkeypatch):
     """``SamplingConfig.fuse_projections = False`` is a suggestion of online plans while it is on, and the
-    planned sampler holds exactly the stacked copies more with it on.
+    planned sampler holds the stacked copies more with it on.
 
     In this process (8 devices, without the planning flags: only the two plans' difference matters), data
     parallel: replicated weights, so the copies are whole and live through the decode loop, the peak.
@@ -82,22 +142,24 @@ def test_rollouts_offer_decoding_without_the_fused_copies(monkeypatch):
     offered = {fuse: [b for _, extra in plan.settings["options"] for b in extra] for fuse, plan in plans.items()}
     assert "SamplingConfig.fuse_projections = False" in offered[True]
     assert not any("fuse_projections" in b for b in offered[False])
-    copies = 2 * 64 * 2 * (2 * 16 + 1024) * 4  # 2 layers' stacked k/v and gate/up kernels, fp32, replicated
-    assert abs(plans[True].rollout_peak - plans[False].rollout_peak - copies) <= 64  # (measured: 32 bytes less)
+    # 2 layers' stacked q/k/v ([64, 64 + 2 x 16]) and gate/up ([64, 2 x 1024]) kernels, fp32, replicated
+    copies = 2 * 64 * (64 + 2 * 16 + 2 * 1024) * 4
+    # The copies, give or take XLA's placement of small temporaries (measured: 16,336 bytes more, 1.5%).
+    assert 0.98 * copies <= plans[True].rollout_peak - plans[False].rollout_peak <= 1.02 * copies
     assert plans[True].step_peak == plans[False].step_peak
 
 
-def test_grpo_with_a_reward_model_holds_it_beside_the_step(tmp_path, capfd):
+def test_grpo_with_a_reward_model_holds_it_beside_the_step(tmp_path, planner):
     """No such directory: the reward model is assumed policy-sized (a score head instead of the LM head)."""
     args = [*GRPO, "--gin.make_scorer.reward_model=no/such/rm", "--devices", "8", "--no_suggestions"]
-    rc, out, _, plan = _plan(args, tmp_path, capfd)
+    rc, out, _, plan = planner.plan(args, tmp_path)
     assert rc == 0 and "frozen model: reward model" in out and "assumed policy-sized" in out
     assert 0 < plan["frozen"]["reward model"] < plan["params"]  # 64 score weights instead of 256 x 64 logits
 
 
 @pytest.mark.parametrize("method,frozen", [("dpo", "reference"), ("kto", "reference"), ("reward", None),
                                            ("distill", "teacher")])
-def test_every_offline_method_plans(method, frozen, tmp_path, capfd):
+def test_every_offline_method_plans(method, frozen, tmp_path, planner):
     """Each method's entry compiles; frozen models the step reads are counted (a teacher from its config.json)."""
     from jaxpost.models.config import ModelConfig
     from jaxpost.models.hf import model_config_to_hf_config
@@ -110,7 +172,7 @@ def test_every_offline_method_plans(method, frozen, tmp_path, capfd):
         args.append(f"--gin.distill.teacher_from={tmp_path / 'teacher'}")
     if method == "reward":
         args[2] = "--gin.reward_model.seq_len=64"
-    rc, out, _, plan = _plan([*args, "--no_suggestions"], tmp_path, capfd)
+    rc, out, _, plan = planner.plan([*args, "--no_suggestions"], tmp_path)
     assert rc == 0, out
     if frozen == "reference":
         assert plan["frozen"] == {"reference": plan["params"]}
@@ -135,7 +197,7 @@ ROLLOUT = ["--gin.RolloutConfig.max_new_tokens=16", "--gin.OnlineConfig.max_prom
 
 
 @pytest.mark.parametrize("method", ["ppo", "online_dpo", "distill_on_policy"])
-def test_every_online_method_plans_its_step_and_sampler(method, tmp_path, capfd):
+def test_every_online_method_plans_its_step_and_sampler(method, tmp_path, planner):
     """PPO (policy + value model trained together), online DPO (reference as a step argument) and on-policy
     distillation (the teacher as a step argument) each compile their step and their sampler; the KV cache and
     the frozen models are counted, and the rollout peak holds what stays on the devices while sampling."""
@@ -144,7 +206,7 @@ def test_every_online_method_plans_its_step_and_sampler(method, tmp_path, capfd)
                 "--gin.distill.seq_len=64", f"--gin.distill.teacher_from={_teacher_dir(tmp_path)}"]
     else:
         args = [f"--gin_file=configs/runs/{method}.gin", *TINY, *ROLLOUT, "--gin.RolloutConfig.group_size=2"]
-    rc, out, err, plan = _plan([*args, "--devices", "8", "--no_suggestions"], tmp_path, capfd)
+    rc, out, err, plan = planner.plan([*args, "--devices", "8", "--no_suggestions"], tmp_path)
     assert rc == 0, out + err
     assert "KV cache (rollouts)" in out and plan["kv_cache"] > 0 and plan["rollout_peak"] > 0
     assert plan["peak"] == max(plan["step_peak"], plan["rollout_peak"])
@@ -182,17 +244,15 @@ print(json.dumps({"peak": plan.peak, "note": plan.shape_note, "frozen": plan.fro
 """
 
 
-def test_continual_plans_the_larger_of_its_round_steps():
+def test_continual_plans_the_larger_of_its_round_steps(tmp_path, planner):
     """A continual round runs KTO then DPO, each with a copy of init_from as the reference; the plan is the step
-    with the larger peak. (In a subprocess with the planning flags, as ``jaxpost plan`` runs.)"""
-    from jaxpost.plan import plan_xla_flags
-
+    with the larger peak. (In the planning process, with the planning flags, as ``jaxpost plan`` runs.)"""
     args = ["--gin_file=configs/runs/continual.gin", *TINY, "--gin.continual.seq_len=64"]
-    env = {**os.environ, "XLA_FLAGS": plan_xla_flags(8), "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", _CONTINUAL, *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    script = tmp_path / "continual_plan.py"
+    script.write_text(_CONTINUAL)
+    rc, out, err = planner.run({"python": [str(script), *args]}, tmp_path)
+    assert rc == 0, err[-3000:]
+    r = json.loads(out.strip().splitlines()[-1])
     assert r["method"] == "continual" and set(r["steps"]) == {"round step KTO", "round step DPO"}
     assert r["peak"] == max(r["steps"].values()) and r["note"].startswith(max(r["steps"], key=r["steps"].get))
     assert r["frozen"] == {"reference": r["params"]}
@@ -211,7 +271,7 @@ def test_plan_xla_flags_keep_the_users_and_add_the_plans():
     assert plan_xla_flags(4, flags) == flags and all(f.split("=")[0] in flags for f in PLAN_XLA_FLAGS)
 
 
-def test_fsdp_temporaries_do_not_hold_every_layers_weights(tmp_path, capfd):
+def test_fsdp_temporaries_do_not_hold_every_layers_weights(tmp_path, planner):
     """Regression (issue 21): with full remat, an FSDP step needs about one layer's gathered weights at a time.
 
     XLA:CPU's default schedule issued every all-gather up front and its all-reduce combiner chained every
@@ -225,7 +285,7 @@ def test_fsdp_temporaries_do_not_hold_every_layers_weights(tmp_path, capfd):
             "--gin.sft.seq_len=32", "--devices", "8", "--no_suggestions"]
     plans = {}
     for layers in (2, 6):
-        rc, out, err, plans[layers] = _plan([*base, f"--gin.ModelConfig.num_layers={layers}"], tmp_path, capfd)
+        rc, out, err, plans[layers] = planner.plan([*base, f"--gin.ModelConfig.num_layers={layers}"], tmp_path)
         assert rc == 0, out + err
     layer_f32 = (plans[6]["num_params"] - plans[2]["num_params"]) * 4  # 4 layers' weights in float32
     growth = plans[6]["step_temp"] - plans[2]["step_temp"]
@@ -233,10 +293,12 @@ def test_fsdp_temporaries_do_not_hold_every_layers_weights(tmp_path, capfd):
 
 
 def test_does_not_fit_prints_measured_suggestions(tmp_path, capfd):
-    """4 devices from this 8-device process: the plan runs in a subprocess (XLA_FLAGS device count 4)."""
+    """4 devices from this 8-device process: the plan runs in a subprocess (XLA_FLAGS device count 4).
+
+    Through ``jaxpost plan``'s command line in this process, so its re-run in a subprocess is the user's."""
     args = [*SFT, "--gin_file=configs/mesh/data_parallel.gin", "--gin.ModelConfig.remat='full'", "--devices", "4",
             "--device_kind", "v5e", "--device_memory_gb", "0.0005"]
-    rc, out, err, plan = _plan(args, tmp_path, capfd)
+    rc, out, err, plan = _cli_plan(args, tmp_path, capfd)
     assert rc == 1, out + err
     assert "does NOT fit in 0.51 MiB" in out and "mesh: data=4 x fsdp=1" in out
     names = [s["setting"] for s in plan["suggestions"]]
@@ -248,13 +310,13 @@ def test_does_not_fit_prints_measured_suggestions(tmp_path, capfd):
 
 
 def test_wrong_key_names_it(tmp_path, capfd):
-    rc, _, err, plan = _plan([*SFT, "--gin.sft.seq_lenn=64", "--devices", "8"], tmp_path, capfd)
+    rc, _, err, plan = _cli_plan([*SFT, "--gin.sft.seq_lenn=64", "--devices", "8"], tmp_path, capfd)
     assert rc == 2 and plan is None
     assert err.startswith("jaxpost: error:") and "sft.seq_lenn" in err
 
 
 def test_unknown_device_kind(tmp_path, capfd):
-    rc, _, err, _ = _plan([*SFT, "--devices", "8", "--device_kind", "a100"], tmp_path, capfd)
+    rc, _, err, _ = _cli_plan([*SFT, "--devices", "8", "--device_kind", "a100"], tmp_path, capfd)
     assert rc == 2 and "--device_kind='a100' is unknown" in err
 
 

@@ -171,10 +171,10 @@ def test_checkpoint_of_the_scanned_layout_restores_into_the_unrolled_one(tmp_pat
 
 @pytest.mark.parametrize("config", [CFG, SCANNED], ids=["unrolled", "scanned"])
 def test_fused_projections_sample_what_the_separate_projections_sample(config):
-    """``SamplingConfig.fuse_projections``: stacked k/v and gate/up matmuls, LoRA on all four, fsdp_tp."""
+    """``SamplingConfig.fuse_projections``: stacked q/k/v and gate/up matmuls, LoRA on all five, fsdp_tp."""
     part = Partitioner(make_mesh(fsdp=4, tensor=2), "fsdp_tp")
     _, base = models.create(config, seed=3)
-    lcfg = LoraConfig(rank=2, alpha=4.0, targets=["k_proj", "v_proj", "gate_proj", "up_proj"])
+    lcfg = LoraConfig(rank=2, alpha=4.0, targets=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"])
     config, graphdef, params, _ = apply_lora(config, base, lcfg, seed=1)
     rng = np.random.default_rng(1)   # trained (non-zero) adapters, so that they matter
     params = jax.tree_util.tree_map_with_path(

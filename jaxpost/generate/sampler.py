@@ -24,8 +24,9 @@ What a decode step costs is kept to the work left:
   compaction, 4.0 s without, most of it the first rollout's compile; the
   steady-state rollout 0.025 s either way). Turn it on for long generations
   of very mixed lengths that reuse few shapes (``Sampler.compact = True``);
-* a decode step runs key and value, and gate and up, as one matmul each
-  (``SamplingConfig.fuse_projections``), and a scanned model's step writes
+* a decode step runs query, key and value as one matmul, and gate and up
+  as another (``SamplingConfig.fuse_projections``; the stacked kernels are
+  made once per call, not per phase), and a scanned model's step writes
   only the new token's slots of the stacked cache, in place.
 
 Rows keep their index in the caller's batch throughout; it picks their
@@ -74,7 +75,7 @@ import numpy as np
 from flax import nnx, struct
 
 from jaxpost.generate.processing import choose_tokens
-from jaxpost.models.api import forward, inputs_from_attention_mask
+from jaxpost.models.api import forward, fused_projections, inputs_from_attention_mask
 from jaxpost.models.attention import KVCache, cache_logical_axes, init_cache, map_layer_caches, pad_cache
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.heads import logits as lm_logits
@@ -104,12 +105,13 @@ class SamplingConfig:
     ``P + max_new_tokens`` slots; each size is one more compiled loop body.
     0 allocates all ``P + max_new_tokens`` slots at once (one phase). The
     results do not depend on it. ``fuse_projections`` runs each decode
-    step's key and value projections as one matmul, and its gate and up
-    projections as another, over stacked copies of their kernels made once
-    per call outside the decode loop (:func:`~jaxpost.models.transformer.
-    fuse_projections`): the same tokens, fewer matmuls, for the memory of
-    those copies (about half a Llama's weights) while sampling; False
-    samples in the weights' memory alone.
+    step's query, key and value projections as one matmul, and its gate
+    and up projections as another, over stacked copies of their kernels
+    made once per call, before the decode loops
+    (:func:`~jaxpost.models.api.fused_projections`): the same tokens, fewer
+    matmuls, for the memory of those copies (about two thirds of a
+    Llama's layer weights) while sampling; False samples in the weights'
+    memory alone.
     """
 
     max_new_tokens: int = 64
@@ -317,8 +319,11 @@ def _fresh_rows(cache: KVCache, n_real, budget, key_ids, s: SamplingConfig) -> _
                  processed=jnp.zeros((B, N), jnp.float32), mask=jnp.zeros((B, N), jnp.float32))
 
 
-def _phase(graphdef, params, st: _Rows, rng, min_live, config: ModelConfig, s: SamplingConfig) -> _Rows:
-    """``T = 1`` decode steps until every row has stopped, the cache is full, or at most ``min_live`` rows live."""
+def _phase(graphdef, params, fused, st: _Rows, rng, min_live, config: ModelConfig, s: SamplingConfig) -> _Rows:
+    """``T = 1`` decode steps until every row has stopped, the cache is full, or at most ``min_live`` rows live.
+
+    ``fused``: :func:`~jaxpost.models.api.fused_projections` of ``params``, or None (separate projections).
+    """
     N, S = s.max_new_tokens, st.cache.max_len
 
     def cond(st: _Rows):
@@ -331,8 +336,7 @@ def _phase(graphdef, params, st: _Rows, rng, min_live, config: ModelConfig, s: S
         # token of the row (a continuation, Sampler.extend) could attend to.
         pos = (st.n_real + st.step - 1)[:, None]
         seg = st.last_real.astype(jnp.int32)[:, None]
-        h, cache = forward(graphdef, params, st.last[:, None], pos, seg, st.cache,
-                           fuse=s.fuse_projections)
+        h, cache = forward(graphdef, params, st.last[:, None], pos, seg, st.cache, fused=fused)
         st = st.replace(cache=_constrain_cache(cache, config))
         return _record(st, lm_logits(params, config, h[:, 0]), rng, s)
 
@@ -354,10 +358,11 @@ def _sample_impl(graphdef, params, prompt_tokens, prompt_mask, budget, key_ids, 
     with _scope(partitioner):
         caps = cache_capacities(prompt_tokens.shape[1], sampling.max_new_tokens, sampling.cache_block)
         st = _prefill(graphdef, params, prompt_tokens, prompt_mask, budget, key_ids, rng, config, sampling, caps[0])
+        fused = _fuse_impl(graphdef, params, sampling=sampling, partitioner=None)  # once for all phases
         for k, cap in enumerate(caps):
             if k:  # the cache is full: copy it into the next size (every row done: the loop exits at once)
                 st = st.replace(cache=_constrain_cache(pad_cache(st.cache, cap), config))
-            st = _phase(graphdef, params, st, rng, 0, config, sampling)
+            st = _phase(graphdef, params, fused, st, rng, 0, config, sampling)
         return _output(st.tokens, st.logprobs, st.processed, st.mask, st.finished)
 
 
@@ -379,9 +384,17 @@ def _start_impl(graphdef, params, prompt_tokens, prompt_mask, budget, key_ids, r
         return st, out
 
 
-def _phase_impl(graphdef, params, st, rng, min_live, *, config, sampling, partitioner):
+def _fuse_impl(graphdef, params, *, sampling, partitioner):
+    """The stacked projection kernels every decode phase of one call uses (None without ``fuse_projections``)."""
+    if not sampling.fuse_projections:
+        return None
     with _scope(partitioner):
-        st = _phase(graphdef, params, st, rng, min_live, config, sampling)
+        return fused_projections(graphdef, params)
+
+
+def _phase_impl(graphdef, params, fused, st, rng, min_live, *, config, sampling, partitioner):
+    with _scope(partitioner):
+        st = _phase(graphdef, params, fused, st, rng, min_live, config, sampling)
         info = jnp.stack([jnp.sum(~st.done, dtype=jnp.int32), st.step, st.cache.index])
         return st, constrain(info, (None,))  # replicated: every host reads it
 
@@ -421,6 +434,7 @@ def _finish_impl(st, out, *, partitioner, rows):
 
 
 _start_jit = jax.jit(_start_impl, static_argnames=_STATIC + ("capacity",))
+_fuse_jit = jax.jit(_fuse_impl, static_argnames=("graphdef", "sampling", "partitioner"))
 _phase_jit = jax.jit(_phase_impl, static_argnames=_STATIC, donate_argnames=("st",))  # the cache updates in place
 _regroup_jit = jax.jit(_regroup_impl, static_argnames=("config", "partitioner", "batch", "capacity"))
 _finish_jit = jax.jit(_finish_impl, static_argnames=("partitioner", "rows"))
@@ -554,7 +568,7 @@ _open_jit = jax.jit(_open_impl, static_argnames=_STATIC + ("capacity",))
 _extend_jit = jax.jit(_extend_impl, static_argnames=_STATIC + ("capacity",))
 _grow_jit = jax.jit(_grow_impl, static_argnames=("config", "partitioner", "capacity"))
 _settle_jit = jax.jit(_settle_impl, static_argnames=("config", "partitioner", "rows"))
-_JITS = (_sample_jit, _start_jit, _phase_jit, _regroup_jit, _finish_jit, _open_jit, _extend_jit, _grow_jit,
+_JITS = (_sample_jit, _start_jit, _fuse_jit, _phase_jit, _regroup_jit, _finish_jit, _open_jit, _extend_jit, _grow_jit,
          _settle_jit)
 
 
@@ -787,12 +801,13 @@ class Sampler:
         caps = cache_capacities(Pb, s.max_new_tokens, s.cache_block)
         st, out = _start_jit(params=params, prompt_tokens=tokens, prompt_mask=mask, budget=budget, key_ids=key_ids,
                              rng=rng, capacity=caps[0], **statics)
+        fused = self._fused(params, part)
         cap, self.phases = 0, []
         while True:
             b = st.done.shape[0]
             floor = _ladder_below(shards, b)
             self.phases.append((b, caps[cap]))
-            st, info = _phase_jit(params=params, st=st, rng=rng, min_live=np.int32(floor), **statics)
+            st, info = _phase_jit(params=params, fused=fused, st=st, rng=rng, min_live=np.int32(floor), **statics)
             # Replicated: each host reads its own copy (no gather of a global array).
             live, step, index = (int(v) for v in np.asarray(info.addressable_data(0)))
             if live == 0 or step >= s.max_new_tokens:
@@ -920,14 +935,21 @@ class Sampler:
     def _statics(self, part) -> dict:
         return dict(graphdef=self.graphdef, config=self.config, sampling=self.sampling, partitioner=part)
 
+    def _fused(self, params, part):
+        """The stacked projection kernels for this call's decode phases, made once (not once per phase)."""
+        if not self.sampling.fuse_projections:
+            return None
+        return _fuse_jit(self.graphdef, params, sampling=self.sampling, partitioner=part)
+
     def _decode(self, params, st: _Rows, rng, caps: list[int], start: int, rows: int, part
                 ) -> tuple[SampleOutput, Continuation]:
         """Decode phases over ``caps`` (host-driven, no compaction), then the outputs and the next state."""
         statics, N = self._statics(part), self.sampling.max_new_tokens
+        fused = self._fused(params, part)
         k, self.phases = 0, []
         while True:
             self.phases.append((st.done.shape[0], caps[k]))
-            st, info = _phase_jit(params=params, st=st, rng=rng, min_live=np.int32(0), **statics)
+            st, info = _phase_jit(params=params, fused=fused, st=st, rng=rng, min_live=np.int32(0), **statics)
             # Replicated: each host reads its own copy (no gather of a global array).
             live, step, index = (int(v) for v in np.asarray(info.addressable_data(0)))
             if live == 0 or step >= N:

@@ -64,7 +64,7 @@ def create(config: ModelConfig, seed: int = 0, partitioner=None) -> tuple[nnx.Gr
 
 def forward(graphdef: nnx.GraphDef, params: dict, tokens: jax.Array, positions: jax.Array,
             segment_ids: jax.Array, cache: KVCache | None = None,
-            branches: Branches | None = None, fuse: bool = False) -> tuple[jax.Array, KVCache | None]:
+            branches: Branches | None = None, fused=None) -> tuple[jax.Array, KVCache | None]:
     """Hidden states ``[B, T, D]`` after the final norm, and the advanced cache.
 
     Pure; call it inside ``jax.jit``. ``tokens``, ``positions`` and
@@ -74,13 +74,24 @@ def forward(graphdef: nnx.GraphDef, params: dict, tokens: jax.Array, positions: 
     earlier slots of their segment; the returned cache has ``index += T``.
     With :class:`~jaxpost.models.attention.Branches` (static) each row is a
     shared prefix followed by branches that do not see each other.
-    ``fuse`` computes each layer's key and value projections as one matmul,
-    and its gate and up projections as another, over stacked copies of
-    their kernels: the same numbers, fewer matmuls, for a decode loop that
-    makes the copies once (:func:`~jaxpost.models.transformer.fuse_projections`).
+    ``fused`` (from :func:`fused_projections` of the same params) computes
+    each layer's query, key and value projections as one matmul, and its
+    gate and up projections as another, over stacked copies of their
+    kernels: the same numbers, fewer matmuls, for a decode loop that makes
+    the copies once.
     """
     model = nnx.merge(graphdef, params)
-    return model(tokens, positions, segment_ids, cache, branches, fuse)
+    return model(tokens, positions, segment_ids, cache, branches, fused)
+
+
+def fused_projections(graphdef: nnx.GraphDef, params: dict):
+    """Stacked copies of every layer's q/k/v and gate/up kernels, for :func:`forward`'s ``fused``.
+
+    A pytree of arrays (:meth:`~jaxpost.models.transformer.Transformer.fused_projections`),
+    sharded like the kernels under the active partitioner; it costs those
+    kernels' memory while it lives. Pure; call it inside ``jax.jit``.
+    """
+    return nnx.merge(graphdef, params).fused_projections()
 
 
 def inputs_from_attention_mask(attention_mask: jax.Array, position_ids: jax.Array | None = None

@@ -18,8 +18,9 @@ import numpy as np
 from flax import nnx, struct
 
 from jaxpost.models.config import ModelConfig
-from jaxpost.models.layers import Linear, RMSNorm, apply_rope, lora_kwargs, stacked_linear
+from jaxpost.models.layers import Linear, RMSNorm, apply_rope, lora_kwargs
 from jaxpost.models.splash import SPLASH_BLOCK_MULTIPLE, splash_attention
+from jaxpost.sharding import active_partitioner, constrain
 
 
 @struct.dataclass
@@ -376,7 +377,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], segment_ids: jax.Array,
                  kv: tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array | None] | None = None,
-                 branches: Branches | None = None, kv_proj=None):
+                 branches: Branches | None = None, qkv_proj=None):
         """``x`` ``[B, T, D]``; ``rope`` = :func:`rope_tables` of the positions;
         ``kv`` = (k cache, v cache, cache segment ids, index, layer) or None;
         ``layer`` None: the caches are this layer's; an int32 scalar: they
@@ -387,15 +388,16 @@ class Attention(nnx.Module):
         the queries attend over the whole cache under :func:`attention_mask`
         (:func:`cached_attention`).
         ``branches`` (no cache): the row is a shared prefix and its branches.
-        ``kv_proj``: optional ``stack_linears(k_proj, v_proj)``, for one matmul instead of two.
+        ``qkv_proj``: optional :func:`stack_qkv` of this layer, for one matmul instead of three.
         """
         c = self.config
         B, T, _ = x.shape
         h = c.dim_per_head
-        q = self.q_proj(x).reshape(B, T, c.num_heads, h)
-        k, v = (self.k_proj(x), self.v_proj(x)) if kv_proj is None else \
-            stacked_linear(self.k_proj, self.v_proj, x, kv_proj)
-        k, v = k.reshape(B, T, c.num_kv_heads, h), v.reshape(B, T, c.num_kv_heads, h)
+        if qkv_proj is None:
+            q = self.q_proj(x).reshape(B, T, c.num_heads, h)
+            k, v = self.k_proj(x).reshape(B, T, c.num_kv_heads, h), self.v_proj(x).reshape(B, T, c.num_kv_heads, h)
+        else:
+            q, k, v = self._stacked_qkv(x, qkv_proj)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
@@ -421,3 +423,60 @@ class Attention(nnx.Module):
             v_layer = jax.lax.dynamic_index_in_dim(v_cache, layer, keepdims=False)
         out = cached_attention(q, k_layer, v_layer, segment_ids, cache_segments, index, c.sliding_window)
         return self.o_proj(out.reshape(B, T, c.num_heads * h)), (k_cache, v_cache)
+
+    def _stacked_qkv(self, x: jax.Array, qkv_proj) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``q [B, T, N, Hd]``, ``k, v [B, T, Nkv, Hd]`` from one matmul by :func:`stack_qkv`'s kernel.
+
+        LoRA adapters, which are not stacked, are added apart.
+        """
+        c = self.config
+        B, T, _ = x.shape
+        G, h = c.num_heads // c.num_kv_heads, c.dim_per_head
+        kernel, bias = qkv_proj
+        x = x.astype(kernel.dtype)
+        y = jnp.einsum("btd,dkgh->btkgh", x, kernel)
+        if bias is not None:
+            y = y + bias
+        q, k, v = y[..., :G, :].reshape(B, T, c.num_heads, h), y[..., G, :], y[..., G + 1, :]
+        with_adapter = lambda proj, z: z if proj.lora_a is None else z + proj.adapter(x).reshape(z.shape)
+        return with_adapter(self.q_proj, q), with_adapter(self.k_proj, k), with_adapter(self.v_proj, v)
+
+
+def stack_qkv(attn: Attention) -> tuple[jax.Array, jax.Array | None]:
+    """An attention layer's query, key and value kernels as one ``[..., D, Nkv, G + 2, Hd]`` kernel.
+
+    ``G = N / Nkv`` query heads share each key head (GQA); group ``k`` holds
+    query heads ``k G .. k G + G - 1`` (the grouping attention uses), then
+    key head ``k``, then value head ``k``; biases ``[..., Nkv, G + 2, Hd]``
+    or None. Leading axes (a scanned model's layers) are kept; in the
+    compute dtype. A decode step (one token per row) multiplies a few rows
+    by every weight, so a matmul costs about the reading of its weights plus
+    a fixed overhead: one product instead of three saves two overheads. The
+    copy is made once before a decode loop
+    (:func:`~jaxpost.models.api.fused_projections`) and costs the three
+    kernels' memory while it lives.
+
+    Sharding: the ``Nkv`` axis takes the ``kv_heads`` rule. A query kernel
+    sharded by ``heads`` splits into contiguous blocks of heads, which are
+    whole groups when the ``kv_heads`` shards divide ``Nkv``, so each device
+    keeps its own query and key/value heads; otherwise the axis is
+    replicated.
+    """
+    c = attn.config
+    K, G, h = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.dim_per_head
+    grouped = lambda a, g: a[...].reshape(*a.shape[:-1], K, g, h).astype(attn.q_proj.dtype)
+    kernel = jnp.concatenate([grouped(attn.q_proj.kernel, G), grouped(attn.k_proj.kernel, 1),
+                              grouped(attn.v_proj.kernel, 1)], axis=-2)
+    bias = None if attn.q_proj.bias is None else jnp.concatenate(
+        [grouped(attn.q_proj.bias, G), grouped(attn.k_proj.bias, 1), grouped(attn.v_proj.bias, 1)], axis=-2)
+    part = active_partitioner()
+    heads = "kv_heads" if part is not None and K % _shards(part, "kv_heads") == 0 else None
+    lead = ("layers",) * (kernel.ndim - 4)
+    kernel = constrain(kernel, lead + ("embed", heads, None, None))
+    return kernel, None if bias is None else constrain(bias, lead + (heads, None, None))
+
+
+def _shards(part, logical: str) -> int:
+    """How many ways ``part`` splits an axis of logical name ``logical``."""
+    entry = part.spec((logical,))[0]
+    return int(np.prod([part.mesh.shape[a] for a in ((entry,) if isinstance(entry, str) else (entry or ()))]))

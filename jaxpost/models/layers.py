@@ -75,8 +75,8 @@ def stack_linears(first: Linear, second: Linear) -> tuple[jax.Array, jax.Array |
 
     In the compute dtype; leading axes (a scanned model's layers) are kept.
     :func:`stacked_linear` applies them. A copy of both kernels: made once
-    outside a decode loop (XLA hoists the loop-invariant stack), it costs
-    their memory for the loop's duration and saves one matmul per step.
+    before a decode loop, it costs their memory for the loop's duration and
+    saves one matmul per step.
     """
     kernel = jnp.stack([first.kernel[...], second.kernel[...]], axis=-2).astype(first.dtype)
     bias = None if first.bias is None else jnp.stack([first.bias[...], second.bias[...]], -2).astype(first.dtype)

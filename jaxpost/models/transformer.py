@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpost.models.attention import Attention, Branches, KVCache
+from jaxpost.models.attention import Attention, Branches, KVCache, stack_qkv
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.layers import (Embed, Linear, RMSNorm, lora_kwargs, rope_tables, stack_linears,
                                    stacked_linear, swiglu)
@@ -70,21 +70,20 @@ class MLP(nnx.Module):
 
 
 def fuse_projections(block: Block) -> tuple:
-    """``(key+value, gate+up)`` :func:`~jaxpost.models.layers.stack_linears` of a block (of all layers when scanned).
+    """``(query+key+value, gate+up)`` of a block (of all layers when scanned), for two matmuls instead of five.
 
-    A decode step (one token per row) multiplies a few rows by every weight,
-    so a matmul costs about the reading of its weights plus a fixed
-    overhead; one ``[D, 2F]`` product instead of two ``[D, F]`` ones saves
-    that overhead (XLA:CPU, batch 16, hidden 256: gate and up 0.085 ms
-    against 2 x 0.062 ms). The new axis is replicated; the others keep the
-    kernels' sharding (the query, sharded by ``heads``, is left alone).
+    :func:`~jaxpost.models.attention.stack_qkv` and
+    :func:`~jaxpost.models.layers.stack_linears`. A decode step (one token
+    per row) multiplies a few rows by every weight, so a matmul costs about
+    the reading of its weights plus a fixed overhead; one ``[D, 2F]``
+    product instead of two ``[D, F]`` ones saves that overhead (XLA:CPU,
+    batch 16, hidden 256: gate and up 0.085 ms against 2 x 0.062 ms). The
+    gate/up stacking axis is replicated; the others keep the kernels'
+    sharding.
     """
-    kv, kv_bias = stack_linears(block.attn.k_proj, block.attn.v_proj)
     gate_up, _ = stack_linears(block.mlp.gate_proj, block.mlp.up_proj)
-    lead = ("layers",) * (kv.ndim - 3)
-    kv = constrain(kv, lead + ("embed", None, "kv_heads"))
-    kv_bias = None if kv_bias is None else constrain(kv_bias, lead + (None, "kv_heads"))
-    return (kv, kv_bias), (constrain(gate_up, lead + ("embed", None, "mlp")), None)
+    lead = ("layers",) * (gate_up.ndim - 3)
+    return stack_qkv(block.attn), (constrain(gate_up, lead + ("embed", None, "mlp")), None)
 
 
 class Block(nnx.Module):
@@ -99,8 +98,8 @@ class Block(nnx.Module):
 
     def __call__(self, x, rope, segment_ids, kv=None, branches=None, fused=None):
         """``fused``: optional :func:`fuse_projections` of this block."""
-        kv_proj, gate_up = (None, None) if fused is None else fused
-        attn_out, new_kv = self.attn(self.input_norm(x), rope, segment_ids, kv, branches, kv_proj)
+        qkv_proj, gate_up = (None, None) if fused is None else fused
+        attn_out, new_kv = self.attn(self.input_norm(x), rope, segment_ids, kv, branches, qkv_proj)
         x = x + attn_out
         x = x + self.mlp(self.post_attn_norm(x), gate_up)
         return constrain(x, ACTIVATION_AXES), new_kv
@@ -147,8 +146,9 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                  cache: KVCache | None = None, branches: Branches | None = None,
-                 fuse: bool = False) -> tuple[jax.Array, KVCache | None]:
-        """``fuse``: key and value, and gate and up, each as one matmul (:func:`fuse_projections`)."""
+                 fused=None) -> tuple[jax.Array, KVCache | None]:
+        """``fused``: :meth:`fused_projections` of this model: query, key and value as one matmul, and gate and
+        up as another."""
         c = self.config
         if branches is not None and cache is not None:
             raise ValueError("branches apply to a whole-row forward, not to a cached (sampling) one")
@@ -172,7 +172,6 @@ class Transformer(nnx.Module):
         kvs = None if cache is None else (cache.k, cache.v)
         if c.scanned:
             graphdef, stacked = nnx.split(self.layers)
-            fused = fuse_projections(self.layers) if fuse else None  # all layers', outside the scan
 
             def body(carry, layer):
                 # The stacked caches ride in the carry and each layer writes only its new slots, in place: as
@@ -191,7 +190,7 @@ class Transformer(nnx.Module):
             new_k, new_v = [], []
             for i, block in enumerate(self.layers):
                 x, layer_kv = call(block, x, None if kvs is None else (kvs[0][i], kvs[1][i]),
-                                   fuse_projections(block) if fuse else None)
+                                   None if fused is None else fused[i])
                 if layer_kv is not None:
                     new_k.append(layer_kv[0])
                     new_v.append(layer_kv[1])
@@ -201,3 +200,12 @@ class Transformer(nnx.Module):
             cache = KVCache(k=new_kvs[0], v=new_kvs[1], segment_ids=cache_segments,
                             index=cache.index + tokens.shape[1])
         return hidden, cache
+
+    def fused_projections(self):
+        """Every layer's :func:`fuse_projections`: a list (one per layer), or one stacked over layers when scanned.
+
+        Made once, before a decode loop, and passed to each step's ``__call__``
+        (a loop-invariant computation inside the loop would be hoisted only
+        within one compiled program; a sampler runs several).
+        """
+        return fuse_projections(self.layers) if self.config.scanned else [fuse_projections(b) for b in self.layers]

@@ -426,12 +426,12 @@ def _rollout_options(ro: Rollout) -> list:
 
 
 def _fuse_option() -> list:
-    """Decoding without the stacked key/value and gate/up copies, when the sampler makes them."""
+    """Decoding without the stacked query/key/value and gate/up copies, when the sampler makes them."""
     from jaxpost.generate.sampler import SamplingConfig
 
     if not build(SamplingConfig, None).fuse_projections:
         return []
-    return [("SamplingConfig.fuse_projections = False (no stacked k/v, gate/up copies while sampling)",
+    return [("SamplingConfig.fuse_projections = False (no stacked q/k/v, gate/up copies while sampling)",
              ["SamplingConfig.fuse_projections = False"])]
 
 
