@@ -16,12 +16,15 @@ exported with ``save_hf`` and loaded by ``LlamaForCausalLM``; 16 prompts of
   so its rows stop after the same number of tokens (the last one EOS).
 
 Each workload runs once to warm up (jaxpost compiles; the compiled
-programs are cached across calls), then ``--repeats`` times with the
-systems interleaved. Printed, from the median and from the best wall time
-(the best is the one least disturbed by other processes on shared cores):
-tokens/s of each system, jaxpost / transformers, and for ``mixed`` the wall
-time relative to the ideal (the real tokens at the system's own ``equal`` rate),
-plus the fraction of greedy tokens on which the two systems agree (random
+programs are cached across calls), then ``--repeats`` rounds, each of
+which calls every (workload, system) pair once. Printed, from the median
+and from the best wall time (the best is the one least disturbed by other
+processes on shared cores): tokens/s of each system, jaxpost /
+transformers, and for ``mixed`` the wall time relative to the ideal (the
+real tokens at the system's own ``equal`` rate); and "paired": the median
+over rounds of the same ratios taken within each round, whose calls are
+seconds apart, so that a shared machine's drift in speed cancels. Also
+the fraction of greedy tokens on which the two systems agree (random
 weights give near-uniform distributions, so a float-rounding tie flip
 sends a row down another path; agreement is reported, not required).
 """
@@ -185,28 +188,35 @@ def main(argv=None) -> dict:
               f"fp32, torch threads {a.threads}, jax on {report['device']}, median of {a.repeats}; "
               f"layers {'scanned' if config.scanned else 'unrolled'}, fuse_projections={not a.no_fuse}, "
               f"compact={not a.no_compact}")
-        for name in a.workloads.split(","):
-            L = lengths[name]
-            times, tokens = {s: [] for s in runners}, {}
+        names = a.workloads.split(",")
+        times = {n: {s: [] for s in runners} for n in names}
+        tokens = {n: {} for n in names}
+        for name in names:
             for s, run in runners.items():  # warm-up (and compile)
                 t = time.perf_counter()
-                tokens[s] = run(L)
+                tokens[name][s] = run(lengths[name])
                 report.setdefault("first_call_s", {}).setdefault(name, {})[s] = time.perf_counter() - t
-            for _ in range(a.repeats):
+        # Round-robin over every (workload, system) pair: the calls of one repeat are seconds apart, so the
+        # per-repeat ratios below compare calls made under the same load (this machine's speed drifts by
+        # 10-20% over a minute).
+        for _ in range(a.repeats):
+            for name in names:
                 for s, run in runners.items():
                     # Each system's worker threads spin for a while after its call (OpenMP's wait policy,
                     # XLA's pool); a pause keeps them from taking the cores of the next system's timed call.
                     time.sleep(a.pause)
                     t = time.perf_counter()
-                    run(L)
-                    times[s].append(time.perf_counter() - t)
+                    run(lengths[name])
+                    times[name][s].append(time.perf_counter() - t)
+        for name in names:
+            L, tokens_n, times_n = lengths[name], tokens[name], times[name]
             res = {"real_tokens": int(L.sum()), "systems": {}}
             for s in runners:
-                med = statistics.median(times[s])
-                res["systems"][s] = {"median_s": med, "best_s": min(times[s]), "times_s": times[s],
-                                     "tokens_per_s": L.sum() / med, "best_tokens_per_s": L.sum() / min(times[s])}
-            if len(tokens) == 2:
-                res["greedy_agreement"] = agreement(tokens["jaxpost"], tokens["transformers"], L)
+                med = statistics.median(times_n[s])
+                res["systems"][s] = {"median_s": med, "best_s": min(times_n[s]), "times_s": times_n[s],
+                                     "tokens_per_s": L.sum() / med, "best_tokens_per_s": L.sum() / min(times_n[s])}
+            if len(tokens_n) == 2:
+                res["greedy_agreement"] = agreement(tokens_n["jaxpost"], tokens_n["transformers"], L)
             report["workloads"][name] = res
         eq = report["workloads"].get("equal")
         for name, res in report["workloads"].items():
@@ -217,14 +227,20 @@ def main(argv=None) -> dict:
                     e = eq["systems"][s]
                     r["vs_ideal"] = r["median_s"] / (res["real_tokens"] / e["tokens_per_s"])
                     r["best_vs_ideal"] = r["best_s"] / (res["real_tokens"] / e["best_tokens_per_s"])
-                    line += f" | {r['vs_ideal']:.2f}x the ideal (best: {r['best_vs_ideal']:.2f}x)"
+                    # Each repeat's call against the same repeat's equal-length call.
+                    r["paired_vs_ideal"] = statistics.median(
+                        t / (res["real_tokens"] * te / eq["real_tokens"]) for t, te in zip(r["times_s"], e["times_s"]))
+                    line += (f" | {r['vs_ideal']:.2f}x the ideal (best: {r['best_vs_ideal']:.2f}x, "
+                             f"paired: {r['paired_vs_ideal']:.2f}x)")
                 print(line)
             if {"jaxpost", "transformers"} <= set(res["systems"]):
                 j, t = res["systems"]["jaxpost"], res["systems"]["transformers"]
                 res["ratio"] = j["tokens_per_s"] / t["tokens_per_s"]
                 res["best_ratio"] = j["best_tokens_per_s"] / t["best_tokens_per_s"]
+                res["paired_ratio"] = statistics.median(tt / tj for tt, tj in zip(t["times_s"], j["times_s"]))
                 agree = res.get("greedy_agreement")
-                print(f"{name:6s} jaxpost / transformers: {res['ratio']:.2f}x (medians), {res['best_ratio']:.2f}x (bests)"
+                print(f"{name:6s} jaxpost / transformers: {res['ratio']:.2f}x (medians), {res['best_ratio']:.2f}x (bests), "
+                      f"{res['paired_ratio']:.2f}x (paired)"
                       + ("" if agree is None else f"   greedy tokens equal: {agree:.1%}"))
         if samplers:
             phases = {N: smp.phases for N, smp in samplers.items()}

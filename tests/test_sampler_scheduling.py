@@ -187,7 +187,7 @@ def test_benchmark_script_runs_tiny():
 
     report = sampler_throughput.main(["--vocab", "96", "--hidden", "32", "--intermediate", "64", "--layers", "2",
                                       "--prompts", "4", "--prompt-len", "6", "--new", "6", "--min-len", "2",
-                                      "--max-len", "9", "--repeats", "1", "--pause", "0"])
+                                      "--max-len", "9", "--repeats", "2", "--pause", "0"])
     mixed = report["workloads"]["mixed"]
     assert mixed["real_tokens"] == int(sampler_throughput.workloads(
         sampler_throughput.argparse.Namespace(seed=0, vocab=96, prompts=4, prompt_len=6, new=6, min_len=2,
@@ -195,3 +195,8 @@ def test_benchmark_script_runs_tiny():
     for name in ("equal", "mixed"):
         assert report["workloads"][name]["ratio"] > 0
         assert report["workloads"][name]["greedy_agreement"] > 0.5
+    # Paired: round r's mixed call against round r's equal call (2 rounds: the mean of the two ratios).
+    eq, mx = report["workloads"]["equal"], mixed["systems"]["jaxpost"]
+    te, tm = eq["systems"]["jaxpost"]["times_s"], mx["times_s"]
+    per_round = [m / (mixed["real_tokens"] * e / eq["real_tokens"]) for m, e in zip(tm, te)]
+    assert len(per_round) == 2 and mx["paired_vs_ideal"] == pytest.approx(sum(per_round) / 2)
