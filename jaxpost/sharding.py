@@ -187,6 +187,14 @@ class Partitioner:
             out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
         return PartitionSpec(*out)
 
+    def shards(self, logical: str) -> int:
+        """How many pieces an array axis of logical name ``logical`` is split into (1: replicated)."""
+        return self._pieces(self.spec((logical,))[0])
+
+    def _pieces(self, entry) -> int:
+        """The number of devices along one ``PartitionSpec`` entry's mesh axes."""
+        return math.prod(self.mesh.shape[a] for a in ((entry,) if isinstance(entry, str) else (entry or ())))
+
     def sharding(self, logical_axes: LogicalAxes | None) -> NamedSharding:
         return NamedSharding(self.mesh, self.spec(logical_axes))
 
@@ -209,7 +217,7 @@ class Partitioner:
             spec = self.spec(axes)
             shape = tuple(shape_like.shape)
             for dim, entry in zip(shape, spec):
-                parts = math.prod(self.mesh.shape[a] for a in ((entry,) if isinstance(entry, str) else (entry or ())))
+                parts = self._pieces(entry)
                 if dim % parts:
                     raise ValueError(
                         f"Cannot shard {jax.tree_util.keystr(path)} of shape {shape} with logical axes {axes}: "

@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from typing import Sequence
 
 import gin
@@ -358,7 +357,7 @@ def _sample_impl(graphdef, params, prompt_tokens, prompt_mask, budget, key_ids, 
     with _scope(partitioner):
         caps = cache_capacities(prompt_tokens.shape[1], sampling.max_new_tokens, sampling.cache_block)
         st = _prefill(graphdef, params, prompt_tokens, prompt_mask, budget, key_ids, rng, config, sampling, caps[0])
-        fused = _fuse_impl(graphdef, params, sampling=sampling, partitioner=None)  # once for all phases
+        fused = fused_projections(graphdef, params) if sampling.fuse_projections else None  # once for all phases
         for k, cap in enumerate(caps):
             if k:  # the cache is full: copy it into the next size (every row done: the loop exits at once)
                 st = st.replace(cache=_constrain_cache(pad_cache(st.cache, cap), config))
@@ -384,10 +383,8 @@ def _start_impl(graphdef, params, prompt_tokens, prompt_mask, budget, key_ids, r
         return st, out
 
 
-def _fuse_impl(graphdef, params, *, sampling, partitioner):
-    """The stacked projection kernels every decode phase of one call uses (None without ``fuse_projections``)."""
-    if not sampling.fuse_projections:
-        return None
+def _fuse_impl(graphdef, params, *, partitioner):
+    """The stacked projection kernels that every decode phase of one call uses."""
     with _scope(partitioner):
         return fused_projections(graphdef, params)
 
@@ -434,7 +431,7 @@ def _finish_impl(st, out, *, partitioner, rows):
 
 
 _start_jit = jax.jit(_start_impl, static_argnames=_STATIC + ("capacity",))
-_fuse_jit = jax.jit(_fuse_impl, static_argnames=("graphdef", "sampling", "partitioner"))
+_fuse_jit = jax.jit(_fuse_impl, static_argnames=("graphdef", "partitioner"))
 _phase_jit = jax.jit(_phase_impl, static_argnames=_STATIC, donate_argnames=("st",))  # the cache updates in place
 _regroup_jit = jax.jit(_regroup_impl, static_argnames=("config", "partitioner", "batch", "capacity"))
 _finish_jit = jax.jit(_finish_impl, static_argnames=("partitioner", "rows"))
@@ -578,11 +575,7 @@ def compiled_programs() -> int:
 
 
 def _batch_shards(partitioner: Partitioner | None) -> int:
-    if partitioner is None:
-        return 1
-    spec = partitioner.spec(("batch",))[0]
-    names = (spec,) if isinstance(spec, str) else tuple(spec or ())
-    return math.prod(partitioner.mesh.shape[a] for a in names)
+    return 1 if partitioner is None else partitioner.shards("batch")
 
 
 def check_prompts(prompt_tokens, prompt_mask) -> None:
@@ -939,7 +932,7 @@ class Sampler:
         """The stacked projection kernels for this call's decode phases, made once (not once per phase)."""
         if not self.sampling.fuse_projections:
             return None
-        return _fuse_jit(self.graphdef, params, sampling=self.sampling, partitioner=part)
+        return _fuse_jit(self.graphdef, params, partitioner=part)
 
     def _decode(self, params, st: _Rows, rng, caps: list[int], start: int, rows: int, part
                 ) -> tuple[SampleOutput, Continuation]:

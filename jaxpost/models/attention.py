@@ -438,8 +438,7 @@ class Attention(nnx.Module):
         if bias is not None:
             y = y + bias
         q, k, v = y[..., :G, :].reshape(B, T, c.num_heads, h), y[..., G, :], y[..., G + 1, :]
-        with_adapter = lambda proj, z: z if proj.lora_a is None else z + proj.adapter(x).reshape(z.shape)
-        return with_adapter(self.q_proj, q), with_adapter(self.k_proj, k), with_adapter(self.v_proj, v)
+        return self.q_proj.add_adapter(x, q), self.k_proj.add_adapter(x, k), self.v_proj.add_adapter(x, v)
 
 
 def stack_qkv(attn: Attention) -> tuple[jax.Array, jax.Array | None]:
@@ -470,13 +469,7 @@ def stack_qkv(attn: Attention) -> tuple[jax.Array, jax.Array | None]:
     bias = None if attn.q_proj.bias is None else jnp.concatenate(
         [grouped(attn.q_proj.bias, G), grouped(attn.k_proj.bias, 1), grouped(attn.v_proj.bias, 1)], axis=-2)
     part = active_partitioner()
-    heads = "kv_heads" if part is not None and K % _shards(part, "kv_heads") == 0 else None
+    heads = "kv_heads" if part is not None and K % part.shards("kv_heads") == 0 else None
     lead = ("layers",) * (kernel.ndim - 4)
     kernel = constrain(kernel, lead + ("embed", heads, None, None))
     return kernel, None if bias is None else constrain(bias, lead + (heads, None, None))
-
-
-def _shards(part, logical: str) -> int:
-    """How many ways ``part`` splits an axis of logical name ``logical``."""
-    entry = part.spec((logical,))[0]
-    return int(np.prod([part.mesh.shape[a] for a in ((entry,) if isinstance(entry, str) else (entry or ()))]))

@@ -58,42 +58,39 @@ class Linear(nnx.Module):
         y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel).reshape(*x.shape[:-1], kernel.shape[-1])
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
-        return y + self.adapter(x) if self.lora_a is not None else y
+        return self.add_adapter(x, y)
 
-    def adapter(self, x: jax.Array) -> jax.Array | float:
-        """The LoRA term ``(lora_alpha / r) * (x A) B`` (0 without adapters)."""
+    def add_adapter(self, x: jax.Array, y: jax.Array) -> jax.Array:
+        """``y`` plus the LoRA term ``(lora_alpha / r) * (x A) B`` in ``y``'s shape; ``y`` without adapters.
+
+        Also for this layer's output computed by a stacked matmul (:func:`stacked_linear`, whose kernels
+        hold no adapters).
+        """
         if self.lora_a is None:
-            return 0.0
+            return y
         x = x.astype(self.dtype)
         # Scaling the rank-r activations is the cheapest place for alpha / r.
         xa = jnp.dot(x, self.lora_a[...].astype(self.dtype)) * jnp.asarray(self.lora_scale, self.dtype)
-        return jnp.dot(xa, self.lora_b[...].astype(self.dtype))
+        return y + jnp.dot(xa, self.lora_b[...].astype(self.dtype)).reshape(y.shape)
 
 
-def stack_linears(first: Linear, second: Linear) -> tuple[jax.Array, jax.Array | None]:
-    """Two layers of one input as one: kernels ``[..., in, 2, out]`` and biases ``[..., 2, out]`` (or None).
+def stack_linears(first: Linear, second: Linear) -> jax.Array:
+    """Two bias-free layers of one input as one kernel ``[..., in, 2, out]``, in the compute dtype.
 
-    In the compute dtype; leading axes (a scanned model's layers) are kept.
-    :func:`stacked_linear` applies them. A copy of both kernels: made once
-    before a decode loop, it costs their memory for the loop's duration and
-    saves one matmul per step.
+    Leading axes (a scanned model's layers) are kept; :func:`stacked_linear`
+    applies it. A copy of both kernels: made once before a decode loop, it
+    costs their memory for the loop's duration and saves one matmul per step.
     """
-    kernel = jnp.stack([first.kernel[...], second.kernel[...]], axis=-2).astype(first.dtype)
-    bias = None if first.bias is None else jnp.stack([first.bias[...], second.bias[...]], -2).astype(first.dtype)
-    return kernel, bias
+    if first.bias is not None or second.bias is not None:
+        raise ValueError("stack_linears takes bias-free layers (the MLP's gate and up projections)")
+    return jnp.stack([first.kernel[...], second.kernel[...]], axis=-2).astype(first.dtype)
 
 
-def stacked_linear(first: Linear, second: Linear, x: jax.Array, stacked) -> tuple[jax.Array, jax.Array]:
-    """``(first(x), second(x))`` from ``stacked = stack_linears(first, second)`` in one matmul.
-
-    LoRA adapters, which are not stacked, are added apart (:meth:`Linear.adapter`).
-    """
-    kernel, bias = stacked
+def stacked_linear(first: Linear, second: Linear, x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(first(x), second(x))`` in one matmul by ``kernel = stack_linears(first, second)``; adapters added apart."""
     x = x.astype(kernel.dtype)
     y = jnp.einsum("...d,dgf->...gf", x, kernel)
-    if bias is not None:
-        y = y + bias
-    return y[..., 0, :] + first.adapter(x), y[..., 1, :] + second.adapter(x)
+    return first.add_adapter(x, y[..., 0, :]), second.add_adapter(x, y[..., 1, :])
 
 
 def lora_a_init(key: jax.Array, in_features: int, rank: int) -> jax.Array:

@@ -81,9 +81,9 @@ def fuse_projections(block: Block) -> tuple:
     gate/up stacking axis is replicated; the others keep the kernels'
     sharding.
     """
-    gate_up, _ = stack_linears(block.mlp.gate_proj, block.mlp.up_proj)
+    gate_up = stack_linears(block.mlp.gate_proj, block.mlp.up_proj)
     lead = ("layers",) * (gate_up.ndim - 3)
-    return stack_qkv(block.attn), (constrain(gate_up, lead + ("embed", None, "mlp")), None)
+    return stack_qkv(block.attn), constrain(gate_up, lead + ("embed", None, "mlp"))
 
 
 class Block(nnx.Module):

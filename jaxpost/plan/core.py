@@ -166,13 +166,13 @@ def _compile_step(setup: Setup, part: Partitioner):
 
 def _compile_sampler(setup: Setup, part: Partitioner):
     """The sampler's whole program (prefill + decode phases) for one rollout batch, and its KV cache's shapes."""
-    from jaxpost.generate.sampler import SamplingConfig, _batch_shards, cache_capacities, sample
+    from jaxpost.generate.sampler import SamplingConfig, cache_capacities, sample
     from jaxpost.models.attention import cache_logical_axes, init_cache
 
     ro, config = setup.rollout, setup.config
     sampling = SamplingConfig(max_new_tokens=ro.max_new_tokens, group_size=ro.group_size, pad_token_id=0,
                               stop_token_ids=(1,))
-    shards = _batch_shards(part)
+    shards = part.shards("batch")
     prompt_sh = part.batch_sharding(2) if ro.prompts % shards == 0 else part.replicated
 
     def run(params, tokens, mask, rng):
@@ -190,8 +190,7 @@ def _compile_sampler(setup: Setup, part: Partitioner):
 
 
 def _check_batch_divides(setup: Setup, part: Partitioner) -> None:
-    from jaxpost.train.online import _batch_shards
-    shards = _batch_shards(part)
+    shards = part.shards("batch")
     rows = {x.shape[0] for x in jax.tree.leaves(setup.batch) if x.ndim}
     bad = sorted(r for r in rows if r % (shards * setup.grad_accum_steps))
     if bad:

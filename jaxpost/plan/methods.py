@@ -151,8 +151,7 @@ def _common_options(task_name: str, config: ModelConfig, part: Partitioner) -> l
 
 
 def _accum_options(batch_rows: int, part: Partitioner, current: int) -> list:
-    from jaxpost.train.online import _batch_shards
-    per_shard = batch_rows // max(_batch_shards(part), 1)
+    per_shard = batch_rows // max(part.shards("batch"), 1)
     out = []
     for k in (2, 4, 8):
         k_total = current * k
@@ -409,8 +408,7 @@ def _reward_model(config: ModelConfig, part: Partitioner) -> tuple[dict, str]:
 
 
 def _minibatch_options(task: str, mb: int, part: Partitioner, what: str) -> list:
-    from jaxpost.train.online import _batch_shards
-    shards = _batch_shards(part)
+    shards = part.shards("batch")
     for k in (2, 4):
         if mb % k == 0 and (mb // k) % shards == 0:
             return [(f"{task}.minibatch_size = {mb // k} ({k} updates per {what})",

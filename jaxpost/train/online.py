@@ -21,7 +21,6 @@ Checkpoints are taken at rollout boundaries only.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any, Callable, Mapping, Protocol
 
@@ -148,7 +147,7 @@ class RolloutBatches:
         if epochs < 1:
             raise UserError(f"the number of passes over each rollout must be >= 1, got {epochs}")
         minibatch_orders(rows, self.minibatch_size, 1, seed, 0)  # raises early when the minibatch does not divide
-        shards = _batch_shards(partitioner)
+        shards = partitioner.shards("batch")
         if self.minibatch_size % shards:
             raise UserError(f"a minibatch of {self.minibatch_size} rows does not split over the {shards} batch shards "
                             f"of the mesh; make the minibatch size (and rows per rollout) a multiple of {shards}")
@@ -206,12 +205,6 @@ class RolloutBatches:
         self.index = int(state["rollout"])
         self.method.set_state(state.get("method") or {})
         self._queue, self._rows, self._metrics = [], None, {}
-
-
-def _batch_shards(partitioner: Partitioner) -> int:
-    axes = partitioner.batch_sharding(1).spec[0]
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return math.prod(partitioner.mesh.shape[a] for a in axes)
 
 
 def fit_online(*, run_dir: epath.Path, loss_fn: Callable, params: Any, param_shardings: Any,
