@@ -144,6 +144,21 @@ def test_compiled_programs_are_bounded_and_cached(model):
     assert sampler_module.compiled_programs() - before == first
 
 
+def test_a_new_sampler_over_an_equal_model_reuses_the_compiled_programs(model):
+    """Programs are keyed by the model's structure, not by the GraphDef object (hashed once per Sampler)."""
+    _, params = model
+    tokens, mask = left_pad(PROMPTS)
+    run = lambda graphdef, compact: Sampler(graphdef, CONFIG, sampling(), compact=compact)(
+        params, tokens, mask, jax.random.key(2), max_new_tokens=BUDGETS)
+    first = {compact: host(run(model[0], compact)) for compact in (False, True)}
+    before = sampler_module.compiled_programs()
+    graphdef, _ = create(CONFIG, seed=5)  # another object, the same structure
+    assert graphdef is not model[0] and graphdef == model[0]
+    for compact in (False, True):
+        assert_same(host(run(graphdef, compact)), first[compact])
+    assert sampler_module.compiled_programs() == before
+
+
 def test_budget_errors(model):
     graphdef, params = model
     tokens, mask = left_pad(PROMPTS)
