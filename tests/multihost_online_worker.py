@@ -13,7 +13,8 @@ this process), so the test can compare what every process sampled. The
 summary's ``layouts`` say where the weights lay during the last rollout: for
 each model the rollout used (``policy``, ``reference``, ``value``, and the
 ``reward_model`` of a reward-model scorer), the mesh shape and the partition
-spec of its first ``q_proj`` kernel.
+spec of its first ``q_proj`` kernel; ``sampler_phases`` the (rows, cache slots)
+of each decode phase of each rollout (a compacting sampler's; empty otherwise).
 """
 
 from __future__ import annotations
@@ -56,11 +57,13 @@ def main(out_dir: str, spec: str) -> int:
     distributed.initialize()
     tokens: list = []
     layouts: dict = {}
+    phases: list = []
     call, score = rollout.Roller.__call__, scorers.RewardModelScorer.__call__
 
     def recording(self, policy, reference, value, *args, **kwargs):
         r = call(self, policy, reference, value, *args, **kwargs)
         tokens.append(r.host["tokens"])
+        phases.append(list(self.sampler.phases))
         models = {"policy": policy, "reference": reference, "value": value}
         layouts.update({k: layout(v) for k, v in models.items() if v is not None})
         return r
@@ -76,6 +79,7 @@ def main(out_dir: str, spec: str) -> int:
             wait_for(job["wait_for"])
         tokens.clear()
         layouts.clear()
+        phases.clear()
         files, bindings, rest = config.split_gin_args(job["args"])
         if rest:
             raise SystemExit(f"unexpected arguments {rest}")
@@ -85,7 +89,8 @@ def main(out_dir: str, spec: str) -> int:
         np.savez(name + ".npz", *tokens)
         with open(name + ".json", "w") as f:
             json.dump({"summary": summary, "process_count": jax.process_count(),
-                       "device_count": jax.device_count(), "layouts": layouts}, f, default=float)
+                       "device_count": jax.device_count(), "layouts": layouts, "sampler_phases": phases},
+                      f, default=float)
     return 0
 
 

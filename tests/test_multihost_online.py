@@ -9,6 +9,10 @@ rewards, the losses and the exported weights must agree (to float32
 round-off of cross-process sums). A GRPO checkpoint written by 2 processes
 resumes in 1 process exactly as the uninterrupted 1-process run.
 
+The 2-process online DPO run's sampler compacts (``Sampler.compact``: rows that
+stopped are dropped between decode phases, as every host decides from the
+same replicated counts), the 1-process one's does not, and they must agree.
+
 Every run uses the experiment's FSDP mesh (fsdp=8); PPO also runs under the
 ``fsdp_tp`` preset (configs/mesh/fsdp_tp.gin: fsdp=4 x tensor=2, heads, MLP
 and vocab split over ``tensor``), with the policy, reference, value model and
@@ -46,31 +50,38 @@ LAYOUTS = {  # the mesh and the first q_proj kernel's spec ([embed, heads]) each
 
 
 def _job(task: dict, root: Path, rm_dir: Path, method: str, name: str | None = None, *,
-         grpo_rollouts: int = 2, mesh: str | None = None) -> dict:
+         grpo_rollouts: int = 2, mesh: str | None = None, compact: bool = False) -> dict:
     """One worker job: ``method`` run in ``root / name`` (default: ``method``, or ``method_mesh`` with a
-    ``mesh``, a configs/mesh preset that replaces the experiment's FSDP mesh)."""
+    ``mesh``, a configs/mesh preset that replaces the experiment's FSDP mesh); ``compact``: its sampler
+    drops stopped rows (``Sampler.compact``)."""
     extra = {
         "grpo": [f"--gin.OnlineConfig.num_rollouts={grpo_rollouts}"],
         "ppo": ["--gin.OnlineConfig.num_rollouts=2", "--gin.make_scorer.reward_functions=None",
                 f"--gin.make_scorer.reward_model='{rm_dir}'", f"--gin.ppo.value_from='{rm_dir}'",
                 "--gin.ppo.ppo_epochs=2", "--gin.ppo.minibatch_size=8", "--gin.RolloutConfig.group_size=1",
                 "--gin.OnlineConfig.prompts_per_rollout=16"],
-        "online_dpo": ["--gin.OnlineConfig.num_rollouts=2", "--gin.OnlineConfig.prompts_per_rollout=8"],
+        # 40 of the 264 ids stop a completion, so that rows stop at scattered steps (a compacting sampler
+        # then regroups them).
+        "online_dpo": ["--gin.OnlineConfig.num_rollouts=2", "--gin.OnlineConfig.prompts_per_rollout=8",
+                       f"--gin.RolloutConfig.stop_token_ids={list(range(100, 140))}"],
     }
     name = name or (method if mesh is None else f"{method}_{mesh}")
     files = [f"--gin_file={EXPERIMENT}"] + ([f"--gin_file=configs/mesh/{mesh}.gin"] if mesh else [])
     return {"name": name, "args": [
         *files, f"--gin.run.task=@{method}", f"--gin.{method}.model=@ModelConfig()",
         f"--gin.{method}.train_data='{task['prompts']}'", f"--gin.{method}.tokenizer='{task['tokenizer']}'",
-        f"--gin.{method}.run_dir='{root / name}'", *extra[method]]}
+        f"--gin.{method}.run_dir='{root / name}'", *extra[method], *(["--gin.Sampler.compact=True"] * compact)]}
 
 
-def _jobs(task: dict, root: Path, rm_dir: Path, grpo_rollouts: int) -> list[dict]:
+def _jobs(task: dict, root: Path, rm_dir: Path, grpo_rollouts: int, compact: bool = False) -> list[dict]:
     """Every method on the experiment's FSDP mesh, then PPO (2 rollouts) on the TP mesh.
 
     One worker runs them one after another, so process start-up and the distributed set-up are paid once.
+    ``compact``: online DPO's sampler compacts (the 2-process run's does; the 1-process run's does not, so
+    their equality covers compaction across processes too).
     """
-    jobs = [_job(task, root, rm_dir, m, grpo_rollouts=grpo_rollouts) for m in ("grpo", "ppo", "online_dpo")]
+    jobs = [_job(task, root, rm_dir, m, grpo_rollouts=grpo_rollouts, compact=compact and m == "online_dpo")
+            for m in ("grpo", "ppo", "online_dpo")]
     return [*jobs, _job(task, root, rm_dir, "ppo", mesh=TP)]
 
 
@@ -118,7 +129,7 @@ def runs(tmp_path_factory):
     jobs = []
     deadline = time.monotonic() + TIMEOUT_S
     try:
-        jobs += _worker("two", two, _jobs(task, two, rm_dir, 2), 2)
+        jobs += _worker("two", two, _jobs(task, two, rm_dir, 2, compact=True), 2)
         jobs += _worker("one", one, _jobs(task, one, rm_dir, 3) + [resume], 1)
         _wait_for([two / "grpo_0.json", two / "grpo_1.json"], jobs, deadline)  # written after the run's end
         shutil.copytree(two / "grpo", one / "grpo_resumed")
@@ -153,6 +164,10 @@ def test_two_processes_sample_and_train_like_one(runs, method, mesh):
                     "loss/policy", "loss/value", "objective/kl_coef", "pairs/valid_fraction"):
             if key in rb:
                 assert ra[key] == pytest.approx(rb[key], rel=2e-5, abs=1e-6), (name, ra["step"], key)
+    if name == "online_dpo":  # the 2-process run's sampler compacted: some decode phase ran on fewer rows
+        for i in range(2):
+            phases = json.loads((two / f"{name}_{i}.json").read_text())["sampler_phases"]
+            assert any(b < p[0][0] for p in phases for b, _ in p), phases
     if name != "grpo":  # the 1-process FSDP GRPO run goes on to rollout 3 (see the resume test)
         _assert_same_weights(two / name, one / name)
     info = [json.loads((two / f"{name}_{i}.json").read_text()) for i in range(2)]
