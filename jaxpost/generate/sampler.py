@@ -698,7 +698,8 @@ def sample(graphdef: nnx.GraphDef, params: dict, config: ModelConfig, prompt_tok
     # Only the un-repeated prompts need to divide; the repeat happens inside the jit.
     prompt_tokens, prompt_mask, budget, key_ids = _place(partitioner, shards, prompt_tokens, prompt_mask, budget,
                                                          key_ids)
-    return _sample_jit(_Static(graphdef), params, prompt_tokens, prompt_mask, budget, key_ids, rng, config=config,
+    graphdef = graphdef if isinstance(graphdef, _Static) else _Static(graphdef)  # a Sampler's is hashed already
+    return _sample_jit(graphdef, params, prompt_tokens, prompt_mask, budget, key_ids, rng, config=config,
                        sampling=sampling, partitioner=partitioner)
 
 
@@ -812,7 +813,7 @@ class Sampler:
         rows = B * s.group_size
         key_ids = self._padded_key_ids(row_ids, rows, Bb * s.group_size)
         if not self.compact:
-            out = sample(self.graphdef, params, self.config, tokens, mask, rng, s, self.partitioner, budget,
+            out = sample(self._graphdef, params, self.config, tokens, mask, rng, s, self.partitioner, budget,
                          key_ids)
             return out[:rows] if Bb != B else out
         part = self.partitioner if self.partitioner is not None else active_partitioner()
