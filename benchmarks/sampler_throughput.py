@@ -54,6 +54,17 @@ def model_config(a):
                        scan_layers=a.scan_layers)
 
 
+def add_model_args(ap) -> None:
+    """The model's shape as options (defaults: ``configs/models/bench.gin``'s), read by :func:`model_config`."""
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--intermediate", type=int, default=688)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--scan-layers", action="store_true", help="ModelConfig.scan_layers=True: layers under a scan")
+
+
 def workloads(a):
     """``(prompt ids [B, P], {name: per-row lengths [B]})``; prompt ids avoid PAD and EOS."""
     import numpy as np
@@ -147,19 +158,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--new", type=int, default=128, help="tokens per row of the equal-length workload")
     ap.add_argument("--min-len", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=256)
-    ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--intermediate", type=int, default=688)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--kv-heads", type=int, default=2)
+    add_model_args(ap)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-block", type=int, default=64, help="SamplingConfig.cache_block (0: one cache)")
     ap.add_argument("--no-compact", action="store_true", help="Sampler(compact=False): one program, no compaction")
     ap.add_argument("--no-fuse", action="store_true", help="SamplingConfig.fuse_projections=False")
-    ap.add_argument("--scan-layers", action="store_true", help="ModelConfig.scan_layers=True: layers under a scan")
     ap.add_argument("--pause", type=float, default=0.5, help="seconds of rest before each timed call")
     ap.add_argument("--systems", default="jaxpost,transformers")
     ap.add_argument("--workloads", default="equal,mixed")

@@ -257,3 +257,23 @@ def test_online_run_guards_nan_saves_at_rollouts_and_resumes(tmp_path):
     np.testing.assert_array_equal(np.asarray(resumed.params["w"]), np.asarray(straight.params["w"]))
     rows = [json.loads(line) for line in open(tmp_path / "resumed" / "metrics.jsonl")]
     assert [(r["rollout"], r["step"]) for r in rows] == [(1, 2), (2, 4), (3, 6), (4, 8)]
+
+
+def test_rollout_overlap_benchmark_runs_tiny():
+    """benchmarks/rollout_overlap.py end to end on a tiny model (its harness and arithmetic, not its speed)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import rollout_overlap
+
+    report = rollout_overlap.main(["--vocab", "96", "--hidden", "32", "--intermediate", "64", "--layers", "2",
+                                   "--prompts", "4", "--prompt-len", "6", "--new", "8", "--updates", "2",
+                                   "--repeats", "3"])
+    times = report["times_s"]
+    assert set(times) == {"sample", "update", "sequential", "dispatch_ahead", "thread"}
+    assert all(len(v) == 3 and min(v) > 0 for v in times.values())
+    for name in ("dispatch_ahead", "thread"):
+        per_round = sorted(t / s for t, s in zip(times[name], times["sequential"]))
+        assert report["paired_over_sequential"][name] == pytest.approx(per_round[1])
+    assert report["paired_over_sequential"]["sequential"] == 1.0
