@@ -1,4 +1,4 @@
-"""Would sampling the next rollout during the current update save time? (issue 20, optional item)
+"""Overlap in online runs: the next rollout with the current update; scoring with the measuring forwards.
 
     python benchmarks/rollout_overlap.py --repeats 7
 
@@ -29,6 +29,17 @@ Printed: the median time of each part and of each schedule, and each
 schedule over ``sequential``, the median of the per-round ratios
 ("paired": a round's calls are seconds apart, so drift in the machine's
 speed cancels).
+
+Second part (``--judge-ms``, 0 skips it): what ``Roller`` does within a
+rollout. The measuring forwards (``old_logp``, ``ref_logp``) do not need
+the scores, so ``Roller`` dispatches them before it decodes and scores the
+completions on the host. A rollout of ``--prompts`` prompts x
+``--group-size`` completions (a byte tokenizer: vocab 264, the model's
+other sizes as above) is scored by a reward function that waits
+``--judge-ms`` (a remote judge or a sandbox: time on the host, not on the
+cores) and by a CPU-bound one that takes about as long. Each is timed as
+``Roller`` runs it and with the measuring made to finish before scoring
+starts (the previous order), alternately, and the paired ratio printed.
 """
 
 from __future__ import annotations
@@ -55,6 +66,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--updates", type=int, default=4, help="optimizer steps per rollout")
     add_model_args(ap)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--judge-ms", type=float, default=200.0, help="the slow reward's wait (0: skip the second part)")
+    ap.add_argument("--group-size", type=int, default=4, help="completions per prompt in the second part")
     ap.add_argument("--json", default="", help="also write the report here")
     a = ap.parse_args(argv)
 
@@ -154,10 +167,79 @@ def main(argv=None) -> dict:
     for name in schedules:
         print(f"  {name:15} {med[name] * 1e3:8.1f} ms   paired over sequential "
               f"{report['paired_over_sequential'][name]:.3f}x")
+    if a.judge_ms > 0:
+        report["scoring"] = scoring_overlap(a)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=1)
     return report
+
+
+def scoring_overlap(a) -> dict:
+    """``Roller``'s rollout with slow rewards, measuring dispatched before scoring, against measuring first."""
+    import jax
+    import numpy as np
+
+    from jaxpost.data import build_tokenizer, make_prompt_pipeline
+    from jaxpost.generate.rollout import Roller, RolloutConfig
+    from jaxpost.generate.scorers import FunctionScorer
+    from jaxpost.models import create
+    from jaxpost.sharding import Partitioner
+
+    tok = build_tokenizer(None)
+    config = model_config(argparse.Namespace(**{**vars(a), "vocab": len(tok)}))
+    graphdef, params = create(config, seed=0)
+    wait = a.judge_ms / 1e3
+
+    def judge(prompts, completions, **_):
+        """A remote judge: the host waits, the cores are free."""
+        time.sleep(wait)
+        return [float(len(c) % 7) for c in completions]
+
+    def busy(prompts, completions, **_):
+        """A CPU-bound reward of about the same length (pure Python on the host)."""
+        end = time.perf_counter() + wait
+        while time.perf_counter() < end:
+            sum(range(1000))
+        return [float(len(c) % 7) for c in completions]
+
+    rows = [{"prompt": f"question {i}: " + "x" * (i % 5)} for i in range(a.prompts)]
+    batch = next(make_prompt_pipeline(rows, tok, a.prompt_len, a.prompts, 0, num_epochs=None))
+    part = Partitioner()
+    rollout = RolloutConfig(max_new_tokens=a.new, group_size=a.group_size, stop_token_ids=())
+    out = {}
+    for name, fn in (("judge", judge), ("busy", busy)):
+        roller = Roller(graphdef, config, tok, part, FunctionScorer(fn), rollout)
+        measure_first = Roller(graphdef, config, tok, part, FunctionScorer(fn), rollout)
+        measure = measure_first._measure
+        measure_first._measure = lambda *args, m=measure: jax.block_until_ready(m(*args))  # the previous order
+        runs = {"roller": roller, "measure_first": measure_first}
+        with part.activate():
+            for r in runs.values():
+                r(params, params, None, batch, jax.random.key(0))  # compiles
+            times = {k: [] for k in runs}
+            measured = []
+            for i in range(a.repeats):
+                for k, r in runs.items():
+                    t = time.perf_counter()
+                    got = r(params, params, None, batch, jax.random.key(i))
+                    jax.block_until_ready(got.batch)
+                    times[k].append(time.perf_counter() - t)
+                measured.append(got.metrics["time/score_s"])
+            # Measuring alone: the most the overlap can hide.
+            probe, alone = {k: got.batch[k] for k in got.host}, []
+            for _ in range(a.repeats):
+                t = time.perf_counter()
+                jax.block_until_ready(measure(params, params, None, probe))
+                alone.append(time.perf_counter() - t)
+            measure_s = statistics.median(alone)
+        ratio = statistics.median(x / y for x, y in zip(times["roller"], times["measure_first"]))
+        out[name] = {"times_s": times, "measure_s": measure_s, "score_s": statistics.median(measured),
+                     "paired_roller_over_measure_first": ratio}
+        print(f"scoring overlap, {name} reward ({a.judge_ms:.0f} ms): rollout {statistics.median(times['roller']) * 1e3:.1f}"
+              f" ms against {statistics.median(times['measure_first']) * 1e3:.1f} ms measuring first (paired "
+              f"{ratio:.3f}x); measuring alone {measure_s * 1e3:.1f} ms")
+    return out
 
 
 if __name__ == "__main__":

@@ -75,6 +75,46 @@ def test_rollout_logprobs_equal_sampler_and_scorer_gets_rows(tok, model):
     assert len(roller.sampler.compiled_shapes) == 1 and roller._measure._cache_size() == 1
 
 
+
+def test_roller_dispatches_the_measuring_before_scoring_and_the_rollout_is_unchanged(tok, model):
+    """The measuring forwards need no scores: they are launched before the host scores, so slow rewards overlap
+    them. Launched first or waited for first (the previous order), the rollout is the same."""
+    graphdef, params = model
+    part = Partitioner()
+    rcfg = RolloutConfig(max_new_tokens=N, temperature=1.0, group_size=2, stop_token_ids=(7, 9))
+    events = []
+
+    def reward(prompts, completions, **_):
+        events.append("score")
+        return [float(len(c)) for c in completions]
+
+    def rollout(measure_first: bool):
+        roller = Roller(graphdef, CONFIG, tok, part, FunctionScorer(reward), rcfg)
+        measure = roller._measure
+
+        def recorded(*args):
+            events.append("measure")
+            out = measure(*args)
+            return jax.block_until_ready(out) if measure_first else out
+
+        roller._measure = recorded
+        with part.activate():
+            return roller(params, params, None, prompt_batch(tok, 4), jax.random.PRNGKey(5))
+
+    events.clear()
+    overlapped = rollout(measure_first=False)
+    assert events == ["measure", "score"]
+    assert overlapped.metrics["time/score_s"] >= 0
+    first = rollout(measure_first=True)
+    assert set(overlapped.batch) == set(first.batch) >= {"old_logp", "ref_logp", "token_entropy", "tokens"}
+    for k in overlapped.batch:
+        np.testing.assert_array_equal(np.asarray(jax.device_get(overlapped.batch[k])),
+                                      np.asarray(jax.device_get(first.batch[k])), err_msg=k)
+    np.testing.assert_array_equal(overlapped.scores, first.scores)
+    timeless = lambda m: {k: v for k, v in m.items() if not k.startswith("time/") and k != "rollout/tokens_per_s"}
+    assert timeless(overlapped.metrics) == timeless(first.metrics)
+
+
 @pytest.mark.slow
 def test_missing_eos_penalty(tok, model):
     graphdef, params = model
@@ -269,7 +309,7 @@ def test_rollout_overlap_benchmark_runs_tiny():
 
     report = rollout_overlap.main(["--vocab", "96", "--hidden", "32", "--intermediate", "64", "--layers", "2",
                                    "--prompts", "4", "--prompt-len", "6", "--new", "8", "--updates", "2",
-                                   "--repeats", "3"])
+                                   "--repeats", "3", "--judge-ms", "5", "--group-size", "2"])
     times = report["times_s"]
     assert set(times) == {"sample", "update", "sequential", "dispatch_ahead", "thread"}
     assert all(len(v) == 3 and min(v) > 0 for v in times.values())
@@ -277,3 +317,10 @@ def test_rollout_overlap_benchmark_runs_tiny():
         per_round = sorted(t / s for t, s in zip(times[name], times["sequential"]))
         assert report["paired_over_sequential"][name] == pytest.approx(per_round[1])
     assert report["paired_over_sequential"]["sequential"] == 1.0
+    assert report["args"]["vocab"] == 96  # the second part's byte-tokenizer model leaves the first part's alone
+    for reward in ("judge", "busy"):
+        part = report["scoring"][reward]
+        assert all(len(v) == 3 and min(v) > 0.005 for v in part["times_s"].values())  # each rollout scored (5 ms)
+        assert part["score_s"] >= 0.005 and part["measure_s"] > 0
+        per_round = sorted(x / y for x, y in zip(part["times_s"]["roller"], part["times_s"]["measure_first"]))
+        assert part["paired_roller_over_measure_first"] == pytest.approx(per_round[1])

@@ -176,9 +176,14 @@ def measure_rollout(measure: Callable, r: Rollout, policy, reference, value, gen
     ``measure`` is the compiled :func:`jaxpost.algorithms.online.make_rollout_logprobs`; ``r.scores``,
     ``r.raw_scores`` and ``r.finished`` must be set.
     """
-    measured = measure(policy, reference, value, r.batch)
-    r.batch.update(measured)
-    got = to_host({k: measured[k] for k in ("old_logp", "ref_logp", "token_entropy")})
+    r.batch.update(measure(policy, reference, value, r.batch))
+    return rollout_metrics(r, generate_s)
+
+
+def rollout_metrics(r: Rollout, generate_s: float) -> dict[str, float]:
+    """The metrics of a measured rollout (``r.batch`` holds ``old_logp``, ``ref_logp``, ``token_entropy``;
+    ``r.scores``, ``r.raw_scores`` and ``r.finished`` are set), from gathered (global) values."""
+    got = to_host({k: r.batch[k] for k in ("old_logp", "ref_logp", "token_entropy")})
     mask = r.host["loss_mask"]
     lengths = mask.sum(-1)
     return {
@@ -243,6 +248,13 @@ class Roller:
         return raw
 
     def __call__(self, policy, reference, value, prompt_batch: dict, rng: jax.Array) -> Rollout:
+        """Samples, measures and scores one prompt batch.
+
+        The measuring forwards (``old_logp``, ``ref_logp``, values) do not
+        depend on the scores: they are dispatched before the completions are
+        decoded and scored on the host, so slow reward functions (a remote
+        judge, a sandbox) run while the devices measure.
+        """
         check_prompt_batch(prompt_batch)
         G = self.cfg.group_size
         start = time.perf_counter()
@@ -252,15 +264,18 @@ class Roller:
         prompt_mask = np.repeat(np.asarray(prompt_batch["prompt_mask"]), G, axis=0)
         host = rollout_sequences(prompt_tokens, prompt_mask, out.tokens, out.completion_mask, self.pad)
         batch = on_mesh(host, self.partitioner)
+        measured = self._measure(policy, reference, value if self.has_value else None, batch)  # not waited for
         r = Rollout(batch=batch, host=host,
                     completions=decode_completions(self.tokenizer, out.tokens, out.completion_mask),
                     prompts=[p for p in prompt_batch["prompt"] for _ in range(G)],
                     rows=[row for row in prompt_batch["row"] for _ in range(G)],
                     finished=np.asarray(out.finished, bool))
+        score_start = time.perf_counter()
         raw = self._score(r)
+        score_s = time.perf_counter() - score_start
         penalty = self.cfg.missing_eos_penalty
         r.raw_scores = raw
         r.scores = raw - np.float32(penalty or 0.0) * (~r.finished).astype(np.float32)
-        r.metrics = measure_rollout(self._measure, r, policy, reference, value if self.has_value else None,
-                                    generate_s)
+        r.batch = {**batch, **measured}
+        r.metrics = {**rollout_metrics(r, generate_s), "time/score_s": score_s}
         return r
