@@ -39,7 +39,8 @@ other sizes as above) is scored by a reward function that waits
 ``--judge-ms`` (a remote judge or a sandbox: time on the host, not on the
 cores) and by a CPU-bound one that takes about as long. Each is timed as
 ``Roller`` runs it and with the measuring made to finish before scoring
-starts (the previous order), alternately, and the paired ratio printed.
+starts (no overlap: the cost of the old order, which scored first),
+alternately, and the paired ratio printed.
 """
 
 from __future__ import annotations
@@ -212,7 +213,7 @@ def scoring_overlap(a) -> dict:
         roller = Roller(graphdef, config, tok, part, FunctionScorer(fn), rollout)
         measure_first = Roller(graphdef, config, tok, part, FunctionScorer(fn), rollout)
         measure = measure_first._measure
-        measure_first._measure = lambda *args, m=measure: jax.block_until_ready(m(*args))  # the previous order
+        measure_first._measure = lambda *args, m=measure: jax.block_until_ready(m(*args))  # no overlap
         runs = {"roller": roller, "measure_first": measure_first}
         with part.activate():
             for r in runs.values():

@@ -75,10 +75,9 @@ def test_rollout_logprobs_equal_sampler_and_scorer_gets_rows(tok, model):
     assert len(roller.sampler.compiled_shapes) == 1 and roller._measure._cache_size() == 1
 
 
-
 def test_roller_dispatches_the_measuring_before_scoring_and_the_rollout_is_unchanged(tok, model):
     """The measuring forwards need no scores: they are launched before the host scores, so slow rewards overlap
-    them. Launched first or waited for first (the previous order), the rollout is the same."""
+    them. Launched first, or waited for before scoring (no overlap), the rollout is the same."""
     graphdef, params = model
     part = Partitioner()
     rcfg = RolloutConfig(max_new_tokens=N, temperature=1.0, group_size=2, stop_token_ids=(7, 9))
