@@ -59,6 +59,11 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 from sampler_throughput import PAD, add_model_args, model_config
 
 
+def paired(times, baseline_times) -> float:
+    """The median over rounds of ``times[i] / baseline_times[i]`` (a round's calls are seconds apart)."""
+    return statistics.median(t / b for t, b in zip(times, baseline_times, strict=True))
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=16)
@@ -161,8 +166,7 @@ def main(argv=None) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     report = {"args": vars(a), "device": jax.devices()[0].device_kind, "times_s": times,
               "median_s": med,
-              "paired_over_sequential": {name: statistics.median(
-                  t / s for t, s in zip(times[name], times["sequential"])) for name in schedules}}
+              "paired_over_sequential": {name: paired(times[name], times["sequential"]) for name in schedules}}
     print(f"rollout (sample + measure) {med['sample'] * 1e3:.1f} ms, {a.updates} updates {med['update'] * 1e3:.1f} ms"
           f" ({med['sample'] / (med['sample'] + med['update']):.0%} of a cycle sampling)")
     for name in schedules:
@@ -179,7 +183,6 @@ def main(argv=None) -> dict:
 def scoring_overlap(a) -> dict:
     """``Roller``'s rollout with slow rewards, measuring dispatched before scoring, against measuring first."""
     import jax
-    import numpy as np
 
     from jaxpost.data import build_tokenizer, make_prompt_pipeline
     from jaxpost.generate.rollout import Roller, RolloutConfig
@@ -219,14 +222,14 @@ def scoring_overlap(a) -> dict:
             for r in runs.values():
                 r(params, params, None, batch, jax.random.key(0))  # compiles
             times = {k: [] for k in runs}
-            measured = []
+            score_times = []
             for i in range(a.repeats):
                 for k, r in runs.items():
                     t = time.perf_counter()
                     got = r(params, params, None, batch, jax.random.key(i))
                     jax.block_until_ready(got.batch)
                     times[k].append(time.perf_counter() - t)
-                measured.append(got.metrics["time/score_s"])
+                score_times.append(got.metrics["time/score_s"])
             # Measuring alone: the most the overlap can hide.
             probe, alone = {k: got.batch[k] for k in got.host}, []
             for _ in range(a.repeats):
@@ -234,8 +237,8 @@ def scoring_overlap(a) -> dict:
                 jax.block_until_ready(measure(params, params, None, probe))
                 alone.append(time.perf_counter() - t)
             measure_s = statistics.median(alone)
-        ratio = statistics.median(x / y for x, y in zip(times["roller"], times["measure_first"]))
-        out[name] = {"times_s": times, "measure_s": measure_s, "score_s": statistics.median(measured),
+        ratio = paired(times["roller"], times["measure_first"])
+        out[name] = {"times_s": times, "measure_s": measure_s, "score_s": statistics.median(score_times),
                      "paired_roller_over_measure_first": ratio}
         print(f"scoring overlap, {name} reward ({a.judge_ms:.0f} ms): rollout {statistics.median(times['roller']) * 1e3:.1f}"
               f" ms against {statistics.median(times['measure_first']) * 1e3:.1f} ms measuring first (paired "
