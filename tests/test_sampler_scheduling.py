@@ -215,3 +215,32 @@ def test_benchmark_script_runs_tiny():
     te, tm = eq["systems"]["jaxpost"]["times_s"], mx["times_s"]
     per_round = [m / (mixed["real_tokens"] * e / eq["real_tokens"]) for m, e in zip(tm, te)]
     assert len(per_round) == 2 and mx["paired_vs_ideal"] == pytest.approx(sum(per_round) / 2)
+
+
+def test_decode_bound_benchmark_runs_tiny():
+    """benchmarks/decode_bound.py end to end on a tiny model: its byte count is the model's own kernels, its ratios paired."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import decode_bound
+
+    from jaxpost.models import create
+
+    argv = ["--vocab", "96", "--hidden", "32", "--intermediate", "64", "--layers", "2", "--prompts", "4",
+            "--prompt-len", "6", "--short", "3", "--long", "7", "--slots", "13", "--steps", "4", "--read-mb", "4",
+            "--stream-mb", "1", "--peak-n", "64", "--repeats", "3"]
+    report = decode_bound.main(argv)
+    # Every kernel a decode step multiplies by (all but the embedding table and the norms' scales), counted from
+    # the model's own parameters; and the keys and values: 2 layers x 2 (k, v) x 4 rows x 2 heads x 8 dims x 13 slots.
+    _, params = create(decode_bound.model_config(decode_bound.argparse.Namespace(**report["args"])), seed=0)
+    kernels = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(params)
+                  if jax.tree_util.keystr(path).endswith("['kernel']"))
+    assert report["bytes_per_step"] == {"weights": 4 * kernels, "cache": 4 * 2 * 2 * 4 * 2 * 8 * 13}
+    # 2 flops per row per kernel weight; per layer, scores and weighted values: 2 x 2 x 4 rows x 4 heads x 8 dims x 13.
+    assert report["flops_per_step"] == 2 * 4 * kernels + 2 * (2 * 2 * 4 * 4 * 8 * 13)
+    rounds = report["rounds"]
+    assert all(len(v) == 3 for v in rounds.values())
+    # A difference of two short calls' times (it may come out negative on a tiny model); the rest are rates.
+    assert all(np.isfinite(rounds["step_s"])) and all(min(v) > 0 for k, v in rounds.items() if k != "step_s")
+    per_round = sorted(s / p for s, p in zip(rounds["step_s"], rounds["products_s"]))
+    assert report["paired_step_over_products"] == pytest.approx(per_round[1])
+    assert set(report["streamed_gbs"]) == {"qkv", "out", "gate_up", "down", "lm_head"}
+    assert all(r["xla"] > 0 and r["openblas"] > 0 for r in report["streamed_gbs"].values())
