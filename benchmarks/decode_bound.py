@@ -4,7 +4,8 @@
 
 On the sampler benchmark's model (``configs/models/bench.gin``'s shape:
 vocab 8192, hidden 256, 4 layers, fp32, seed-0 weights), 16 prompts x 64
-ids, greedy. Three measurements, called in turn each round:
+ids, greedy (``--temperature``: sampled). Three measurements, called in
+turn each round:
 
 * ``step``: the ``Sampler``'s cost per decode step, from two whole calls:
   ``(t(--long new tokens) - t(--short new tokens)) / (--long - --short)``.
@@ -177,6 +178,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--long", type=int, default=128, help="new tokens of the longer call")
     ap.add_argument("--slots", type=int, default=192, help="cache slots of the products-only step (the phase timed)")
     ap.add_argument("--steps", type=int, default=64, help="steps per products-only loop")
+    ap.add_argument("--temperature", type=float, default=0.0, help="of the sampler (0: greedy)")
     ap.add_argument("--read-mb", type=int, default=256)
     ap.add_argument("--peak-n", type=int, default=1024, help="size of the square products of the peak FLOP rate")
     ap.add_argument("--stream-mb", type=int, default=96, help="weight copies per streamed product (past the LLC)")
@@ -196,14 +198,15 @@ def main(argv=None) -> dict:
     graphdef, params = create(config, seed=a.seed)
     prompts = np.random.default_rng(a.seed).integers(3, a.vocab, size=(a.prompts, a.prompt_len)).astype(np.int32)
     mask = np.ones_like(prompts)
-    sampler = Sampler(graphdef, config, SamplingConfig(max_new_tokens=a.long, temperature=0.0, pad_token_id=PAD))
+    sampling = SamplingConfig(max_new_tokens=a.long, temperature=a.temperature, pad_token_id=PAD)
+    sampler = Sampler(graphdef, config, sampling)
 
     def call(n: int) -> float:
         budget = np.full((a.prompts,), n, np.int32)
         t = time.perf_counter()
         out = sampler(params, prompts, mask, jax.random.key(0), max_new_tokens=budget)
         lengths = jax.device_get(out.lengths)
-        assert (lengths == n).all(), lengths  # greedy, no EOS: every row decodes exactly n steps
+        assert (lengths == n).all(), lengths  # no stop tokens: every row decodes exactly n steps
         return time.perf_counter() - t
 
     products = products_step(config, a.prompts, a.slots, a.steps, a.seed)
@@ -232,8 +235,8 @@ def main(argv=None) -> dict:
         "streamed_gbs": streamed_product_rates(weight_shapes(config), a.prompts, a.stream_mb, a.repeats),
     }
     m = report["median"]
-    print(f"{a.prompts} rows, {a.slots}-slot cache, vocab {a.vocab}, hidden {a.hidden}, {a.layers} layers, fp32, "
-          f"{report['device']}, median of {a.repeats}")
+    print(f"{a.prompts} rows, {a.slots}-slot cache, temperature {a.temperature}, vocab {a.vocab}, "
+          f"hidden {a.hidden}, {a.layers} layers, fp32, {report['device']}, median of {a.repeats}")
     print(f"  sampler decode step     {m['step_s'] * 1e3:7.3f} ms")
     print(f"  its products alone      {m['products_s'] * 1e3:7.3f} ms  (reading {nbytes['weights'] / 1e6:.1f} MB of "
           f"weights + {nbytes['cache'] / 1e6:.1f} MB of cache: {total / m['products_s'] / 1e9:.1f} GB/s)")

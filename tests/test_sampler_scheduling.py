@@ -49,7 +49,9 @@ def host(out):
     return jax.tree.map(np.asarray, jax.device_get(out))
 
 
-def assert_same(a, b, atol=1e-5):
+def assert_same(a, b, atol=3e-5):
+    """Same draws; log-probs to float32 rounding, which the x20 weights amplify between programs that attend
+    over different cache sizes (up to 1.2e-5 seen)."""
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_array_equal(a.completion_mask, b.completion_mask)
     np.testing.assert_array_equal(a.lengths, b.lengths)

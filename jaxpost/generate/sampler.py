@@ -27,7 +27,12 @@ What a decode step costs is kept to the work left:
 * a decode step runs query, key and value as one matmul, and gate and up
   as another (``SamplingConfig.fuse_projections``; the stacked kernels are
   made once per call, not per phase), and a scanned model's step writes
-  only the new token's slots of the stacked cache, in place.
+  only the new token's slots of the stacked cache, in place;
+* a token is drawn (``temperature > 0``) by inverse transform sampling
+  with one uniform number per row (:func:`~jaxpost.generate.processing.inverse_cdf_index`),
+  not by Gumbel-max with one per vocabulary entry, and the draw, its
+  processed log-prob and the raw log-prob share one pass of exponentials:
+  on CPU a temperature-1 step costs about what a greedy one does.
 
 Rows keep their index in the caller's batch throughout; it picks their
 random keys, so none of this changes a result.
@@ -73,7 +78,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from jaxpost.generate.processing import choose_tokens
+from jaxpost.generate.processing import choose_tokens, log_softmax_parts
 from jaxpost.models.api import forward, fused_projections, inputs_from_attention_mask
 from jaxpost.models.attention import KVCache, cache_logical_axes, init_cache, map_layer_caches, pad_cache
 from jaxpost.models.config import ModelConfig
@@ -263,9 +268,10 @@ def _record(st: _Rows, logits: jax.Array, rng: jax.Array, s: SamplingConfig) -> 
     step_key = jax.random.fold_in(rng, i)
     keys = jax.vmap(lambda r: jax.random.fold_in(step_key, r))(st.key_ids.astype(jnp.uint32))
     tok, plp = choose_tokens(keys, logits, s.temperature, s.top_k, s.top_p)
-    z = logits.astype(jnp.float32)
-    # The training forward's formula (heads.token_logprobs): z[t] - logsumexp(z).
-    lp = jnp.take_along_axis(z, tok[:, None], -1)[:, 0] - jax.nn.logsumexp(z, axis=-1)
+    # The training forward's quantity (heads.token_logprobs), z[t] - logsumexp(z), as (z[t] - max) - log_total:
+    # choose_tokens computed the same parts (shared, not recomputed, when it drew from the raw logits).
+    shifted, _, log_total = log_softmax_parts(logits.astype(jnp.float32))
+    lp = jnp.take_along_axis(shifted, tok[:, None], -1)[:, 0] - log_total[:, 0]
     alive = ~st.done
     tok = jnp.where(alive, tok, s.pad_token_id)
     live = alive.astype(jnp.float32)
