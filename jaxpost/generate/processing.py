@@ -113,10 +113,9 @@ def inverse_cdf_index(weights: jax.Array, u: jax.Array) -> jax.Array:
     ``jax.random.categorical`` does): it draws ``V`` random numbers per row
     and step. On CPU making them (threefry, then ``-log(-log(u))``) cost
     0.4 ms of a 1.9 ms decode step (16 rows, vocab 8192); this needs one per
-    row. The distribution is the
-    same; the token a given key draws is not. ``u`` from
-    ``jax.random.uniform`` has 2**-23 steps, so a token's probability counts
-    to within about 1e-7.
+    row. The distribution is the same; the token a given key draws is not.
+    ``u`` from ``jax.random.uniform`` has 2**-23 steps, so a token's
+    probability counts to within about 1e-7.
     """
     B, V = weights.shape
     C = max(16, 1 << (max(1, int(V**0.5)) - 1).bit_length())
