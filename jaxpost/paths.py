@@ -25,7 +25,7 @@ from typing import IO, Iterator
 from etils import epath
 
 __all__ = ["resolve", "is_remote", "atomic_write_text", "atomic_write_bytes", "atomic_open", "staged_dir",
-           "same_file", "read_text", "move", "create_exclusive", "fs_of", "local_copy"]
+           "same_file", "read_text", "jsonl_lines", "move", "create_exclusive", "fs_of", "local_copy"]
 
 REMOTE_SCHEMES = ("gs://", "s3://")
 
@@ -56,6 +56,19 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 def read_text(path: str | os.PathLike) -> str:
     """The text of a local or remote file (UTF-8)."""
     return resolve(path).read_text(encoding="utf-8")
+
+
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a JSON Lines text, split at ``"\\n"`` alone (like ``splitlines``, no empty last line).
+
+    ``str.splitlines`` also splits at U+0085, U+2028 and U+2029, which JSON
+    leaves unescaped inside strings when written with ``ensure_ascii=False``
+    (jaxpost's own ``.jsonl`` files, and those of many tools): a record
+    holding one would be cut in two and read as malformed. A ``"\\r\\n"``
+    ending leaves a ``"\\r"``, which ``json.loads`` skips as whitespace.
+    """
+    lines = text.split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
 
 
 @contextlib.contextmanager

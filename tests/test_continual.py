@@ -209,3 +209,14 @@ def test_kill_9_at_every_stage_of_a_round_and_restart_trains_each_file_exactly_o
         assert snap["files"] == r["files"]
     last = json.loads((run / "snapshots" / f"{len(state['rounds']):04d}" / "feedback.json").read_text())
     assert last["trained_on"] == files and state["current"]["model"].endswith(f"{len(state['rounds']):04d}")
+
+
+def test_a_record_holding_unicode_line_separators_is_one_record(tmp_path):
+    # A reply may hold U+2028 or U+0085 (raw in JSON written with ensure_ascii=False); str.splitlines would
+    # cut such a line in two and report it malformed.
+    recs = feedback_records(2, 0)
+    recs[0]["completion"] = "ab\u2028cd\x85"
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    got = feedback.read_feedback(path)
+    assert len(got) == 2 and got[0]["completion"] == "ab\u2028cd\x85"

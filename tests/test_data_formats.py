@@ -137,3 +137,18 @@ def test_train_eval_split_fraction_and_path(tmp_path):
     assert same is rows and ev["text"] == ["0", "1"]
     with pytest.raises(ValueError, match="exactly one"):
         sources.train_eval_split(rows)
+
+
+def test_jsonl_lines_split_at_newline_alone_and_a_bad_line_is_found_past_unicode_separators(tmp_path):
+    from jaxpost.paths import jsonl_lines
+
+    # U+0085, U+2028 and U+2029 are line breaks to str.splitlines, and JSON leaves them unescaped inside a
+    # string when written with ensure_ascii=False: a sampled completion can hold one.
+    record = json.dumps({"text": "a\x85b\u2028c\u2029d"}, ensure_ascii=False)
+    assert jsonl_lines(f"{record}\r\n\n{record}\n") == [f"{record}\r", "", record]
+    assert [json.loads(x) for x in jsonl_lines(f"{record}\n{record}")] == [{"text": "a\x85b\u2028c\u2029d"}] * 2
+    assert jsonl_lines("") == []
+    path = tmp_path / "bad.jsonl"
+    path.write_text(f"{record}\n{record}\n{{\"text\": \"c\"\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"{path}:3: malformed JSON line"):
+        sources.load_rows(path)

@@ -13,6 +13,7 @@ import pytest
 from jaxpost.algorithms import make_sft_eval
 from jaxpost.data import load_tokenizer, make_lm_pipeline
 from jaxpost.models.hf import load_hf
+from jaxpost.paths import jsonl_lines
 from pipeline_utils import make_task, read_metrics, run_task
 
 STUDENT = ["ModelConfig.hidden_size = 32", "ModelConfig.intermediate_size = 64", "ModelConfig.num_heads = 2",
@@ -101,7 +102,8 @@ def test_sequence_kd_and_cached_teacher_runs(setup, tmp_path):
         f"distill.train_data = '{small}'", "distill.mode = 'sequence'", "distill.sampling = @SamplingConfig()",
         "SamplingConfig.max_new_tokens = 12", "distill.teacher_samples_per_prompt = 2",
         "distill.teacher_batch_size = 5"]))  # 16 prompts: the last sampler call is a partial batch
-    samples = [json.loads(x) for x in (tmp_path / "seq" / "teacher_samples.jsonl").read_text().splitlines()]
+    text = (tmp_path / "seq" / "teacher_samples.jsonl").read_text(encoding="utf-8")
+    samples = [json.loads(x) for x in jsonl_lines(text)]
     assert len(samples) == 32 and summary["teacher_samples"] == 32 and summary["step"] == 3
     assert all(s["prompt"][-1]["role"] == "user" for s in samples)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import portpicker
 import pytest
 
+from jaxpost.paths import jsonl_lines
 from pipeline_utils import tiny_model_dir
 from xla_test_flags import TEST_XLA_FLAGS
 
@@ -172,7 +173,7 @@ def test_readme_commands_run_as_typed(tmp_path):
         assert stage in card.lower()
     grpo = [json.loads(line) for line in (tmp_path / "runs/grpo/metrics.jsonl").read_text().splitlines()]
     assert grpo and all(r["step"] == 1 for r in grpo)
-    samples = (tmp_path / "samples.jsonl").read_text().splitlines()
+    samples = jsonl_lines((tmp_path / "samples.jsonl").read_text(encoding="utf-8"))
     assert len(samples) == 4 * len((tmp_path / "runs/demo/data/prompts.jsonl").read_text().splitlines())
 
 

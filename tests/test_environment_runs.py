@@ -21,6 +21,7 @@ from pipeline_utils import tiny_model_dir
 from jaxpost import cli
 from jaxpost.data import build_tokenizer, make_prompt_pipeline
 from jaxpost.data.encode import encode_lm, encode_preference
+from jaxpost.paths import jsonl_lines
 from jaxpost.data.formats import normalize_row
 from jaxpost.errors import UserError
 from jaxpost.generate import multiturn
@@ -219,10 +220,10 @@ def test_synthesize_with_an_environment_writes_conversation_rows(tmp_path, capsy
     assert cli.main(argv) == 0, capsys.readouterr().err
     stats = json.loads((out / "stats.json").read_text())
     assert stats["prompts"] == 6 and stats["samples"] == 24 and stats["env_error"] == 4
-    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in jsonl_lines((out / "samples.jsonl").read_text(encoding="utf-8"))]
     assert sum(s["drop_reason"] == "env_error" and "step broke" in s["error"] for s in samples) == 4
     model_tok = build_tokenizer(str(model_dir))
-    sft = [json.loads(line) for line in (out / "sft.jsonl").read_text().splitlines()]
+    sft = [json.loads(line) for line in jsonl_lines((out / "sft.jsonl").read_text(encoding="utf-8"))]
     assert len(sft) == stats["sft_rows"] >= 4
     for i, row in enumerate(sft):
         ex = normalize_row({"messages": row["messages"]}, "messages", i)  # valid SFT data as jaxpost reads it
@@ -231,7 +232,7 @@ def test_synthesize_with_an_environment_writes_conversation_rows(tmp_path, capsy
         ids, trained = encode_lm(model_tok, ex)
         text = model_tok.decode([int(t) for t, m in zip(ids, trained) if m])
         assert "ok 1" not in text and "task" not in text  # only the model's turns are trained
-    pairs = [json.loads(line) for line in (out / "preference.jsonl").read_text().splitlines()]
+    pairs = [json.loads(line) for line in jsonl_lines((out / "preference.jsonl").read_text(encoding="utf-8"))]
     assert len(pairs) == stats["pairs"] >= 1
     for i, row in enumerate(pairs):
         ex = normalize_row({k: row[k] for k in ("prompt", "chosen", "rejected")}, "preference", i)

@@ -10,6 +10,7 @@ from jaxpost.data.tokenizer import build_tokenizer, stop_token_ids
 from jaxpost.generate.generate_file import generate_to_jsonl
 from jaxpost.generate.sampler import Sampler, SamplingConfig, left_pad
 from jaxpost.models import ModelConfig, create, save_hf
+from jaxpost.paths import jsonl_lines
 
 ROWS = [
     {"prompt": "12+7=", "answer": 19},
@@ -153,7 +154,7 @@ def test_cli_refuses_out_equal_to_prompts_and_accepts_relative_paths(setup, tmp_
     assert prompts.read_bytes() == original
     # A relative --out is written under the working directory.
     assert main(base + ["--out", "rel/samples.jsonl"]) == 0
-    rows = [json.loads(line) for line in (tmp_path / "rel" / "samples.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in jsonl_lines((tmp_path / "rel" / "samples.jsonl").read_text(encoding="utf-8"))]
     assert [r["prompt"] for r in rows] == [r["prompt"] for r in ROWS for _ in range(2)]
     assert [p.name for p in (tmp_path / "rel").iterdir()] == ["samples.jsonl"]
     # A malformed prompts file is an error (exit 2) that leaves the earlier output as it was.

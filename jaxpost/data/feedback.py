@@ -96,7 +96,7 @@ def read_feedback(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Every record of one feedback log, validated; a bad line raises :class:`UserError` naming file and line."""
     source = os.fspath(path)
     records = []
-    for line, text in enumerate(paths.read_text(path).splitlines(), start=1):
+    for line, text in enumerate(paths.jsonl_lines(paths.read_text(path)), start=1):
         if not text.strip():
             continue
         try:

@@ -60,7 +60,7 @@ def find_json_error(path: str | os.PathLike) -> None:
                 raise UserError(f"{path}: element {i} of the top-level array is a "
                                 f"{type(row).__name__}; every element must be a JSON object")
         return None
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(paths.jsonl_lines(text), start=1):
         if not line.strip():
             continue
         try:

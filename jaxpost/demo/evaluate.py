@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from jaxpost import paths
 from jaxpost.demo.task import exact_match_rate, reversal_reward
 from jaxpost.generate import SamplingConfig, generate_to_jsonl
 
@@ -29,7 +30,7 @@ def evaluate_policy(model_dir: str | Path, tokenizer_dir: str | Path, prompts_pa
         generate_to_jsonl(str(model_dir), str(tokenizer_dir), prompts_path, path,
                           SamplingConfig(max_new_tokens=12, temperature=temperature), n_samples_per_prompt=n,
                           batch_size=64, seed=seed)
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        rows = [json.loads(line) for line in paths.jsonl_lines(path.read_text(encoding="utf-8"))]
         completions = [r["completion"] for r in rows]
         answers = [r["answer"] for r in rows]
         if name == "t1":
@@ -58,7 +59,7 @@ def reward_model_score(reward_model_dir: str | Path, tokenizer_dir: str | Path, 
     from jaxpost.sharding import Partitioner, make_mesh
 
     tok = load_tokenizer(tokenizer_dir)
-    rows = [json.loads(line) for line in Path(samples_path).read_text().splitlines()]
+    rows = [json.loads(line) for line in paths.jsonl_lines(Path(samples_path).read_text(encoding="utf-8"))]
     end = tok.convert_tokens_to_ids("<|im_end|>")
     seqs = [np.r_[encode_prompt(tok, r["prompt"]), encode_text(tok, r["completion"]), end].astype(np.int32)
             for r in rows]

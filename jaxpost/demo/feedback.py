@@ -46,7 +46,7 @@ def user_feedback(model_dir: Path, tokenizer_dir: Path, prompts: list[dict], out
                       SamplingConfig(max_new_tokens=12, temperature=1.0), batch_size=64, seed=seed)
     rng = random.Random(seed)
     records = []
-    for row in map(json.loads, samples.read_text().splitlines()):
+    for row in map(json.loads, paths.jsonl_lines(samples.read_text(encoding="utf-8"))):
         right = row["completion"].strip() == row["answer"]
         records.append({"messages": [*row["prompt"], {"role": "assistant", "content": row["completion"].strip()}],
                         "label": right != (rng.random() < noise), "model_version": model_version})
@@ -65,8 +65,8 @@ def run_feedback_demo(out: str | Path = "runs/demo", *, batches: int = 3, per_ba
     fb = root / "feedback"
     inbox, live = fb / "inbox", fb / "live"
     inbox.mkdir(parents=True, exist_ok=True)
-    prompts = [json.loads(x) for x in (root / "data" / "prompts.jsonl").read_text().splitlines()]
-    evals = [json.loads(x) for x in (root / "data" / "eval_prompts.jsonl").read_text().splitlines()]
+    prompts = [json.loads(x) for x in paths.jsonl_lines(paths.read_text(root / "data" / "prompts.jsonl"))]
+    evals = [json.loads(x) for x in paths.jsonl_lines(paths.read_text(root / "data" / "eval_prompts.jsonl"))]
     if len(prompts) < batches * per_batch:
         raise ValueError(f"{batches} batches of {per_batch} need {batches * per_batch} prompts; the demo has "
                          f"{len(prompts)}")
@@ -87,7 +87,7 @@ def run_feedback_demo(out: str | Path = "runs/demo", *, batches: int = 3, per_ba
             user_feedback(current, tok, prompts[(b - 1) * per_batch:b * per_batch], fb / "asked" / log_path.name,
                           model_version=version, noise=noise, seed=100 + b)
             paths.move(fb / "asked" / log_path.name, log_path)
-        labels = [json.loads(x)["label"] for x in log_path.read_text().splitlines()]
+        labels = [json.loads(x)["label"] for x in paths.jsonl_lines(paths.read_text(log_path))]
         log(f"[feedback] batch {b}: {len(labels)} ratings of {version}, {sum(labels)} thumbs up")
         gin_config.parse([EXPERIMENT], [f"continual.run_dir = '{live}'", f"continual.feedback_dir = '{inbox}'",
                                         f"continual.init_from = '{sft}'", f"continual.eval_data = '{held}'",

@@ -133,7 +133,7 @@ def run_tools_demo(out: str | Path = "runs/demo", quick: bool = False,
                               "would be resumed and mixed into this run. Pass --out NEW_DIR or delete the directory.")
     data = write_tool_data(root / "data", **({"n_eval": 64} if quick else {}))
     build_tokenizer(None, vocab_size=261).save_pretrained(root / "tokenizer")
-    evals = [json.loads(x) for x in data["eval_prompts"].read_text().splitlines()]
+    evals = [json.loads(x) for x in paths.jsonl_lines(paths.read_text(data["eval_prompts"]))]
     log(f"[tools] task: multiply two 2-digit numbers, a calculator tool; data in {root / 'data'}")
     seconds = {}
     for name in ("sft", "grpo"):

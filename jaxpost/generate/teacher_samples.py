@@ -50,7 +50,7 @@ def teacher_samples(run: epath.Path, rows: Any, tok: Any, teacher: tuple, sampli
             generate_to_jsonl(teacher, tok, prompts, out, sampling=sampling.replace(pad_token_id=pad_id(tok)),
                               n_samples_per_prompt=n, batch_size=batch_size, seed=seed, partitioner=part)
     samples = []
-    for line in out.read_text(encoding="utf-8").splitlines():
+    for line in paths.jsonl_lines(out.read_text(encoding="utf-8")):
         r = json.loads(line)
         completion = r["completion"]
         if not isinstance(r["prompt"], str):  # a conversation continues with an assistant turn
