@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import gin
 
-from jaxpost.errors import UserError
+from jaxpost.errors import RunInterrupted, UserError
 
 
 _TRAIN_EPILOG = """\
@@ -284,7 +284,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     2; its traceback only with ``--debug`` (anywhere on the command line) or
     ``JAXPOST_DEBUG=1``. A run halted by a non-finite loss
     (:class:`jaxpost.train.NonFiniteLossError`) is printed the same way and
-    gives 1. Any other exception is a bug and propagates.
+    gives 1. A run stopped by a signal at a saved step
+    (:class:`jaxpost.train.interrupt.RunInterrupted`) prints where it saved
+    and gives 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM);
+    a Ctrl-C anywhere else prints ``jaxpost: interrupted`` and gives 130.
+    Any other exception is a bug and propagates.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("JAXPOST_DEBUG", "").strip() not in ("", "0")
@@ -305,6 +309,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(user_error_paragraph(e), file=sys.stderr)
         return 1
+    except RunInterrupted as e:  # a signal stopped the run at a saved step
+        if debug:
+            traceback.print_exc()
+        again = "; for jaxpost demo, add --resume" if argv[0] == "demo" else ""
+        print(f"jaxpost: {e}{again}", file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop
+        if debug:
+            traceback.print_exc()
+        print("jaxpost: interrupted", file=sys.stderr)
+        return 130
 
 
 def user_error_paragraph(e: BaseException) -> str:

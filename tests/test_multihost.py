@@ -80,18 +80,19 @@ class Job:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
 
-def _wait(jobs: list[Job], deadline: float) -> None:
+def _wait(jobs: list[Job], deadline: float, expect: int = 0) -> None:
     for job in jobs:
         rc = job.wait(deadline)
-        if rc != 0:
+        if rc != expect:
             raise AssertionError(f"{job.name} {'timed out' if rc is None else f'exited with {rc}'}:\n{job.tail()}")
 
 
-def _two_processes(name: str, args: list[str], root: Path) -> list[Job]:
+def _two_processes(name: str, args: list[str], root: Path, extra_env: dict | None = None) -> list[Job]:
+    """The two processes of a run; ``extra_env`` maps a process index to more variables for it."""
     port = portpicker.pick_unused_port()
     return [Job(f"{name}[process {i}]", [sys.executable, WORKER, str(root / f"{name}_{{process}}.json"), *args],
                 _env(4, JAXPOST_COORDINATOR=f"127.0.0.1:{port}", JAXPOST_NUM_PROCESSES="2",
-                     JAXPOST_PROCESS_ID=str(i)), root / f"{name}_{i}.log")
+                     JAXPOST_PROCESS_ID=str(i), **(extra_env or {}).get(i, {})), root / f"{name}_{i}.log")
             for i in range(2)]
 
 
@@ -118,7 +119,8 @@ def runs(tmp_path_factory):
                 "--gin.dpo.packing=True",  # packing bins over the global batch (shuffle is on by default)
                 "--gin.LoopConfig.num_steps=2", "--gin.LoopConfig.eval_every=2", "--gin.LoopConfig.eval_batches=2"]
 
-    dirs = {k: root / k for k in ("sft_launcher", "sft_reference", "dpo_2proc", "dpo_reference", "sft_resumed")}
+    dirs = {k: root / k for k in ("sft_launcher", "sft_reference", "dpo_2proc", "dpo_reference", "sft_resumed",
+                                  "sft_preempted")}
     launcher = Job("launch/local.sh", ["bash", "launch/local.sh", "2", "jaxpost", "train",
                                        *sft_args(dirs["sft_launcher"], 3)],
                    _env(4, PORT=str(portpicker.pick_unused_port()), DEVICES_PER_PROCESS="4",
@@ -130,11 +132,16 @@ def runs(tmp_path_factory):
                                  root),
                  _one_process("sft_reference", sft_args(dirs["sft_reference"], 6), root),
                  _one_process("dpo_reference", dpo_args(dirs["dpo_reference"]), root)]
+        # Process 1 alone gets SIGTERM (a preempted VM) after step 2: both must stop at one saved step.
+        preempted = _two_processes("sft_preempted", sft_args(dirs["sft_preempted"], 6), root,
+                                   {1: {"JAXPOST_TEST_SIGTERM_AT_STEP": "2"}})
+        jobs += preempted
         _wait([launcher], deadline)
         # The 2-process run stopped after step 3 with a checkpoint; one process (8 devices) takes it to step 6.
         shutil.copytree(dirs["sft_launcher"], dirs["sft_resumed"])
         jobs.append(_one_process("sft_resumed", sft_args(dirs["sft_resumed"], 6), root))
-        _wait(jobs[1:], deadline)
+        _wait([j for j in jobs[1:] if j not in preempted], deadline)
+        _wait(preempted, deadline, expect=143)  # 128 + SIGTERM, as the command line exits
     finally:
         for job in jobs:
             job.kill()
@@ -215,6 +222,23 @@ def test_checkpoint_of_two_processes_resumes_in_one_process_identically(runs):
     assert [s["grain"] for s in _data_states(resumed, 6)] == [s["grain"] for s in _data_states(straight, 6)]
     log = (runs["root"] / "sft_resumed.log").read_text(errors="replace")
     assert "order differs" not in log and "written by" not in log, log  # no warning about another host count
+
+
+def test_sigterm_to_one_process_stops_both_at_one_saved_step(runs):
+    stops = [json.loads((runs["root"] / f"sft_preempted_{i}.json").read_text())["interrupted"] for i in range(2)]
+    assert stops[0] == stops[1], stops  # the same step, signal and message on both processes
+    step = stops[0]["step"]
+    assert stops[0]["signal"] == "SIGTERM" and 2 < step < 6, stops
+    ckpt = Checkpointer(runs["sft_preempted"] / "checkpoints")
+    try:
+        assert ckpt.all_steps() == [step]  # saved because of the signal: the run saves only at its end
+    finally:
+        ckpt.close()
+    a, b = _by_step(runs["sft_preempted"], "loss"), _by_step(runs["sft_reference"], "loss")
+    assert sorted(a) == list(range(1, step + 1))
+    for s in a:
+        assert a[s] == pytest.approx(b[s], rel=2e-6), (s, a[s], b[s])
+    assert not (runs["sft_preempted"] / "final").exists()
 
 
 def test_launcher_run_writes_run_files_once_from_process_zero(runs):

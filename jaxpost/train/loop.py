@@ -25,6 +25,7 @@ import numpy as np
 from jaxpost import paths
 from jaxpost.errors import UserError
 from jaxpost.train.checkpoint import Checkpointer, abstract_with_shardings
+from jaxpost.train.interrupt import RunInterrupted, StopRequests
 from jaxpost.train.metrics import Console, MetricsWriter, Stopwatch, mfu
 from jaxpost.train.state import TrainState
 from jaxpost.train.step import stack_batches
@@ -290,9 +291,18 @@ def train(*, state: TrainState, step_fn: Callable, batches: Iterator, frozen: An
         logged at that step, and the reason printed.
       steps_per_epoch: when known, log records get ``epoch = step / steps_per_epoch``.
 
+    SIGTERM (a preempted VM) or SIGINT (Ctrl-C) during the loop stops the
+    run at the next point where a checkpoint can be taken (after every call
+    of ``step_fn``, or where ``batches.checkpointable()`` says so: online,
+    between rollouts), which is saved, logged and, with several processes,
+    the same step on all (:class:`jaxpost.train.interrupt.StopRequests`);
+    a second signal acts at once.
+
     Raises:
       NonFiniteLossError: a step produced a non-finite loss or gradient norm;
         raised before any later save, after pending saves have finished.
+      RunInterrupted: a signal stopped the run before ``num_steps``; raised
+        after the checkpoint of its step is written.
     """
     if log_every < 1:
         raise ValueError(f"log_every must be >= 1, got {log_every}")
@@ -320,6 +330,7 @@ def train(*, state: TrainState, step_fn: Callable, batches: Iterator, frozen: An
     console = Console(num_steps, initial=step, progress=progress)
     # Online sources sample their batches from the current policy; offline ones are plain iterators.
     take = batches.next_for if hasattr(batches, "next_for") else (lambda _state: next(batches))
+    checkpointable = getattr(batches, "checkpointable", lambda: True)
     n_devices, kind = jax.device_count(), jax.devices()[0].device_kind
     pending: list[tuple[int, jax.Array]] = []
     watch, interval_steps = Stopwatch(), 0
@@ -352,70 +363,76 @@ def train(*, state: TrainState, step_fn: Callable, batches: Iterator, frozen: An
         interval_tokens.clear()
         return record
 
-    try:
-        while step < num_steps and not (best is not None and best.should_stop):
-            parts = [take(state) for _ in range(n)]
-            if tokens_per_batch_fn is not None:
-                interval_tokens.extend(tokens_per_batch_fn(b) for b in parts)
-            batch = parts[0] if n == 1 else stack_batches(parts)
-            state, metrics = step_fn(state, batch, frozen)
-            step += n
-            interval_steps += n
-            if "is_finite" not in metrics:
-                raise KeyError("step_fn metrics lack 'is_finite' (the NaN guard needs it); "
-                               "build the step with jaxpost.train.make_train_step")
-            pending.append((step - n + 1, metrics["is_finite"]))
+    halt = None  # the name of the signal that stopped the run
+    with StopRequests() as stops:
+        try:
+            while step < num_steps and not (best is not None and best.should_stop) and halt is None:
+                parts = [take(state) for _ in range(n)]
+                if tokens_per_batch_fn is not None:
+                    interval_tokens.extend(tokens_per_batch_fn(b) for b in parts)
+                batch = parts[0] if n == 1 else stack_batches(parts)
+                state, metrics = step_fn(state, batch, frozen)
+                step += n
+                interval_steps += n
+                if "is_finite" not in metrics:
+                    raise KeyError("step_fn metrics lack 'is_finite' (the NaN guard needs it); "
+                                   "build the step with jaxpost.train.make_train_step")
+                pending.append((step - n + 1, metrics["is_finite"]))
+                halt = stops.after_steps(range(step - n + 1, step + 1), checkpointable())
 
-            last = step == num_steps
-            log_now = step % log_every == 0 or last
-            eval_now = eval_fn is not None and eval_every > 0 and step % eval_every == 0
-            save_now = checkpointer is not None and (last or checkpointer.should_save(step))
-            if log_now or eval_now or save_now:
-                bad = _first_bad(pending)
-                pending.clear()
-                if bad is not None:
-                    saved = _saved_steps(checkpointer)
-                    raise NonFiniteLossError(bad, saved[-1] if saved else None, saved)
+                last = step == num_steps
+                log_now = step % log_every == 0 or last
+                eval_now = eval_fn is not None and eval_every > 0 and step % eval_every == 0
+                save_now = checkpointer is not None and (last or checkpointer.should_save(step))
+                if log_now or eval_now or save_now or halt:
+                    bad = _first_bad(pending)
+                    pending.clear()
+                    if bad is not None:
+                        saved = _saved_steps(checkpointer)
+                        raise NonFiniteLossError(bad, saved[-1] if saved else None, saved)
 
-            record = train_record() if log_now else None
-            evaluated = None
-            if eval_now:
-                eval_watch = Stopwatch()
-                evaluated = {f"eval/{k}": v for k, v in jax.device_get(dict(eval_fn(state))).items()}
-                excluded += eval_watch.lap()
-                if writer is not None:
-                    writer.write(step, evaluated)
-                if best is not None:
-                    best.update(step, evaluated, state)
-            stop = best is not None and best.should_stop
-            if stop and record is None:
-                record = train_record()  # the run ends here: its last step is logged like a final one
-            if record is not None:
-                last_loss = record.get("loss", last_loss)
-                console.update(step, float(record["loss"]) if "loss" in record else None, record.get("tokens_per_s"))
-            else:
-                console.update(step)
-            if evaluated is not None:
-                last_eval_loss = evaluated.get("eval/loss", last_eval_loss)
-            if record is not None or evaluated is not None:
-                console.log(step, {**(record or {}), **(evaluated or {})})
+                record = train_record() if log_now else None
+                evaluated = None
+                if eval_now:
+                    eval_watch = Stopwatch()
+                    evaluated = {f"eval/{k}": v for k, v in jax.device_get(dict(eval_fn(state))).items()}
+                    excluded += eval_watch.lap()
+                    if writer is not None:
+                        writer.write(step, evaluated)
+                    if best is not None:
+                        best.update(step, evaluated, state)
+                stop = (best is not None and best.should_stop) or halt is not None
+                if stop and record is None:
+                    record = train_record()  # the run ends here: its last step is logged like a final one
+                if record is not None:
+                    last_loss = record.get("loss", last_loss)
+                    console.update(step, float(record["loss"]) if "loss" in record else None,
+                                   record.get("tokens_per_s"))
+                else:
+                    console.update(step)
+                if evaluated is not None:
+                    last_eval_loss = evaluated.get("eval/loss", last_eval_loss)
+                if record is not None or evaluated is not None:
+                    console.log(step, {**(record or {}), **(evaluated or {})})
 
-            if checkpointer is not None and (save_now or stop):
-                if writer is not None:
-                    writer.flush()  # a checkpoint's step always has its metrics on disk (or in the bucket)
-                if best is not None:
-                    # On resume, patience counts evaluations since the best on disk: it must not lag behind.
-                    best.wait_until_finished()
-                checkpointer.save(step, state, data_state=batches.get_state(), force=last or stop)
-    finally:
-        if checkpointer is not None:
-            checkpointer.wait_until_finished()
-        if best is not None:
-            best.wait_until_finished()
-        if writer is not None:
-            writer.flush()
-        console.close()
-    summary = [f"[jaxpost] {'stopped' if best is not None and best.should_stop else 'done'} at step "
+                if checkpointer is not None and (save_now or stop):
+                    if writer is not None:
+                        writer.flush()  # a checkpoint's step always has its metrics on disk (or in the bucket)
+                    if best is not None:
+                        # On resume, patience counts evaluations since the best on disk: it must not lag behind.
+                        best.wait_until_finished()
+                    checkpointer.save(step, state, data_state=batches.get_state(), force=last or stop)
+        finally:
+            if checkpointer is not None:
+                checkpointer.wait_until_finished()
+            if best is not None:
+                best.wait_until_finished()
+            if writer is not None:
+                writer.flush()
+            console.close()
+    early = best is not None and best.should_stop
+    interrupted = halt is not None and step < num_steps and not early  # a signal at the last step changes nothing
+    summary = [f"[jaxpost] {'stopped' if early or interrupted else 'done'} at step "
                f"{step}/{num_steps} ({step - first_step} steps in {_duration(time.perf_counter() - started)})"]
     if last_loss is not None:
         summary.append(f"train loss {float(last_loss):.4g}")
@@ -423,8 +440,13 @@ def train(*, state: TrainState, step_fn: Callable, batches: Iterator, frozen: An
         summary.append(f"eval loss {float(last_eval_loss):.4g}")
     if best is not None and best.best_value is not None:
         summary.append(f"best {best.metric} {best.best_value:.4g} at step {best.best_step}")
-    if best is not None and best.should_stop:
+    if early:
         summary.append(best.stop_reason)
+    elif interrupted:
+        summary.append(f"stopped by {halt}")
     console.print(" | ".join(summary))
+    if interrupted:
+        stops.all_saved()
+        raise RunInterrupted(halt, step, num_steps, None if checkpointer is None else str(checkpointer.directory))
     return state
 

@@ -192,6 +192,10 @@ class RolloutBatches:
             out["time/generate_fraction"] = out["time/generate_s"] / cycle
         return out
 
+    def checkpointable(self) -> bool:
+        """Whether the loop may save now: between two rollouts (none of the current one's minibatches left)."""
+        return not self._queue
+
     def get_state(self) -> dict:
         """``{"prompts", "rollout", "method"}``: the position between two rollouts."""
         if self._queue:
