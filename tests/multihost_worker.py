@@ -10,7 +10,7 @@ process running the same command trains on the same data as N processes.
 
 ``JAXPOST_TEST_SIGTERM_AT_STEP=K`` (a test's setting, for one process):
 the process sends itself SIGTERM, as a preempted VM's process receives it,
-once its loop has run step K; a run stopped so writes ``{"interrupted":
+once its loop has run K steps; a run stopped so writes ``{"interrupted":
 ...}`` and exits with the command line's status (143).
 """
 
@@ -54,10 +54,11 @@ def _sigterm_at(step: str | None) -> None:
         return
     from jaxpost.train import interrupt
 
-    after_steps = interrupt.StopRequests.after_steps
+    after_steps, ran = interrupt.StopRequests.after_steps, [0]
 
     def and_sigterm(self, steps, checkpointable=True):
-        if int(step) in steps:
+        ran[0] += steps
+        if ran[0] - steps < int(step) <= ran[0]:
             os.kill(os.getpid(), signal.SIGTERM)
         return after_steps(self, steps, checkpointable)
 

@@ -132,7 +132,7 @@ def test_stop_requests_outside_the_main_thread_leave_the_handlers_alone():
     def body():
         with StopRequests() as stops:
             seen["handler"] = signal.getsignal(signal.SIGTERM)
-            seen["requested"] = stops.after_steps(range(1, 2))
+            seen["requested"] = stops.after_steps(1)
 
     t = threading.Thread(target=body)
     t.start()

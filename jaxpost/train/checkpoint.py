@@ -65,6 +65,21 @@ def abstract_with_shardings(tree: Any, shardings: Any = None) -> Any:
 
 
 @gin.configurable
+class _Manager(ocp.CheckpointManager):
+    """Orbax's manager without its own questions to JAX's preemption service.
+
+    The training loop asks the service whether to stop, once per step with
+    ids of its own (:class:`jaxpost.train.interrupt.StopRequests`); Orbax
+    asks it at every save with the step number, which would move the
+    service's counter and so the step the processes agree to stop at. A
+    stop's save is the loop's (``force``), so Orbax never needs the answer.
+    """
+
+    def reached_preemption(self, step: int) -> bool:
+        del step
+        return False
+
+
 class Checkpointer:
     """Saves every ``save_every`` steps, keeps the newest ``keep``, asynchronously by default.
 
@@ -94,7 +109,7 @@ class Checkpointer:
             save_interval_steps=1, max_to_keep=keep, enable_async_checkpointing=async_save,
             create=True, cleanup_tmp_directories=True)
         # Handlers named up front, so that a fresh manager can read a step's metadata before any save or restore.
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+        self._manager = _Manager(self.directory, options=options, item_handlers={
             "state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
             "config": ocp.JsonCheckpointHandler()})
 

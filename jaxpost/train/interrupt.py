@@ -16,7 +16,9 @@ before are back): Ctrl-C twice stops without saving.
 Several processes must stop at the same step, so there the decision is
 JAX's: ``jax.distributed`` runs a preemption service that owns SIGTERM on
 every process and, when any of them receives it, agrees on a step for all
-(``multihost_utils.reached_preemption_sync_point``). Ctrl-C on one process
+(``multihost_utils.reached_preemption_sync_point``). Only the loop asks the
+service (the checkpointer keeps Orbax from asking it too, with ids of its
+own that would move the agreed step). Ctrl-C on one process
 is turned into that same notice (the process sends itself SIGTERM), so one
 Ctrl-C in any host's terminal stops the whole run at one saved step.
 """
@@ -37,7 +39,7 @@ class StopRequests:
     """Signals that ask the enclosing loop to stop, as a context manager.
 
     ``with StopRequests() as stops:`` then, after every call of the train
-    step, ``stops.after_steps(steps, checkpointable)``: the name of the
+    step, ``stops.after_steps(n, checkpointable)``: the name of the
     signal once the run should stop there, else ``None``. Handlers are
     installed only on the main thread (a loop run from another thread keeps
     the process's handlers) and put back on exit.
@@ -47,6 +49,7 @@ class StopRequests:
         self.received: str | None = None
         self._previous: dict[int, Any] = {}
         self._agreed: str | None = None  # several processes: the service's sync point is passed
+        self._steps = 0  # steps run since the loop began: the ids given to the service
         self._multi = False
         self._off = False  # several processes without JAX's preemption service: no stop can be agreed
 
@@ -81,28 +84,30 @@ class StopRequests:
         if self._multi:
             os.kill(os.getpid(), signal.SIGTERM)  # the preemption service tells every process
 
-    def after_steps(self, steps: range, checkpointable: bool = True) -> str | None:
+    def after_steps(self, steps: int, checkpointable: bool = True) -> str | None:
         """Whether the run stops now: the signal's name, or ``None``.
 
         Call it on every process after every call of the train step, with
-        the steps that call ran and whether a checkpoint can be taken now.
-        One process: a signal received stops the run at the next such call.
-        Several: JAX's service picks a step every process has still to
-        reach (one past the furthest), and the run stops at the first point
-        at or after it; the ids given to the service are the step numbers,
-        as Orbax's checkpoint manager gives it at each save. With JAX's
-        preemption service off (``jax_enable_preemption_service``) the
-        processes cannot agree on a step: nothing is requested then, and
-        signals act as they did before.
+        the number of steps that call ran and whether a checkpoint can be
+        taken now. One process: a signal received stops the run at the
+        next such call. Several: JAX's service picks an id every process
+        has still to reach (one past the furthest), and the run stops at the
+        first checkpoint point at or after it. The ids are the steps run
+        since the loop began (the same count on every process), so a notice
+        that arrived before the first step (the service then picks id 1)
+        stops the run after it. With JAX's preemption service off
+        (``jax_enable_preemption_service``) the processes cannot agree on a
+        step: nothing is requested then, and signals act as they did before.
         """
+        first, self._steps = self._steps + 1, self._steps + steps
         if self._off:
             return None
         if self._multi and self._agreed is None:
             from jax.experimental import multihost_utils
 
             try:
-                for step in steps:  # each id in turn: the service answers True for one id only
-                    if multihost_utils.reached_preemption_sync_point(step):
+                for i in range(first, self._steps + 1):  # each id in turn: the service answers True for one only
+                    if multihost_utils.reached_preemption_sync_point(i):
                         self._agreed = self.received or "SIGTERM"
             except RuntimeError:
                 self._off = True

@@ -378,7 +378,7 @@ def train(*, state: TrainState, step_fn: Callable, batches: Iterator, frozen: An
                     raise KeyError("step_fn metrics lack 'is_finite' (the NaN guard needs it); "
                                    "build the step with jaxpost.train.make_train_step")
                 pending.append((step - n + 1, metrics["is_finite"]))
-                halt = stops.after_steps(range(step - n + 1, step + 1), checkpointable())
+                halt = stops.after_steps(n, checkpointable())
 
                 last = step == num_steps
                 log_now = step % log_every == 0 or last
