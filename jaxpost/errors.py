@@ -38,9 +38,13 @@ class RunInterrupted(BaseException):
 
     def __init__(self, signal_name: str, step: int, num_steps: int, checkpoint: str | None):
         self.signal_name, self.step, self.num_steps, self.checkpoint = signal_name, step, num_steps, checkpoint
-        saved = (f"a checkpoint of step {step} is saved in {checkpoint}; run the same command again to resume "
-                 f"from it" if checkpoint else "nothing was saved (no checkpointer)")
-        super().__init__(f"stopped by {signal_name} at step {step} of {num_steps}: {saved}")
+        super().__init__(self.message())
+
+    def message(self, resume: str = "run the same command again") -> str:
+        """What happened and, with a checkpoint, ``resume`` (how to go on) "to resume from it"."""
+        saved = (f"a checkpoint of step {self.step} is saved in {self.checkpoint}; {resume} to resume from it"
+                 if self.checkpoint else "nothing was saved (no checkpointer)")
+        return f"stopped by {self.signal_name} at step {self.step} of {self.num_steps}: {saved}"
 
     @property
     def exit_status(self) -> int:
