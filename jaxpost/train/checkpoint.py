@@ -64,7 +64,6 @@ def abstract_with_shardings(tree: Any, shardings: Any = None) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-@gin.configurable
 class _Manager(ocp.CheckpointManager):
     """Orbax's manager without its own questions to JAX's preemption service.
 
@@ -80,6 +79,7 @@ class _Manager(ocp.CheckpointManager):
         return False
 
 
+@gin.configurable
 class Checkpointer:
     """Saves every ``save_every`` steps, keeps the newest ``keep``, asynchronously by default.
 
