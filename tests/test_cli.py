@@ -135,6 +135,20 @@ def test_an_unset_required_key_is_named_before_the_run_starts(capsys, tmp_path):
     assert rc == 2 and "sft.train_data" in err
 
 
+@pytest.mark.parametrize("argv,expected", [
+    (["--gin_file=configs/runs/distill.gin", "--gin.distill.mode='on_policy'"],
+     "distill.mode='on_policy' trains on the student's own samples, where a hard-label term would imitate the "
+     "student itself: set distill.alpha = 1.0 (got 0.9)"),
+    (["--gin_file=configs/runs/distill.gin", "--gin.distill.mode='online'"], "distill.mode='online' is unknown"),
+])
+def test_a_wrong_combination_of_values_is_one_paragraph_naming_the_key(capsys, tmp_path, argv, expected):
+    rc, _, err = _main(capsys, "train", *argv, f"--gin.distill.run_dir={tmp_path / 'run'}",
+                       f"--gin.distill.train_data={tmp_path / 'x.jsonl'}", f"--gin.distill.teacher_from={tmp_path}",
+                       f"--gin.distill.init_from={tmp_path}")
+    assert rc == 2 and err.startswith("jaxpost: error: ") and err.count("\n") == 1, err
+    assert expected in err and "In call to configurable" not in err, err
+
+
 def test_config_error_is_a_user_error():
     assert issubclass(config.ConfigError, UserError) and issubclass(config.ConfigError, ValueError)
 

@@ -13,6 +13,7 @@ from jaxpost import models
 from jaxpost.algorithms import make_sft_loss
 from jaxpost.algorithms.distill import make_cached_distill_loss, make_distill_loss
 from jaxpost.data import build_tokenizer, make_lm_pipeline
+from jaxpost.errors import UserError
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.heads import logits as full_logits
 from jaxpost.train.fit import LoopConfig
@@ -96,7 +97,7 @@ def test_vocab_mismatch_names_both_sizes(tmp_path, tok):
     sg, _ = models.create(STUDENT, seed=0)
     other = TEACHER.replace(vocab_size=300)
     tg, _ = models.create(other, seed=0)
-    with pytest.raises(ValueError, match=r"student vocab_size 264 != teacher vocab_size 300"):
+    with pytest.raises(UserError, match=r"student vocab_size 264 != teacher vocab_size 300"):
         make_distill_loss(sg, STUDENT, tg, other)
     # The run checks before training: a teacher directory with another vocabulary.
     from jaxpost.models.hf import save_hf
@@ -105,21 +106,21 @@ def test_vocab_mismatch_names_both_sizes(tmp_path, tok):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     tok.save_pretrained(tmp_path / "tok")
-    with pytest.raises(ValueError, match=r"student vocab_size 264 != teacher vocab_size 300"):
+    with pytest.raises(UserError, match=r"student vocab_size 264 != teacher vocab_size 300"):
         distill(run_dir=str(tmp_path / "run"), train_data=str(data), tokenizer=str(tmp_path / "tok"),
                 teacher_from=str(tmp_path / "teacher"), model=STUDENT)
 
 
 def test_bad_options_raise_clearly(tmp_path):
-    with pytest.raises(ValueError, match="Unknown distillation mode 'online'"):
+    with pytest.raises(UserError, match=r"distill.mode='online' is unknown"):
         distill(run_dir=str(tmp_path), train_data="x", tokenizer="x", teacher_from="x", model=STUDENT, mode="online")
-    with pytest.raises(ValueError, match="use alpha=1.0"):
+    with pytest.raises(UserError, match=r"set distill.alpha = 1.0 \(got 0.5\)"):
         distill(run_dir=str(tmp_path), train_data="x", tokenizer="x", teacher_from="x", model=STUDENT,
                 mode="on_policy", alpha=0.5)
-    with pytest.raises(ValueError, match="LoopConfig.steps_per_call=2 and LoopConfig.grad_accum_steps=1 must both"):
+    with pytest.raises(UserError, match="LoopConfig.steps_per_call=2 and LoopConfig.grad_accum_steps=1 must both"):
         distill(run_dir=str(tmp_path), train_data="x", tokenizer="x", teacher_from="x", model=STUDENT,
                 mode="on_policy", loop=LoopConfig(steps_per_call=2))
-    with pytest.raises(ValueError, match="set top_k >= 1"):
+    with pytest.raises(UserError, match=r"set distill.top_k >= 1 \(got 0\)"):
         distill(run_dir=str(tmp_path), train_data="x", tokenizer="x", teacher_from="x", model=STUDENT,
                 teacher_cache=str(tmp_path / "c"))
     sg, _ = models.create(STUDENT, seed=0)

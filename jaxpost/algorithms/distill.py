@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpost.algorithms.batch import CACHED_KEYS, LM_KEYS, check_batch
+from jaxpost.errors import UserError
 from jaxpost.losses.distill import (DIVERGENCES, chunked_distill_loss, chunked_topk_distill_loss, generalized_jsd,
                                     teacher_topk, topk_forward_kl)
 from jaxpost.models import forward
@@ -32,14 +33,14 @@ __all__ = ["CACHED_KEYS", "check_same_vocab", "make_divergence", "make_distill_l
 
 
 def check_same_vocab(student: ModelConfig, teacher: ModelConfig) -> None:
-    """Raises ``ValueError`` naming both sizes unless student and teacher share ``vocab_size``."""
+    """Raises :class:`~jaxpost.errors.UserError` (a ``ValueError``) naming both sizes unless they share ``vocab_size``."""
     if student.vocab_size != teacher.vocab_size:
-        raise ValueError(f"student vocab_size {student.vocab_size} != teacher vocab_size {teacher.vocab_size}: "
-                         "distillation compares distributions token by token, so both models need the same "
-                         "tokenizer and vocabulary")
+        raise UserError(f"student vocab_size {student.vocab_size} != teacher vocab_size {teacher.vocab_size}: "
+                        "distillation compares distributions token by token, so both models need the same "
+                        "tokenizer and vocabulary")
     for name, c in (("student", student), ("teacher", teacher)):
         if c.head != "lm":
-            raise ValueError(f"the {name} model needs an LM head for distillation, got head={c.head!r}")
+            raise UserError(f"the {name} model needs an LM head for distillation, got head={c.head!r}")
 
 
 def make_divergence(divergence: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,

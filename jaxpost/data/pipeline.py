@@ -215,7 +215,8 @@ def make_preference_pipeline(rows: Any, tokenizer: Any, seq_len: int, batch_size
     is the global batch: every host yields the same batches (module docstring).
     """
     if shared_prompt and packing:
-        raise ValueError("shared_prompt and packing are two layouts; choose one")
+        raise UserError("shared_prompt=True and packing=True are two layouts of the pairs (dpo.*, reward_model.*); "
+                        "choose one")
     stats = stats if stats is not None else DataStats()
     ds, fmt, source = _rows_dataset(
         rows, (formats.PREFERENCE,), "Preference", seed=seed, shuffle=shuffle, num_epochs=num_epochs)

@@ -19,6 +19,7 @@ import gin
 from jaxpost.algorithms.distill import check_same_vocab
 from jaxpost.config import build, build_if_bound
 from jaxpost.data import check_run_inputs, train_eval_split
+from jaxpost.errors import UserError
 from jaxpost.generate.sampler import SamplingConfig
 from jaxpost.hub import resolve_model_dir
 from jaxpost.models.config import ModelConfig
@@ -65,24 +66,26 @@ def distill(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokeniz
     sampling, loop = build(SamplingConfig, sampling), build(LoopConfig, loop)
     model = build_if_bound(ModelConfig, model)
     if mode not in MODES:
-        raise ValueError(f"Unknown distillation mode {mode!r}; choose one of {MODES}")
+        raise UserError(f"distill.mode={mode!r} is unknown; choose one of {MODES}")
     if mode != "offline" and teacher_cache is not None:
-        raise ValueError(f"teacher_cache is for mode='offline'; mode={mode!r} needs the live teacher")
+        raise UserError(f"distill.teacher_cache is for distill.mode='offline'; mode={mode!r} needs the live teacher "
+                        f"(unset teacher_cache)")
     if teacher_cache is not None and top_k < 1:
-        raise ValueError("teacher_cache stores the teacher's top-k: set top_k >= 1")
+        raise UserError(f"distill.teacher_cache stores the teacher's top-k: set distill.top_k >= 1 (got {top_k})")
     if mode == "on_policy" and not 0.0 <= lmbda <= 1.0:
-        raise ValueError(f"lmbda (fraction of on-policy steps) must be in [0, 1], got {lmbda}")
+        raise UserError(f"distill.lmbda (the fraction of on-policy steps) must be in [0, 1], got {lmbda}")
     if mode == "on_policy" and alpha != 1.0:
-        raise ValueError(f"mode='on_policy' trains on the student's own samples, where a hard-label term would "
-                         f"imitate the student itself; use alpha=1.0 (got {alpha})")
+        raise UserError(f"distill.mode='on_policy' trains on the student's own samples, where a hard-label term "
+                        f"would imitate the student itself: set distill.alpha = 1.0 (got {alpha}), e.g. "
+                        f"--gin.distill.alpha=1.0")
     if mode == "on_policy" and (loop.steps_per_call != 1 or loop.grad_accum_steps != 1):
-        raise ValueError("mode='on_policy' samples between updates, one batch per update: LoopConfig.steps_per_call"
-                         f"={loop.steps_per_call} and LoopConfig.grad_accum_steps={loop.grad_accum_steps} must both "
-                         "be 1 (the offline modes take them)")
+        raise UserError("distill.mode='on_policy' samples between updates, one batch per update: "
+                        f"LoopConfig.steps_per_call={loop.steps_per_call} and LoopConfig.grad_accum_steps="
+                        f"{loop.grad_accum_steps} must both be 1 (the offline modes take them)")
     cached_ready = teacher_cache is not None and (Path(teacher_cache) / "meta.json").exists()
     if teacher_from is None and not cached_ready:
-        raise ValueError("distill needs teacher_from (a Hugging Face model directory) unless teacher_cache is a "
-                         "finished cache")
+        raise UserError("distill needs distill.teacher_from (a Hugging Face model directory) unless "
+                        "distill.teacher_cache is a finished cache")
 
     if teacher_from is not None and not cached_ready and model is not None and init_from is None:
         # Fail before any weights are built or read.

@@ -77,7 +77,8 @@ def distill_on_policy(run: Path, part: Partitioner, tok: Any, student: tuple, te
                         "export_best and patience are for offline runs: unset them")
     P = max_prompt_len or seq_len // 2
     if not 0 < P < seq_len:
-        raise ValueError(f"max_prompt_len={P} must be in (0, seq_len={seq_len}): the rest holds sampled responses")
+        raise UserError(f"distill.max_prompt_len={P} must be in (0, distill.seq_len={seq_len}): the rest of a row "
+                        f"holds the sampled responses")
     config, graphdef, params = student
     t_config, t_graphdef, t_params = teacher
     loss_fn = make_distill_loss(graphdef, config, t_graphdef, t_config, divergence=divergence,
