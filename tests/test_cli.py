@@ -17,6 +17,7 @@ import pytest
 
 from jaxpost import cli, config, keys, recipes
 from jaxpost.errors import UserError
+from pipeline_utils import make_task
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_SFT = "configs/experiments/demo/sft.gin"
@@ -147,6 +148,22 @@ def test_a_wrong_combination_of_values_is_one_paragraph_naming_the_key(capsys, t
                        f"--gin.distill.init_from={tmp_path}")
     assert rc == 2 and err.startswith("jaxpost: error: ") and err.count("\n") == 1, err
     assert expected in err and "In call to configurable" not in err, err
+
+
+@pytest.mark.parametrize("binding,expected", [
+    ("--gin.make_optimizer.schedule='cosin'", "make_optimizer.schedule='cosin' is unknown; choose 'cosine'"),
+    ("--gin.make_optimizer.learning_rate=-0.001", "make_optimizer.learning_rate must be >= 0, got -0.001"),
+    ("--gin.make_optimizer.name='adam'", "make_optimizer.name='adam' is unknown"),
+    ("--gin.LoopConfig.log_every=0", "LoopConfig.log_every must be >= 1, got 0"),
+    ("--gin.LoopConfig.save_every=-5", "LoopConfig.save_every must be >= 0, got -5"),
+    ("--gin.sft.batch_size=0", "batch_size (e.g. sft.batch_size) must be >= 1, got 0"),
+])
+def test_a_value_out_of_range_is_one_paragraph_naming_the_key(capsys, tmp_path, binding, expected):
+    task = make_task(tmp_path, n_sft=16, n_pref=4, n_prompts=4, n_eval=4)
+    rc, _, err = _main(capsys, "train", f"--gin_file={DEMO_SFT}", f"--gin.sft.train_data={task['sft']}",
+                       f"--gin.sft.tokenizer={task['tokenizer']}", f"--gin.sft.run_dir={tmp_path / 'run'}", binding)
+    last = err.strip().splitlines()[-1]  # above it, `datasets` may have drawn its progress bar
+    assert rc == 2 and last.startswith("jaxpost: error: ") and expected in last and "Traceback" not in err, err
 
 
 def test_config_error_is_a_user_error():

@@ -128,7 +128,7 @@ def _finish(ds: grain.MapDataset, batch_size: int, read_options: grain.ReadOptio
             fill: Mapping[str, Any], pack: Callable[[grain.IterDataset], grain.IterDataset] | None,
             stats: DataStats) -> PipelineIterator:
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise UserError(f"the run's batch_size (e.g. sft.batch_size) must be >= 1, got {batch_size}")
     it = ds.to_iter_dataset(read_options or DEFAULT_READ_OPTIONS)
     if pack is not None:
         it = pack(it)

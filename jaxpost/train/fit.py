@@ -87,10 +87,12 @@ class LoopConfig:
                             f"run trains for one of them: unset the other (e.g. LoopConfig.num_steps = None)")
         if self.num_steps is None and self.num_epochs is None:
             object.__setattr__(self, "num_steps", 100)  # the default length
-        for name in ("num_steps", "num_epochs"):
+        for name, low in (("num_steps", 1), ("num_epochs", 1), ("log_every", 1), ("eval_every", 0),
+                          ("eval_batches", 1), ("save_every", 0), ("keep_checkpoints", 1), ("grad_accum_steps", 1),
+                          ("steps_per_call", 1)):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UserError(f"LoopConfig.{name} must be >= 1, got {value}")
+            if value is not None and value < low:
+                raise UserError(f"LoopConfig.{name} must be >= {low}, got {value}")
         if self.best_metric is None and (self.export_best or self.patience):
             raise UserError(f"LoopConfig: export_best={self.export_best} and patience={self.patience} choose by an "
                             f"evaluation metric; set LoopConfig.best_metric (e.g. 'eval/loss') and eval_every")

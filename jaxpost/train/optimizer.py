@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxpost.errors import UserError
+
 __all__ = ["Optimizer", "make_schedule", "make_optimizer", "default_decay_mask", "path_mask"]
 
 Schedule = Callable[[jax.Array], jax.Array]
@@ -62,12 +64,17 @@ def make_schedule(learning_rate: float = 1e-5, schedule: str = "cosine", warmup_
     ``optax.constant_schedule(peak)``); with ``W = 0`` the decay alone.
 
     Raises:
-      ValueError: for an unknown ``schedule``, ``warmup_steps < 0`` or ``total_steps < 1``.
+      UserError (a ``ValueError``): for an unknown ``schedule``, a negative
+        ``learning_rate`` or ``warmup_steps``, or ``total_steps < 1``; the
+        message names the ``make_optimizer`` key a run binds.
     """
     if schedule not in ("cosine", "linear", "constant"):
-        raise ValueError(f"Unknown schedule {schedule!r}; choose 'cosine', 'linear' or 'constant'")
+        raise UserError(f"make_optimizer.schedule={schedule!r} is unknown; choose 'cosine', 'linear' or 'constant'")
+    if learning_rate < 0:  # a negative rate climbs the loss
+        raise UserError(f"make_optimizer.learning_rate must be >= 0, got {learning_rate}")
     if warmup_steps < 0 or total_steps < 1:
-        raise ValueError(f"Need warmup_steps >= 0 and total_steps >= 1, got {warmup_steps} and {total_steps}")
+        raise UserError(f"make_optimizer.warmup_steps must be >= 0 and the run's steps >= 1, got {warmup_steps} and "
+                        f"{total_steps}")
     peak = float(learning_rate)
     decay_len = max(total_steps - warmup_steps, 1)
     if schedule == "cosine":
@@ -167,7 +174,7 @@ def make_optimizer(name: str = "adamw", learning_rate: float = 1e-5, schedule: s
         core = optax.adafactor(sched, multiply_by_parameter_scale=False,
                                weight_decay_rate=weight_decay or None, weight_decay_mask=mask_fn)
     else:
-        raise ValueError(f"Unknown optimizer {name!r}; choose 'adamw', 'adafactor' or 'lion'")
+        raise UserError(f"make_optimizer.name={name!r} is unknown; choose 'adamw', 'adafactor' or 'lion'")
     tx = optax.chain(optax.clip_by_global_norm(clip_norm), core) if clip_norm else core
     if trainable_mask is not None:
         train_fn = _as_fn(trainable_mask)
