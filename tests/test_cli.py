@@ -151,6 +151,17 @@ def test_a_wrong_combination_of_values_is_one_paragraph_naming_the_key(capsys, t
 
 
 @pytest.mark.parametrize("binding,expected", [
+    ("--gin.RolloutConfig.temperature=-1.0", "RolloutConfig.temperature must be >= 0 (0 = greedy), got -1.0"),
+    ("--gin.RolloutConfig.top_p=1.5", "RolloutConfig.top_p must be in (0, 1] (1 = off), got 1.5"),
+])
+def test_a_rollout_value_out_of_range_names_the_rollout_key(capsys, tmp_path, binding, expected):
+    # The sampler's own config checks the same values; the message names the key the user bound.
+    rc, _, err = _main(capsys, "train", "--gin_file=configs/experiments/demo/grpo.gin",
+                       f"--gin.grpo.run_dir={tmp_path / 'run'}", binding)
+    assert rc == 2 and err.startswith("jaxpost: error: ") and err.count("\n") == 1 and expected in err, err
+
+
+@pytest.mark.parametrize("binding,expected", [
     ("--gin.make_optimizer.schedule='cosin'", "make_optimizer.schedule='cosin' is unknown; choose 'cosine'"),
     ("--gin.make_optimizer.learning_rate=-0.001", "make_optimizer.learning_rate must be >= 0, got -0.001"),
     ("--gin.make_optimizer.name='adam'", "make_optimizer.name='adam' is unknown"),

@@ -37,7 +37,8 @@ from jaxpost.algorithms.online import make_rollout_logprobs
 from jaxpost.data.encode import pad_id
 from jaxpost.data.tokenizer import stop_token_ids
 from jaxpost.distributed import all_rows, host_rows, to_host
-from jaxpost.generate.sampler import Sampler, SamplingConfig, left_pad
+from jaxpost.errors import UserError
+from jaxpost.generate.sampler import Sampler, SamplingConfig, check_sampling_values, left_pad
 from jaxpost.models.config import ModelConfig
 from jaxpost.sharding import Partitioner
 from jaxpost.train.batches import on_mesh
@@ -66,6 +67,11 @@ class RolloutConfig:
     missing_eos_penalty: float | None = None
     stop_token_ids: tuple[int, ...] | None = None
     chunk_size: int = 512
+
+    def __post_init__(self):
+        check_sampling_values(self)
+        if self.chunk_size < 1:
+            raise UserError(f"RolloutConfig.chunk_size must be >= 1, got {self.chunk_size}")
 
 
 @dataclasses.dataclass

@@ -70,7 +70,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Sequence
+from typing import Any, Sequence
 
 import gin
 import jax
@@ -78,12 +78,32 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from jaxpost.errors import UserError
 from jaxpost.generate.processing import choose_tokens, log_softmax_parts
 from jaxpost.models.api import forward, fused_projections, inputs_from_attention_mask
 from jaxpost.models.attention import KVCache, cache_logical_axes, init_cache, map_layer_caches, pad_cache
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.heads import logits as lm_logits
 from jaxpost.sharding import Partitioner, active_partitioner, constrain
+
+
+def check_sampling_values(config: Any) -> None:
+    """Raises :class:`~jaxpost.errors.UserError` naming ``<config's class>.<field>`` for an out-of-range value.
+
+    Checks ``max_new_tokens >= 1``, ``temperature >= 0``, ``top_k >= 0``,
+    ``0 < top_p <= 1`` and ``group_size >= 1`` of any config holding them
+    (:class:`SamplingConfig`, and :class:`~jaxpost.generate.rollout.RolloutConfig`,
+    whose values a rollout's sampler takes), so the message names the key
+    the user bound.
+    """
+    name = type(config).__name__
+    for field, ok, rule in (("max_new_tokens", config.max_new_tokens >= 1, ">= 1"),
+                            ("temperature", config.temperature >= 0, ">= 0 (0 = greedy)"),
+                            ("top_k", config.top_k >= 0, ">= 0 (0 = off)"),
+                            ("top_p", 0.0 < config.top_p <= 1.0, "in (0, 1] (1 = off)"),
+                            ("group_size", config.group_size >= 1, ">= 1")):
+        if not ok:
+            raise UserError(f"{name}.{field} must be {rule}, got {getattr(config, field)}")
 
 
 @gin.configurable
@@ -132,22 +152,13 @@ class SamplingConfig:
     def __post_init__(self):
         # gin and JSON hand over lists; a tuple keeps the config hashable (a jit static arg).
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        if self.max_new_tokens < 1:
-            raise ValueError(f"SamplingConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"SamplingConfig.temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"SamplingConfig.top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"SamplingConfig.top_p must be in (0, 1] (1 = off), got {self.top_p}")
-        if self.group_size < 1:
-            raise ValueError(f"SamplingConfig.group_size must be >= 1, got {self.group_size}")
+        check_sampling_values(self)
         if self.cache_block < 0:
-            raise ValueError(f"SamplingConfig.cache_block must be >= 0 (0 = one cache of P + N slots), "
-                             f"got {self.cache_block}")
+            raise UserError(f"SamplingConfig.cache_block must be >= 0 (0 = one cache of P + N slots), "
+                            f"got {self.cache_block}")
         if self.cache_dtype not in (None, "float32", "bfloat16", "float16"):
-            raise ValueError(f"SamplingConfig.cache_dtype must be None, 'float32', 'bfloat16' or 'float16', "
-                             f"got {self.cache_dtype!r}")
+            raise UserError(f"SamplingConfig.cache_dtype must be None, 'float32', 'bfloat16' or 'float16', "
+                            f"got {self.cache_dtype!r}")
 
     def replace(self, **changes) -> "SamplingConfig":
         return dataclasses.replace(self, **changes)
