@@ -104,6 +104,11 @@ def _train(argv: Sequence[str]) -> int:
         release_run_dirs()  # before interpreter exit shuts down the storage clients the lock lives on
     if summary and distributed.is_main_process():
         print({k: v for k, v in summary.items()})
+    unread = config.unread_bindings(bindings)
+    if unread and distributed.is_main_process():
+        print(f"jaxpost: warning: this run (run.task = @{_bound_task()}) never read "
+              f"{', '.join('--gin.' + k for k in unread)}: a mistyped or misplaced key, whose value changed nothing. "
+              f"`jaxpost train --gin_file=... --list_keys` lists the keys the run reads", file=sys.stderr)
     return 0
 
 

@@ -162,6 +162,20 @@ def _gin_value(value: str) -> str:
         return repr(v)
 
 
+def unread_bindings(bindings: Sequence[str]) -> list[str]:
+    """The keys of ``bindings`` (``"KEY = VALUE"``, as :func:`split_gin_args` gives them) that nothing has read.
+
+    A key is read once gin has supplied it to a call: it is then in gin's
+    operative config. Bound but unread means the run never calls that
+    configurable, or every call passes that parameter itself (a
+    ``SamplingConfig.temperature`` binding in a GRPO run, whose sampler
+    takes ``RolloutConfig.temperature``). Macros (no ``.``) are not keys.
+    """
+    read = set(re.findall(r"^([\w./]+)\s*=", gin.operative_config_str(), re.M))
+    keys = [b.split("=", 1)[0].strip() for b in bindings]
+    return [k for k in keys if "." in k.split("/")[-1] and k not in read]
+
+
 def split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
     """Splits ``argv`` into (gin files, gin bindings, other args).
 

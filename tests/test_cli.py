@@ -177,6 +177,18 @@ def test_a_value_out_of_range_is_one_paragraph_naming_the_key(capsys, tmp_path, 
     assert rc == 2 and last.startswith("jaxpost: error: ") and expected in last and "Traceback" not in err, err
 
 
+def test_a_binding_the_run_never_read_is_named_at_its_end(capsys, tmp_path):
+    task = make_task(tmp_path, n_sft=16, n_pref=4, n_prompts=4, n_eval=4)
+    rc, _, err = _main(capsys, "train", f"--gin_file={DEMO_SFT}", f"--gin.sft.train_data={task['sft']}",
+                       f"--gin.sft.tokenizer={task['tokenizer']}", f"--gin.sft.run_dir={tmp_path / 'run'}",
+                       "--gin.LoopConfig.num_steps=2", "--gin.LoopConfig.progress=False",
+                       "--gin.SamplingConfig.temperature=0.5",  # SFT samples nothing
+                       "--gin.make_optimizer.learning_rate=0.01", "--on_config_change=allow")
+    assert rc == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("jaxpost: warning:")]
+    assert len(warnings) == 1 and "(run.task = @sft) never read --gin.SamplingConfig.temperature:" in warnings[0], err
+
+
 def test_config_error_is_a_user_error():
     assert issubclass(config.ConfigError, UserError) and issubclass(config.ConfigError, ValueError)
 
