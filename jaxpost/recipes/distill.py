@@ -68,8 +68,7 @@ def distill(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokeniz
     if mode not in MODES:
         raise UserError(f"distill.mode={mode!r} is unknown; choose one of {MODES}")
     if mode != "offline" and teacher_cache is not None:
-        raise UserError(f"distill.teacher_cache is for distill.mode='offline'; mode={mode!r} needs the live teacher "
-                        f"(unset teacher_cache)")
+        raise UserError(f"distill.teacher_cache is for mode='offline'; mode={mode!r} needs the live teacher")
     if teacher_cache is not None and top_k < 1:
         raise UserError(f"distill.teacher_cache stores the teacher's top-k: set distill.top_k >= 1 (got {top_k})")
     if mode == "on_policy" and not 0.0 <= lmbda <= 1.0:
