@@ -317,7 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunInterrupted as e:  # a signal stopped the run at a saved step
         if debug:
             traceback.print_exc()
-        resume = "run the same jaxpost demo command with --resume" if argv[0] == "demo" else "run the same command again"
+        resume = ("run the same jaxpost demo command with --resume" if argv[0] == "demo"
+                  else "run the same command again")
         print(f"jaxpost: {e.message(resume)}", file=sys.stderr)
         return e.exit_status
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop

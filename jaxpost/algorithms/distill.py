@@ -33,7 +33,7 @@ __all__ = ["CACHED_KEYS", "check_same_vocab", "make_divergence", "make_distill_l
 
 
 def check_same_vocab(student: ModelConfig, teacher: ModelConfig) -> None:
-    """Raises :class:`~jaxpost.errors.UserError` (a ``ValueError``) naming both sizes unless they share ``vocab_size``."""
+    """Raises :class:`~jaxpost.errors.UserError` (a ``ValueError``) naming both unless they share ``vocab_size``."""
     if student.vocab_size != teacher.vocab_size:
         raise UserError(f"student vocab_size {student.vocab_size} != teacher vocab_size {teacher.vocab_size}: "
                         "distillation compares distributions token by token, so both models need the same "
