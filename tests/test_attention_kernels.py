@@ -19,7 +19,8 @@ ON_GPU = jax.default_backend() == "gpu"
 
 
 def test_attention_choice_is_validated():
-    with pytest.raises(ValueError, match="attention must be 'xla', 'cudnn', 'splash' or 'auto', got 'flash'"):
+    with pytest.raises(ValueError, match="ModelConfig.attention must be one of 'xla', 'cudnn', 'splash', 'auto', "
+                                         "got 'flash'"):
         ModelConfig(attention="flash")
 
 

@@ -12,6 +12,7 @@ from flax import nnx
 
 from jaxpost import models
 from jaxpost.algorithms import make_dpo_loss, make_reward_loss, make_sft_loss, with_base_reference
+from jaxpost.errors import UserError
 from jaxpost.models.config import LoraConfig, ModelConfig
 from jaxpost.models.layers import Linear
 from jaxpost.models.lora import (apply_lora, load_adapters, merge_lora, save_adapters, set_adapters, without_adapters)
@@ -68,7 +69,7 @@ def test_lora_config_presets_validation_and_dropout_refusal():
         LoraConfig(rank=0)
     with pytest.raises(ValueError, match="dropout"):
         LoraConfig(dropout=0.1)
-    with pytest.raises(TypeError, match="lora"):
+    with pytest.raises(UserError, match=r"ModelConfig.lora must be a LoraConfig or None .*got \{'rank': 4\}"):
         ModelConfig(lora={"rank": 4})
 
 

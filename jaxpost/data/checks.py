@@ -77,7 +77,9 @@ def check_run_inputs(what: str, *, train_data: Any, kind: str, tokenizer: str | 
     run reads it again, from the ``datasets`` cache).
 
     Raises :class:`jaxpost.errors.UserError`, before any model loads, when:
-    the tokenizer or model cannot be found; ``len(tokenizer)`` exceeds the
+    the tokenizer or model cannot be found; a fresh ``model``'s config has
+    no Hugging Face class to export to
+    (:func:`jaxpost.models.hf.check_exportable`); ``len(tokenizer)`` exceeds the
     model's ``vocab_size`` (ids past the embedding would give NaNs); a data
     file is missing, malformed, of a format the method does not take, or has
     a bad row (field, message role or content, 1-based row and line);
@@ -96,6 +98,9 @@ def check_run_inputs(what: str, *, train_data: Any, kind: str, tokenizer: str | 
     tok_dir = resolve_tokenizer_dir(tokenizer if tokenizer is not None else init_from, key=tok_key)
     tok = load_tokenizer(tok_dir)
     vocab, vocab_from = model_vocab_size(model, init_from, init_key=f"{what}.{init_key}", model_key=f"{what}.model")
+    if init_from is None:  # a fresh model: its final/ export must not fail after the last step
+        from jaxpost.models.hf import check_exportable
+        check_exportable(model)
     if len(tok) > vocab:
         raise UserError(f"{what}: the tokenizer {tok_dir} has {len(tok)} tokens but the model's vocab_size is {vocab} "
                         f"({vocab_from}): ids >= {vocab} have no embedding; use the model's own tokenizer or "

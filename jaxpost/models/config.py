@@ -11,6 +11,39 @@ from typing import Any
 
 import gin
 
+from jaxpost.errors import UserError
+
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+"""The Hugging Face families a config can name (``ModelConfig.architecture``), i.e. load from and export to."""
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_fields(config: Any, *, ints: dict[str, int] | None = None, optional_ints: dict[str, int] | None = None,
+                  positive_floats: tuple[str, ...] = (), choices: dict[str, tuple[str, ...]] | None = None) -> None:
+    """Raises :class:`~jaxpost.errors.UserError` naming ``<class>.<field>`` for a value of the wrong kind or range.
+
+    ``ints`` / ``optional_ints`` (None allowed): field -> its minimum;
+    ``choices``: field -> the allowed values. A gin binding reaches the
+    dataclass as written, so ``num_layers = 0`` or ``dtype = 'bf16'`` must
+    fail here, in one line, rather than deep in a model build.
+    """
+    def bad(field: str, rule: str):
+        return UserError(f"{type(config).__name__}.{field} must be {rule}, got {getattr(config, field)!r}")
+
+    for fields, optional in ((ints or {}, False), (optional_ints or {}, True)):
+        for f, low in fields.items():
+            v = getattr(config, f)
+            if not (optional and v is None) and (not isinstance(v, int) or isinstance(v, bool) or v < low):
+                raise bad(f, ("None or " if optional else "") + f"an int >= {low}")
+    for f in positive_floats:
+        v = getattr(config, f)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+            raise bad(f, "a number > 0")
+    for f, allowed in (choices or {}).items():
+        if getattr(config, f) not in allowed:
+            raise bad(f, "one of " + ", ".join(map(repr, allowed)))
+
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +54,13 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        _check_fields(self, ints={"original_max_position_embeddings": 1},
+                      positive_floats=("factor", "low_freq_factor", "high_freq_factor"))
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise UserError(f"RopeScaling.high_freq_factor={self.high_freq_factor} must be > "
+                            f"RopeScaling.low_freq_factor={self.low_freq_factor}")
 
 
 # Depth from which ``ModelConfig(scan_layers=None)`` scans: from here on the scanned step compiles faster than
@@ -61,12 +101,9 @@ class LoraConfig:
     targets: Any = "all"
 
     def __post_init__(self):
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"LoraConfig.rank must be a positive int, got {self.rank!r}")
-        if not self.alpha > 0:
-            raise ValueError(f"LoraConfig.alpha must be > 0, got {self.alpha!r}")
+        _check_fields(self, ints={"rank": 1}, positive_floats=("alpha",))
         if self.dropout != 0.0:
-            raise ValueError(
+            raise UserError(
                 f"LoraConfig.dropout={self.dropout!r} is not supported: the loss signature loss(params, batch, "
                 "frozen) has no random key to draw a dropout mask from; use dropout=0.0")
         targets = self.targets
@@ -79,8 +116,8 @@ class LoraConfig:
         allowed = LORA_TARGET_PRESETS["all"]
         unknown = [t for t in targets if t not in allowed]
         if unknown or not targets:
-            raise ValueError(f"LoraConfig.targets has unknown projection(s) {unknown or targets!r}; use a preset "
-                             f"{sorted(LORA_TARGET_PRESETS)} or names among {allowed}")
+            raise UserError(f"LoraConfig.targets has unknown projection(s) {unknown or targets!r}; use a preset "
+                            f"{sorted(LORA_TARGET_PRESETS)} or names among {allowed}")
         # Canonical order and no duplicates, so equal configs compare (and hash) equal.
         object.__setattr__(self, "targets", tuple(t for t in allowed if t in targets))
 
@@ -157,21 +194,29 @@ class ModelConfig:
     scan_layers: bool | None = None
 
     def __post_init__(self):
+        _check_fields(self, ints={**dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                                                   "num_heads", "num_kv_heads", "max_position_embeddings"), 1),
+                                  "stored_logits_mib": 0},  # 0: the LM head's logits are always recomputed
+                      optional_ints={"head_dim": 1, "sliding_window": 1},
+                      positive_floats=("rope_theta", "rms_norm_eps"),
+                      choices={"head": ("lm", "score"), "remat": ("none", "full", "save_dots"),
+                               "attention": ("xla", "cudnn", "splash", "auto"), "architecture": ARCHITECTURES,
+                               "dtype": FLOAT_DTYPES, "param_dtype": FLOAT_DTYPES})
         if self.lora is not None and not isinstance(self.lora, LoraConfig):
-            raise TypeError(f"ModelConfig.lora must be a LoraConfig or None, got {type(self.lora).__name__}")
+            raise UserError(f"ModelConfig.lora must be a LoraConfig or None (ModelConfig.lora = @LoraConfig()), "
+                            f"got {self.lora!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise UserError(f"ModelConfig.rope_scaling must be a RopeScaling or None "
+                            f"(ModelConfig.rope_scaling = @RopeScaling()), got {self.rope_scaling!r}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
-        if self.head not in ("lm", "score"):
-            raise ValueError(f"head must be 'lm' or 'score', got {self.head!r}")
-        if self.remat not in ("none", "full", "save_dots"):
-            raise ValueError(f"remat must be 'none', 'full' or 'save_dots', got {self.remat!r}")
-        if self.attention not in ("xla", "cudnn", "splash", "auto"):
-            raise ValueError(f"attention must be 'xla', 'cudnn', 'splash' or 'auto', got {self.attention!r}")
+            raise UserError(f"ModelConfig.num_heads={self.num_heads} must be a multiple of "
+                            f"ModelConfig.num_kv_heads={self.num_kv_heads} (grouped-query attention)")
         if self.head_dim is None and self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
-                             "set head_dim explicitly")
+            raise UserError(f"ModelConfig.hidden_size={self.hidden_size} is not divisible by "
+                            f"ModelConfig.num_heads={self.num_heads}; set ModelConfig.head_dim explicitly")
         if self.dim_per_head % 2:
-            raise ValueError(f"head dimension {self.dim_per_head} must be even for rotary embeddings")
+            raise UserError(f"the head dimension {self.dim_per_head} (ModelConfig.head_dim, or hidden_size / "
+                            "num_heads) must be even for rotary embeddings")
 
     @property
     def scanned(self) -> bool:

@@ -22,9 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpost import paths
+from jaxpost.errors import UserError
 from jaxpost.hub import resolve_model_dir
 from jaxpost.models.api import abstract, logical_axes
-from jaxpost.models.config import ModelConfig, RopeScaling
+from jaxpost.models.config import FLOAT_DTYPES, ModelConfig, RopeScaling
 from jaxpost.models.layout import layer_index
 from jaxpost.models.safetensors_io import SafetensorsFile, save_file
 
@@ -103,6 +104,9 @@ def hf_config_to_model_config(hf: dict, dtype=None) -> ModelConfig:
     if dtype is None:
         dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
     dtype = _dtype_name(dtype)
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"config.json dtype {dtype!r} is not supported; load the checkpoint with dtype= one of "
+                         f"{', '.join(FLOAT_DTYPES)}")
     # Every field is passed, the unmapped ones at their dataclass defaults: ModelConfig is gin-configurable,
     # and a field left out would silently take the run's gin binding (e.g. ``ModelConfig.lora`` from
     # lora.gin), so the same config.json would read differently depending on the run's config.
@@ -117,6 +121,30 @@ def hf_config_to_model_config(hf: dict, dtype=None) -> ModelConfig:
         head=head, dtype=dtype, param_dtype=dtype, architecture=family, sliding_window=window)})
 
 
+def check_exportable(config: ModelConfig) -> None:
+    """Raises :class:`~jaxpost.errors.UserError` naming the ``ModelConfig`` keys when ``config.architecture``'s
+    Hugging Face class cannot hold the model.
+
+    Llama and Mistral have neither a q/k/v bias nor q/k norms, Qwen2 has the
+    bias (always), Qwen3 the norms (always), and only Mistral's config has a
+    sliding window. Runs call it before training a fresh model, whose
+    ``final/`` export would otherwise fail after the last step.
+    """
+    c, family = config, config.architecture
+    cls = _CLASS_PREFIX[family]
+    for key, owner in (("qkv_bias", "qwen2"), ("qk_norm", "qwen3")):
+        value = getattr(c, key)
+        if value != (family == owner):
+            fix = f"ModelConfig.architecture = '{owner}'" if value else f"ModelConfig.{key} = True"
+            raise UserError(f"ModelConfig.{key}={value} does not fit ModelConfig.architecture={family!r}: the "
+                            f"Hugging Face {cls} model a run exports {'always has' if value is False else 'has no'} "
+                            f"{key.replace('_', ' ')}; set {fix}")
+    if c.sliding_window is not None and family != "mistral":
+        raise UserError(f"ModelConfig.sliding_window={c.sliding_window} does not fit ModelConfig.architecture="
+                        f"{family!r}: only the Hugging Face Mistral config has a sliding window; "
+                        "set ModelConfig.architecture = 'mistral'")
+
+
 def model_config_to_hf_config(config: ModelConfig, dtype=None) -> dict:
     """The ``config.json`` dict that transformers loads as the same model.
 
@@ -127,15 +155,8 @@ def model_config_to_hf_config(config: ModelConfig, dtype=None) -> dict:
     if c.lora is not None:
         raise ValueError("config.lora is set: Hugging Face configs describe the base model only; fold the adapters "
                          "in with jaxpost.models.lora.merge_lora(config, params) first (or save_adapters)")
+    check_exportable(c)
     family = c.architecture
-    if family not in _CLASS_PREFIX:
-        raise ValueError(f"config.architecture={family!r} cannot be exported; supported: {sorted(_CLASS_PREFIX)}")
-    if c.qkv_bias != (family == "qwen2"):
-        raise ValueError(f"qkv_bias={c.qkv_bias} cannot be expressed by the {family} architecture")
-    if c.qk_norm != (family == "qwen3"):
-        raise ValueError(f"qk_norm={c.qk_norm} cannot be expressed by the {family} architecture")
-    if c.sliding_window is not None and family != "mistral":
-        raise ValueError(f"sliding_window={c.sliding_window} is only exportable for mistral, not {family}")
     head_suffix = {"lm": "ForCausalLM", "score": "ForSequenceClassification"}[c.head]
     rope = {"rope_type": "default", "rope_theta": c.rope_theta}
     legacy_scaling = None
