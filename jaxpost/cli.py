@@ -90,6 +90,7 @@ def _train(argv: Sequence[str]) -> int:
         return 0
     config.parse(files, bindings)
     _check_run_required()
+    _check_values_before_loading()
     from jaxpost import distributed
     from jaxpost.compile_cache import compilation_cache
 
@@ -139,6 +140,22 @@ def _check_run_required() -> None:
                           f"{'them' if len(missing) > 1 else 'it'} in your gin file (--list_keys lists every key)")
 
 
+def _check_values_before_loading() -> None:
+    # Values that the run would read only after its model loads (the optimizer's, a loss's, the batch size)
+    # are checked now, on the bindings alone, so that a typo costs no load and leaves no run directory.
+    from jaxpost.config import check_bound_values
+
+    task = _bound_task()
+    for key in (f"{task}.batch_size", f"{task}.seq_len"):
+        try:
+            value = gin.query_parameter(key)
+        except ValueError:  # not bound (or no such parameter)
+            continue
+        if not isinstance(value, int) or value < 1:
+            raise UserError(f"{key} must be an int >= 1, got {value!r}")
+    check_bound_values()
+
+
 def _generate(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="jaxpost generate",
                                 description="Sample completions for a prompt file (jsonl with 'prompt') to jsonl.")
@@ -146,12 +163,9 @@ def _generate(argv: Sequence[str]) -> int:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
     p.add_argument("--prompts", required=True, help="jsonl with a 'prompt' field (text or messages)")
     p.add_argument("--out", required=True, help="output jsonl: prompt, completion, sample_index + input fields")
-    p.add_argument("--n", type=int, default=1, help="samples per prompt")
-    p.add_argument("--max_new_tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=0)
-    p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--n", type=_int_from(1), default=1, help="samples per prompt")
+    _sampling_flags(p, max_new_tokens=256)
+    p.add_argument("--batch_size", type=_int_from(1), default=8)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     from jaxpost import distributed
@@ -167,6 +181,35 @@ def _generate(argv: Sequence[str]) -> int:
                           n_samples_per_prompt=args.n, batch_size=args.batch_size, seed=args.seed)
     print(f"wrote {n} completions to {args.out}")
     return 0
+
+
+def _int_from(low: int):
+    """An argparse type: an int >= ``low`` (argparse names the flag in its error)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = "int"  # argparse's message for a non-number reads "invalid int value"
+    return parse
+
+
+def _float_where(ok, rule: str):
+    """An argparse type: a float for which ``ok(value)`` holds, ``rule`` saying which."""
+    def parse(text: str) -> float:
+        value = float(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {value}")
+        return value
+    parse.__name__ = "float"
+    return parse
+
+
+def _sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--max_new_tokens", type=_int_from(1), default=max_new_tokens)
+    p.add_argument("--temperature", type=_float_where(lambda v: v >= 0, ">= 0"), default=1.0, help="0 = greedy")
+    p.add_argument("--top_k", type=_int_from(0), default=0, help="0 = off")
+    p.add_argument("--top_p", type=_float_where(lambda v: 0 < v <= 1, "in (0, 1]"), default=1.0, help="1 = off")
 
 
 def _synthesize(argv: Sequence[str]) -> int:
@@ -191,7 +234,7 @@ def synthesize_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
     p.add_argument("--prompts", required=True, help="JSON-lines file with a 'prompt' per line")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--n", type=int, default=8, help="samples per prompt")
+    p.add_argument("--n", type=_int_from(1), default=8, help="samples per prompt")
     p.add_argument("--mode", choices=MODES, default="best_of_n")
     p.add_argument("--reward", default=None, help="comma-separated registered reward names (jaxpost.generate.REWARDS)")
     p.add_argument("--reward_weights", default=None, help="comma-separated weights for --reward")
@@ -201,12 +244,9 @@ def synthesize_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max_chars", type=int, default=None)
     p.add_argument("--no_dedup", action="store_true")
     p.add_argument("--require_finished", action="store_true")
-    p.add_argument("--max_new_tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top_k", type=int, default=0)
-    p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--max_prompt_len", type=int, default=256)
+    _sampling_flags(p, max_new_tokens=64)
+    p.add_argument("--batch_size", type=_int_from(1), default=8)
+    p.add_argument("--max_prompt_len", type=_int_from(1), default=256)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if (a.reward is None) == (a.reward_model is None):

@@ -31,7 +31,7 @@ import re
 import sys
 import types
 import typing
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import gin
 import gin.config as _gin
@@ -261,6 +261,53 @@ def check_bindings() -> None:
             key = f"{scope + '/' if scope else ''}{name}.{param}"
             raise ConfigError(f"{key}: expected {_type_name(hints[param])}, got {value!r}; fix the binding in "
                               f"your gin file or on the command line (--gin.{key}=VALUE)")
+
+
+_VALUE_CHECKS: dict[str, Callable[..., None]] = {}
+
+
+def checks_values_of(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Registers the decorated function as the value check of the configurable ``name`` (``make_optimizer``).
+
+    The check takes some of the configurable's parameters as keywords (all
+    of them that it names; with ``**kwargs``, also the ones the configurable
+    collects in its own ``**kwargs``) and raises :class:`UserError` naming
+    ``name.<param>``. The configurable calls it on what it is given;
+    :func:`check_bound_values` runs it on the gin bindings, before a run
+    loads anything.
+    """
+    def register(fn: Callable[..., None]) -> Callable[..., None]:
+        _VALUE_CHECKS[name] = fn
+        return fn
+    return register
+
+
+def check_bound_values() -> None:
+    """Runs every registered value check (:func:`checks_values_of`) on the parsed gin config; raises :class:`UserError`.
+
+    Each check gets the configurable's defaults overlaid with the literal
+    values bound to it (macros resolved; references are left to the call),
+    once per scope that binds it: in scope ``a/b``, the bindings of no scope,
+    then of ``a``, then of ``a/b``, as gin applies them.
+    """
+    config = dict(_gin._CONFIG)
+    for scope, selector in list(config):
+        configurable = _gin._REGISTRY.get(selector)
+        check = _VALUE_CHECKS.get(getattr(configurable, "name", None))
+        if check is None:
+            continue
+        own = inspect.signature(configurable.wrapped).parameters
+        takes = inspect.signature(check).parameters
+        extra = any(p.kind is p.VAR_KEYWORD for p in takes.values())  # the configurable's own **kwargs
+        kwargs = {n: p.default for n, p in own.items()
+                  if n in takes and p.default is not p.empty and p.default is not gin.REQUIRED}
+        parts = scope.split("/") if scope else []
+        for outer in ["/".join(parts[:i]) for i in range(len(parts) + 1)]:
+            for param, value in config.get((outer, selector), {}).items():
+                value = _literal(value)
+                if value is not _NOT_CHECKED and (param in takes or (extra and param not in own)):
+                    kwargs[param] = value
+        check(**kwargs)
 
 
 def _type_hints(fn_or_cls: Any) -> dict[str, Any]:

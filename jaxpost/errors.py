@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import signal
 
-__all__ = ["RunInterrupted", "UserError"]
+__all__ = ["RunInterrupted", "UserError", "require"]
 
 
 class UserError(ValueError):
@@ -22,6 +22,12 @@ class UserError(ValueError):
 
     A ``ValueError`` so that library callers who catch ``ValueError`` keep working.
     """
+
+
+def require(key: str, value, ok: bool, rule: str) -> None:
+    """Raises ``UserError("<key> must be <rule>, got <value>")`` unless ``ok``: one value check, one line."""
+    if not ok:
+        raise UserError(f"{key} must be {rule}, got {value!r}")
 
 
 class RunInterrupted(BaseException):

@@ -167,14 +167,72 @@ def test_a_rollout_value_out_of_range_names_the_rollout_key(capsys, tmp_path, bi
     ("--gin.make_optimizer.name='adam'", "make_optimizer.name='adam' is unknown"),
     ("--gin.LoopConfig.log_every=0", "LoopConfig.log_every must be >= 1, got 0"),
     ("--gin.LoopConfig.save_every=-5", "LoopConfig.save_every must be >= 0, got -5"),
-    ("--gin.sft.batch_size=0", "batch_size (e.g. sft.batch_size) must be >= 1, got 0"),
+    ("--gin.sft.batch_size=0", "sft.batch_size must be an int >= 1, got 0"),
+    ("--gin.sft.seq_len=-8", "sft.seq_len must be an int >= 1, got -8"),
+    ("--gin.ModelConfig.remat='ful'", "ModelConfig.remat must be one of 'none', 'full', 'save_dots', got 'ful'"),
+    ("--gin.ModelConfig.num_layers=0", "ModelConfig.num_layers must be an int >= 1, got 0"),
+    ("--gin.ModelConfig.dtype='bf16'", "ModelConfig.dtype must be one of 'float32', 'bfloat16', 'float16', got 'bf16'"),
+    ("--gin_file=configs/algorithms/lora.gin --gin.LoraConfig.rank=0", "LoraConfig.rank must be an int >= 1, got 0"),
+    # A fresh model that no Hugging Face class holds would train to the end, then fail to export final/.
+    ("--gin.ModelConfig.qk_norm=True", "ModelConfig.qk_norm=True does not fit ModelConfig.architecture='llama': the "
+     "Hugging Face Llama model a run exports has no qk norm; set ModelConfig.architecture = 'qwen3'"),
 ])
 def test_a_value_out_of_range_is_one_paragraph_naming_the_key(capsys, tmp_path, binding, expected):
     task = make_task(tmp_path, n_sft=16, n_pref=4, n_prompts=4, n_eval=4)
     rc, _, err = _main(capsys, "train", f"--gin_file={DEMO_SFT}", f"--gin.sft.train_data={task['sft']}",
-                       f"--gin.sft.tokenizer={task['tokenizer']}", f"--gin.sft.run_dir={tmp_path / 'run'}", binding)
+                       f"--gin.sft.tokenizer={task['tokenizer']}", f"--gin.sft.run_dir={tmp_path / 'run'}",
+                       *binding.split())
     last = err.strip().splitlines()[-1]  # above it, `datasets` may have drawn its progress bar
     assert rc == 2 and last.startswith("jaxpost: error: ") and expected in last and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made
+
+
+_REQUIRED_EXTRAS = {"grpo": ["--gin.make_reward.names=['my_rewards:exact']"],
+                    "ppo": ["--gin.make_scorer.reward_model='rm'"]}
+
+
+@pytest.mark.parametrize("task,bindings,expected", [
+    ("dpo", ["--gin.make_dpo_loss.kind='sigmod'"],
+     "make_dpo_loss.kind must be one of 'sigmoid', 'robust', 'hinge', 'ipo', 'simpo', 'orpo', got 'sigmod'"),
+    ("dpo", ["--gin.make_dpo_loss.label_smothing=0.1"],
+     "make_dpo_loss.label_smothing is not a parameter of the 'sigmoid' loss; it takes make_dpo_loss.beta, "
+     "make_dpo_loss.label_smoothing, make_dpo_loss.rpo_alpha"),
+    ("dpo", ["--gin.make_dpo_loss.kind='simpo'", "--gin.make_dpo_loss.label_smoothing=1.5"],
+     "make_dpo_loss (kind='simpo'): simpo loss needs 0 <= label_smoothing < 1.0, got 1.5"),
+    ("dpo", ["--gin.make_dpo_loss.beta=0.0"], "make_dpo_loss.beta must be > 0, got 0.0"),
+    ("grpo", ["--gin.make_grpo_loss.aggregation='dr-grpo'"],
+     "make_grpo_loss.aggregation must be one of 'sequence', 'token', 'dr_grpo', got 'dr-grpo'"),
+    ("ppo", ["--gin.make_ppo_loss.clip_eps=1.5"], "make_ppo_loss.clip_eps must be in (0, 1), got 1.5"),
+    ("kto", ["--gin.make_kto_loss.loss_type='apo'"],
+     "make_kto_loss.loss_type must be one of 'kto', 'apo_zero_unpaired', got 'apo'"),
+    ("sft", ["--gin.make_optimizer.b2=1.0"], "make_optimizer.b2 must be in [0, 1), got 1.0"),
+])
+def test_a_loss_or_optimizer_value_is_refused_before_anything_is_read(capsys, tmp_path, task, bindings, expected):
+    # Neither the data nor the model exists: the error is the value's, found before either is looked at.
+    run, missing = tmp_path / "run", tmp_path / "missing"
+    rc, _, err = _main(capsys, "train", f"--gin_file=configs/runs/{task}.gin", f"--gin.{task}.run_dir={run}",
+                       f"--gin.{task}.train_data={missing}.jsonl", f"--gin.{task}.init_from={missing}",
+                       *_REQUIRED_EXTRAS.get(task, []), *bindings)
+    assert rc == 2 and err == f"jaxpost: error: {expected}\n", err
+    assert not run.exists()
+
+
+def test_bound_values_are_checked_through_macros_and_scopes_with_the_defaults_filled_in():
+    config.parse([], ["LR = -0.5", "make_optimizer.learning_rate = %LR"])
+    with pytest.raises(UserError, match=r"^make_optimizer.learning_rate must be >= 0, got -0.5$"):
+        config.check_bound_values()
+    gin.clear_config()
+    config.parse([], ["make_dpo_loss.kind = 'ipo'", "eval/make_dpo_loss.gamma = 0.5"])  # the scope inherits 'ipo'
+    with pytest.raises(UserError, match=r"^make_dpo_loss.gamma is not a parameter of the 'ipo' loss"):
+        config.check_bound_values()
+    gin.clear_config()
+    config.parse([], ["make_dpo_loss.kind = 'ipo'", "eval/make_dpo_loss.kind = 'simpo'",
+                      "eval/make_dpo_loss.gamma = 1"])
+    config.check_bound_values()
+    gin.clear_config()
+    config.parse([], ["make_dpo_loss.kind = 'simpo'", "make_dpo_loss.gamma = 0.5", "make_dpo_loss.chunk_size = 64",
+                      "make_optimizer.total_steps = 0"])  # the run, not the user, decides total_steps
+    config.check_bound_values()
 
 
 def test_a_binding_the_run_never_read_is_named_at_its_end(capsys, tmp_path):

@@ -163,3 +163,23 @@ def test_cli_refuses_out_equal_to_prompts_and_accepts_relative_paths(setup, tmp_
     assert main(base + ["--out", "rel/samples.jsonl"]) == 2
     assert "prompts.jsonl:2: malformed JSON" in capsys.readouterr().err
     assert (tmp_path / "rel" / "samples.jsonl").read_bytes() == kept
+
+
+@pytest.mark.parametrize("command", ["generate", "synthesize"])
+@pytest.mark.parametrize("flag,value,message", [
+    ("--n", "0", "argument --n: must be >= 1, got 0"),
+    ("--max_new_tokens", "0", "argument --max_new_tokens: must be >= 1, got 0"),
+    ("--batch_size", "-2", "argument --batch_size: must be >= 1, got -2"),
+    ("--temperature", "-0.5", "argument --temperature: must be >= 0, got -0.5"),
+    ("--top_k", "-1", "argument --top_k: must be >= 0, got -1"),
+    ("--top_p", "1.5", "argument --top_p: must be in (0, 1], got 1.5"),
+    ("--top_p", "0", "argument --top_p: must be in (0, 1], got 0.0"),
+    ("--batch_size", "two", "argument --batch_size: invalid int value: 'two'"),
+])
+def test_cli_flags_out_of_range_name_the_flag(command, flag, value, message, capsys, tmp_path):
+    from jaxpost.cli import main
+
+    argv = [command, "--model", str(tmp_path), "--prompts", "p.jsonl", "--out", str(tmp_path / "out"), flag, value]
+    with pytest.raises(SystemExit) as e:  # argparse: before anything is read or loaded
+        main(argv + (["--reward", "exact_match"] if command == "synthesize" else []))
+    assert e.value.code == 2 and f"jaxpost {command}: error: {message}" in capsys.readouterr().err

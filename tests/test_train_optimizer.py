@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+from jaxpost.errors import UserError
 from jaxpost.train import (Optimizer, default_decay_mask, make_optimizer, make_schedule, mfu, path_mask,
                            peak_flops_per_device)
 
@@ -30,6 +31,23 @@ def test_schedule_without_warmup_and_bad_names():
         make_schedule(1.0, "step")
     with pytest.raises(ValueError, match="'sgd'"):
         make_optimizer("sgd")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"learning_rate": -1e-3}, "make_optimizer.learning_rate must be >= 0, got -0.001"),
+    ({"warmup_steps": -1}, "make_optimizer.warmup_steps must be >= 0, got -1"),
+    ({"min_lr_ratio": 1.5}, "make_optimizer.min_lr_ratio must be in [0, 1], got 1.5"),
+    ({"weight_decay": -0.1}, "make_optimizer.weight_decay must be >= 0, got -0.1"),
+    ({"b2": 1.0}, "make_optimizer.b2 must be in [0, 1), got 1.0"),
+    ({"eps": 0.0}, "make_optimizer.eps must be > 0, got 0.0"),
+    ({"clip_norm": -1.0}, "make_optimizer.clip_norm must be None or 0 (off), or > 0, got -1.0"),
+    ({"total_steps": 0}, "the run's steps (make_optimizer.total_steps) must be >= 1, got 0"),
+])
+def test_an_optimizer_value_out_of_range_names_its_key(kwargs, message):
+    with pytest.raises(UserError) as e:
+        make_optimizer(**kwargs)
+    assert str(e.value).splitlines()[0] == message  # gin appends the configurable it was raised in
+    make_optimizer(clip_norm=0.0)  # 0 turns clipping off, as None does
 
 
 def test_lion_steps_by_exactly_the_scheduled_lr():

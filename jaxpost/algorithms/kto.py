@@ -8,6 +8,8 @@ import jax.numpy as jnp
 
 from jaxpost.algorithms.batch import KTO_KEYS, check_batch
 from jaxpost.algorithms.lm import lm_token_logprobs
+from jaxpost.config import checks_values_of
+from jaxpost.errors import require
 from jaxpost.losses.kto import KTO_LOSS_TYPES, kto_loss
 from jaxpost.losses.sequence import sequence_logps
 from jaxpost.models.config import ModelConfig
@@ -32,6 +34,17 @@ def kto_sequence_logps(graphdef, config: ModelConfig, params, batch, *, with_kl:
     return sequence_logps(tok[:b], batch["loss_mask"])[0], sequence_logps(tok[b:], batch["kl_loss_mask"])[0]
 
 
+@checks_values_of("make_kto_loss")
+def check_kto_loss_values(beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+                          loss_type: str = "kto") -> None:
+    """Raises :class:`~jaxpost.errors.UserError` naming the ``make_kto_loss`` key of an out-of-range value."""
+    require("make_kto_loss.loss_type", loss_type, loss_type in KTO_LOSS_TYPES,
+            "one of " + ", ".join(map(repr, KTO_LOSS_TYPES)))
+    require("make_kto_loss.beta", beta, beta > 0, "> 0")
+    require("make_kto_loss.desirable_weight", desirable_weight, desirable_weight >= 0, ">= 0")
+    require("make_kto_loss.undesirable_weight", undesirable_weight, undesirable_weight >= 0, ">= 0")
+
+
 @gin.configurable(denylist=["graphdef", "config"])
 def make_kto_loss(graphdef, config: ModelConfig, beta: float = 0.1, desirable_weight: float = 1.0,
                   undesirable_weight: float = 1.0, loss_type: str = "kto", chunk_size: int = 512):
@@ -43,8 +56,7 @@ def make_kto_loss(graphdef, config: ModelConfig, beta: float = 0.1, desirable_we
     Returns ``loss_tokens`` = the number of real examples, so gradient
     accumulation and evaluation weigh batches by their examples.
     """
-    if loss_type not in KTO_LOSS_TYPES:
-        raise ValueError(f"Unknown KTO loss_type {loss_type!r}; choose one of {KTO_LOSS_TYPES}")
+    check_kto_loss_values(beta, desirable_weight, undesirable_weight, loss_type)
     with_kl = loss_type == "kto"
 
     def loss_fn(params, batch, frozen=None):

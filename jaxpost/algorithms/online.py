@@ -21,7 +21,9 @@ import jax.numpy as jnp
 
 from jaxpost.algorithms.batch import GRPO_KEYS, PPO_KEYS, check_batch
 from jaxpost.algorithms.lm import lm_token_logprobs
-from jaxpost.losses.grpo import grpo_loss
+from jaxpost.config import checks_values_of
+from jaxpost.errors import require
+from jaxpost.losses.grpo import AGGREGATIONS, grpo_loss
 from jaxpost.losses.ppo import gae, ppo_policy_loss, ppo_token_rewards, ppo_value_loss
 from jaxpost.losses.stats import masked_mean, whiten
 from jaxpost.models import forward
@@ -85,6 +87,17 @@ def ppo_advantages(old_logp, ref_logp, old_values, scores, mask, kl_coef, *, kl_
     return adv, returns, metrics
 
 
+@checks_values_of("make_ppo_loss")
+def check_ppo_loss_values(clip_eps: float = 0.2, clip_eps_high: float | None = None, vf_coef: float = 0.1,
+                          value_clip: float = 0.2) -> None:
+    """Raises :class:`~jaxpost.errors.UserError` naming the ``make_ppo_loss`` key of an out-of-range value."""
+    require("make_ppo_loss.clip_eps", clip_eps, 0 < clip_eps < 1, "in (0, 1)")
+    require("make_ppo_loss.clip_eps_high", clip_eps_high, clip_eps_high is None or clip_eps_high > 0,
+            "None (= clip_eps) or > 0")
+    require("make_ppo_loss.vf_coef", vf_coef, vf_coef >= 0, ">= 0")
+    require("make_ppo_loss.value_clip", value_clip, value_clip > 0, "> 0")
+
+
 @gin.configurable(denylist=["graphdef", "config", "value_graphdef"])
 def make_ppo_loss(graphdef, config: ModelConfig, value_graphdef, clip_eps: float = 0.2,
                   clip_eps_high: float | None = None, vf_coef: float = 0.1, value_clip: float = 0.2,
@@ -99,6 +112,8 @@ def make_ppo_loss(graphdef, config: ModelConfig, value_graphdef, clip_eps: float
     ``policy/entropy`` (token mean), ``val/clipfrac``, ``val/vpred``,
     ``val/ratio``, ``loss_tokens``.
     """
+    check_ppo_loss_values(clip_eps, clip_eps_high, vf_coef, value_clip)
+
     def loss_fn(params, batch, frozen=None):
         check_batch(batch, PPO_KEYS, "PPO")
         mask = batch["loss_mask"]
@@ -114,6 +129,19 @@ def make_ppo_loss(graphdef, config: ModelConfig, value_graphdef, clip_eps: float
     return loss_fn
 
 
+@checks_values_of("make_grpo_loss")
+def check_grpo_loss_values(clip_eps_low: float = 0.2, clip_eps_high: float | None = None, beta: float = 0.0,
+                           aggregation: str = "sequence", max_len: int | None = None) -> None:
+    """Raises :class:`~jaxpost.errors.UserError` naming the ``make_grpo_loss`` key of an out-of-range value."""
+    require("make_grpo_loss.aggregation", aggregation, aggregation in AGGREGATIONS,
+            "one of " + ", ".join(map(repr, AGGREGATIONS)))
+    require("make_grpo_loss.clip_eps_low", clip_eps_low, 0 < clip_eps_low < 1, "in (0, 1)")
+    require("make_grpo_loss.clip_eps_high", clip_eps_high, clip_eps_high is None or clip_eps_high > 0,
+            "None (= clip_eps_low) or > 0")
+    require("make_grpo_loss.beta", beta, beta >= 0, ">= 0 (0: no KL term)")
+    require("make_grpo_loss.max_len", max_len, max_len is None or max_len >= 1, "None or >= 1")
+
+
 @gin.configurable(denylist=["graphdef", "config"])
 def make_grpo_loss(graphdef, config: ModelConfig, clip_eps_low: float = 0.2, clip_eps_high: float | None = None,
                    beta: float = 0.0, aggregation: str = "sequence", max_len: int | None = None,
@@ -127,6 +155,8 @@ def make_grpo_loss(graphdef, config: ModelConfig, clip_eps_low: float = 0.2, cli
     generation budget). Metrics: those of :func:`grpo_loss` plus
     ``policy/approxkl`` (``0.5 * mean_mask((logp - old_logp)^2)``).
     """
+    check_grpo_loss_values(clip_eps_low, clip_eps_high, beta, aggregation, max_len)
+
     def loss_fn(params, batch, frozen=None):
         check_batch(batch, GRPO_KEYS, "GRPO")
         mask = batch["loss_mask"]

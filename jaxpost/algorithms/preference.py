@@ -12,11 +12,13 @@ reads unchanged.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Callable
 
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxpost.algorithms.batch import (PACKED_PREFERENCE_KEYS, PREFERENCE_KEYS, SHARED_PROMPT_KEYS, check_batch,
                                       is_packed_preference)
@@ -24,6 +26,8 @@ from jaxpost.algorithms.lm import pair_scores, pair_token_logprobs
 from jaxpost.algorithms.packed_pairs import packed_pair_logps, packed_pair_scores
 from jaxpost.algorithms.shared_prompt import (check_shared_shapes, is_shared_prompt, shared_pair_logps,
                                               shared_pair_scores)
+from jaxpost.config import checks_values_of
+from jaxpost.errors import UserError, require
 from jaxpost.losses.dpo import PREFERENCE_LOSSES
 from jaxpost.losses.reward import bradley_terry_loss
 from jaxpost.losses.sequence import sequence_logps
@@ -67,6 +71,32 @@ def pair_sequence_logps(graphdef, config: ModelConfig, params, batch, *, chunk_s
     return pc, pr, lc, lr
 
 
+@checks_values_of("make_dpo_loss")
+def check_dpo_loss_values(kind: str = "sigmoid", beta: float = 0.1, **hparams) -> None:
+    """Raises :class:`~jaxpost.errors.UserError` naming the ``make_dpo_loss`` key of a value the loss cannot use.
+
+    ``kind`` must name a loss of :data:`PREFERENCE_LOSSES`, ``beta > 0``, and
+    each of ``hparams`` must be a parameter of that loss (a misspelt
+    ``label_smothing`` would otherwise reach the loss only at its first
+    trace). The loss then runs once on one made-up pair, so that its own
+    checks (``0 <= label_smoothing < 1``...) apply now.
+    """
+    require("make_dpo_loss.kind", kind, kind in PREFERENCE_LOSSES, "one of " + ", ".join(map(repr, PREFERENCE_LOSSES)))
+    require("make_dpo_loss.beta", beta, beta > 0, "> 0")
+    loss = PREFERENCE_LOSSES[kind]
+    takes = [n for n, p in inspect.signature(loss).parameters.items()
+             if p.kind is p.KEYWORD_ONLY and n not in ("beta", "pair_mask")]
+    for name in hparams:
+        if name not in takes:
+            raise UserError(f"make_dpo_loss.{name} is not a parameter of the {kind!r} loss; it takes "
+                            f"{', '.join('make_dpo_loss.' + n for n in ['beta', *takes])}")
+    one = np.full((1,), -1.0, np.float32)  # log-probs < 0, lengths 1, as a real pair has
+    try:
+        loss(one, one, one, one, -one, -one, beta=beta, pair_mask=-one, **hparams)
+    except ValueError as e:
+        raise UserError(f"make_dpo_loss (kind={kind!r}): {e}") from None
+
+
 @gin.configurable(denylist=["graphdef", "config"])
 def make_dpo_loss(graphdef, config: ModelConfig, kind: str = "sigmoid", beta: float = 0.1,
                   chunk_size: int = 512, **hparams):
@@ -85,8 +115,7 @@ def make_dpo_loss(graphdef, config: ModelConfig, kind: str = "sigmoid", beta: fl
     pairs (what the loss averages over), so gradient accumulation weights
     micro-batches, which hold different numbers of pairs, exactly.
     """
-    if kind not in PREFERENCE_LOSSES:
-        raise ValueError(f"Unknown preference loss {kind!r}; choose one of {sorted(PREFERENCE_LOSSES)}")
+    check_dpo_loss_values(kind, beta, **hparams)
     loss_math = PREFERENCE_LOSSES[kind]
 
     def loss_fn(params, batch, frozen=None):

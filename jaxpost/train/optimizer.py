@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxpost.errors import UserError
+from jaxpost.config import checks_values_of
+from jaxpost.errors import UserError, require
 
-__all__ = ["Optimizer", "make_schedule", "make_optimizer", "default_decay_mask", "path_mask"]
+__all__ = ["Optimizer", "make_schedule", "make_optimizer", "check_optimizer_values", "default_decay_mask", "path_mask"]
 
 Schedule = Callable[[jax.Array], jax.Array]
 MaskLike = Any  # bool pytree matching params, or callable(params) -> bool pytree
@@ -64,17 +65,14 @@ def make_schedule(learning_rate: float = 1e-5, schedule: str = "cosine", warmup_
     ``optax.constant_schedule(peak)``); with ``W = 0`` the decay alone.
 
     Raises:
-      UserError (a ``ValueError``): for an unknown ``schedule``, a negative
-        ``learning_rate`` or ``warmup_steps``, or ``total_steps < 1``; the
-        message names the ``make_optimizer`` key a run binds.
+      UserError (a ``ValueError``): for a value :func:`check_optimizer_values`
+        refuses, or ``total_steps < 1``; the message names the
+        ``make_optimizer`` key a run binds.
     """
-    if schedule not in ("cosine", "linear", "constant"):
-        raise UserError(f"make_optimizer.schedule={schedule!r} is unknown; choose 'cosine', 'linear' or 'constant'")
-    if learning_rate < 0:  # a negative rate climbs the loss
-        raise UserError(f"make_optimizer.learning_rate must be >= 0, got {learning_rate}")
-    if warmup_steps < 0 or total_steps < 1:
-        raise UserError(f"make_optimizer.warmup_steps must be >= 0 and the run's steps >= 1, got {warmup_steps} and "
-                        f"{total_steps}")
+    check_optimizer_values(learning_rate=learning_rate, schedule=schedule, warmup_steps=warmup_steps,
+                           min_lr_ratio=min_lr_ratio)
+    if total_steps < 1:
+        raise UserError(f"the run's steps (make_optimizer.total_steps) must be >= 1, got {total_steps}")
     peak = float(learning_rate)
     decay_len = max(total_steps - warmup_steps, 1)
     if schedule == "cosine":
@@ -86,6 +84,38 @@ def make_schedule(learning_rate: float = 1e-5, schedule: str = "cosine", warmup_
     if warmup_steps == 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup_steps), after], [warmup_steps])
+
+
+OPTIMIZERS = ("adamw", "adafactor", "lion")
+
+
+@checks_values_of("make_optimizer")
+def check_optimizer_values(name: str = "adamw", learning_rate: float = 1e-5, schedule: str = "cosine",
+                           warmup_steps: int = 0, min_lr_ratio: float = 0.0, weight_decay: float = 0.0,
+                           b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                           clip_norm: float | None = 1.0) -> None:
+    """Raises :class:`~jaxpost.errors.UserError` naming the ``make_optimizer`` key of a value it cannot use.
+
+    The parameters are :func:`make_optimizer`'s (defaults included). It
+    runs when the optimizer is built and, on the bound values alone, when
+    ``jaxpost train`` starts: a typo fails before the model loads.
+    Valid: ``name`` in :data:`OPTIMIZERS`, ``schedule`` cosine, linear or
+    constant, ``learning_rate``, ``warmup_steps``, ``weight_decay`` >= 0,
+    ``0 <= min_lr_ratio <= 1``, ``0 <= b1, b2 < 1``, ``eps > 0``,
+    ``clip_norm`` None, 0 (both off) or > 0.
+    """
+    if name not in OPTIMIZERS:
+        raise UserError(f"make_optimizer.name={name!r} is unknown; choose 'adamw', 'adafactor' or 'lion'")
+    if schedule not in ("cosine", "linear", "constant"):
+        raise UserError(f"make_optimizer.schedule={schedule!r} is unknown; choose 'cosine', 'linear' or 'constant'")
+    require("make_optimizer.learning_rate", learning_rate, learning_rate >= 0, ">= 0")  # < 0 climbs the loss
+    require("make_optimizer.warmup_steps", warmup_steps, warmup_steps >= 0, ">= 0")
+    require("make_optimizer.min_lr_ratio", min_lr_ratio, 0 <= min_lr_ratio <= 1, "in [0, 1]")
+    require("make_optimizer.weight_decay", weight_decay, weight_decay >= 0, ">= 0")
+    require("make_optimizer.b1", b1, 0 <= b1 < 1, "in [0, 1)")
+    require("make_optimizer.b2", b2, 0 <= b2 < 1, "in [0, 1)")
+    require("make_optimizer.eps", eps, eps > 0, "> 0")
+    require("make_optimizer.clip_norm", clip_norm, clip_norm is None or clip_norm >= 0, "None or 0 (off), or > 0")
 
 
 def _names(path) -> list[str]:
@@ -162,6 +192,8 @@ def make_optimizer(name: str = "adamw", learning_rate: float = 1e-5, schedule: s
         (``optax.multi_transform`` with ``set_to_zero``). Clipping sees only
         trainable gradients.
     """
+    check_optimizer_values(name, learning_rate, schedule, warmup_steps, min_lr_ratio, weight_decay, b1, b2, eps,
+                           clip_norm)
     sched = make_schedule(learning_rate, schedule, warmup_steps, total_steps, min_lr_ratio)
     mask_fn = _as_fn(decay_mask) if decay_mask is not None else (
         lambda p: default_decay_mask(p, decay_embeddings))
@@ -173,8 +205,6 @@ def make_optimizer(name: str = "adamw", learning_rate: float = 1e-5, schedule: s
         # multiply_by_parameter_scale=False keeps lr an absolute step size, as for the other optimizers.
         core = optax.adafactor(sched, multiply_by_parameter_scale=False,
                                weight_decay_rate=weight_decay or None, weight_decay_mask=mask_fn)
-    else:
-        raise UserError(f"make_optimizer.name={name!r} is unknown; choose 'adamw', 'adafactor' or 'lion'")
     tx = optax.chain(optax.clip_by_global_norm(clip_norm), core) if clip_norm else core
     if trainable_mask is not None:
         train_fn = _as_fn(trainable_mask)
