@@ -264,9 +264,11 @@ def check_bindings() -> None:
 
 
 _VALUE_CHECKS: dict[str, Callable[..., None]] = {}
+_PASSES_ON: dict[str, Callable[[dict], tuple[Callable, dict[str, inspect.Parameter]]]] = {}
 
 
-def checks_values_of(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+def checks_values_of(name: str, passes_on: Callable[[dict], tuple[Callable, dict[str, inspect.Parameter]]] | None = None
+                     ) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Registers the decorated function as the value check of the configurable ``name`` (``make_optimizer``).
 
     The check takes some of the configurable's parameters as keywords (all
@@ -274,12 +276,32 @@ def checks_values_of(name: str) -> Callable[[Callable[..., None]], Callable[...,
     collects in its own ``**kwargs``) and raises :class:`UserError` naming
     ``name.<param>``. The configurable calls it on what it is given;
     :func:`check_bound_values` runs it on the gin bindings, before a run
-    loads anything.
+    loads anything. ``passes_on``, for a configurable with ``**kwargs``:
+    ``passes_on(values)`` (its defaults and bound values) is the function
+    those keywords go to and its parameters that can be bound, which
+    ``--list_keys`` then lists as keys of ``name`` (:func:`passed_on_params`).
     """
     def register(fn: Callable[..., None]) -> Callable[..., None]:
         _VALUE_CHECKS[name] = fn
+        if passes_on is not None:
+            _PASSES_ON[name] = passes_on
         return fn
     return register
+
+
+def passed_on_params(name: str, values: dict) -> tuple[Callable | None, dict[str, inspect.Parameter]]:
+    """``(function, parameters)`` that the configurable ``name`` passes its ``**kwargs`` on to, given its ``values``.
+
+    ``(None, {})`` when ``name`` registered no ``passes_on`` or ``values``
+    do not pick a function (e.g. an unknown loss ``kind``).
+    """
+    passes_on = _PASSES_ON.get(name)
+    if passes_on is None:
+        return None, {}
+    try:
+        return passes_on(values)
+    except (KeyError, TypeError, ValueError):
+        return None, {}
 
 
 def check_bound_values() -> None:

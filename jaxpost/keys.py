@@ -316,7 +316,23 @@ def _keys_of(conf: _gin.Configurable, sites: list[set[str]] | None, run_defaults
             default_text = repr(default)
         out.append(Key(name=f"{name}.{p}", type=jp_config._type_name(hints[p]) if p in hints else "",
                        default=default_text, doc=docs.get(p, ""), required=required, bound=bound_text))
-    return out
+    return out + _passed_on_keys(conf, name, params, bound)
+
+
+def _passed_on_keys(conf: _gin.Configurable, name: str, params: dict[str, inspect.Parameter],
+                    bound: dict) -> list[Key]:
+    """Keys a configurable takes in its ``**kwargs`` and passes on (``make_dpo_loss.gamma`` for ``kind='simpo'``)."""
+    values = {p: param.default for p, param in params.items() if param.default is not inspect.Parameter.empty}
+    values.update({p: v for p, v in ((p, jp_config._literal(v)) for p, v in bound.items())
+                   if v is not jp_config._NOT_CHECKED})
+    target, extra = jp_config.passed_on_params(conf.name, values)
+    if target is None:
+        return []
+    hints, docs = jp_config._type_hints(target), _param_docs(target)
+    return [Key(name=f"{name}.{p}", type=jp_config._type_name(hints[p]) if p in hints else "",
+                default=repr(param.default), required=False, bound=_format(bound[p]) if p in bound else None,
+                doc=_one_line(f"passed on to {target.__name__}" + (f": {docs[p]}" if p in docs else "")))
+            for p, param in extra.items() if p not in params]
 
 
 _UNBOUND = object()

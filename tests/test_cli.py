@@ -82,6 +82,22 @@ def test_list_keys_of_a_run_gin_shows_unset_required_keys_and_the_methods_defaul
     assert "  RolloutConfig.group_size: int = 8 (grpo's default)  <- 8" in out
 
 
+def test_list_keys_shows_the_parameters_of_the_chosen_dpo_loss(capsys):
+    # make_dpo_loss takes them in **hparams: the listing follows `kind` to the loss they are passed on to.
+    rc, out, err = _main(capsys, "train", "--gin_file=configs/runs/dpo.gin", "--gin.make_dpo_loss.kind='simpo'",
+                         "--gin.make_dpo_loss.gamma=0.7", "--list_keys")
+    assert rc == 0, err
+    assert "  make_dpo_loss.gamma: float = 0.5  <- 0.7\n      passed on to simpo_loss" in out
+    assert "  make_dpo_loss.label_smoothing: float = 0.0\n" in out and "make_dpo_loss.rpo_alpha" not in out
+    gin.clear_config()
+    rc, out, _ = _main(capsys, "train", "--gin_file=configs/runs/dpo.gin", "--list_keys")  # kind = 'sigmoid'
+    assert rc == 0 and "  make_dpo_loss.rpo_alpha: float | None = None\n" in out and "gamma" not in out
+    gin.clear_config()
+    rc, out, _ = _main(capsys, "train", "--gin_file=configs/runs/dpo.gin", "--gin.make_dpo_loss.kind='x'",
+                       "--list_keys")
+    assert rc == 0 and "make_dpo_loss.kind: str = 'sigmoid'  <- 'x'" in out  # listed; the run itself refuses it
+
+
 # --- errors: one paragraph, fast, traceback only with --debug ---------------------------------------------------------
 
 BAD_TYPE = ["train", f"--gin_file={DEMO_SFT}", "--gin.LoopConfig.num_steps=abc"]

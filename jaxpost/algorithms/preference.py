@@ -71,7 +71,18 @@ def pair_sequence_logps(graphdef, config: ModelConfig, params, batch, *, chunk_s
     return pc, pr, lc, lr
 
 
-@checks_values_of("make_dpo_loss")
+def dpo_loss_options(kind: str) -> tuple[Callable, dict[str, inspect.Parameter]]:
+    """The loss ``kind`` names, and its parameters that ``make_dpo_loss.<name>`` binds (``gamma``...).
+
+    Those are the loss's keyword-only parameters but ``beta`` (a parameter
+    of ``make_dpo_loss`` itself) and ``pair_mask`` (from the batch).
+    """
+    loss = PREFERENCE_LOSSES[kind]
+    return loss, {n: p for n, p in inspect.signature(loss).parameters.items()
+                  if p.kind is p.KEYWORD_ONLY and n not in ("beta", "pair_mask")}
+
+
+@checks_values_of("make_dpo_loss", passes_on=lambda values: dpo_loss_options(values["kind"]))
 def check_dpo_loss_values(kind: str = "sigmoid", beta: float = 0.1, **hparams) -> None:
     """Raises :class:`~jaxpost.errors.UserError` naming the ``make_dpo_loss`` key of a value the loss cannot use.
 
@@ -83,9 +94,7 @@ def check_dpo_loss_values(kind: str = "sigmoid", beta: float = 0.1, **hparams) -
     """
     require("make_dpo_loss.kind", kind, kind in PREFERENCE_LOSSES, "one of " + ", ".join(map(repr, PREFERENCE_LOSSES)))
     require("make_dpo_loss.beta", beta, beta > 0, "> 0")
-    loss = PREFERENCE_LOSSES[kind]
-    takes = [n for n, p in inspect.signature(loss).parameters.items()
-             if p.kind is p.KEYWORD_ONLY and n not in ("beta", "pair_mask")]
+    loss, takes = dpo_loss_options(kind)
     for name in hparams:
         if name not in takes:
             raise UserError(f"make_dpo_loss.{name} is not a parameter of the {kind!r} loss; it takes "
