@@ -141,18 +141,10 @@ def _check_run_required() -> None:
 
 
 def _check_values_before_loading() -> None:
-    # Values that the run would read only after its model loads (the optimizer's, a loss's, the batch size)
-    # are checked now, on the bindings alone, so that a typo costs no load and leaves no run directory.
+    # Values that a run would read only after its model loads (a recipe's sizes, the optimizer's, a loss's) are
+    # checked now, on the bindings alone, so that a typo costs no load and leaves no run directory.
     from jaxpost.config import check_bound_values
 
-    task = _bound_task()
-    for key in (f"{task}.batch_size", f"{task}.seq_len"):
-        try:
-            value = gin.query_parameter(key)
-        except ValueError:  # not bound (or no such parameter)
-            continue
-        if not isinstance(value, int) or value < 1:
-            raise UserError(f"{key} must be an int >= 1, got {value!r}")
     check_bound_values()
 
 

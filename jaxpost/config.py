@@ -263,13 +263,13 @@ def check_bindings() -> None:
                               f"your gin file or on the command line (--gin.{key}=VALUE)")
 
 
-_VALUE_CHECKS: dict[str, Callable[..., None]] = {}
+_VALUE_CHECKS: dict[str, list[Callable[..., None]]] = {}
 _PASSES_ON: dict[str, Callable[[dict], tuple[Callable, dict[str, inspect.Parameter]]]] = {}
 
 
 def checks_values_of(name: str, passes_on: Callable[[dict], tuple[Callable, dict[str, inspect.Parameter]]] | None = None
                      ) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """Registers the decorated function as the value check of the configurable ``name`` (``make_optimizer``).
+    """Registers the decorated function as a value check of the configurable ``name`` (``make_optimizer``).
 
     The check takes some of the configurable's parameters as keywords (all
     of them that it names; with ``**kwargs``, also the ones the configurable
@@ -282,7 +282,7 @@ def checks_values_of(name: str, passes_on: Callable[[dict], tuple[Callable, dict
     ``--list_keys`` then lists as keys of ``name`` (:func:`passed_on_params`).
     """
     def register(fn: Callable[..., None]) -> Callable[..., None]:
-        _VALUE_CHECKS[name] = fn
+        _VALUE_CHECKS.setdefault(name, []).append(fn)
         if passes_on is not None:
             _PASSES_ON[name] = passes_on
         return fn
@@ -315,21 +315,19 @@ def check_bound_values() -> None:
     config = dict(_gin._CONFIG)
     for scope, selector in list(config):
         configurable = _gin._REGISTRY.get(selector)
-        check = _VALUE_CHECKS.get(getattr(configurable, "name", None))
-        if check is None:
-            continue
-        own = inspect.signature(configurable.wrapped).parameters
-        takes = inspect.signature(check).parameters
-        extra = any(p.kind is p.VAR_KEYWORD for p in takes.values())  # the configurable's own **kwargs
-        kwargs = {n: p.default for n, p in own.items()
-                  if n in takes and p.default is not p.empty and p.default is not gin.REQUIRED}
-        parts = scope.split("/") if scope else []
-        for outer in ["/".join(parts[:i]) for i in range(len(parts) + 1)]:
-            for param, value in config.get((outer, selector), {}).items():
-                value = _literal(value)
-                if value is not _NOT_CHECKED and (param in takes or (extra and param not in own)):
-                    kwargs[param] = value
-        check(**kwargs)
+        for check in _VALUE_CHECKS.get(getattr(configurable, "name", None), []):
+            own = inspect.signature(configurable.wrapped).parameters
+            takes = inspect.signature(check).parameters
+            extra = any(p.kind is p.VAR_KEYWORD for p in takes.values())  # the configurable's own **kwargs
+            kwargs = {n: p.default for n, p in own.items()
+                      if n in takes and p.default is not p.empty and p.default is not gin.REQUIRED}
+            parts = scope.split("/") if scope else []
+            for outer in ["/".join(parts[:i]) for i in range(len(parts) + 1)]:
+                for param, value in config.get((outer, selector), {}).items():
+                    value = _literal(value)
+                    if value is not _NOT_CHECKED and (param in takes or (extra and param not in own)):
+                        kwargs[param] = value
+            check(**kwargs)
 
 
 def _type_hints(fn_or_cls: Any) -> dict[str, Any]:

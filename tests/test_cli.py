@@ -184,6 +184,7 @@ def test_a_rollout_value_out_of_range_names_the_rollout_key(capsys, tmp_path, bi
     ("--gin.LoopConfig.log_every=0", "LoopConfig.log_every must be >= 1, got 0"),
     ("--gin.LoopConfig.save_every=-5", "LoopConfig.save_every must be >= 0, got -5"),
     ("--gin.sft.batch_size=0", "sft.batch_size must be an int >= 1, got 0"),
+    ("--gin.sft.eval_fraction=1.0", "sft.eval_fraction must be None or in (0, 1), got 1.0"),
     ("--gin.sft.seq_len=-8", "sft.seq_len must be an int >= 1, got -8"),
     ("--gin.ModelConfig.remat='ful'", "ModelConfig.remat must be one of 'none', 'full', 'save_dots', got 'ful'"),
     ("--gin.ModelConfig.num_layers=0", "ModelConfig.num_layers must be an int >= 1, got 0"),
@@ -204,7 +205,8 @@ def test_a_value_out_of_range_is_one_paragraph_naming_the_key(capsys, tmp_path, 
 
 
 _REQUIRED_EXTRAS = {"grpo": ["--gin.make_reward.names=['my_rewards:exact']"],
-                    "ppo": ["--gin.make_scorer.reward_model='rm'"]}
+                    "ppo": ["--gin.make_scorer.reward_model='rm'"],
+                    "online_dpo": ["--gin.make_scorer.reward_model='rm'"]}
 
 
 @pytest.mark.parametrize("task,bindings,expected", [
@@ -222,8 +224,16 @@ _REQUIRED_EXTRAS = {"grpo": ["--gin.make_reward.names=['my_rewards:exact']"],
     ("kto", ["--gin.make_kto_loss.loss_type='apo'"],
      "make_kto_loss.loss_type must be one of 'kto', 'apo_zero_unpaired', got 'apo'"),
     ("sft", ["--gin.make_optimizer.b2=1.0"], "make_optimizer.b2 must be in [0, 1), got 1.0"),
+    ("grpo", ["--gin.grpo.num_iterations=0"], "grpo.num_iterations must be an int >= 1, got 0"),
+    ("grpo", ["--gin.grpo.minibatch_size=0"],
+     "grpo.minibatch_size must be an int >= 1 (None: all of a rollout's rows), got 0"),
+    ("online_dpo", ["--gin.online_dpo.updates_per_round=0"], "online_dpo.updates_per_round must be an int >= 1, got 0"),
+    ("ppo", ["--gin.ppo.lam=1.5"], "ppo.lam must be in [0, 1], got 1.5"),
+    ("ppo", ["--gin.ppo.kl_estimator='k4'"], "ppo.kl_estimator must be one of 'k1', 'k2', 'k3', got 'k4'"),
+    ("dpo", ["--gin.dpo.max_prompt_len=512"], "dpo.max_prompt_len must be >= 1 and < dpo.seq_len=512, got 512"),
+    ("kto", ["--gin.kto.eval_fraction=0.0"], "kto.eval_fraction must be None or in (0, 1), got 0.0"),
 ])
-def test_a_loss_or_optimizer_value_is_refused_before_anything_is_read(capsys, tmp_path, task, bindings, expected):
+def test_a_run_loss_or_optimizer_value_is_refused_before_anything_is_read(capsys, tmp_path, task, bindings, expected):
     # Neither the data nor the model exists: the error is the value's, found before either is looked at.
     run, missing = tmp_path / "run", tmp_path / "missing"
     rc, _, err = _main(capsys, "train", f"--gin_file=configs/runs/{task}.gin", f"--gin.{task}.run_dir={run}",

@@ -21,6 +21,7 @@ from jaxpost.recipes.ppo import ppo
 from jaxpost.recipes.reward import reward_model
 from jaxpost.recipes.sft import sft
 from jaxpost.recipes.synthetic import synthesize
+from jaxpost.recipes import values  # noqa: F401  (registers the checks of the recipes' own keys)
 
 
 @gin.configurable

@@ -1,0 +1,61 @@
+"""The recipes' own sizes and coefficients, checked on the bindings before a run loads anything.
+
+``jaxpost train`` runs these checks (:func:`jaxpost.config.check_bound_values`)
+right after parsing, so ``--gin.grpo.num_iterations=0`` or
+``--gin.ppo.lam=1.5`` is one line naming the key, in seconds, not an error
+from deep inside the run once the model has loaded. A recipe's own rules
+that need more than its bindings (``grpo.advantage`` against the group
+size) stay in the recipe.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from jaxpost.config import checks_values_of
+from jaxpost.errors import require
+from jaxpost.losses.ppo import KL_ESTIMATORS
+
+__all__ = ["check_run_sizes", "check_ppo_values"]
+
+RECIPES = ("sft", "dpo", "kto", "reward_model", "distill", "grpo", "ppo", "online_dpo", "continual")
+
+
+def check_run_sizes(task: str, batch_size: int | None = None, seq_len: int | None = None,
+                    minibatch_size: int | None = None, max_prompt_len: int | None = None,
+                    eval_fraction: float | None = None, num_iterations: int | None = None,
+                    ppo_epochs: int | None = None, updates_per_round: int | None = None) -> None:
+    """Raises :class:`~jaxpost.errors.UserError` naming ``<task>.<key>`` for a size the run cannot use.
+
+    Each is checked where the recipe has it (None: it has not): sizes and
+    passes over a rollout ``>= 1``, ``1 <= max_prompt_len < seq_len``,
+    ``0 < eval_fraction < 1``.
+    """
+    for key, value in (("batch_size", batch_size), ("seq_len", seq_len), ("minibatch_size", minibatch_size),
+                       ("num_iterations", num_iterations), ("ppo_epochs", ppo_epochs),
+                       ("updates_per_round", updates_per_round)):
+        require(f"{task}.{key}", value, value is None or (isinstance(value, int) and value >= 1),
+                "an int >= 1" + (" (None: all of a rollout's rows)" if key == "minibatch_size" else ""))
+    if max_prompt_len is not None:
+        limit = seq_len if seq_len is not None else float("inf")
+        require(f"{task}.max_prompt_len", max_prompt_len, 1 <= max_prompt_len < limit,
+                f">= 1 and < {task}.seq_len={seq_len}" if seq_len is not None else ">= 1")
+    require(f"{task}.eval_fraction", eval_fraction, eval_fraction is None or 0 < eval_fraction < 1,
+            "None or in (0, 1)")
+
+
+for _task in RECIPES:
+    checks_values_of(_task)(functools.partial(check_run_sizes, _task))
+
+
+@checks_values_of("ppo")
+def check_ppo_values(kl_coef: float = 0.05, kl_target: float | None = None, kl_horizon: float = 10000.0,
+                     kl_estimator: str = "k1", gamma: float = 1.0, lam: float = 0.95) -> None:
+    """Raises :class:`~jaxpost.errors.UserError` naming the ``ppo`` key of a coefficient out of its range."""
+    require("ppo.kl_estimator", kl_estimator, kl_estimator in KL_ESTIMATORS,
+            "one of " + ", ".join(map(repr, KL_ESTIMATORS)))
+    require("ppo.kl_coef", kl_coef, kl_coef >= 0, ">= 0")
+    require("ppo.kl_target", kl_target, kl_target is None or kl_target > 0, "None (a fixed kl_coef) or > 0")
+    require("ppo.kl_horizon", kl_horizon, kl_horizon > 0, "> 0")
+    require("ppo.gamma", gamma, 0 <= gamma <= 1, "in [0, 1]")
+    require("ppo.lam", lam, 0 <= lam <= 1, "in [0, 1]")
