@@ -107,8 +107,10 @@ def _train(argv: Sequence[str]) -> int:
         print({k: v for k, v in summary.items()})
     unread = config.unread_bindings(bindings)
     if unread and distributed.is_main_process():
+        likely = list(dict.fromkeys(f"--gin.{k}" for key in unread for k in config.read_keys_like(key)))
         print(f"jaxpost: warning: this run (run.task = @{_bound_task()}) never read "
-              f"{', '.join('--gin.' + k for k in unread)}: a mistyped or misplaced key, whose value changed nothing. "
+              f"{', '.join('--gin.' + k for k in unread)}: a mistyped or misplaced key, whose value changed nothing"
+              f"{'; it reads ' + ', '.join(likely) if likely else ''}. "
               f"`jaxpost train --gin_file=... --list_keys` lists the keys the run reads", file=sys.stderr)
     return 0
 

@@ -171,9 +171,22 @@ def unread_bindings(bindings: Sequence[str]) -> list[str]:
     ``SamplingConfig.temperature`` binding in a GRPO run, whose sampler
     takes ``RolloutConfig.temperature``). Macros (no ``.``) are not keys.
     """
-    read = set(re.findall(r"^([\w./]+)\s*=", gin.operative_config_str(), re.M))
+    read = _read_keys()
     keys = [b.split("=", 1)[0].strip() for b in bindings]
     return [k for k in keys if "." in k.split("/")[-1] and k not in read]
+
+
+def read_keys_like(key: str) -> list[str]:
+    """Keys the run read with ``key``'s parameter name: ``OnlineConfig.progress`` for ``LoopConfig.progress``.
+
+    What a misplaced binding (:func:`unread_bindings`) was probably meant for.
+    """
+    param = key.rsplit(".", 1)[-1]
+    return sorted(k for k in _read_keys() if k.rsplit(".", 1)[-1] == param and k != key)
+
+
+def _read_keys() -> set[str]:
+    return set(re.findall(r"^([\w./]+)\s*=", gin.operative_config_str(), re.M))
 
 
 def split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:

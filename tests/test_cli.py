@@ -267,10 +267,14 @@ def test_a_binding_the_run_never_read_is_named_at_its_end(capsys, tmp_path):
                        f"--gin.sft.tokenizer={task['tokenizer']}", f"--gin.sft.run_dir={tmp_path / 'run'}",
                        "--gin.LoopConfig.num_steps=2", "--gin.LoopConfig.progress=False",
                        "--gin.SamplingConfig.temperature=0.5",  # SFT samples nothing
+                       "--gin.OnlineConfig.save_every=5",  # an online run's key: SFT reads LoopConfig.save_every
                        "--gin.make_optimizer.learning_rate=0.01", "--on_config_change=allow")
     assert rc == 0, err
     warnings = [line for line in err.splitlines() if line.startswith("jaxpost: warning:")]
-    assert len(warnings) == 1 and "(run.task = @sft) never read --gin.SamplingConfig.temperature:" in warnings[0], err
+    assert len(warnings) == 1, err
+    assert ("(run.task = @sft) never read --gin.SamplingConfig.temperature, --gin.OnlineConfig.save_every: a "
+            "mistyped or misplaced key, whose value changed nothing; it reads --gin.LoopConfig.save_every. "
+            ) in warnings[0]
 
 
 def test_config_error_is_a_user_error():
