@@ -230,7 +230,7 @@ _REQUIRED_EXTRAS = {"grpo": ["--gin.make_reward.names=['my_rewards:exact']"],
     ("online_dpo", ["--gin.online_dpo.updates_per_round=0"], "online_dpo.updates_per_round must be an int >= 1, got 0"),
     ("ppo", ["--gin.ppo.lam=1.5"], "ppo.lam must be in [0, 1], got 1.5"),
     ("ppo", ["--gin.ppo.kl_estimator='k4'"], "ppo.kl_estimator must be one of 'k1', 'k2', 'k3', got 'k4'"),
-    ("dpo", ["--gin.dpo.max_prompt_len=512"], "dpo.max_prompt_len must be >= 1 and < dpo.seq_len=512, got 512"),
+    ("dpo", ["--gin.dpo.max_prompt_len=511"], "dpo.max_prompt_len must be in [1, dpo.seq_len - 2 = 510], got 511"),
     ("kto", ["--gin.kto.eval_fraction=0.0"], "kto.eval_fraction must be None or in (0, 1), got 0.0"),
 ])
 def test_a_run_loss_or_optimizer_value_is_refused_before_anything_is_read(capsys, tmp_path, task, bindings, expected):

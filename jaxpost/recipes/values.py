@@ -28,7 +28,7 @@ def check_run_sizes(task: str, batch_size: int | None = None, seq_len: int | Non
     """Raises :class:`~jaxpost.errors.UserError` naming ``<task>.<key>`` for a size the run cannot use.
 
     Each is checked where the recipe has it (None: it has not): sizes and
-    passes over a rollout ``>= 1``, ``1 <= max_prompt_len < seq_len``,
+    passes over a rollout ``>= 1``, ``1 <= max_prompt_len <= seq_len - 2``,
     ``0 < eval_fraction < 1``.
     """
     for key, value in (("batch_size", batch_size), ("seq_len", seq_len), ("minibatch_size", minibatch_size),
@@ -36,10 +36,10 @@ def check_run_sizes(task: str, batch_size: int | None = None, seq_len: int | Non
                        ("updates_per_round", updates_per_round)):
         require(f"{task}.{key}", value, value is None or (isinstance(value, int) and value >= 1),
                 "an int >= 1" + (" (None: all of a rollout's rows)" if key == "minibatch_size" else ""))
-    if max_prompt_len is not None:
-        limit = seq_len if seq_len is not None else float("inf")
-        require(f"{task}.max_prompt_len", max_prompt_len, 1 <= max_prompt_len < limit,
-                f">= 1 and < {task}.seq_len={seq_len}" if seq_len is not None else ">= 1")
+    if max_prompt_len is not None:  # the rest of a row must hold at least a reply token and its end
+        limit = seq_len - 2 if seq_len is not None else float("inf")
+        require(f"{task}.max_prompt_len", max_prompt_len, 1 <= max_prompt_len <= limit,
+                f"in [1, {task}.seq_len - 2 = {limit}]" if seq_len is not None else ">= 1")
     require(f"{task}.eval_fraction", eval_fraction, eval_fraction is None or 0 < eval_fraction < 1,
             "None or in (0, 1)")
 
