@@ -105,7 +105,8 @@ def sigmoid_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=No
     """DPO (Rafailov et al. 2023), with cDPO label smoothing (Mitchell 2023).
 
     ``loss = mean( -(1 - eps) log sigma(beta h) - eps log sigma(-beta h) )``;
-    ``eps = label_smoothing`` (0 gives plain DPO). The gradient w.r.t.
+    ``eps = label_smoothing`` (0 gives plain DPO). ``label_smoothing``: the
+    assumed rate of flipped preference labels, in ``[0, 1)``. The gradient w.r.t.
     ``pi_c`` of one pair's plain DPO loss is ``-beta sigma(-beta h)``.
     With ``rpo_alpha``, adds ``rpo_alpha * mean(-pi_c / |y_c|)`` (RPO,
     Pang et al. 2024; per-sequence length-averaged NLL of the chosen
@@ -128,6 +129,8 @@ def robust_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=Non
 
     ``loss = mean( (-(1 - eps) log sigma(beta h) + eps log sigma(-beta h)) / (1 - 2 eps) )``,
     ``eps = label_smoothing`` in ``[0, 0.5)``. Equals DPO at ``eps = 0``.
+    ``label_smoothing``: the flip rate ``eps``, in ``[0, 0.5)``. ``rpo_alpha``:
+    the weight of RPO's chosen NLL term, as in :func:`sigmoid_loss` (None: off).
     """
     pc, pr, rc, rr = map(f32, (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps))
     _check("robust", pc, pr, rc, rr, chosen_lengths, rejected_lengths, pair_mask, True, False)
@@ -142,7 +145,10 @@ def robust_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=Non
 def hinge_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
                ref_rejected_logps=None, chosen_lengths=None, rejected_lengths=None, *,
                beta: float = 0.1, rpo_alpha: float | None = None, pair_mask=None):
-    """SLiC hinge (Zhao et al. 2023) on the DPO log-ratio: ``loss = mean( relu(1 - beta h) )``."""
+    """SLiC hinge (Zhao et al. 2023) on the DPO log-ratio: ``loss = mean( relu(1 - beta h) )``.
+
+    ``rpo_alpha``: the weight of RPO's chosen NLL term, as in :func:`sigmoid_loss` (None: off).
+    """
     pc, pr, rc, rr = map(f32, (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps))
     _check("hinge", pc, pr, rc, rr, chosen_lengths, rejected_lengths, pair_mask, True, False)
     losses = jax.nn.relu(1.0 - beta * ((pc - pr) - (rc - rr)))
@@ -159,7 +165,8 @@ def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
     and reference: ``h_avg = (pi_c/|y_c| - pi_r/|y_r|) - (ref_c/|y_c| - ref_r/|y_r|)``
     (the paper writes summed log-probs; averaging keeps the fixed target
     ``1/(2 beta)`` meaningful across lengths). Rewards and ``logps/*``
-    metrics use the averaged log-probs too.
+    metrics use the averaged log-probs too. ``rpo_alpha``: the weight of
+    RPO's chosen NLL term, as in :func:`sigmoid_loss` (None: off).
     """
     pc, pr, rc, rr = map(f32, (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps))
     _check("ipo", pc, pr, rc, rr, chosen_lengths, rejected_lengths, pair_mask, True, True)
@@ -179,7 +186,8 @@ def simpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None
     ``z = beta pi_c/|y_c| - beta pi_r/|y_r| - gamma``;
     ``loss = mean( -(1 - eps) log sigma(z) - eps log sigma(-z) )`` with
     ``eps = label_smoothing`` (0 in the paper). ``ref_*`` are ignored.
-    Rewards are ``beta * pi/|y|``.
+    Rewards are ``beta * pi/|y|``. ``gamma``: the target reward margin.
+    ``label_smoothing``: the flip rate ``eps``, in ``[0, 1)``.
     """
     pc, pr = f32(policy_chosen_logps), f32(policy_rejected_logps)
     _check("simpo", pc, pr, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths,
