@@ -287,9 +287,10 @@ def checks_values_of(name: str, passes_on: Callable[[dict], tuple[Callable, dict
     The check takes some of the configurable's parameters as keywords (all
     of them that it names; with ``**kwargs``, also the ones the configurable
     collects in its own ``**kwargs``) and raises :class:`UserError` naming
-    ``name.<param>``. The configurable calls it on what it is given;
-    :func:`check_bound_values` runs it on the gin bindings, before a run
-    loads anything. ``passes_on``, for a configurable with ``**kwargs``:
+    ``name.<param>``. :func:`check_bound_values` runs it on the gin
+    bindings, before a run loads anything; the configurable may also call it
+    on what it is given (the loss and optimizer factories do, for callers
+    that bypass gin). ``passes_on``, for a configurable with ``**kwargs``:
     ``passes_on(values)`` (its defaults and bound values) is the function
     those keywords go to and its parameters that can be bound, which
     ``--list_keys`` then lists as keys of ``name`` (:func:`passed_on_params`).
@@ -331,7 +332,7 @@ def check_bound_values() -> None:
         for check in _VALUE_CHECKS.get(getattr(configurable, "name", None), []):
             own = inspect.signature(configurable.wrapped).parameters
             takes = inspect.signature(check).parameters
-            extra = any(p.kind is p.VAR_KEYWORD for p in takes.values())  # the configurable's own **kwargs
+            extra = any(p.kind is p.VAR_KEYWORD for p in takes.values())  # it checks the configurable's **kwargs
             kwargs = {n: p.default for n, p in own.items()
                       if n in takes and p.default is not p.empty and p.default is not gin.REQUIRED}
             parts = scope.split("/") if scope else []
