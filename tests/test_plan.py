@@ -315,6 +315,12 @@ def test_wrong_key_names_it(tmp_path, capfd):
     assert err.startswith("jaxpost: error:") and "sft.seq_lenn" in err
 
 
+def test_a_value_out_of_range_names_it_before_anything_compiles(tmp_path, capfd):
+    rc, _, err, plan = _cli_plan([*SFT, "--gin.make_optimizer.b1=1.5", "--devices", "8"], tmp_path, capfd)
+    assert rc == 2 and plan is None
+    assert err == "jaxpost: error: make_optimizer.b1 must be in [0, 1), got 1.5\n"
+
+
 def test_unknown_device_kind(tmp_path, capfd):
     rc, _, err, _ = _cli_plan([*SFT, "--devices", "8", "--device_kind", "a100"], tmp_path, capfd)
     assert rc == 2 and "--device_kind='a100' is unknown" in err

@@ -96,6 +96,7 @@ def main(argv: Sequence[str]) -> int:
     kind = device_kind(args.device_kind, args.device_memory_gb)
     config.import_modules(args.imports)
     config.parse(files, bindings, finalize=False)  # a wrong key fails here, before any subprocess or compile
+    config.check_bound_values()  # so does a value out of range (ppo.lam = 1.5), as in `jaxpost train`
     from jaxpost.plan.core import bound_task
     bound_task()
     if not _process_has(args.devices):
