@@ -206,7 +206,8 @@ def test_a_value_out_of_range_is_one_paragraph_naming_the_key(capsys, tmp_path, 
 
 _REQUIRED_EXTRAS = {"grpo": ["--gin.make_reward.names=['my_rewards:exact']"],
                     "ppo": ["--gin.make_scorer.reward_model='rm'"],
-                    "online_dpo": ["--gin.make_scorer.reward_model='rm'"]}
+                    "online_dpo": ["--gin.make_scorer.reward_model='rm'"],
+                    "distill": ["--gin.distill.teacher_from='teacher'"]}
 
 
 @pytest.mark.parametrize("task,bindings,expected", [
@@ -232,6 +233,11 @@ _REQUIRED_EXTRAS = {"grpo": ["--gin.make_reward.names=['my_rewards:exact']"],
     ("ppo", ["--gin.ppo.kl_estimator='k4'"], "ppo.kl_estimator must be one of 'k1', 'k2', 'k3', got 'k4'"),
     ("dpo", ["--gin.dpo.max_prompt_len=511"], "dpo.max_prompt_len must be in [1, dpo.seq_len - 2 = 510], got 511"),
     ("kto", ["--gin.kto.eval_fraction=0.0"], "kto.eval_fraction must be None or in (0, 1), got 0.0"),
+    ("distill", ["--gin.distill.divergence='kl'"],
+     "distill.divergence must be one of 'forward_kl', 'reverse_kl', 'jsd', got 'kl'"),
+    ("distill", ["--gin.distill.top_k=5", "--gin.distill.divergence='jsd'"],
+     "distill.divergence must be 'forward_kl' with distill.top_k=5 (a top-k teacher supports only forward KL), "
+     "got 'jsd'"),
 ])
 def test_a_run_loss_or_optimizer_value_is_refused_before_anything_is_read(capsys, tmp_path, task, bindings, expected):
     # Neither the data nor the model exists: the error is the value's, found before either is looked at.

@@ -14,9 +14,10 @@ import functools
 
 from jaxpost.config import checks_values_of
 from jaxpost.errors import require
+from jaxpost.losses.distill import DIVERGENCES
 from jaxpost.losses.ppo import KL_ESTIMATORS
 
-__all__ = ["check_run_sizes", "check_ppo_values"]
+__all__ = ["check_run_sizes", "check_ppo_values", "check_distill_values"]
 
 RECIPES = ("sft", "dpo", "kto", "reward_model", "distill", "grpo", "ppo", "online_dpo", "continual")
 
@@ -59,3 +60,24 @@ def check_ppo_values(kl_coef: float = 0.05, kl_target: float | None = None, kl_h
     require("ppo.kl_horizon", kl_horizon, kl_horizon > 0, "> 0")
     require("ppo.gamma", gamma, 0 <= gamma <= 1, "in [0, 1]")
     require("ppo.lam", lam, 0 <= lam <= 1, "in [0, 1]")
+
+
+@checks_values_of("distill")
+def check_distill_values(divergence: str = "forward_kl", temperature: float = 1.0, alpha: float = 1.0,
+                         beta: float = 0.5, top_k: int = 0, teacher_samples_per_prompt: int = 1,
+                         teacher_batch_size: int = 8, chunk_size: int = 128) -> None:
+    """Raises :class:`~jaxpost.errors.UserError` naming the ``distill`` key of a value out of its range.
+
+    (Combinations of ``mode`` with the other keys are the recipe's own checks.)
+    """
+    require("distill.divergence", divergence, divergence in DIVERGENCES, "one of " + ", ".join(map(repr, DIVERGENCES)))
+    require("distill.temperature", temperature, temperature > 0, "> 0")
+    require("distill.alpha", alpha, 0 <= alpha <= 1, "in [0, 1] (the weight of the distillation term)")
+    require("distill.beta", beta, 0 <= beta <= 1, "in [0, 1] (jsd's mixture weight)")
+    require("distill.top_k", top_k, top_k >= 0, ">= 0 (0: the whole vocabulary)")
+    if top_k:
+        require("distill.divergence", divergence, divergence == "forward_kl",
+                f"'forward_kl' with distill.top_k={top_k} (a top-k teacher supports only forward KL)")
+    for key, value in (("teacher_samples_per_prompt", teacher_samples_per_prompt),
+                       ("teacher_batch_size", teacher_batch_size), ("chunk_size", chunk_size)):
+        require(f"distill.{key}", value, value >= 1, ">= 1")
