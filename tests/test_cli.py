@@ -262,6 +262,17 @@ def test_bound_values_are_checked_through_macros_and_scopes_with_the_defaults_fi
                       "eval/make_dpo_loss.gamma = 1"])
     config.check_bound_values()
     gin.clear_config()
+    for binding, message in (("continual.min_records = 0", "continual.min_records must be >= 1, got 0"),
+                             ("synthesize.batch_size = 0", "synthesize.batch_size must be an int >= 1, got 0"),
+                             ("distill.temperature = 0.0", "distill.temperature must be > 0, got 0.0")):
+        gin.clear_config()
+        config.parse([], [binding])
+        with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+            config.check_bound_values()
+    gin.clear_config()
+    config.parse([], ["continual.tolerance = -0.1"])  # a round must improve by 0.1: allowed
+    config.check_bound_values()
+    gin.clear_config()
     config.parse([], ["make_dpo_loss.kind = 'simpo'", "make_dpo_loss.gamma = 0.5", "make_dpo_loss.chunk_size = 64",
                       "make_optimizer.total_steps = 0"])  # the run, not the user, decides total_steps
     config.check_bound_values()

@@ -17,9 +17,9 @@ from jaxpost.errors import require
 from jaxpost.losses.distill import DIVERGENCES
 from jaxpost.losses.ppo import KL_ESTIMATORS
 
-__all__ = ["check_run_sizes", "check_ppo_values", "check_distill_values"]
+__all__ = ["check_run_sizes", "check_ppo_values", "check_distill_values", "check_continual_values"]
 
-RECIPES = ("sft", "dpo", "kto", "reward_model", "distill", "grpo", "ppo", "online_dpo", "continual")
+RECIPES = ("sft", "dpo", "kto", "reward_model", "distill", "grpo", "ppo", "online_dpo", "continual", "synthesize")
 
 
 def check_run_sizes(task: str, batch_size: int | None = None, seq_len: int | None = None,
@@ -81,3 +81,15 @@ def check_distill_values(divergence: str = "forward_kl", temperature: float = 1.
     for key, value in (("teacher_samples_per_prompt", teacher_samples_per_prompt),
                        ("teacher_batch_size", teacher_batch_size), ("chunk_size", chunk_size)):
         require(f"distill.{key}", value, value >= 1, ">= 1")
+
+
+@checks_values_of("continual")
+def check_continual_values(min_records: int = 64, max_rounds: int | None = None, poll_seconds: float = 30.0) -> None:
+    """Raises :class:`~jaxpost.errors.UserError` naming the ``continual`` key of a value out of its range.
+
+    (``tolerance`` may be negative: a round must then improve by at least that much.)
+    """
+    require("continual.min_records", min_records, min_records >= 1, ">= 1")
+    require("continual.max_rounds", max_rounds, max_rounds is None or max_rounds >= 1, "None (no limit) or >= 1")
+    require("continual.poll_seconds", poll_seconds, poll_seconds > 0, "> 0")
+
