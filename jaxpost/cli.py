@@ -105,12 +105,15 @@ def _train(argv: Sequence[str]) -> int:
         release_run_dirs()  # before interpreter exit shuts down the storage clients the lock lives on
     if summary and distributed.is_main_process():
         print({k: v for k, v in summary.items()})
-    unread = config.unread_bindings(bindings)
+    unread = [f"--gin.{k}" for k in config.unread_bindings(bindings)]
+    unread += [f"{k} (in {f})" for f, lines in config.user_file_bindings(files).items()
+               for k in config.unread_bindings(lines)]
     if unread and distributed.is_main_process():
-        likely = list(dict.fromkeys(f"--gin.{k}" for key in unread for k in config.read_keys_like(key)))
-        print(f"jaxpost: warning: this run (run.task = @{_bound_task()}) never read "
-              f"{', '.join('--gin.' + k for k in unread)}: a mistyped or misplaced key, whose value changed nothing"
-              f"{'; it reads ' + ', '.join(likely) if likely else ''}. "
+        likely = list(dict.fromkeys(f"--gin.{k}" for key in unread
+                                    for k in config.read_keys_like(key.split()[0].removeprefix("--gin."))))
+        hint = f"; it reads {', '.join(likely)}" if likely else ""
+        print(f"jaxpost: warning: this run (run.task = @{_bound_task()}) never read {', '.join(unread)}: a "
+              f"mistyped or misplaced key, whose value changed nothing{hint}. "
               f"`jaxpost train --gin_file=... --list_keys` lists the keys the run reads", file=sys.stderr)
     return 0
 

@@ -176,6 +176,28 @@ def unread_bindings(bindings: Sequence[str]) -> list[str]:
     return [k for k in keys if "." in k.split("/")[-1] and k not in read]
 
 
+_FILE_BINDING = re.compile(r"^([A-Za-z_][\w./]*\.[A-Za-z_]\w*)\s*=", re.M)
+
+
+def user_file_bindings(gin_files: Sequence[str]) -> dict[str, list[str]]:
+    """``{file: ["KEY = ...", ...]}`` for the gin files given that are not jaxpost's own (``configs/``).
+
+    The keys a user wrote themselves, for :func:`unread_bindings`; the
+    shipped presets bind keys for many kinds of run (a model preset's
+    ``ModelConfig`` fields when ``init_from`` gives the model), so an unread
+    one there is no mistake. Lines of a binding's value (indented) and
+    macros (no ``.``) are not keys.
+    """
+    shipped = CONFIG_DIR.resolve()
+    out = {}
+    for f in gin_files:
+        path = pathlib.Path(resolve_config_path(f)).resolve()
+        if path.is_relative_to(shipped):
+            continue
+        out[f] = [f"{key} = ..." for key in _FILE_BINDING.findall(path.read_text(encoding="utf-8"))]
+    return out
+
+
 def read_keys_like(key: str) -> list[str]:
     """Keys the run read with ``key``'s parameter name: ``OnlineConfig.progress`` for ``LoopConfig.progress``.
 
