@@ -90,7 +90,9 @@ def _train(argv: Sequence[str]) -> int:
         return 0
     config.parse(files, bindings)
     _check_run_required()
-    _check_values_before_loading()
+    # Values a run would read only after its model loads (a recipe's sizes, the optimizer's, a loss's) are checked
+    # now, on the bindings alone, so that a typo costs no load and leaves no run directory.
+    config.check_bound_values()
     from jaxpost import distributed
     from jaxpost.compile_cache import compilation_cache
 
@@ -143,14 +145,6 @@ def _check_run_required() -> None:
         flags = " ".join(f"--gin.{k.name}=..." for k in missing)
         raise ConfigError(f"required key{'s' if len(missing) > 1 else ''} {names} not set; add {flags} or bind "
                           f"{'them' if len(missing) > 1 else 'it'} in your gin file (--list_keys lists every key)")
-
-
-def _check_values_before_loading() -> None:
-    # Values that a run would read only after its model loads (a recipe's sizes, the optimizer's, a loss's) are
-    # checked now, on the bindings alone, so that a typo costs no load and leaves no run directory.
-    from jaxpost.config import check_bound_values
-
-    check_bound_values()
 
 
 def _generate(argv: Sequence[str]) -> int:

@@ -78,7 +78,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from jaxpost.errors import UserError
+from jaxpost.errors import UserError, require
 from jaxpost.generate.processing import choose_tokens, log_softmax_parts
 from jaxpost.models.api import forward, fused_projections, inputs_from_attention_mask
 from jaxpost.models.attention import KVCache, cache_logical_axes, init_cache, map_layer_caches, pad_cache
@@ -96,14 +96,12 @@ def check_sampling_values(config: Any) -> None:
     whose values a rollout's sampler takes), so the message names the key
     the user bound.
     """
-    name = type(config).__name__
-    for field, ok, rule in (("max_new_tokens", config.max_new_tokens >= 1, ">= 1"),
-                            ("temperature", config.temperature >= 0, ">= 0 (0 = greedy)"),
-                            ("top_k", config.top_k >= 0, ">= 0 (0 = off)"),
-                            ("top_p", 0.0 < config.top_p <= 1.0, "in (0, 1] (1 = off)"),
-                            ("group_size", config.group_size >= 1, ">= 1")):
-        if not ok:
-            raise UserError(f"{name}.{field} must be {rule}, got {getattr(config, field)}")
+    c, name = config, type(config).__name__
+    require(f"{name}.max_new_tokens", c.max_new_tokens, c.max_new_tokens >= 1, ">= 1")
+    require(f"{name}.temperature", c.temperature, c.temperature >= 0, ">= 0 (0 = greedy)")
+    require(f"{name}.top_k", c.top_k, c.top_k >= 0, ">= 0 (0 = off)")
+    require(f"{name}.top_p", c.top_p, 0.0 < c.top_p <= 1.0, "in (0, 1] (1 = off)")
+    require(f"{name}.group_size", c.group_size, c.group_size >= 1, ">= 1")
 
 
 @gin.configurable

@@ -11,7 +11,7 @@ from typing import Any
 
 import gin
 
-from jaxpost.errors import UserError
+from jaxpost.errors import UserError, require
 
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
@@ -28,21 +28,18 @@ def _check_fields(config: Any, *, ints: dict[str, int] | None = None, optional_i
     dataclass as written, so ``num_layers = 0`` or ``dtype = 'bf16'`` must
     fail here, in one line, rather than deep in a model build.
     """
-    def bad(field: str, rule: str):
-        return UserError(f"{type(config).__name__}.{field} must be {rule}, got {getattr(config, field)!r}")
-
+    name = type(config).__name__
     for fields, optional in ((ints or {}, False), (optional_ints or {}, True)):
         for f, low in fields.items():
             v = getattr(config, f)
-            if not (optional and v is None) and (not isinstance(v, int) or isinstance(v, bool) or v < low):
-                raise bad(f, ("None or " if optional else "") + f"an int >= {low}")
+            ok = (optional and v is None) or (isinstance(v, int) and not isinstance(v, bool) and v >= low)
+            require(f"{name}.{f}", v, ok, ("None or " if optional else "") + f"an int >= {low}")
     for f in positive_floats:
         v = getattr(config, f)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
-            raise bad(f, "a number > 0")
+        require(f"{name}.{f}", v, isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0")
     for f, allowed in (choices or {}).items():
-        if getattr(config, f) not in allowed:
-            raise bad(f, "one of " + ", ".join(map(repr, allowed)))
+        require(f"{name}.{f}", getattr(config, f), getattr(config, f) in allowed,
+                "one of " + ", ".join(map(repr, allowed)))
 
 
 @gin.configurable
