@@ -310,9 +310,9 @@ def checks_values_of(name: str, passes_on: Callable[[dict], tuple[Callable, dict
     of them that it names; with ``**kwargs``, also the ones the configurable
     collects in its own ``**kwargs``) and raises :class:`UserError` naming
     ``name.<param>``. :func:`check_bound_values` runs it on the gin
-    bindings, before a run loads anything; the configurable may also call it
-    on what it is given (the loss and optimizer factories do, for callers
-    that bypass gin). ``passes_on``, for a configurable with ``**kwargs``:
+    bindings, before a run loads anything; the configurable may also run it
+    on what it is given, for callers that bypass gin (the recipes call
+    :func:`check_values`; the loss and optimizer factories call their check). ``passes_on``, for a configurable with ``**kwargs``:
     ``passes_on(values)`` (its defaults and bound values) is the function
     those keywords go to and its parameters that can be bound, which
     ``--list_keys`` then lists as keys of ``name`` (:func:`passed_on_params`).
@@ -338,6 +338,21 @@ def passed_on_params(name: str, values: dict) -> tuple[Callable | None, dict[str
         return passes_on(values)
     except (KeyError, TypeError, ValueError):
         return None, {}
+
+
+def check_values(name: str, values: dict[str, Any]) -> None:
+    """Runs the value checks registered for the configurable ``name`` on ``values``, its arguments by name.
+
+    A configurable calls this on what it was given (``check_values("grpo",
+    locals())`` first thing), so that callers who bypass gin get the same
+    one-line :class:`UserError` that :func:`check_bound_values` gives a run
+    before anything loads. Each check gets the values it takes (a check
+    with ``**kwargs`` gets all of them).
+    """
+    for check in _VALUE_CHECKS.get(name, []):
+        takes = inspect.signature(check).parameters
+        extra = any(p.kind is p.VAR_KEYWORD for p in takes.values())
+        check(**{k: v for k, v in values.items() if extra or k in takes})
 
 
 def check_bound_values() -> None:

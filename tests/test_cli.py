@@ -249,6 +249,32 @@ def test_a_run_loss_or_optimizer_value_is_refused_before_anything_is_read(capsys
     assert not run.exists()
 
 
+@pytest.mark.parametrize("task,values,expected", [
+    ("sft", dict(batch_size=0), "sft.batch_size must be an int >= 1, got 0"),
+    ("dpo", dict(max_prompt_len=511), "dpo.max_prompt_len must be in [1, dpo.seq_len - 2 = 510], got 511"),
+    ("kto", dict(eval_fraction=1.0), "kto.eval_fraction must be None or in (0, 1), got 1.0"),
+    ("reward_model", dict(seq_len=0), "reward_model.seq_len must be an int >= 1, got 0"),
+    ("grpo", dict(num_iterations=0), "grpo.num_iterations must be an int >= 1, got 0"),
+    ("ppo", dict(lam=1.5), "ppo.lam must be in [0, 1], got 1.5"),
+    ("online_dpo", dict(updates_per_round=0), "online_dpo.updates_per_round must be an int >= 1, got 0"),
+    ("distill", dict(lmbda=1.5), "distill.lmbda must be in [0, 1] (the fraction of on-policy steps), got 1.5"),
+    ("continual", dict(min_records=0), "continual.min_records must be >= 1, got 0"),
+    ("synthesize", dict(batch_size=0), "synthesize.batch_size must be an int >= 1, got 0"),
+])
+def test_a_recipe_called_from_python_checks_its_values_first(tmp_path, task, values, expected):
+    # The library path, no gin parse: the same one-line error as `jaxpost train`, before any path is looked at.
+    fn = getattr(recipes, task)
+    gin.clear_config()
+    missing = str(tmp_path / "missing")
+    required = {"synthesize": dict(model_dir=missing, prompts=missing, out_dir=missing),
+                "continual": dict(run_dir=missing, feedback_dir=missing, init_from=missing, eval_data=missing)}
+    kwargs = required.get(task, dict(run_dir=missing, train_data=missing))
+    with pytest.raises(UserError) as raised:
+        fn(**kwargs, **values)
+    assert str(raised.value).splitlines()[0] == expected  # gin adds a line naming the configurable it called
+    assert not (tmp_path / "missing").exists()
+
+
 def test_bound_values_are_checked_through_macros_and_scopes_with_the_defaults_filled_in():
     config.parse([], ["LR = -0.5", "make_optimizer.learning_rate = %LR"])
     with pytest.raises(UserError, match=r"^make_optimizer.learning_rate must be >= 0, got -0.5$"):

@@ -24,6 +24,7 @@ import time
 
 import gin
 
+from jaxpost.config import check_values
 from jaxpost.continual import (Ledger, read_json, write_json, decide, held_out_score, load_round_records,
                                publish)
 from jaxpost.data import feedback
@@ -45,6 +46,7 @@ def continual(run_dir: str = gin.REQUIRED, feedback_dir: str = gin.REQUIRED, ini
     ``make_optimizer``, ``make_kto_loss``, ``make_dpo_loss``) are the gin
     bindings. Summary: rounds recorded, accepted, the current model and score.
     """
+    check_values("continual", locals())  # for callers that bypass gin; `jaxpost train` ran them
     run = prepare_run_dir(run_dir)
     unpaired, pairs = feedback.training_rows(feedback.read_feedback(eval_data), rating_threshold)
     if not unpaired and not pairs:

@@ -17,7 +17,7 @@ from pathlib import Path
 import gin
 
 from jaxpost.algorithms.distill import check_same_vocab
-from jaxpost.config import build, build_if_bound
+from jaxpost.config import build, build_if_bound, check_values
 from jaxpost.data import check_run_inputs, train_eval_split
 from jaxpost.errors import UserError
 from jaxpost.generate.sampler import SamplingConfig
@@ -61,6 +61,7 @@ def distill(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokeniz
     ``sampling`` (default ``SamplingConfig()``), ``loop`` (``LoopConfig()``) and ``model`` (``ModelConfig()``
     where gin binds any of its fields) are built at call time with gin's bindings.
     """
+    check_values("distill", locals())  # for callers that bypass gin; `jaxpost train` ran them
     # Built here, at call time, so that bindings of SamplingConfig/LoopConfig/ModelConfig apply without
     # `distill.loop = @LoopConfig()` (a default built at import time would ignore them).
     sampling, loop = build(SamplingConfig, sampling), build(LoopConfig, loop)
@@ -71,8 +72,6 @@ def distill(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokeniz
         raise UserError(f"distill.teacher_cache is for mode='offline'; mode={mode!r} needs the live teacher")
     if teacher_cache is not None and top_k < 1:
         raise UserError(f"distill.teacher_cache stores the teacher's top-k: set distill.top_k >= 1 (got {top_k})")
-    if mode == "on_policy" and not 0.0 <= lmbda <= 1.0:
-        raise UserError(f"distill.lmbda (the fraction of on-policy steps) must be in [0, 1], got {lmbda}")
     if mode == "on_policy" and alpha != 1.0:
         raise UserError(f"distill.mode='on_policy' trains on the student's own samples, where a hard-label term "
                         f"would imitate the student itself: set distill.alpha = 1.0 (got {alpha}), e.g. "

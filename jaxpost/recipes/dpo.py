@@ -18,7 +18,7 @@ import gin
 from jaxpost import models
 from jaxpost.algorithms import make_dpo_loss, with_base_reference
 from jaxpost.algorithms.reference import with_reference_logps
-from jaxpost.config import build, build_if_bound
+from jaxpost.config import build, build_if_bound, check_values
 from jaxpost.data import DataStats, check_run_inputs, make_preference_pipeline, report_data_stats, train_eval_split
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.load import load_model, load_reference
@@ -52,6 +52,7 @@ def dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
     ranks chosen above rejected), ``eval/rewards/margins`` and ``eval/loss``.
     ``loop`` and ``model`` default as in :func:`jaxpost.recipes.sft.sft`.
     """
+    check_values("dpo", locals())  # for callers that bypass gin; `jaxpost train` ran them
     # Built here, at call time, so that bindings of LoopConfig/ModelConfig apply without `dpo.loop = @LoopConfig()`.
     loop, model = build(LoopConfig, loop), build_if_bound(ModelConfig, model)
     tok, rows = check_run_inputs("dpo", train_data=train_data, kind="preference", tokenizer=tokenizer,

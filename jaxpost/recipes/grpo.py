@@ -20,7 +20,7 @@ import numpy as np
 from jaxpost import models
 from jaxpost.algorithms import LM_KEYS
 from jaxpost.algorithms.online import make_grpo_loss
-from jaxpost.config import build, build_if_bound
+from jaxpost.config import build, build_if_bound, check_values
 from jaxpost.data import check_run_inputs, make_prompt_pipeline
 from jaxpost.errors import UserError
 from jaxpost.generate.environments import Environment
@@ -78,6 +78,7 @@ def grpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer:
     ``environment`` (e.g. ``@CalculatorEnv()``): multi-turn episodes scored by it
     (:mod:`jaxpost.generate.multiturn`, budgets in ``MultiTurnConfig``) instead of one scored completion.
     """
+    check_values("grpo", locals())  # for callers that bypass gin; `jaxpost train` ran them
     # Built here, at call time, so that bindings of RolloutConfig/OnlineConfig/ModelConfig apply without
     # `grpo.rollout = @RolloutConfig()`; the run's own defaults yield to gin's bindings.
     rollout, online = build(RolloutConfig, rollout, group_size=8), build(OnlineConfig, online)

@@ -18,7 +18,7 @@ import gin
 from jaxpost import models
 from jaxpost.algorithms import with_base_reference
 from jaxpost.algorithms.kto import make_kto_loss
-from jaxpost.config import build, build_if_bound
+from jaxpost.config import build, build_if_bound, check_values
 from jaxpost.data import DataStats, check_run_inputs, report_data_stats, train_eval_split
 from jaxpost.data.unpaired import make_unpaired_pipeline
 from jaxpost.errors import UserError
@@ -46,6 +46,7 @@ def kto(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
     ``eval/rewards/rejected``, ``eval/rewards/margins``. ``loop`` and
     ``model`` default as in :func:`jaxpost.recipes.sft.sft`.
     """
+    check_values("kto", locals())  # for callers that bypass gin; `jaxpost train` ran them
     loop, model = build(LoopConfig, loop), build_if_bound(ModelConfig, model)
     if batch_size < 2:
         raise UserError(f"kto.batch_size={batch_size}: KTO estimates its KL term from the other examples of a "

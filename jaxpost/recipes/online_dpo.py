@@ -17,7 +17,7 @@ import gin
 
 from jaxpost import models
 from jaxpost.algorithms import make_dpo_loss, with_base_reference
-from jaxpost.config import build, build_if_bound
+from jaxpost.config import build, build_if_bound, check_values
 from jaxpost.data import check_run_inputs, make_prompt_pipeline
 from jaxpost.errors import UserError
 from jaxpost.generate.rollout import Roller, RolloutConfig, best_worst_pairs, pair_batch
@@ -60,6 +60,7 @@ def online_dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, toke
     ``rollout`` (default: ``RolloutConfig(group_size=2)``), ``online`` (``OnlineConfig()``) and ``model``
     (``ModelConfig()`` where gin binds any of its fields) are built at call time with gin's bindings.
     """
+    check_values("online_dpo", locals())  # for callers that bypass gin; `jaxpost train` ran them
     # Built here, at call time, so that bindings of RolloutConfig/OnlineConfig/ModelConfig apply without
     # `online_dpo.rollout = @RolloutConfig()`; the run's own defaults yield to gin's bindings.
     rollout, online = build(RolloutConfig, rollout, group_size=2), build(OnlineConfig, online)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jaxpost import models
 from jaxpost.algorithms import LM_KEYS
 from jaxpost.algorithms.online import make_ppo_loss, ppo_advantages
-from jaxpost.config import build, build_if_bound
+from jaxpost.config import build, build_if_bound, check_values
 from jaxpost.data import check_run_inputs, make_prompt_pipeline
 from jaxpost.distributed import to_host
 from jaxpost.generate.environments import Environment
@@ -81,8 +81,8 @@ def ppo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
     (``OnlineConfig()``) and ``model`` (``ModelConfig()`` where gin binds any of its fields) are built at call time
     with gin's bindings. ``environment``: episodes scored by it instead of the scorer; loss on the model's tokens only.
     """
-    # Built here, at call time, so that bindings of RolloutConfig/OnlineConfig/ModelConfig apply without
-    # `ppo.rollout = @RolloutConfig()`; the run's own defaults yield to gin's bindings.
+    check_values("ppo", locals())  # for callers that bypass gin; `jaxpost train` ran them
+    # Built at call time, so that bindings of RolloutConfig/OnlineConfig/ModelConfig apply (and win over defaults).
     rollout, online = build(RolloutConfig, rollout), build(OnlineConfig, online)
     model = build_if_bound(ModelConfig, model)
     check_environment(environment, "ppo")

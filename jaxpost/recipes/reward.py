@@ -15,7 +15,7 @@ import gin
 
 from jaxpost import models
 from jaxpost.algorithms import make_reward_loss
-from jaxpost.config import build, build_if_bound
+from jaxpost.config import build, build_if_bound, check_values
 from jaxpost.data import DataStats, check_run_inputs, make_preference_pipeline, report_data_stats, train_eval_split
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.load import load_model
@@ -43,6 +43,7 @@ def reward_model(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, to
     (fraction of pairs ranked correctly), ``eval/margin`` and ``eval/loss``.
     ``loop`` and ``model`` default as in :func:`jaxpost.recipes.sft.sft`.
     """
+    check_values("reward_model", locals())  # for callers that bypass gin; `jaxpost train` ran them
     # Built here, at call time, so that bindings of LoopConfig/ModelConfig apply without `reward_model.loop = @LoopConfig()`.
     loop, model = build(LoopConfig, loop), build_if_bound(ModelConfig, model)
     tok, rows = check_run_inputs("reward_model", train_data=train_data, kind="preference",

@@ -13,7 +13,7 @@ import gin
 
 from jaxpost import models
 from jaxpost.algorithms import make_sft_eval, make_sft_loss
-from jaxpost.config import build, build_if_bound
+from jaxpost.config import build, build_if_bound, check_values
 from jaxpost.data import DataStats, check_run_inputs, make_lm_pipeline, report_data_stats, train_eval_split
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.load import load_model
@@ -35,6 +35,7 @@ def sft(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
     held-out loss and token accuracy. ``loop`` (default: ``LoopConfig()`` with its gin bindings) and
     ``model`` (default: ``ModelConfig()`` where gin binds any of its fields) are built at call time.
     """
+    check_values("sft", locals())  # for callers that bypass gin; `jaxpost train` ran them
     # Built here, at call time, so that bindings of LoopConfig/ModelConfig apply without `sft.loop = @LoopConfig()`.
     loop, model = build(LoopConfig, loop), build_if_bound(ModelConfig, model)
     tok, rows = check_run_inputs("sft", train_data=train_data, kind="lm", tokenizer=tokenizer,

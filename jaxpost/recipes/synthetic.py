@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from jaxpost import paths
-from jaxpost.config import build
+from jaxpost.config import build, check_values
 from jaxpost.data import check_run_inputs, make_prompt_pipeline
 from jaxpost.data.encode import pad_id
 from jaxpost.data.tokenizer import stop_token_ids
@@ -61,6 +61,7 @@ def synthesize(model_dir: str = gin.REQUIRED, tokenizer: str | None = None, prom
     (budgets: gin's ``MultiTurnConfig``; ``sampling.max_new_tokens`` per model turn), scored by the
     environment's rewards; the rows are its conversations. Exactly one of ``scorer`` and ``environment``.
     """
+    check_values("synthesize", locals())  # for callers that bypass gin; `jaxpost train` ran them
     sampling = build(SamplingConfig, sampling)  # at call time: a default built at import ignores gin
     check_options(mode, n_samples, scorer, environment, min_chars, max_chars)
     out = paths.resolve(out_dir)

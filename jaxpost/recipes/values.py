@@ -3,7 +3,9 @@
 ``jaxpost train`` runs these checks (:func:`jaxpost.config.check_bound_values`)
 right after parsing, so ``--gin.grpo.num_iterations=0`` or
 ``--gin.ppo.lam=1.5`` is one line naming the key, in seconds, not an error
-from deep inside the run once the model has loaded. A recipe's own rules
+from deep inside the run once the model has loaded. Each recipe runs them
+again on its arguments (:func:`jaxpost.config.check_values`), so a caller
+of ``jaxpost.recipes.grpo(...)`` gets the same errors. A recipe's own rules
 that need more than its bindings (``grpo.advantage`` against the group
 size) stay in the recipe.
 """
@@ -64,7 +66,7 @@ def check_ppo_values(kl_coef: float = 0.05, kl_target: float | None = None, kl_h
 
 @checks_values_of("distill")
 def check_distill_values(divergence: str = "forward_kl", temperature: float = 1.0, alpha: float = 1.0,
-                         beta: float = 0.5, top_k: int = 0, teacher_samples_per_prompt: int = 1,
+                         beta: float = 0.5, lmbda: float = 0.5, top_k: int = 0, teacher_samples_per_prompt: int = 1,
                          teacher_batch_size: int = 8, chunk_size: int = 128) -> None:
     """Raises :class:`~jaxpost.errors.UserError` naming the ``distill`` key of a value out of its range.
 
@@ -74,6 +76,7 @@ def check_distill_values(divergence: str = "forward_kl", temperature: float = 1.
     require("distill.temperature", temperature, temperature > 0, "> 0")
     require("distill.alpha", alpha, 0 <= alpha <= 1, "in [0, 1] (the weight of the distillation term)")
     require("distill.beta", beta, 0 <= beta <= 1, "in [0, 1] (jsd's mixture weight)")
+    require("distill.lmbda", lmbda, 0 <= lmbda <= 1, "in [0, 1] (the fraction of on-policy steps)")
     require("distill.top_k", top_k, top_k >= 0, ">= 0 (0: the whole vocabulary)")
     if top_k:
         require("distill.divergence", divergence, divergence == "forward_kl",
