@@ -27,6 +27,8 @@ import os
 import gin
 import jax
 
+from jaxpost.errors import require
+
 DEFAULT_DIR = "~/.cache/jaxpost/xla"
 
 
@@ -47,9 +49,9 @@ def compilation_cache(cache_dir: str | None = "auto", min_compile_time_secs: flo
     if cache_dir is None:
         jax.config.update("jax_enable_compilation_cache", False)
         return None
-    if (min_compile_time_secs is not None and min_compile_time_secs < 0) or max_size_gib <= 0:
-        raise ValueError(f"min_compile_time_secs must be >= 0 and max_size_gib > 0, got {min_compile_time_secs} "
-                         f"and {max_size_gib}")
+    require("compilation_cache.min_compile_time_secs", min_compile_time_secs,
+            min_compile_time_secs is None or min_compile_time_secs >= 0, "None or >= 0")
+    require("compilation_cache.max_size_gib", max_size_gib, max_size_gib > 0, "> 0")
     if "://" not in cache_dir:
         cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
         os.makedirs(cache_dir, exist_ok=True)

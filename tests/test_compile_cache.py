@@ -9,6 +9,7 @@ import pytest
 
 from jaxpost import config
 from jaxpost.compile_cache import compilation_cache
+from jaxpost.errors import UserError
 
 # One process of a command: set the cache up, compile one program, report the directory and cache hits.
 _SCRIPT = """
@@ -56,7 +57,7 @@ def test_cache_is_a_gin_configurable_and_rejects_bad_limits():
         assert gin.query_parameter("compilation_cache.cache_dir") is None
     finally:
         gin.clear_config()
-    with pytest.raises(ValueError, match="min_compile_time_secs must be >= 0"):
+    with pytest.raises(UserError, match=r"^compilation_cache.min_compile_time_secs must be None or >= 0, got -1\n"):
         compilation_cache("unused", min_compile_time_secs=-1)
-    with pytest.raises(ValueError, match="max_size_gib > 0"):
+    with pytest.raises(UserError, match=r"^compilation_cache.max_size_gib must be > 0, got 0\n"):
         compilation_cache("unused", max_size_gib=0)
