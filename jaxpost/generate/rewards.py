@@ -10,7 +10,9 @@ prompt dataset arrives as a keyword argument holding a list aligned with
 ``completions`` (e.g. ``answer=[...]``), so a prompt sampled G times has its
 fields repeated G times. Functions take ``**_`` and ignore fields they do not
 use; a field they need but do not get raises ``KeyError`` naming it. The
-result has one finite float per completion.
+result has one finite float per completion; runs check it
+(:func:`call_reward`: a breach is a one-line error naming the reward). They
+are called by keyword, as TRL calls its reward functions.
 
 Register with ``@register_reward("name")``; pick by name with
 :func:`get_reward` or, in gin, ``make_reward.names = ["arithmetic", "format"]``
@@ -36,6 +38,7 @@ import re
 from typing import Callable, Sequence
 
 import gin
+import numpy as np
 
 from jaxpost.config import import_object
 from jaxpost.errors import UserError
@@ -158,6 +161,48 @@ def length_reward(prompts: list[str], completions: list[str], target_chars: int 
 register_reward("length")(length_reward)
 
 
+def call_reward(name: str, fn: RewardFn, prompts: list[str], completions: list[str], fields: dict) -> np.ndarray:
+    """``fn(prompts=..., completions=..., **fields)`` as float32 ``[len(completions)]``, checked against the contract.
+
+    One finite number per completion, or a :class:`~jaxpost.errors.UserError`
+    naming reward ``name``, what it returned and for which completion (a
+    string such as ``"1"`` is refused, not parsed). An exception raised by
+    ``fn`` itself propagates with a note naming the reward and the fields it
+    was given, so its traceback points at the user's line.
+    """
+    try:
+        values = fn(prompts=prompts, completions=completions, **fields)  # by keyword, as TRL calls them
+    except Exception as e:
+        if not any(n.startswith("(raised by reward") for n in getattr(e, "__notes__", ())):  # the innermost says it
+            e.add_note(f"(raised by reward {name!r}, called on {len(completions)} completions with the fields "
+                       f"{['prompts', 'completions', *sorted(fields)]})")
+        raise
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):
+        raise UserError(f"reward {name!r} returned {type(values).__name__} {_short(values)}; a reward returns a "
+                        f"list of one float per completion")
+    if len(values) != len(completions):
+        raise UserError(f"reward {name!r} returned {len(values)} values for {len(completions)} completions; a "
+                        f"reward returns one float per completion")
+    out = np.empty(len(completions), np.float32)
+    for i, v in enumerate(values):
+        try:
+            if isinstance(v, (str, bytes)) or v is None:
+                raise TypeError
+            out[i] = float(v)
+        except (TypeError, ValueError):
+            raise UserError(f"reward {name!r} returned {_short(v)} ({type(v).__name__}) for completion {i}; a "
+                            f"reward is a float") from None
+        if not math.isfinite(out[i]):
+            raise UserError(f"reward {name!r} returned {out[i]} for completion {i} ({_short(completions[i])}); "
+                            f"rewards must be finite")
+    return out
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 @gin.configurable
 def make_reward(names: str | Sequence[str] = ("arithmetic",), weights: Sequence[float] | None = None
                 ) -> RewardFn:
@@ -179,12 +224,7 @@ def make_reward(names: str | Sequence[str] = ("arithmetic",), weights: Sequence[
             raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
         total = [0.0] * len(completions)
         for name, fn, w in zip(names, fns, weights):
-            values = list(fn(prompts, completions, **row_fields))
-            if len(values) != len(completions):
-                raise ValueError(f"reward {name!r} returned {len(values)} values for {len(completions)} completions")
-            bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
-            if bad:
-                raise ValueError(f"reward {name!r} returned non-finite values at {bad[:8]}")
+            values = call_reward(name, fn, prompts, completions, row_fields)
             total = [t + w * float(v) for t, v in zip(total, values)]
         return total
 

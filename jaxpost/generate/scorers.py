@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from jaxpost.distributed import to_host
-from jaxpost.generate.rewards import get_reward
+from jaxpost.generate.rewards import call_reward, get_reward
 from jaxpost.losses.reward import gather_last
 from jaxpost.models import forward
 from jaxpost.models.heads import scores as score_head
@@ -36,8 +36,8 @@ class FunctionScorer:
     """Scores completions with Python reward functions, summed with ``weights``.
 
     ``score_b = sum_k weights[k] * fn_k(prompts, completions, **columns)[b]``.
-    A function returning the wrong number of values, or a non-finite value,
-    raises naming the function and the offending row.
+    Each function's output is checked by :func:`~jaxpost.generate.rewards.call_reward`
+    (one finite float per completion, else an error naming the function).
     """
 
     def __init__(self, functions: Callable | str | Sequence[Callable | str], weights: Sequence[float] | None = None):
@@ -57,16 +57,7 @@ class FunctionScorer:
         total = np.zeros(len(rollout.completions), np.float32)
         for fn, w in zip(self.functions, self.weights):
             name = getattr(fn, "__name__", repr(fn))
-            out = np.asarray(fn(prompts=list(rollout.prompts), completions=list(rollout.completions), **columns),
-                             np.float32)
-            if out.shape != total.shape:
-                raise ValueError(f"reward function {name} returned shape {out.shape} for "
-                                 f"{len(rollout.completions)} completions (expected one float per completion)")
-            bad = np.flatnonzero(~np.isfinite(out))
-            if bad.size:
-                raise ValueError(f"reward function {name} returned a non-finite reward for completion {bad[0]}: "
-                                 f"{rollout.completions[bad[0]]!r}")
-            total += w * out
+            total += w * call_reward(name, fn, list(rollout.prompts), list(rollout.completions), columns)
         return total
 
 
