@@ -168,3 +168,13 @@ def test_row_and_line_numbers_are_one_based(tmp_path):
     pairs.write_text('{"chosen": "x y", "rejected": "x z"}\n{"chosen": "same", "rejected": "same"}\n')
     with pytest.raises(UserError, match=rf"row 2 of {pairs} \(line 2\): 'chosen' and 'rejected' are identical"):
         load_rows(pairs)  # implicit prompts are extracted while validating
+
+
+@pytest.mark.parametrize("name,text", [("empty.jsonl", ""), ("blank.jsonl", "\n  \n"), ("empty.json", "")])
+def test_an_empty_data_file_is_named_as_empty(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(UserError) as raised:
+        load_rows(path)
+    # (datasets' own error for an empty file has an empty message: "Could not read empty.jsonl: ")
+    assert str(raised.value).splitlines()[0] == f"data file {path} is empty: it holds no rows (looked in {path})"

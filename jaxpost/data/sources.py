@@ -73,6 +73,15 @@ def find_json_error(path: str | os.PathLike) -> None:
     return None
 
 
+def _has_text(path: Path) -> bool:
+    """Whether the file holds anything but whitespace (read in blocks: a large file stops at its first block)."""
+    with open(path, "rb") as f:
+        while block := f.read(1 << 16):
+            if block.strip():
+                return True
+    return False
+
+
 def _looks_like_path(where: str) -> bool:
     # Hub names are "name" or "org/name"; anything else is a missing local path.
     return (Path(where).suffix.lower() in (*_BUILDERS, ".arrow")
@@ -174,12 +183,14 @@ def load_rows(path_or_name: str | os.PathLike, split: str | None = None, *, conf
         if suffix == ".arrow":
             ds = datasets.Dataset.from_file(str(path))
         elif suffix in _BUILDERS:
+            if suffix in (".json", ".jsonl") and not _has_text(path):
+                raise UserError(f"data file {path} is empty: it holds no rows (looked in {path.absolute()})")
             try:
                 ds = datasets.load_dataset(_BUILDERS[suffix], data_files=str(path), split=split)
             except Exception as e:
                 if suffix in (".json", ".jsonl"):
                     find_json_error(path)  # raises with file:line when it finds the culprit
-                raise UserError(f"Could not read {path}: {e}") from e
+                raise UserError(f"Could not read {path}: {str(e) or type(e).__name__}") from e
         else:
             raise UserError(f"Unsupported data file {path}: expected one of "
                             f"{sorted([*_BUILDERS, '.arrow'])}")
