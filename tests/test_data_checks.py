@@ -1,6 +1,7 @@
 """What every run checks on its tokenizer and data before a model loads: one UserError naming what and where."""
 
 import json
+import re
 import time
 
 import datasets
@@ -178,3 +179,56 @@ def test_an_empty_data_file_is_named_as_empty(tmp_path, name, text):
         load_rows(path)
     # (datasets' own error for an empty file has an empty message: "Could not read empty.jsonl: ")
     assert str(raised.value).splitlines()[0] == f"data file {path} is empty: it holds no rows (looked in {path})"
+
+
+@pytest.fixture(scope="module")
+def user_files(tmp_path_factory):
+    """A tiny HF model, a copy whose config has too small a vocabulary, and data of each kind."""
+    import shutil
+
+    from pipeline_utils import make_task, tiny_model_dir
+
+    root = tmp_path_factory.mktemp("user")
+    model = tiny_model_dir(root / "model")
+    small = root / "small"
+    shutil.copytree(model, small)
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "vocab_size": 100}))
+    task = make_task(root / "task", n_sft=4, n_pref=4, n_prompts=4, n_eval=2)
+    unpaired = write_jsonl(root / "unpaired.jsonl", [{"prompt": "a", "completion": "b", "label": i % 2 == 0}
+                                                     for i in range(4)])
+    return dict(model=model, small=small, sft=task["sft"], preference=task["preference"], prompts=task["prompts"],
+                unpaired=unpaired)
+
+
+@pytest.mark.parametrize("run,key,data", [("dpo", "reference_from", "preference"), ("kto", "reference_from", "unpaired"),
+                                          ("ppo", "value_from", "prompts"), ("distill", "teacher_from", "sft")])
+def test_a_runs_other_models_are_found_before_its_run_dir(run, key, data, user_files, tmp_path, monkeypatch):
+    import gin
+
+    from jaxpost import recipes
+    monkeypatch.chdir(tmp_path)
+    gin.clear_config()
+    fn, run_dir = getattr(recipes, run), tmp_path / "run"
+    common = dict(run_dir=str(run_dir), train_data=str(user_files[data]), init_from=str(user_files["model"]))
+    with pytest.raises(UserError) as raised:
+        fn(**common, **{key: "./missing"})
+    assert str(raised.value).splitlines()[0] == (f"{run}.{key}='./missing' does not exist: no directory "
+                                                 f"{tmp_path / 'missing'}; give an existing directory or a Hugging "
+                                                 "Face Hub name such as 'org/name'")
+    with pytest.raises(UserError) as raised:
+        fn(**common, **{key: str(user_files["small"])})
+    assert str(raised.value).splitlines()[0].startswith(
+        f"{run}: the tokenizer {user_files['model']} has 261 tokens but the model's vocab_size is 100 "
+        f"({run}.{key}: {user_files['small'] / 'config.json'}): ids >= 100 have no embedding")
+    assert not run_dir.exists()
+
+
+def test_a_reward_model_that_is_not_there_names_the_key_that_gave_it(tmp_path, monkeypatch):
+    from jaxpost.generate.scorers import RewardModelScorer
+    from jaxpost.sharding import Partitioner
+
+    monkeypatch.chdir(tmp_path)
+    for key in ("make_scorer.reward_model", "synthesize.scorer"):
+        with pytest.raises(UserError, match=rf"^{re.escape(key)}='./rm' does not exist: no directory {tmp_path / 'rm'};"):
+            RewardModelScorer("./rm", Partitioner(), key=key)

@@ -64,7 +64,8 @@ def model_vocab_size(model: Any = None, init_from: str | os.PathLike | None = No
 
 def check_run_inputs(what: str, *, train_data: Any, kind: str, tokenizer: str | os.PathLike | None = None,
                      init_from: str | os.PathLike | None = None, model: Any = None, eval_data: Any = None,
-                     init_key: str = "init_from", data_key: str = "train_data") -> tuple[Any, Any]:
+                     init_key: str = "init_from", data_key: str = "train_data",
+                     other_models: dict[str, str | os.PathLike | None] | None = None) -> tuple[Any, Any]:
     """Loads and checks a run's tokenizer and data; returns ``(tokenizer, train_rows)``.
 
     ``what`` is the run's gin name (``"sft"``, ``"dpo"``...), used in the
@@ -74,7 +75,9 @@ def check_run_inputs(what: str, *, train_data: Any, kind: str, tokenizer: str | 
     ``"prompt"`` (:data:`KIND_FORMATS`). ``train_data`` is a path or Hub name
     (read with :func:`jaxpost.data.load_rows`) or rows already loaded;
     ``eval_data``, when a path, is read and validated too and dropped (the
-    run reads it again, from the ``datasets`` cache).
+    run reads it again, from the ``datasets`` cache). ``other_models``: the
+    run's other model directories by key (``{"reference_from": ...}``; None
+    values skipped), each found and its vocabulary checked like ``init_from``'s.
 
     Raises :class:`jaxpost.errors.UserError`, before any model loads, when:
     the tokenizer or model cannot be found; a fresh ``model``'s config has
@@ -97,14 +100,20 @@ def check_run_inputs(what: str, *, train_data: Any, kind: str, tokenizer: str | 
     tok_key = f"{what}.tokenizer" if tokenizer is not None else f"{what}.{init_key} (used as the tokenizer)"
     tok_dir = resolve_tokenizer_dir(tokenizer if tokenizer is not None else init_from, key=tok_key)
     tok = load_tokenizer(tok_dir)
-    vocab, vocab_from = model_vocab_size(model, init_from, init_key=f"{what}.{init_key}", model_key=f"{what}.model")
+    vocabs = [model_vocab_size(model, init_from, init_key=f"{what}.{init_key}", model_key=f"{what}.model")]
     if init_from is None:  # a fresh model: its final/ export must not fail after the last step
         from jaxpost.models.hf import check_exportable
         check_exportable(model)
-    if len(tok) > vocab:
-        raise UserError(f"{what}: the tokenizer {tok_dir} has {len(tok)} tokens but the model's vocab_size is {vocab} "
-                        f"({vocab_from}): ids >= {vocab} have no embedding; use the model's own tokenizer or "
-                        f"a model with vocab_size >= {len(tok)}")
+    # The run's other models (reference, value, teacher) are found now, not after the policy has loaded.
+    for key, path in (other_models or {}).items():
+        if path is not None:
+            vocab, config_path = model_vocab_size(None, path, init_key=f"{what}.{key}")
+            vocabs.append((vocab, f"{what}.{key}: {config_path}"))
+    for vocab, vocab_from in vocabs:
+        if len(tok) > vocab:
+            raise UserError(f"{what}: the tokenizer {tok_dir} has {len(tok)} tokens but the model's vocab_size is "
+                            f"{vocab} ({vocab_from}): ids >= {vocab} have no embedding; use the model's own "
+                            f"tokenizer or a model with vocab_size >= {len(tok)}")
 
     datasets_to_check = [(data_key, train_data)]
     if eval_data is not None:

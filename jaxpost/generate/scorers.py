@@ -24,7 +24,9 @@ import jax
 import numpy as np
 
 from jaxpost.distributed import to_host
+from jaxpost.errors import UserError
 from jaxpost.generate.rewards import call_reward, get_reward
+from jaxpost.hub import resolve_model_dir
 from jaxpost.losses.reward import gather_last
 from jaxpost.models import forward
 from jaxpost.models.heads import scores as score_head
@@ -72,11 +74,14 @@ class RewardModelScorer:
 
     on_devices = True  # one forward over the global batch, on the whole mesh
 
-    def __init__(self, model_dir: str, partitioner: Partitioner, policy_vocab_size: int | None = None):
+    def __init__(self, model_dir: str, partitioner: Partitioner, policy_vocab_size: int | None = None,
+                 key: str = "make_scorer.reward_model"):
+        # ``key``: the binding that named the directory, for the messages (an unknown path, another vocabulary).
+        model_dir = resolve_model_dir(model_dir, key=key)
         config, graphdef, params = load_model(None, model_dir, partitioner, head="score")
         if policy_vocab_size is not None and config.vocab_size < policy_vocab_size:
-            raise ValueError(f"reward model {model_dir} has vocab_size {config.vocab_size} < the policy's "
-                             f"{policy_vocab_size}; it must use the policy's tokenizer")
+            raise UserError(f"{key}: the reward model {model_dir} has vocab_size {config.vocab_size} < the "
+                            f"policy's {policy_vocab_size}; it must use the policy's tokenizer")
         self.config, self.params, self.partitioner = config, params, partitioner
 
         @jax.jit

@@ -185,7 +185,7 @@ def make_synthesis_scorer(scorer: Any, partitioner: Partitioner, vocab_size: int
     if is_object_spec(scorer) and not os.path.isdir(scorer):  # 'my_rewards:exact': a plug-in reward function
         return FunctionScorer(scorer)
     if isinstance(scorer, (str, os.PathLike)):
-        return RewardModelScorer(str(scorer), partitioner, policy_vocab_size=vocab_size)
+        return RewardModelScorer(str(scorer), partitioner, policy_vocab_size=vocab_size, key="synthesize.scorer")
     if callable(scorer) or isinstance(scorer, (list, tuple)):
         return FunctionScorer(scorer)
     raise TypeError(f"scorer must be a reward function (or a list of them) or a reward model directory, "

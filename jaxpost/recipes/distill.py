@@ -91,7 +91,8 @@ def distill(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokeniz
         t_hf = json.loads((t_dir / "config.json").read_text())
         check_same_vocab(model, hf_config_to_model_config(t_hf))
     tok, rows = check_run_inputs("distill", train_data=train_data, kind="lm", tokenizer=tokenizer,
-                                 init_from=init_from, model=model, eval_data=eval_data)
+                                 init_from=init_from, model=model, eval_data=eval_data,
+                                 other_models={"teacher_from": None if cached_ready else teacher_from})
     run = prepare_run_dir(run_dir)
     part = Partitioner()
     config, graphdef, params = load_model(model, init_from, part, seed=loop.seed)

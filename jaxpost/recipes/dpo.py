@@ -56,7 +56,8 @@ def dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
     # Built here, at call time, so that bindings of LoopConfig/ModelConfig apply without `dpo.loop = @LoopConfig()`.
     loop, model = build(LoopConfig, loop), build_if_bound(ModelConfig, model)
     tok, rows = check_run_inputs("dpo", train_data=train_data, kind="preference", tokenizer=tokenizer,
-                                 init_from=init_from, model=model, eval_data=eval_data)
+                                 init_from=init_from, model=model, eval_data=eval_data,
+                                 other_models={"reference_from": reference_from})
     run = prepare_run_dir(run_dir)
     part = Partitioner()
     config, graphdef, params = load_model(model, init_from, part, seed=loop.seed)

@@ -52,7 +52,8 @@ def kto(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
         raise UserError(f"kto.batch_size={batch_size}: KTO estimates its KL term from the other examples of a "
                         "batch, so it needs batch_size >= 2 (TRL refuses 1 too)")
     tok, rows = check_run_inputs("kto", train_data=train_data, kind="unpaired", tokenizer=tokenizer,
-                                 init_from=init_from, model=model, eval_data=eval_data)
+                                 init_from=init_from, model=model, eval_data=eval_data,
+                                 other_models={"reference_from": reference_from})
     run = prepare_run_dir(run_dir)
     part = Partitioner()
     config, graphdef, params = load_model(model, init_from, part, seed=loop.seed)

@@ -87,7 +87,7 @@ def ppo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
     model = build_if_bound(ModelConfig, model)
     check_environment(environment, "ppo")
     tok, rows = check_run_inputs("ppo", train_data=train_data, kind="prompt", tokenizer=tokenizer,
-                                 init_from=init_from, model=model)
+                                 init_from=init_from, model=model, other_models={"value_from": value_from})
     run = prepare_run_dir(run_dir)
     part = Partitioner()
     config, graphdef, policy = load_model(model, init_from, part, seed=online.seed)
