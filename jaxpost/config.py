@@ -98,8 +98,9 @@ def parse(gin_files: Sequence[str] = (), bindings: Sequence[str] = (), *, finali
                               f"--list_keys` lists every key of the run") from None
         key = _key_in_error(msg)
         hint = f" (unknown or invalid key: {key})" if key else ""
-        fix = ("; check the spelling: `jaxpost train --gin_file=... --list_keys` lists every key the run reads"
-               if key else "")
+        close = suggest_keys(key) if key else []
+        fix = ((f"; did you mean {' or '.join(close)}?" if close else "; check the spelling:")
+               + " `jaxpost train --gin_file=... --list_keys` lists every key the run reads" if key else "")
         raise ConfigError(f"Invalid gin configuration{hint}: {msg}{fix}") from None
     finally:
         logging.getLogger().removeFilter(quiet)
@@ -140,6 +141,37 @@ class _DropGinProbes(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.getMessage()).startswith("Path not found:")
+
+
+def suggest_keys(key: str, limit: int = 3) -> list[str]:
+    """Keys a user may have meant by the unknown ``key`` (``Configurable.param``, or a configurable's name).
+
+    Among the keys some run reads (:func:`jaxpost.keys.every_key_name`), in
+    this order: the same parameter under another configurable
+    (``sft.learning_rate`` -> ``make_optimizer.learning_rate``), close
+    spellings of the parameter under the same configurable
+    (``LoopConfig.num_step`` -> ``LoopConfig.num_steps``), close spellings
+    under any configurable; for a bare name, close configurable names.
+    """
+    import difflib
+
+    from jaxpost.keys import every_key_name
+
+    params: dict[str, list[str]] = {}
+    for k in every_key_name():
+        conf, _, param = k.rpartition(".")
+        params.setdefault(conf, []).append(param)
+    name, _, param = key.rpartition(".")
+    if not name:
+        return difflib.get_close_matches(key, list(params), n=limit, cutoff=0.75)
+    found = [f"{c}.{param}" for c, ps in params.items() if param in ps and c != name]
+    found += [f"{name}.{p}" for p in difflib.get_close_matches(param, params.get(name, []), n=limit, cutoff=0.75)]
+    by_param: dict[str, list[str]] = {}
+    for c, ps in params.items():
+        for p in ps:
+            by_param.setdefault(p, []).append(f"{c}.{p}")
+    found += [k for p in difflib.get_close_matches(param, list(by_param), n=limit, cutoff=0.8) for k in by_param[p]]
+    return list(dict.fromkeys(k for k in found if k != key))[:limit]
 
 
 def _key_in_error(msg: str) -> str | None:

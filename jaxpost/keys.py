@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import re
 import sys
@@ -32,7 +33,7 @@ import gin.config as _gin
 
 from jaxpost import config as jp_config
 
-__all__ = ["Key", "run_keys", "format_keys"]
+__all__ = ["Key", "run_keys", "format_keys", "every_key_name"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +79,29 @@ def run_keys(roots: Iterable[Callable] | None = None) -> list[Key]:
     return sorted(keys, key=lambda k: not k.required)  # stable: configurables stay in the order the run meets them
 
 
+def every_key_name() -> list[str]:
+    """The names of the keys some ``jaxpost`` run reads, for suggesting one in place of an unknown key.
+
+    Every recipe's walk (as :func:`run_keys`, so a parameter every call
+    site passes, like ``make_schedule.learning_rate``, is left out), then
+    every parameter of the package's configurables that no walk reaches
+    (those only a gin reference calls, e.g. ``make_reward``).
+    """
+    from jaxpost import recipes
+    from jaxpost.compile_cache import compilation_cache
+
+    names, reached = [], set()
+    for root in [getattr(recipes, name) for name in recipes.__all__] + [compilation_cache]:
+        walk = _Walk()  # one per run: a parameter one run always passes may be another run's key
+        walk.visit(root)
+        names += [k.name for conf in walk.reached for k in _keys_of(conf, walk.passed.get(conf.selector), {})]
+        reached |= {conf.selector for conf in walk.reached}
+    for _, conf in _gin._REGISTRY.items():
+        if _ours(conf.module) and conf.selector not in reached:
+            names += [f"{_gin._REGISTRY.minimal_selector(conf.selector)}.{p}" for p in _params(conf.wrapped)]
+    return list(dict.fromkeys(names))
+
+
 def format_keys(keys: list[Key], title: str = "") -> str:
     """Text for a terminal: a ``Required`` block, then ``Optional``; each key on one line, its doc below.
 
@@ -105,6 +129,15 @@ def format_keys(keys: list[Key], title: str = "") -> str:
 # --- the walk over the run's code ---------------------------------------------------------------------------------
 
 _BUILDERS = ("build", "build_if_bound")  # jaxpost.config.build(cls, given, **run_defaults)
+
+
+@functools.lru_cache(maxsize=None)
+def _syntax_nodes(fn: Callable) -> tuple[ast.AST, ...]:
+    """Every node of ``fn``'s parsed source (none when it has no source); cached: several walks read ``fn``."""
+    try:
+        return tuple(ast.walk(ast.parse(textwrap.dedent(inspect.getsource(fn)))))
+    except (OSError, TypeError, SyntaxError):
+        return ()
 
 
 class _Walk:
@@ -155,12 +188,11 @@ class _Walk:
                     self.visit(cls)
 
     def _walk_function(self, fn: Callable) -> None:
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-        except (OSError, TypeError, SyntaxError):
+        nodes = _syntax_nodes(fn)
+        if not nodes:
             return
         scope = dict(getattr(fn, "__globals__", {}))
-        for node in ast.walk(tree):  # imports inside the function (`from jaxpost.x import y` in a CLI handler)
+        for node in nodes:  # imports inside the function (`from jaxpost.x import y` in a CLI handler)
             # jaxpost's own modules only: a getattr on a lazy third-party module (transformers) imports it.
             if (isinstance(node, ast.ImportFrom) and node.module and not node.level and node.module in sys.modules
                     and _ours(node.module)):
@@ -179,7 +211,7 @@ class _Walk:
                 except ValueError:  # an empty cell
                     pass
         callees = set()
-        for node in ast.walk(tree):
+        for node in nodes:
             if not isinstance(node, ast.Call):
                 continue
             callees.add(id(node.func))
@@ -194,7 +226,7 @@ class _Walk:
                 self.visit(target)
                 continue
             self.visit(target, _passed_params(conf.wrapped, node))
-        for node in ast.walk(tree):  # names used but not called here: callbacks, classes handed to a builder
+        for node in nodes:  # names used but not called here: callbacks, classes handed to a builder
             if isinstance(node, (ast.Name, ast.Attribute)) and id(node) not in callees:
                 target = _resolve(node, scope)
                 if target is not None and (inspect.isfunction(target) or inspect.isclass(target)):
@@ -345,6 +377,7 @@ def _format(value: Any) -> str:
 _ARGS_HEADER = re.compile(r"^\s*(Args|Arguments|Parameters|Attributes):\s*$")
 
 
+@functools.lru_cache(maxsize=None)
 def _param_docs(obj: Any) -> dict[str, str]:
     """One line of doc per parameter: ``Args:`` entries, dataclass field comments, or the docstring's sentence."""
     doc = inspect.getdoc(obj) or ""

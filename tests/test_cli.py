@@ -138,6 +138,21 @@ def test_user_errors_name_the_key_or_path(capsys, argv, expected):
     assert err.startswith("jaxpost: error: ") and expected in err, err
 
 
+@pytest.mark.parametrize("binding,suggestion", [
+    ("LoopConfig.num_stepz", "did you mean LoopConfig.num_steps?"),  # a typo of one of its own keys
+    ("sft.learning_rate", "did you mean make_optimizer.learning_rate?"),  # the key lives elsewhere (and not
+    ("sft.lerning_rate", "did you mean make_optimizer.learning_rate?"),   # make_schedule's: make_optimizer passes it)
+    ("LoopConfig.save_evry", "did you mean LoopConfig.save_every or OnlineConfig.save_every?"),
+    ("LoopConfg.num_steps", "did you mean LoopConfig?"),
+    ("make_reward.name", "did you mean make_optimizer.name or make_reward.names?"),
+    ("sft.xyzzy", "check the spelling:"),  # nothing close: no guess
+])
+def test_an_unknown_key_suggests_the_keys_it_may_mean(capsys, binding, suggestion):
+    rc, _, err = _main(capsys, "train", f"--gin_file={DEMO_SFT}", f"--gin.{binding}=3")
+    assert rc == 2 and err.count("\n") == 1, err
+    assert f"= 3; {suggestion} `jaxpost train --gin_file=... --list_keys` lists every key the run reads" in err, err
+
+
 def test_an_unset_required_key_is_named_before_the_run_starts(capsys, tmp_path):
     # With the three keys sft.gin requires the run starts, and the first thing it checks (the data, by other
     # code) is again one paragraph: a UserError from inside the gin-wrapped run, without gin's call trail.
