@@ -163,6 +163,11 @@ def _generate(argv: Sequence[str]) -> int:
     from jaxpost.compile_cache import compilation_cache
     from jaxpost.generate import SamplingConfig, generate_to_jsonl
 
+    from jaxpost.hub import resolve_model_dir, resolve_tokenizer_dir
+
+    # The flags' own paths first, named as typed (a run directory for its final/, a typo), before any weight is read.
+    resolve_model_dir(args.model, key="--model")
+    resolve_tokenizer_dir(args.tokenizer or args.model, key="--tokenizer" if args.tokenizer else "--model")
     distributed.initialize()
     compilation_cache()
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

@@ -114,6 +114,9 @@ def _resolve(name_or_path: str | os.PathLike, what: str, key: str | None, patter
     local = _local(text)
     label = f"{key}={text!r}" if key else f"{what} {text!r}"
     if local.is_dir():
+        if not complete(local) and complete(local / "final"):  # `runs/sft` for `runs/sft/final`
+            raise UserError(f"{label} is a jaxpost run directory, not a {what} directory: the run exported its "
+                            f"model to {os.path.join(text, 'final')}; pass that")
         if not complete(local):
             present = sorted(p.name for p in local.iterdir())[:12]
             raise UserError(f"{what} directory {local} ({label}) has no {needs} (it holds {present}); "

@@ -232,3 +232,21 @@ def test_a_reward_model_that_is_not_there_names_the_key_that_gave_it(tmp_path, m
     for key in ("make_scorer.reward_model", "synthesize.scorer"):
         with pytest.raises(UserError, match=rf"^{re.escape(key)}='./rm' does not exist: no directory {tmp_path / 'rm'};"):
             RewardModelScorer("./rm", Partitioner(), key=key)
+
+
+def test_a_run_directory_given_for_a_model_points_at_its_export(user_files, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from jaxpost import cli
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "sft").mkdir(parents=True)
+    shutil.copytree(user_files["model"], tmp_path / "runs" / "sft" / "final")
+    (tmp_path / "runs" / "sft" / "metrics.jsonl").write_text("")
+    with pytest.raises(UserError) as raised:
+        check_run_inputs("dpo", train_data=str(user_files["preference"]), kind="preference", init_from="runs/sft")
+    assert str(raised.value) == ("dpo.init_from (used as the tokenizer)='runs/sft' is a jaxpost run directory, not a "
+                                 "tokenizer directory: the run exported its model to runs/sft/final; pass that")
+    assert cli.main(["generate", "--model", "runs/sft", "--prompts", "p.jsonl", "--out", "s.jsonl"]) == 2
+    assert capsys.readouterr().err == ("jaxpost: error: --model='runs/sft' is a jaxpost run directory, not a model "
+                                       "directory: the run exported its model to runs/sft/final; pass that\n")
+    check_run_inputs("dpo", train_data=str(user_files["preference"]), kind="preference", init_from="runs/sft/final")
