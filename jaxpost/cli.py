@@ -163,11 +163,7 @@ def _generate(argv: Sequence[str]) -> int:
     from jaxpost.compile_cache import compilation_cache
     from jaxpost.generate import SamplingConfig, generate_to_jsonl
 
-    from jaxpost.hub import resolve_model_dir, resolve_tokenizer_dir
-
-    # The flags' own paths first, named as typed (a run directory for its final/, a typo), before any weight is read.
-    resolve_model_dir(args.model, key="--model")
-    resolve_tokenizer_dir(args.tokenizer or args.model, key="--tokenizer" if args.tokenizer else "--model")
+    _find_model_flags(args.model, args.tokenizer)
     distributed.initialize()
     compilation_cache()
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -177,6 +173,20 @@ def _generate(argv: Sequence[str]) -> int:
                           n_samples_per_prompt=args.n, batch_size=args.batch_size, seed=args.seed)
     print(f"wrote {n} completions to {args.out}")
     return 0
+
+
+def _find_model_flags(model: str, tokenizer: str | None, reward_model: str | None = None) -> None:
+    """Finds the directories ``--model``, ``--tokenizer`` and ``--reward_model`` name before any weight is read.
+
+    A missing one (a typo, a run directory given for its ``final/``) is a
+    :class:`~jaxpost.errors.UserError` naming the flag as the user typed it.
+    """
+    from jaxpost.hub import resolve_model_dir, resolve_tokenizer_dir
+
+    resolve_model_dir(model, key="--model")
+    resolve_tokenizer_dir(tokenizer or model, key="--tokenizer" if tokenizer else "--model")
+    if reward_model is not None:
+        resolve_model_dir(reward_model, key="--reward_model")
 
 
 def _int_from(low: int):
@@ -247,6 +257,7 @@ def synthesize_main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     if (a.reward is None) == (a.reward_model is None):
         p.error("give exactly one of --reward (names) and --reward_model (a directory)")
+    _find_model_flags(a.model, a.tokenizer, a.reward_model)
     if a.reward is not None:
         from jaxpost.generate.rewards import make_reward
         weights = [float(w) for w in a.reward_weights.split(",")] if a.reward_weights else None

@@ -250,3 +250,8 @@ def test_a_run_directory_given_for_a_model_points_at_its_export(user_files, tmp_
     assert capsys.readouterr().err == ("jaxpost: error: --model='runs/sft' is a jaxpost run directory, not a model "
                                        "directory: the run exported its model to runs/sft/final; pass that\n")
     check_run_inputs("dpo", train_data=str(user_files["preference"]), kind="preference", init_from="runs/sft/final")
+    assert cli.main(["synthesize", "--model", "runs/sft/final", "--prompts", "p.jsonl", "--out", "syn",
+                     "--reward_model", "./rm"]) == 2
+    assert capsys.readouterr().err == ("jaxpost: error: --reward_model='./rm' does not exist: no directory "
+                                       f"{tmp_path / 'rm'}; give an existing directory or a Hugging Face "
+                                       "Hub name such as 'org/name'\n")

@@ -135,7 +135,10 @@ def test_prompts_among_the_outputs_are_refused(tmp_path, monkeypatch, capsys):
     (tmp_path / "data").mkdir()
     prompts = tmp_path / "data" / "sft.jsonl"
     prompts.write_text('{"prompt": "reverse: ab"}\n')
-    # Checked before the model loads (there is none here): exit 2, one line, the prompts kept.
+    # Checked before the model loads (there is only its outline here: the flags' directories are found first).
+    (tmp_path / "no_model").mkdir()
+    (tmp_path / "no_model" / "config.json").write_text("{}")
+    (tmp_path / "no_model" / "tokenizer.json").write_text("{}")
     assert main(["synthesize", "--model", "no_model", "--prompts", "data/sft.jsonl", "--out", "./data/",
                  "--reward", "exact_match"]) == 2
     err = capsys.readouterr().err
