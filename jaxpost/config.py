@@ -381,10 +381,18 @@ def check_values(name: str, values: dict[str, Any]) -> None:
     before anything loads. Each check gets the values it takes (a check
     with ``**kwargs`` gets all of them).
     """
+    configurable = _gin._REGISTRY.get_match(name)
+    own = inspect.signature(configurable.wrapped).parameters if configurable is not None else values
     for check in _VALUE_CHECKS.get(name, []):
-        takes = inspect.signature(check).parameters
-        extra = any(p.kind is p.VAR_KEYWORD for p in takes.values())
-        check(**{k: v for k, v in values.items() if extra or k in takes})
+        _run_check(check, values, own)
+
+
+def _run_check(check: Callable[..., None], values: dict[str, Any], own) -> None:
+    """``check`` on the ``values`` it takes: those it names and, when it has ``**kwargs``, those the
+    configurable's own parameters ``own`` lack (what the configurable collects in its ``**kwargs``)."""
+    takes = inspect.signature(check).parameters
+    extra = any(p.kind is p.VAR_KEYWORD for p in takes.values())
+    check(**{k: v for k, v in values.items() if k in takes or (extra and k not in own)})
 
 
 def check_bound_values() -> None:
@@ -398,19 +406,19 @@ def check_bound_values() -> None:
     config = dict(_gin._CONFIG)
     for scope, selector in list(config):
         configurable = _gin._REGISTRY.get(selector)
-        for check in _VALUE_CHECKS.get(getattr(configurable, "name", None), []):
-            own = inspect.signature(configurable.wrapped).parameters
-            takes = inspect.signature(check).parameters
-            extra = any(p.kind is p.VAR_KEYWORD for p in takes.values())  # it checks the configurable's **kwargs
-            kwargs = {n: p.default for n, p in own.items()
-                      if n in takes and p.default is not p.empty and p.default is not gin.REQUIRED}
-            parts = scope.split("/") if scope else []
-            for outer in ["/".join(parts[:i]) for i in range(len(parts) + 1)]:
-                for param, value in config.get((outer, selector), {}).items():
-                    value = _literal(value)
-                    if value is not _NOT_CHECKED and (param in takes or (extra and param not in own)):
-                        kwargs[param] = value
-            check(**kwargs)
+        checks = _VALUE_CHECKS.get(getattr(configurable, "name", None), [])
+        if not checks:
+            continue
+        own = inspect.signature(configurable.wrapped).parameters
+        values = {n: p.default for n, p in own.items() if p.default is not p.empty and p.default is not gin.REQUIRED}
+        parts = scope.split("/") if scope else []
+        for outer in ["/".join(parts[:i]) for i in range(len(parts) + 1)]:
+            for param, value in config.get((outer, selector), {}).items():
+                value = _literal(value)
+                if value is not _NOT_CHECKED:
+                    values[param] = value
+        for check in checks:
+            _run_check(check, values, own)
 
 
 def _type_hints(fn_or_cls: Any) -> dict[str, Any]:

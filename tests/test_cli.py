@@ -290,6 +290,14 @@ def test_a_recipe_called_from_python_checks_its_values_first(tmp_path, task, val
     assert not (tmp_path / "missing").exists()
 
 
+def test_check_values_gives_a_kwargs_check_only_what_the_configurable_collects_in_its_kwargs():
+    # make_dpo_loss's own chunk_size is not one of the loss's parameters, and is not checked as one.
+    import jaxpost.algorithms  # noqa: F401  (registers make_dpo_loss's check)
+    config.check_values("make_dpo_loss", dict(kind="simpo", beta=2.0, chunk_size=64, gamma=0.5))
+    with pytest.raises(UserError, match=r"^make_dpo_loss.label_smothing is not a parameter of the 'sigmoid' loss"):
+        config.check_values("make_dpo_loss", dict(kind="sigmoid", beta=0.1, chunk_size=64, label_smothing=0.1))
+
+
 def test_bound_values_are_checked_through_macros_and_scopes_with_the_defaults_filled_in():
     config.parse([], ["LR = -0.5", "make_optimizer.learning_rate = %LR"])
     with pytest.raises(UserError, match=r"^make_optimizer.learning_rate must be >= 0, got -0.5$"):

@@ -105,7 +105,7 @@ def hf_config_to_model_config(hf: dict, dtype=None) -> ModelConfig:
         dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
     dtype = _dtype_name(dtype)
     if dtype not in FLOAT_DTYPES:
-        raise ValueError(f"config.json dtype {dtype!r} is not supported; load the checkpoint with dtype= one of "
+        raise UserError(f"config.json dtype {dtype!r} is not supported; load the checkpoint with dtype= one of "
                          f"{', '.join(FLOAT_DTYPES)}")
     # Every field is passed, the unmapped ones at their dataclass defaults: ModelConfig is gin-configurable,
     # and a field left out would silently take the run's gin binding (e.g. ``ModelConfig.lora`` from
