@@ -199,6 +199,35 @@ def test_bounded_compilation(model, greedy_run):
     assert compiled() - before <= 6
 
 
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_decode_loop_copies_no_cache(model, scan_layers):
+    """Each decode step writes its token's keys and values in place, at 1 row as at 3.
+
+    At 1 row, XLA:CPU used to copy every layer's cache several times per
+    step (a size-1 batch axis in the loop's carry and in the cache update).
+    The compiled program is read for copies of any array with the cache's
+    slot axis; there must be none.
+    """
+    import dataclasses
+
+    from jaxpost.generate import decode
+    from jaxpost.generate.decode import Static
+
+    config = dataclasses.replace(CONFIG, scan_layers=scan_layers)
+    graphdef, params = create(config, seed=1)
+    s = SamplingConfig(max_new_tokens=N, temperature=0.0, cache_block=0)
+    for rows in (1, 3):
+        tokens, mask = left_pad(PROMPTS[:rows])
+        slots = tokens.shape[1] + N  # cache_block 0: one cache of P + N slots
+        budget, key_ids = np.full((rows,), N, np.int32), np.arange(rows, dtype=np.int32)
+        hlo = decode.sample_jit.lower(Static(graphdef), params, tokens, mask, budget, key_ids, jax.random.key(0),
+                                      config=config, sampling=s, partitioner=None).compile().as_text()
+        copies = [line.strip() for line in hlo.splitlines() if " copy(" in line
+                  and re.search(rf"\[[\d,]*\b{slots}\b[\d,]*\]", line.split(" copy(")[0])]
+        assert not copies, (rows, copies)
+        assert "dynamic-update-slice(" in hlo  # the loop writes its cache: the test reads the right text
+
+
 @pytest.mark.slow
 def test_sharded_sampling_matches_single_device(model):
     graphdef, _ = model

@@ -188,6 +188,12 @@ def _phase(graphdef, params, fused, st: Rows, rng, min_live, config: ModelConfig
     ``fused``: :func:`~jaxpost.models.api.fused_projections` of ``params``, or None (separate projections).
     """
     N, S = s.max_new_tokens, st.cache.max_len
+    # One row of an unrolled model: the loop carries each layer's keys and values without their batch axis
+    # (attention writes them so too, models.attention.write_slots). With a size-1 axis, XLA:CPU writes each
+    # layer's cache twice per step, once into a fresh copy that attention reads, and copies it four times
+    # more. A scanned model's stacked cache is not copied, and squeezing it would make it so.
+    one_row = st.last.shape[0] == 1 and not config.scanned
+    squeeze, unsqueeze = (lambda x: jnp.squeeze(x, -4)), (lambda x: jnp.expand_dims(x, -4))
 
     def cond(st: Rows):
         live = jnp.sum(~st.done, dtype=jnp.int32)
@@ -199,11 +205,16 @@ def _phase(graphdef, params, fused, st: Rows, rng, min_live, config: ModelConfig
         # token of the row (a continuation, Sampler.extend) could attend to.
         pos = (st.n_real + st.step - 1)[:, None]
         seg = st.last_real.astype(jnp.int32)[:, None]
-        h, cache = forward(graphdef, params, st.last[:, None], pos, seg, st.cache, fused=fused)
-        st = st.replace(cache=constrain_cache(cache, config))
+        cache = map_layer_caches(unsqueeze, unsqueeze, st.cache) if one_row else st.cache
+        h, cache = forward(graphdef, params, st.last[:, None], pos, seg, cache, fused=fused)
+        cache = constrain_cache(cache, config)
+        st = st.replace(cache=map_layer_caches(squeeze, squeeze, cache) if one_row else cache)
         return record(st, lm_logits(params, config, h[:, 0]), rng, s)
 
-    return jax.lax.while_loop(cond, body, st)
+    if not one_row:
+        return jax.lax.while_loop(cond, body, st)
+    st = jax.lax.while_loop(cond, body, st.replace(cache=map_layer_caches(squeeze, squeeze, st.cache)))
+    return st.replace(cache=map_layer_caches(unsqueeze, unsqueeze, st.cache))
 
 
 

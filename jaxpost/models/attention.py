@@ -97,6 +97,21 @@ def pad_cache(cache: KVCache, max_len: int) -> KVCache:
                    index=cache.index)
 
 
+def write_slots(cache: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+    """``cache`` with ``new`` written at slots ``[index, index + T)`` of ``axis`` (every other axis from 0).
+
+    A one-row cache is written without its batch axis. With it, XLA:CPU
+    writes a decode loop's cache twice per step (in place for the loop, and
+    into a fresh copy that attention reads), and copies it more besides;
+    the decode loop (:mod:`jaxpost.generate.decode`) also carries one-row caches without it.
+    """
+    if cache.shape[0] == 1:
+        return write_slots(cache[0], new[0], index, axis)[None]
+    starts = [0] * cache.ndim
+    starts[axis] = index
+    return jax.lax.dynamic_update_slice(cache, new, starts)
+
+
 def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_segments: jax.Array,
                      k_segments: jax.Array, q_start: jax.Array, sliding_window: int | None = None) -> jax.Array:
     """Queries ``q [B, T, N, Hd]`` at slots ``[q_start, q_start + T)`` over a heads-major cache.
@@ -413,8 +428,7 @@ class Attention(nnx.Module):
         k_new = jnp.transpose(k, (0, 2, 3, 1)).astype(k_cache.dtype)  # [B, T, Nkv, Hd] -> [B, Nkv, Hd, T]
         v_new = jnp.swapaxes(v, 1, 2).astype(v_cache.dtype)  # -> [B, Nkv, T, Hd]
         if layer is None:
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k_new, (0, 0, 0, index))
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v_new, (0, 0, index, 0))
+            k_cache, v_cache = write_slots(k_cache, k_new, index, -1), write_slots(v_cache, v_new, index, -2)
             k_layer, v_layer = k_cache, v_cache
         else:
             k_cache = jax.lax.dynamic_update_slice(k_cache, k_new[None], (layer, 0, 0, 0, index))
