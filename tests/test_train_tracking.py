@@ -28,8 +28,12 @@ def run(run_dir, num_steps, save_every=None, log_every=1, progress=False, **kw):
     return state, read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
 
 
-@pytest.mark.parametrize("progress", [False, True])
-def test_console_prints_one_line_per_log_step_and_a_summary(tmp_path, capsys, progress):
+@pytest.mark.parametrize("progress,terminal", [(False, True), (True, True), (True, False)])
+def test_console_prints_one_line_per_log_step_and_a_summary(tmp_path, capsys, monkeypatch, progress, terminal):
+    # The bar is drawn only where someone watches: stderr a terminal (or a notebook). In a log file or a
+    # pipe each redraw would stay as text.
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+
     def eval_fn(state):
         return {"loss": 1.0 / int(state.step)}
 
@@ -48,7 +52,7 @@ def test_console_prints_one_line_per_log_step_and_a_summary(tmp_path, capsys, pr
     assert out[2].startswith(f"step 4/4 | loss {rows[4]['loss']:.4g} | ") and "eval/" not in out[2]
     assert out[3].startswith("[jaxpost] done at step 4/4 (4 steps in ")
     assert out[3].endswith(f"train loss {rows[4]['loss']:.4g} | eval loss 0.3333")
-    assert ("it/s" in captured.err or "step/s" in captured.err) == progress
+    assert ("it/s" in captured.err or "step/s" in captured.err) == (progress and terminal)
 
 
 def test_format_log_line_keys_units_and_values():

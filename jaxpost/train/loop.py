@@ -284,7 +284,7 @@ def train(*, state: TrainState, step_fn: Callable, batches: Iterator, frozen: An
         and logs the last step's metrics of a call. ``num_steps``,
         ``log_every``, ``eval_every`` and the checkpointer's ``save_every``
         must be multiples of it; the NaN guard still names the exact step.
-      progress: show a tqdm bar (main process); logged lines print either way.
+      progress: show a tqdm bar (main process, on a terminal or in a notebook); logged lines print either way.
       best: compares every evaluation with the best so far, saves the best
         state and stops early (:class:`BestCheckpoint`; needs ``eval_fn`` and
         ``eval_every``). On a stop the state is checkpointed (``force``) and

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Mapping
 
@@ -371,8 +372,22 @@ def format_log_line(step: int, total: int, record: Mapping[str, Any], unit: str 
     return " | ".join(parts)
 
 
+def interactive() -> bool:
+    """Whether a progress bar would be seen: stderr is a terminal, or the run is in a notebook.
+
+    Elsewhere (a pod's log file, ``nohup``, a pipe) every redraw of a bar
+    would be kept as text, so runs print their logged lines alone.
+    """
+    try:
+        if sys.stderr.isatty():
+            return True
+    except (AttributeError, ValueError):  # replaced or closed stderr
+        return False
+    return "ipykernel" in sys.modules
+
+
 class Console:
-    """What a run prints, on the main process only: an optional tqdm bar and one line per logged step.
+    """What a run prints, on the main process only: a tqdm bar (``progress`` and :func:`interactive`) and one line per logged step.
 
     Lines go through the bar's ``tqdm.write`` when the bar is on (so they sit
     above it, ungarbled) and to stdout when it is off (``progress=False``):
@@ -382,7 +397,8 @@ class Console:
     def __init__(self, total: int, initial: int = 0, progress: bool = True, unit: str = "step"):
         self.total, self.unit = total, unit
         self.enabled = jax.process_index() == 0
-        self.bar = ProgressBar(total, initial=initial, unit=unit) if progress and self.enabled else None
+        show = progress and self.enabled and interactive()
+        self.bar = ProgressBar(total, initial=initial, unit=unit) if show else None
 
     def update(self, step: int, loss: float | None = None, tokens_per_s: float | None = None) -> None:
         """Moves the bar (if any) to ``step``, showing the latest loss and throughput."""

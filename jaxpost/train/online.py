@@ -49,7 +49,7 @@ class OnlineConfig:
     logged every ``log_every`` rollouts and checkpoints taken every
     ``save_every`` rollouts (0: only at the end), the newest
     ``keep_checkpoints`` kept. ``seed`` fixes the initialisation, prompt
-    order, sampling keys and minibatch orders. ``progress``: the tqdm bar.
+    order, sampling keys and minibatch orders. ``progress``: the tqdm bar (on a terminal or in a notebook).
     """
 
     num_rollouts: int = 100
