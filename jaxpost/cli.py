@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -106,7 +107,7 @@ def _train(argv: Sequence[str]) -> int:
     finally:
         release_run_dirs()  # before interpreter exit shuts down the storage clients the lock lives on
     if summary and distributed.is_main_process():
-        print({k: v for k, v in summary.items()})
+        print(json.dumps(summary, default=float))  # one line of JSON, as summary.json holds it: for scripts
     unread = [f"--gin.{k}" for k in config.unread_bindings(bindings)]
     unread += [f"{k} (in {f})" for f, lines in config.user_file_bindings(files).items()
                for k in config.unread_bindings(lines)]

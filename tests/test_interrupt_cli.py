@@ -5,6 +5,7 @@ rollouts, the rerun equal to an unbroken run) is in ``test_interrupt.py``;
 two processes stopping at one step, in ``test_multihost.py``.
 """
 
+import json
 import os
 import re
 import signal
@@ -54,4 +55,8 @@ def test_ctrl_c_saves_says_so_and_the_same_command_resumes(tmp_path):
     again = subprocess.run(COMMAND, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming from step {step} " in again.stdout
+    # The last line is the run's summary in JSON, as summary.json holds it.
+    summary = json.loads(again.stdout.strip().splitlines()[-1])
+    assert summary == json.loads((tmp_path / "runs/stopped/summary.json").read_text())
+    assert summary["step"] == 80
     assert (tmp_path / "runs/stopped/final/model.safetensors").is_file()
