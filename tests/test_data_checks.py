@@ -224,6 +224,42 @@ def test_a_runs_other_models_are_found_before_its_run_dir(run, key, data, user_f
     assert not run_dir.exists()
 
 
+@pytest.mark.parametrize("run", ["grpo", "ppo", "online_dpo"])
+def test_an_online_runs_reward_source_is_checked_before_its_run_dir(run, user_files, tmp_path, monkeypatch):
+    import gin
+
+    from jaxpost import recipes
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "run"
+    common = dict(run_dir=str(run_dir), train_data=str(user_files["prompts"]), init_from=str(user_files["model"]))
+    one = ("give exactly one reward source: make_scorer.reward_model (a reward model directory) or "
+           "make_scorer.reward_functions (Python reward functions)")
+    cases = [({}, f"{run} scores its samples, so {one}; got neither"),
+             ({"make_scorer.reward_model": "./rm", "make_scorer.reward_functions": ["exact_match"]},
+              f"{run} scores its samples, so {one}; got both"),
+             ({"make_scorer.reward_model": "./rm"},
+              f"make_scorer.reward_model='./rm' does not exist: no directory {tmp_path / 'rm'}; give an existing "
+              "directory or a Hugging Face Hub name such as 'org/name'")]
+    extra = [{}] * len(cases)
+    if run != "online_dpo":  # the others may score with an environment instead; the class is not one
+        from jaxpost.generate.environments import CalculatorEnv
+        cases.append(({}, f"{run}.environment must be an Environment instance (jaxpost.generate.environments), got "
+                          f"ABCMeta {str(CalculatorEnv)!r} (bind it with parentheses: @CalculatorEnv(), not "
+                          "@CalculatorEnv)"))
+        extra.append({"environment": CalculatorEnv})
+    try:
+        for (bindings, message), kwargs in zip(cases, extra):
+            gin.clear_config()
+            for key, value in bindings.items():
+                gin.bind_parameter(key, value)
+            with pytest.raises(UserError) as raised:
+                getattr(recipes, run)(**common, **kwargs)
+            assert str(raised.value).splitlines()[0] == message
+            assert not run_dir.exists()
+    finally:
+        gin.clear_config()
+
+
 def test_a_reward_model_that_is_not_there_names_the_key_that_gave_it(tmp_path, monkeypatch):
     from jaxpost.generate.scorers import RewardModelScorer
     from jaxpost.sharding import Partitioner

@@ -111,12 +111,13 @@ from jaxpost.generate.rollout import (
     measure_rollout,
 )
 from jaxpost.generate.sampler import Sampler, SamplingConfig, left_pad
-from jaxpost.generate.scorers import make_scorer
+from jaxpost.generate.scorers import check_bound_scorer, make_scorer
 from jaxpost.models.config import ModelConfig
 from jaxpost.sharding import Partitioner
 from jaxpost.train.batches import on_mesh
 
-__all__ = ["Episodes", "MultiTurnConfig", "MultiTurnRoller", "check_environment", "conversation_rows", "make_roller"]
+__all__ = ["Episodes", "MultiTurnConfig", "MultiTurnRoller", "check_environment", "check_reward_source",
+           "conversation_rows", "make_roller"]
 
 _PROBE = "jaxpost-model-turn-probe"
 
@@ -466,6 +467,18 @@ def make_roller(graphdef, config: ModelConfig, tokenizer: Any, partitioner: Part
     check_environment(environment, owner)
     return MultiTurnRoller(graphdef, config, tokenizer, partitioner, environment, rollout, build(MultiTurnConfig),
                            value_graphdef=value_graphdef)
+
+
+def check_reward_source(environment: Any, owner: str) -> None:
+    """What :func:`make_roller` will score with, checked before the run loads anything.
+
+    ``environment`` must be None or an :class:`Environment` instance
+    (:func:`check_environment`); without one, the gin-bound scorer is
+    checked (:func:`jaxpost.generate.scorers.check_bound_scorer`).
+    """
+    check_environment(environment, owner)
+    if environment is None:
+        check_bound_scorer(owner)
 
 
 def check_environment(environment: Any, owner: str) -> None:

@@ -17,6 +17,7 @@ with ``completions`` (e.g. ``answer=[...]`` for a reference answer).
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Sequence
 
 import gin
@@ -98,6 +99,32 @@ class RewardModelScorer:
         return np.asarray(to_host(out), np.float32)
 
 
+ONE_SOURCE = ("give exactly one reward source: make_scorer.reward_model (a reward model directory) or "
+              "make_scorer.reward_functions (Python reward functions)")
+
+
+def check_bound_scorer(owner: str) -> None:
+    """Checks the gin-bound reward source now, before a run loads anything; :func:`make_scorer` uses it later.
+
+    Exactly one of ``make_scorer.reward_model`` and ``make_scorer.reward_functions``
+    must be bound, and a reward model's directory (or Hub name) must be
+    found. Raises :class:`UserError` naming the key; without this, both were
+    found only once the policy had loaded and the run directory was made.
+    """
+    def bound(key: str) -> Any:
+        try:
+            return gin.query_parameter(key)
+        except ValueError:  # not bound
+            return None
+
+    reward_model, functions = bound("make_scorer.reward_model"), bound("make_scorer.reward_functions")
+    if (reward_model is None) == (functions is None):
+        got = "neither" if functions is None else "both"
+        raise UserError(f"{owner} scores its samples, so {ONE_SOURCE}; got {got}")
+    if isinstance(reward_model, (str, os.PathLike)):  # a macro or reference is resolved when make_scorer runs
+        resolve_model_dir(reward_model, key="make_scorer.reward_model")
+
+
 @gin.configurable
 def make_scorer(partitioner: Partitioner, reward_functions: Any = None, reward_weights: Sequence[float] | None = None,
                 reward_model: str | None = None, policy_vocab_size: int | None = None):
@@ -110,8 +137,7 @@ def make_scorer(partitioner: Partitioner, reward_functions: Any = None, reward_w
     (see :mod:`jaxpost.generate.rewards`).
     """
     if (reward_model is None) == (reward_functions is None):
-        raise ValueError("Give exactly one reward source: make_scorer.reward_model (a reward model directory) "
-                         "or make_scorer.reward_functions (Python reward functions)")
+        raise UserError(f"{ONE_SOURCE[0].upper()}{ONE_SOURCE[1:]}")
     if reward_model is not None:
         return RewardModelScorer(reward_model, partitioner, policy_vocab_size)
     return FunctionScorer(reward_functions, reward_weights)

@@ -24,7 +24,7 @@ from jaxpost.config import build, build_if_bound, check_values
 from jaxpost.data import check_run_inputs, make_prompt_pipeline
 from jaxpost.errors import UserError
 from jaxpost.generate.environments import Environment
-from jaxpost.generate.multiturn import check_environment, make_roller
+from jaxpost.generate.multiturn import check_reward_source, make_roller
 from jaxpost.generate.rollout import Roller, RolloutConfig
 from jaxpost.losses.grpo import group_advantages, rloo_advantages
 from jaxpost.models.config import ModelConfig
@@ -83,13 +83,13 @@ def grpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer:
     # `grpo.rollout = @RolloutConfig()`; the run's own defaults yield to gin's bindings.
     rollout, online = build(RolloutConfig, rollout, group_size=8), build(OnlineConfig, online)
     model = build_if_bound(ModelConfig, model)
-    check_environment(environment, "grpo")
     if advantage not in ADVANTAGES:
         raise UserError(f"grpo.advantage={advantage!r} is unknown; choose one of {ADVANTAGES}")
     if rollout.group_size < 2:
         raise UserError(f"grpo.advantage={advantage!r} needs RolloutConfig.group_size >= 2, got {rollout.group_size}")
     tok, rows = check_run_inputs("grpo", train_data=train_data, kind="prompt", tokenizer=tokenizer,
                                  init_from=init_from, model=model)
+    check_reward_source(environment, "grpo")
     run = prepare_run_dir(run_dir)
     part = Partitioner()
     config, graphdef, params = load_model(model, init_from, part, seed=online.seed)

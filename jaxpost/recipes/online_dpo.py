@@ -21,7 +21,7 @@ from jaxpost.config import build, build_if_bound, check_values
 from jaxpost.data import check_run_inputs, make_prompt_pipeline
 from jaxpost.errors import UserError
 from jaxpost.generate.rollout import Roller, RolloutConfig, best_worst_pairs, pair_batch
-from jaxpost.generate.scorers import make_scorer
+from jaxpost.generate.scorers import check_bound_scorer, make_scorer
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.load import load_model
 from jaxpost.models.lora import has_adapters
@@ -69,6 +69,7 @@ def online_dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, toke
         raise UserError(f"online DPO needs RolloutConfig.group_size >= 2, got {rollout.group_size}")
     tok, rows = check_run_inputs("online_dpo", train_data=train_data, kind="prompt", tokenizer=tokenizer,
                                  init_from=init_from, model=model)
+    check_bound_scorer("online_dpo")
     run = prepare_run_dir(run_dir)
     part = Partitioner()
     config, graphdef, params = load_model(model, init_from, part, seed=online.seed)

@@ -27,7 +27,7 @@ from jaxpost.config import build, build_if_bound, check_values
 from jaxpost.data import check_run_inputs, make_prompt_pipeline
 from jaxpost.distributed import to_host
 from jaxpost.generate.environments import Environment
-from jaxpost.generate.multiturn import check_environment, make_roller
+from jaxpost.generate.multiturn import check_reward_source, make_roller
 from jaxpost.generate.rollout import Roller, RolloutConfig
 from jaxpost.losses.ppo import AdaptiveKLController
 from jaxpost.models.config import ModelConfig
@@ -85,9 +85,9 @@ def ppo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
     # Built at call time, so that bindings of RolloutConfig/OnlineConfig/ModelConfig apply (and win over defaults).
     rollout, online = build(RolloutConfig, rollout), build(OnlineConfig, online)
     model = build_if_bound(ModelConfig, model)
-    check_environment(environment, "ppo")
     tok, rows = check_run_inputs("ppo", train_data=train_data, kind="prompt", tokenizer=tokenizer,
                                  init_from=init_from, model=model, other_models={"value_from": value_from})
+    check_reward_source(environment, "ppo")
     run = prepare_run_dir(run_dir)
     part = Partitioner()
     config, graphdef, policy = load_model(model, init_from, part, seed=online.seed)
