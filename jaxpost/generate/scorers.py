@@ -137,7 +137,7 @@ def make_scorer(partitioner: Partitioner, reward_functions: Any = None, reward_w
     (see :mod:`jaxpost.generate.rewards`).
     """
     if (reward_model is None) == (reward_functions is None):
-        raise UserError(f"{ONE_SOURCE[0].upper()}{ONE_SOURCE[1:]}")
+        raise UserError(f"make_scorer: {ONE_SOURCE}")
     if reward_model is not None:
         return RewardModelScorer(reward_model, partitioner, policy_vocab_size)
     return FunctionScorer(reward_functions, reward_weights)
