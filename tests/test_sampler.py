@@ -200,7 +200,7 @@ def test_bounded_compilation(model, greedy_run):
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
-def test_decode_loop_copies_no_cache(model, scan_layers):
+def test_decode_loop_copies_no_cache(scan_layers):
     """Each decode step writes its token's keys and values in place, at 1 row as at 3.
 
     At 1 row, XLA:CPU used to copy every layer's cache several times per
