@@ -540,6 +540,26 @@ def test_a_reward_plugs_in_from_the_command_line(plugin_dir, capsys):
     assert get_reward("plugin_test_gin")([""], ["x"]) == [0.0]
 
 
+def test_reward_names_and_weights_are_checked_before_anything_loads(tmp_path, capsys):
+    from jaxpost.generate.rewards import check_make_reward_values, make_reward
+
+    run = ["train", "--gin_file=configs/runs/grpo.gin", f"--gin.grpo.run_dir='{tmp_path / 'g'}'",
+           "--gin.grpo.train_data='no/data.jsonl'", "--gin.grpo.init_from='no/model'"]
+    rc, _, err = _main(capsys, *run, "--gin.make_reward.names=['exact_match', 'nonexistent']")
+    assert rc == 2 and err.startswith("jaxpost: error: make_reward.names: unknown reward 'nonexistent'; registered: [")
+    rc, _, err = _main(capsys, *run, "--gin.make_reward.names=['exact_match']", "--gin.make_reward.weights=[1.0, 2.0]")
+    assert rc == 2 and err == ("jaxpost: error: make_reward.weights has 2 values for the 1 rewards of "
+                               "make_reward.names ['exact_match']; give one weight per name, or None for all 1\n")
+    assert not (tmp_path / "g").exists()
+    # A spec passes the bound-value check unimported (jaxpost plan runs it too); the run imports it first thing.
+    check_make_reward_values(["my_module:fn"], [2.0])
+    # [] passes it (a run scored by a reward model binds it only because its gin file requires it) ...
+    check_make_reward_values([])
+    with pytest.raises(UserError) as raised:
+        make_reward([], weights=None)  # ... and is refused when a reward is built from it
+    assert str(raised.value).splitlines()[0] == "make_reward.names must name at least one reward, got []"
+
+
 @pytest.mark.parametrize("spec,message", [
     ("my_rewards_plugin:nope", "'my_rewards_plugin:nope': my_rewards_plugin has no attribute 'nope'"),
     ("my_rewards_plugin:NOT_A_FUNCTION", "is a int, not a function"),

@@ -239,7 +239,11 @@ def test_an_online_runs_reward_source_is_checked_before_its_run_dir(run, user_fi
               f"{run} scores its samples, so {one}; got both"),
              ({"make_scorer.reward_model": "./rm"},
               f"make_scorer.reward_model='./rm' does not exist: no directory {tmp_path / 'rm'}; give an existing "
-              "directory or a Hugging Face Hub name such as 'org/name'")]
+              "directory or a Hugging Face Hub name such as 'org/name'"),
+             ({"make_scorer.reward_functions": ["no_such_module_xyz:f"]},  # a spec is imported now, not at rollout 1
+              "reward 'no_such_module_xyz:f': module 'no_such_module_xyz': no module named 'no_such_module_xyz' on "
+              f"the import path (the current directory {tmp_path} and sys.path); give a module name or a "
+              "path/to/file.py")]
     extra = [{}] * len(cases)
     if run != "online_dpo":  # the others may score with an environment instead; the class is not one
         from jaxpost.generate.environments import CalculatorEnv

@@ -40,9 +40,10 @@ def test_exact_match_format_length():
 def test_make_reward_weighted_sum_and_gin():
     fn = make_reward(["arithmetic", "format"], weights=[1.0, 0.5])
     assert fn(["1+1="] * 3, ["2", "2 is it", "3"], answer=[2, 2, 2]) == [1.5, 1.0, 0.5]
-    with pytest.raises(KeyError, match="unknown reward 'nope'"):
+    with pytest.raises(KeyError, match="^make_reward.names: unknown reward 'nope'"):
         make_reward("nope")
-    with pytest.raises(ValueError, match="1 weights for 2 rewards"):
+    with pytest.raises(UserError, match=r"^make_reward.weights has 1 values for the 2 rewards of make_reward.names "
+                                        r"\['arithmetic', 'format'\]; give one weight per name, or None for all 1"):
         make_reward(["arithmetic", "format"], weights=[1.0])
     with gin.unlock_config():
         gin.parse_config("make_reward.names = ['exact_match']")

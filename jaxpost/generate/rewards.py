@@ -40,7 +40,7 @@ from typing import Callable, Sequence
 import gin
 import numpy as np
 
-from jaxpost.config import import_object
+from jaxpost.config import checks_values_of, import_object
 from jaxpost.errors import UserError
 
 RewardFn = Callable[..., list[float]]
@@ -203,6 +203,32 @@ def _short(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+@checks_values_of("make_reward")
+def check_make_reward_values(names: str | Sequence[str] = ("arithmetic",), weights: Sequence[float] | None = None
+                             ) -> None:
+    """Raises :class:`UserError` naming the ``make_reward`` key of a value it cannot use.
+
+    Runs when ``jaxpost train`` starts, on the bound values, and when
+    :func:`make_reward` is called. Each name must be registered
+    (:data:`REWARDS`) or look like a ``module:function`` spec; a spec is
+    imported only when the run starts (:func:`jaxpost.generate.scorers.check_bound_scorer`),
+    since ``jaxpost plan`` runs these checks where the module may not be.
+    ``weights``: None or one per name. An empty list passes here (a run
+    scored by a reward model may bind it only because a gin file requires
+    it) and is refused when a reward is built from it.
+    """
+    listed = [names] if isinstance(names, str) else list(names)
+    for name in listed:
+        if not (isinstance(name, str) and (name in REWARDS or ":" in name)):
+            try:
+                get_reward(name)
+            except UnknownRewardError as e:  # it lists the registered names
+                raise UnknownRewardError(f"make_reward.names: {e}") from None
+    if weights is not None and len(list(weights)) != len(listed):
+        raise UserError(f"make_reward.weights has {len(list(weights))} values for the {len(listed)} rewards of "
+                        f"make_reward.names {listed}; give one weight per name, or None for all 1")
+
+
 @gin.configurable
 def make_reward(names: str | Sequence[str] = ("arithmetic",), weights: Sequence[float] | None = None
                 ) -> RewardFn:
@@ -211,13 +237,12 @@ def make_reward(names: str | Sequence[str] = ("arithmetic",), weights: Sequence[
     The result obeys the same contract; each term is checked to return one
     finite float per completion, with an error naming the reward.
     """
+    check_make_reward_values(names, weights)
     names = [names] if isinstance(names, str) else list(names)
     if not names:
-        raise ValueError("make_reward needs at least one reward name")
+        raise UserError("make_reward.names must name at least one reward, got []")
     fns = [get_reward(n) for n in names]
     weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(names):
-        raise ValueError(f"make_reward: {len(weights)} weights for {len(names)} rewards {names}")
 
     def combined(prompts: list[str], completions: list[str], **row_fields) -> list[float]:
         if len(prompts) != len(completions):

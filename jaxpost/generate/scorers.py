@@ -107,9 +107,11 @@ def check_bound_scorer(owner: str) -> None:
     """Checks the gin-bound reward source now, before a run loads anything; :func:`make_scorer` uses it later.
 
     Exactly one of ``make_scorer.reward_model`` and ``make_scorer.reward_functions``
-    must be bound, and a reward model's directory (or Hub name) must be
-    found. Raises :class:`UserError` naming the key; without this, both were
-    found only once the policy had loaded and the run directory was made.
+    must be bound, a reward model's directory (or Hub name) must be found,
+    and each reward named by a string (in ``reward_functions`` or
+    ``make_reward.names``) must resolve, its ``module:function`` spec
+    imported. Raises :class:`UserError` naming the key; without this, each
+    was found only once the policy had loaded and the run directory was made.
     """
     def bound(key: str) -> Any:
         try:
@@ -123,6 +125,11 @@ def check_bound_scorer(owner: str) -> None:
         raise UserError(f"{owner} scores its samples, so {ONE_SOURCE}; got {got}")
     if isinstance(reward_model, (str, os.PathLike)):  # a macro or reference is resolved when make_scorer runs
         resolve_model_dir(reward_model, key="make_scorer.reward_model")
+    names = bound("make_reward.names")
+    for name in [*(functions if isinstance(functions, (list, tuple)) else []),
+                 *([names] if isinstance(names, str) else names if isinstance(names, (list, tuple)) else [])]:
+        if isinstance(name, str):
+            get_reward(name)  # imports a spec: an error names it
 
 
 @gin.configurable
