@@ -125,6 +125,8 @@ def check_bound_scorer(owner: str) -> None:
         raise UserError(f"{owner} scores its samples, so {ONE_SOURCE}; got {got}")
     if isinstance(reward_model, (str, os.PathLike)):  # a macro or reference is resolved when make_scorer runs
         resolve_model_dir(reward_model, key="make_scorer.reward_model")
+    if functions is None:  # a reward model scores: make_reward, if bound at all, is not called
+        return
     names = bound("make_reward.names")
     for name in [*(functions if isinstance(functions, (list, tuple)) else []),
                  *([names] if isinstance(names, str) else names if isinstance(names, (list, tuple)) else [])]:
