@@ -267,6 +267,14 @@ def split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]
 
 # --- sub-configs built at call time -----------------------------------------------------------------------------
 
+def bound_value(key: str) -> Any:
+    """What gin binds ``key`` (``make_scorer.reward_model``) to, unscoped; None when it binds nothing."""
+    try:
+        return gin.query_parameter(key)
+    except ValueError:  # not bound
+        return None
+
+
 def build(cls: type, given: Any = None, **defaults: Any) -> Any:
     """``given`` if not None, else ``cls()`` built now, with gin's bindings of ``cls`` applied.
 

@@ -194,6 +194,8 @@ def _phase(graphdef, params, fused, st: Rows, rng, min_live, config: ModelConfig
     # more. A scanned model's stacked cache is not copied, and squeezing it would make it so.
     one_row = st.last.shape[0] == 1 and not config.scanned
     squeeze, unsqueeze = (lambda x: jnp.squeeze(x, -4)), (lambda x: jnp.expand_dims(x, -4))
+    into_carry = (lambda c: map_layer_caches(squeeze, squeeze, c)) if one_row else (lambda c: c)
+    out_of_carry = (lambda c: map_layer_caches(unsqueeze, unsqueeze, c)) if one_row else (lambda c: c)
 
     def cond(st: Rows):
         live = jnp.sum(~st.done, dtype=jnp.int32)
@@ -205,16 +207,12 @@ def _phase(graphdef, params, fused, st: Rows, rng, min_live, config: ModelConfig
         # token of the row (a continuation, Sampler.extend) could attend to.
         pos = (st.n_real + st.step - 1)[:, None]
         seg = st.last_real.astype(jnp.int32)[:, None]
-        cache = map_layer_caches(unsqueeze, unsqueeze, st.cache) if one_row else st.cache
-        h, cache = forward(graphdef, params, st.last[:, None], pos, seg, cache, fused=fused)
-        cache = constrain_cache(cache, config)
-        st = st.replace(cache=map_layer_caches(squeeze, squeeze, cache) if one_row else cache)
+        h, cache = forward(graphdef, params, st.last[:, None], pos, seg, out_of_carry(st.cache), fused=fused)
+        st = st.replace(cache=into_carry(constrain_cache(cache, config)))
         return record(st, lm_logits(params, config, h[:, 0]), rng, s)
 
-    if not one_row:
-        return jax.lax.while_loop(cond, body, st)
-    st = jax.lax.while_loop(cond, body, st.replace(cache=map_layer_caches(squeeze, squeeze, st.cache)))
-    return st.replace(cache=map_layer_caches(unsqueeze, unsqueeze, st.cache))
+    st = jax.lax.while_loop(cond, body, st.replace(cache=into_carry(st.cache)))
+    return st.replace(cache=out_of_carry(st.cache))
 
 
 

@@ -224,8 +224,8 @@ def check_make_reward_values(names: str | Sequence[str] = ("arithmetic",), weigh
                 get_reward(name)
             except UnknownRewardError as e:  # it lists the registered names
                 raise UnknownRewardError(f"make_reward.names: {e}") from None
-    if weights is not None and len(list(weights)) != len(listed):
-        raise UserError(f"make_reward.weights has {len(list(weights))} values for the {len(listed)} rewards of "
+    if weights is not None and len(weights := list(weights)) != len(listed):
+        raise UserError(f"make_reward.weights has {len(weights)} values for the {len(listed)} rewards of "
                         f"make_reward.names {listed}; give one weight per name, or None for all 1")
 
 

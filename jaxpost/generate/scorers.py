@@ -24,6 +24,7 @@ import gin
 import jax
 import numpy as np
 
+from jaxpost.config import bound_value
 from jaxpost.distributed import to_host
 from jaxpost.errors import UserError
 from jaxpost.generate.rewards import call_reward, get_reward
@@ -113,13 +114,7 @@ def check_bound_scorer(owner: str) -> None:
     imported. Raises :class:`UserError` naming the key; without this, each
     was found only once the policy had loaded and the run directory was made.
     """
-    def bound(key: str) -> Any:
-        try:
-            return gin.query_parameter(key)
-        except ValueError:  # not bound
-            return None
-
-    reward_model, functions = bound("make_scorer.reward_model"), bound("make_scorer.reward_functions")
+    reward_model, functions = bound_value("make_scorer.reward_model"), bound_value("make_scorer.reward_functions")
     if (reward_model is None) == (functions is None):
         got = "neither" if functions is None else "both"
         raise UserError(f"{owner} scores its samples, so {ONE_SOURCE}; got {got}")
@@ -127,7 +122,7 @@ def check_bound_scorer(owner: str) -> None:
         resolve_model_dir(reward_model, key="make_scorer.reward_model")
     if functions is None:  # a reward model scores: make_reward, if bound at all, is not called
         return
-    names = bound("make_reward.names")
+    names = bound_value("make_reward.names")
     for name in [*(functions if isinstance(functions, (list, tuple)) else []),
                  *([names] if isinstance(names, str) else names if isinstance(names, (list, tuple)) else [])]:
         if isinstance(name, str):

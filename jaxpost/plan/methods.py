@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from jaxpost import models
-from jaxpost.config import build, build_if_bound
+from jaxpost.config import bound_value, build, build_if_bound
 from jaxpost.errors import UserError
 from jaxpost.models.config import ModelConfig
 from jaxpost.sharding import Partitioner
@@ -390,10 +390,7 @@ def _rollout_shapes(rollout_cfg, online, part: Partitioner) -> Rollout:
 def _reward_model(config: ModelConfig, part: Partitioner) -> tuple[dict, str]:
     """``{"reward model": (shapes, shardings)}`` when ``make_scorer.reward_model`` names one (it stays on the
     devices for the whole run; shapes from its ``config.json``, else assumed policy-sized), and a note."""
-    try:
-        reward_dir = gin.query_parameter("make_scorer.reward_model")
-    except ValueError:
-        reward_dir = None
+    reward_dir = bound_value("make_scorer.reward_model")
     if not isinstance(reward_dir, str):
         return {}, ""
     note = ""
@@ -556,10 +553,7 @@ def plan_online_dpo(part: Partitioner) -> Setup:
 
 def _bound(key: str) -> bool:
     """True when gin binds ``key`` to something other than None."""
-    try:
-        return gin.query_parameter(key) is not None
-    except ValueError:
-        return False
+    return bound_value(key) is not None
 
 
 METHODS: dict[str, Callable[[Partitioner], Setup | list[Setup]]] = {
