@@ -76,8 +76,10 @@ def test_list_keys_of_a_run_gin_shows_unset_required_keys_and_the_methods_defaul
     rc, out, err = _main(capsys, "train", "--gin_file=configs/runs/grpo.gin", "--list_keys")
     assert rc == 0, err
     required = out.split("Optional", 1)[0]
-    for key in ("grpo.run_dir", "grpo.train_data", "grpo.init_from", "make_reward.names"):
+    for key in ("grpo.run_dir", "grpo.train_data", "grpo.init_from"):
         assert re.search(rf"^  {re.escape(key)}: .* <- NOT SET$", required, re.M), key
+    # Reward names are optional there: a reward model may score instead (make_scorer.reward_model).
+    assert re.search(r"^  make_reward.names: .* <- \[\]$", out.split("Optional", 1)[1], re.M)
     # grpo builds RolloutConfig with group_size=8 unless gin binds it: the listing says so.
     assert "  RolloutConfig.group_size: int = 8 (grpo's default)  <- 8" in out
 
@@ -553,11 +555,15 @@ def test_reward_names_and_weights_are_checked_before_anything_loads(tmp_path, ca
     assert not (tmp_path / "g").exists()
     # A spec passes the bound-value check unimported (jaxpost plan runs it too); the run imports it first thing.
     check_make_reward_values(["my_module:fn"], [2.0])
-    # [] passes it (a run scored by a reward model binds it only because its gin file requires it) ...
+    # [] passes it (configs/runs/grpo.gin binds it so, for a run a reward model scores) and builds a reward with
+    # no parts (a run's scorer adds nothing for it), which refuses to be called (a synthesize scorer, say).
     check_make_reward_values([])
+    empty = make_reward([], weights=None)
+    assert empty.reward_parts == ()
     with pytest.raises(UserError) as raised:
-        make_reward([], weights=None)  # ... and is refused when a reward is built from it
-    assert str(raised.value).splitlines()[0] == "make_reward.names must name at least one reward, got []"
+        empty(prompts=["p"], completions=["c"])
+    assert str(raised.value).splitlines()[0] == ("make_reward.names is []: name at least one reward (a registered "
+                                                 "name such as 'exact_match', or 'module:function')")
 
 
 @pytest.mark.parametrize("spec,message", [

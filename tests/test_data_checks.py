@@ -232,15 +232,17 @@ def test_an_online_runs_reward_source_is_checked_before_its_run_dir(run, user_fi
     monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "run"
     common = dict(run_dir=str(run_dir), train_data=str(user_files["prompts"]), init_from=str(user_files["model"]))
-    one = ("give exactly one reward source: make_scorer.reward_model (a reward model directory) or "
-           "make_scorer.reward_functions (Python reward functions)")
-    cases = [({}, f"{run} scores its samples, so {one}; got neither"),
-             ({"make_scorer.reward_model": "./rm", "make_scorer.reward_functions": ["exact_match"]},
-              f"{run} scores its samples, so {one}; got both"),
-             ({"make_scorer.reward_model": "./rm"},
+    need = ("give a reward source: make_scorer.reward_model (a reward model directory), make_scorer.reward_functions "
+            "(Python reward functions; the grpo and rloo run files take their names in make_reward.names), or both "
+            "(their scores are summed)")
+    cases = [({}, f"{run} scores its samples, so {need}; got neither"),
+             # What configs/runs/grpo.gin binds when no reward is named: a make_reward() with no names adds nothing.
+             ({"make_scorer.reward_functions": "[@make_reward()]", "make_reward.names": "[]"},
+              f"{run} scores its samples, so {need}; got neither"),
+             ({"make_scorer.reward_model": "'./rm'", "make_scorer.reward_functions": "['exact_match']"},
               f"make_scorer.reward_model='./rm' does not exist: no directory {tmp_path / 'rm'}; give an existing "
               "directory or a Hugging Face Hub name such as 'org/name'"),
-             ({"make_scorer.reward_functions": ["no_such_module_xyz:f"]},  # a spec is imported now, not at rollout 1
+             ({"make_scorer.reward_functions": "['no_such_module_xyz:f']"},  # a spec is imported now, not at rollout 1
               "reward 'no_such_module_xyz:f': module 'no_such_module_xyz': no module named 'no_such_module_xyz' on "
               f"the import path (the current directory {tmp_path} and sys.path); give a module name or a "
               "path/to/file.py")]
@@ -254,13 +256,34 @@ def test_an_online_runs_reward_source_is_checked_before_its_run_dir(run, user_fi
     try:
         for (bindings, message), kwargs in zip(cases, extra):
             gin.clear_config()
-            for key, value in bindings.items():
-                gin.bind_parameter(key, value)
+            gin.parse_config([f"{key} = {value}" for key, value in bindings.items()])
             with pytest.raises(UserError) as raised:
                 getattr(recipes, run)(**common, **kwargs)
             assert str(raised.value).splitlines()[0] == message
             assert not run_dir.exists()
     finally:
+        gin.clear_config()
+
+
+def test_the_grpo_run_file_scores_with_a_reward_model_alone_or_added_to_its_named_rewards(user_files):
+    """configs/runs/grpo.gin needs no reward names when a reward model scores (one flag, as ppo.gin takes it)."""
+    from pathlib import Path
+
+    from jaxpost import config
+    from jaxpost.generate.scorers import check_bound_scorer
+
+    run_gin = str(Path(__file__).parents[1] / "configs/runs/grpo.gin")
+    required = ["grpo.run_dir = 'r'", "grpo.train_data = 'd'", "grpo.init_from = 'm'"]
+    rm = f"make_scorer.reward_model = '{user_files['model']}'"
+    try:
+        for extra in ([rm], [rm, "make_reward.names = ['exact_match']"], ["make_reward.names = ['exact_match']"]):
+            config.parse([run_gin], [*required, *extra])
+            check_bound_scorer("grpo")  # passes
+        config.parse([run_gin], required)
+        with pytest.raises(UserError, match="^grpo scores its samples, so give a reward source: .*; got neither$"):
+            check_bound_scorer("grpo")
+    finally:
+        import gin
         gin.clear_config()
 
 

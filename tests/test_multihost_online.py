@@ -1,7 +1,7 @@
 """Online runs over 2 processes x 4 CPU devices equal 1 process x 8 devices (gloo collectives).
 
-GRPO (Python reward functions: each process scores its own rows), PPO (a
-reward model on the mesh) and online DPO run through ``jaxpost train``'s
+GRPO (Python reward functions, each process scoring its own rows, plus a
+reward model on the mesh), PPO (a reward model) and online DPO run through ``jaxpost train``'s
 code path in both layouts from the same command. Prompts are the same
 global batch on every host, sampling keys are per global row, and every
 statistic is computed from gathered values, so the sampled tokens, the
@@ -55,7 +55,9 @@ def _job(task: dict, root: Path, rm_dir: Path, method: str, name: str | None = N
     ``mesh``, a configs/mesh preset that replaces the experiment's FSDP mesh); ``compact``: its sampler
     drops stopped rows (``Sampler.compact``)."""
     extra = {
-        "grpo": [f"--gin.OnlineConfig.num_rollouts={grpo_rollouts}"],
+        # Its Python rewards (each process scores its own rows) plus a reward model on the mesh, summed.
+        "grpo": [f"--gin.OnlineConfig.num_rollouts={grpo_rollouts}", f"--gin.make_scorer.reward_model='{rm_dir}'",
+                 "--gin.make_scorer.reward_model_weight=0.5"],
         "ppo": ["--gin.OnlineConfig.num_rollouts=2", "--gin.make_scorer.reward_functions=None",
                 f"--gin.make_scorer.reward_model='{rm_dir}'", f"--gin.ppo.value_from='{rm_dir}'",
                 "--gin.ppo.ppo_epochs=2", "--gin.ppo.minibatch_size=8", "--gin.RolloutConfig.group_size=1",
@@ -164,6 +166,10 @@ def test_two_processes_sample_and_train_like_one(runs, method, mesh):
                     "loss/policy", "loss/value", "objective/kl_coef", "pairs/valid_fraction"):
             if key in rb:
                 assert ra[key] == pytest.approx(rb[key], rel=2e-5, abs=1e-6), (name, ra["step"], key)
+        terms = sorted(k for k in rb if k.startswith("rewards/"))  # each reward source, over the global batch
+        assert terms and terms == sorted(k for k in ra if k.startswith("rewards/"))
+        for key in terms:
+            assert ra[key] == pytest.approx(rb[key], rel=2e-5, abs=1e-6), (name, ra["step"], key)
     if name == "online_dpo":  # the 2-process run's sampler compacted: some decode phase ran on fewer rows
         for i in range(2):
             phases = json.loads((two / f"{name}_{i}.json").read_text())["sampler_phases"]
@@ -174,7 +180,8 @@ def test_two_processes_sample_and_train_like_one(runs, method, mesh):
     info.append(json.loads((one / f"{name}_0.json").read_text()))
     assert [(i["process_count"], i["device_count"]) for i in info] == [(2, 8), (2, 8), (1, 8)]
     # Every model the rollouts used lay on the preset's mesh, split as the preset says (PPO: all four).
-    models = {"ppo": ["policy", "reference", "reward_model", "value"]}.get(method, ["policy", "reference"])
+    models = {"ppo": ["policy", "reference", "reward_model", "value"],
+              "grpo": ["policy", "reference", "reward_model"]}.get(method, ["policy", "reference"])
     for i in info:
         assert sorted(i["layouts"]) == models
         assert all(layout == LAYOUTS[mesh] for layout in i["layouts"].values()), i["layouts"]

@@ -17,6 +17,7 @@ from jaxpost.generate.rollout import Roller, RolloutConfig, best_worst_pairs, pa
 from jaxpost.generate.scorers import FunctionScorer
 from jaxpost.sharding import Partitioner
 from jaxpost.train import NonFiniteLossError
+from jaxpost.errors import UserError
 
 from online_helpers import CONFIG, model, tok  # noqa: F401 (fixtures)
 N = 6
@@ -114,6 +115,51 @@ def test_roller_dispatches_the_measuring_before_scoring_and_the_rollout_is_uncha
     np.testing.assert_array_equal(overlapped.scores, first.scores)
     timeless = lambda m: {k: v for k, v in m.items() if not k.startswith("time/") and k != "rollout/tokens_per_s"}
     assert timeless(overlapped.metrics) == timeless(first.metrics)
+
+
+def test_a_reward_model_and_reward_functions_are_summed_and_each_logged(tok, model, tmp_path):
+    """``make_scorer`` with both sources (as TRL's GRPO mixes them):
+    ``score = w_rm * RM(x) + w * (1.0 * chars(x) + 2.0 * ends_with_a(x))``, each term logged unweighted."""
+    from jaxpost.generate.rewards import make_reward, register_reward
+    from jaxpost.generate.scorers import RewardModelScorer, make_scorer
+    from jaxpost.models import ModelConfig
+    from jaxpost.models.export import export
+
+    graphdef, params = model
+    rm_config = ModelConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                            num_kv_heads=2, head="score")
+    export(tmp_path / "rm", rm_config, create(rm_config, seed=11)[1], tok)
+    chars = lambda prompts, completions, **_: [float(len(c)) for c in completions]
+    register_reward("_test_chars")(chars)
+    register_reward("_test_ends_with_a")(lambda prompts, completions, **_: [float(c.endswith("a")) for c in completions])
+    part = Partitioner()
+    scorer = make_scorer(part, reward_functions=[make_reward(["_test_chars", "_test_ends_with_a"], [1.0, 2.0])],
+                         reward_weights=[0.5], reward_model=str(tmp_path / "rm" / "final"), reward_model_weight=-3.0,
+                         policy_vocab_size=CONFIG.vocab_size)
+    assert [(t.name, t.weight, t.on_devices) for t in scorer.terms] == [
+        ("reward_model", -3.0, True), ("_test_chars", 0.5, False), ("_test_ends_with_a", 1.0, False)]
+    rcfg = RolloutConfig(max_new_tokens=N, temperature=1.0, group_size=2, stop_token_ids=tuple(range(3, 259, 4)))
+    roller = Roller(graphdef, CONFIG, tok, part, scorer, rcfg)
+    with part.activate():
+        r = roller(params, params, None, prompt_batch(tok, 4), jax.random.PRNGKey(5))
+        rm = RewardModelScorer(str(tmp_path / "rm" / "final"), part)(r)
+    n = np.array([len(c) for c in r.completions], np.float32)
+    a = np.array([c.endswith("a") for c in r.completions], np.float32)
+    assert n.std() > 0 and rm.std() > 0
+    np.testing.assert_allclose(r.raw_scores, -3.0 * rm + 0.5 * n + 1.0 * a, rtol=1e-6, atol=1e-6)
+    for name, values in (("reward_model", rm), ("_test_chars", n), ("_test_ends_with_a", a)):
+        assert r.metrics[f"rewards/{name}/mean"] == pytest.approx(float(values.mean()), rel=1e-6, abs=1e-6)
+        assert r.metrics[f"rewards/{name}/std"] == pytest.approx(float(values.std()), rel=1e-6, abs=1e-6)
+    # A make_reward() with no names (configs/runs/grpo.gin's default) adds no term; with nothing else, no source.
+    only_rm = make_scorer(part, reward_functions=[make_reward([])], reward_model=str(tmp_path / "rm" / "final"))
+    assert [t.name for t in only_rm.terms] == ["reward_model"]
+    with pytest.raises(UserError, match="^make_scorer: give a reward source: "):
+        make_scorer(part, reward_functions=[make_reward([])])
+    # Two functions of one name log apart; a plug-in spec logs under its function's name.
+    (tmp_path / "my_rewards.py").write_text("def exact(prompts, completions, **_):\n    return [0.0] * len(completions)\n")
+    spec = f"{tmp_path / 'my_rewards.py'}:exact"
+    assert [t.name for t in make_scorer(part, reward_functions=[chars, chars, "exact_match", spec]).terms] == [
+        "<lambda>", "<lambda>_2", "exact_match", "exact"]
 
 
 @pytest.mark.slow

@@ -213,9 +213,9 @@ def check_make_reward_values(names: str | Sequence[str] = ("arithmetic",), weigh
     (:data:`REWARDS`) or look like a ``module:function`` spec; a spec is
     imported only when the run starts (:func:`jaxpost.generate.scorers.check_bound_scorer`),
     since ``jaxpost plan`` runs these checks where the module may not be.
-    ``weights``: None or one per name. An empty list passes here (a run
-    scored by a reward model may bind it only because a gin file requires
-    it) and is refused when a reward is built from it.
+    ``weights``: None or one per name. An empty list passes (a run scored
+    by a reward model alone binds it so); a reward built from it refuses to
+    be called.
     """
     listed = [names] if isinstance(names, str) else list(names)
     for name in listed:
@@ -235,16 +235,22 @@ def make_reward(names: str | Sequence[str] = ("arithmetic",), weights: Sequence[
     """A reward function ``sum_k weights[k] * REWARDS[names[k]](...)`` (weights default to 1).
 
     The result obeys the same contract; each term is checked to return one
-    finite float per completion, with an error naming the reward.
+    finite float per completion, with an error naming the reward. Its
+    ``reward_parts`` lists ``(name, function, weight)`` per term, so that a
+    run can log each reward on its own
+    (:class:`~jaxpost.generate.scorers.FunctionScorer`). With no names
+    (``[]``: a run whose gin file binds them scores with a reward model
+    instead) it has no parts, and calling it raises :class:`UserError`.
     """
     check_make_reward_values(names, weights)
     names = [names] if isinstance(names, str) else list(names)
-    if not names:
-        raise UserError("make_reward.names must name at least one reward, got []")
     fns = [get_reward(n) for n in names]
     weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
 
     def combined(prompts: list[str], completions: list[str], **row_fields) -> list[float]:
+        if not names:
+            raise UserError("make_reward.names is []: name at least one reward (a registered name such as "
+                            "'exact_match', or 'module:function')")
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
         total = [0.0] * len(completions)
@@ -253,5 +259,6 @@ def make_reward(names: str | Sequence[str] = ("arithmetic",), weights: Sequence[
             total = [t + w * float(v) for t, v in zip(total, values)]
         return total
 
-    combined.__name__ = "+".join(str(n) for n in names)
+    combined.__name__ = "+".join(str(n) for n in names) or "no_reward"
+    combined.reward_parts = tuple(zip(names, fns, weights))
     return combined

@@ -39,6 +39,7 @@ from jaxpost.data.tokenizer import stop_token_ids
 from jaxpost.distributed import all_rows, host_rows, to_host
 from jaxpost.errors import UserError
 from jaxpost.generate.sampler import Sampler, SamplingConfig, check_sampling_values, left_pad
+from jaxpost.generate.scorers import RewardTerm
 from jaxpost.models.config import ModelConfig
 from jaxpost.sharding import Partitioner
 from jaxpost.train.batches import on_mesh
@@ -235,23 +236,43 @@ class Roller:
         self._measure = jax.jit(make_rollout_logprobs(graphdef, config, value_graphdef, rollout.chunk_size))
         self.has_value = value_graphdef is not None
 
-    def _score(self, r: Rollout) -> np.ndarray:
-        """``[B]`` float32 scores: on the devices at once, or each process scoring its own rows."""
+    def _score(self, r: Rollout) -> tuple[np.ndarray, dict[str, float]]:
+        """``[B]`` float32 scores, the weighted sum of the scorer's terms, and each term's metrics.
+
+        A term on the devices scores the global batch at once; any other is
+        called by each process on its own rows, and the values gathered. A
+        scorer without ``terms`` is one term (``on_devices`` if it says so).
+        """
         B = len(r.completions)
-        if getattr(self.scorer, "on_devices", False):
-            raw = np.asarray(self.scorer(r), np.float32)
-        else:
-            own = host_rows(B)
-            mine = dataclasses.replace(r, batch={}, host={k: v[own] for k, v in r.host.items()},
-                                       completions=r.completions[own], prompts=r.prompts[own], rows=r.rows[own],
-                                       finished=r.finished[own])
-            raw = np.asarray(self.scorer(mine), np.float32)
-            if raw.shape != (len(mine.completions),):
-                raise ValueError(f"scorer returned shape {raw.shape}, expected ({len(mine.completions)},)")
-            raw = all_rows(raw, B)
-        if raw.shape != (B,):
-            raise ValueError(f"scorer returned shape {raw.shape}, expected ({B},)")
-        return raw
+        terms = getattr(self.scorer, "terms", None)
+        if terms is None:
+            terms = (RewardTerm(getattr(self.scorer, "__name__", "reward"), 1.0, self.scorer,
+                                getattr(self.scorer, "on_devices", False)),)
+        own = host_rows(B)
+        mine = dataclasses.replace(r, batch={}, host={k: v[own] for k, v in r.host.items()},
+                                   completions=r.completions[own], prompts=r.prompts[own], rows=r.rows[own],
+                                   finished=r.finished[own])
+        values = {}
+        # Host terms first: they run while the devices finish the measuring forwards; a reward model then queues.
+        for k in sorted(range(len(terms)), key=lambda k: terms[k].on_devices):
+            term = terms[k]
+            if term.on_devices:
+                v = np.asarray(term.score(r), np.float32)
+            else:
+                v = np.asarray(term.score(mine), np.float32)
+                if v.shape != (len(mine.completions),):
+                    raise ValueError(f"reward {term.name!r} returned shape {v.shape}, expected "
+                                     f"({len(mine.completions)},)")
+                v = all_rows(v, B)
+            if v.shape != (B,):
+                raise ValueError(f"reward {term.name!r} returned shape {v.shape}, expected ({B},)")
+            values[k] = v
+        total, metrics = np.zeros((B,), np.float32), {}
+        for k, term in enumerate(terms):  # summed in the scorer's order
+            total += np.float32(term.weight) * values[k]
+            metrics[f"rewards/{term.name}/mean"] = float(values[k].mean())
+            metrics[f"rewards/{term.name}/std"] = float(values[k].std())
+        return total, metrics
 
     def __call__(self, policy, reference, value, prompt_batch: dict, rng: jax.Array) -> Rollout:
         """Samples, measures and scores one prompt batch.
@@ -277,11 +298,11 @@ class Roller:
                     rows=[row for row in prompt_batch["row"] for _ in range(G)],
                     finished=np.asarray(out.finished, bool))
         score_start = time.perf_counter()
-        raw = self._score(r)
+        raw, reward_metrics = self._score(r)
         score_s = time.perf_counter() - score_start
         penalty = self.cfg.missing_eos_penalty
         r.raw_scores = raw
         r.scores = raw - np.float32(penalty or 0.0) * (~r.finished).astype(np.float32)
         r.batch = {**batch, **measured}
-        r.metrics = {**rollout_metrics(r, generate_s), "time/score_s": score_s}
+        r.metrics = {**rollout_metrics(r, generate_s), **reward_metrics, "time/score_s": score_s}
         return r
