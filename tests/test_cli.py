@@ -84,6 +84,15 @@ def test_list_keys_of_a_run_gin_shows_unset_required_keys_and_the_methods_defaul
     assert "  RolloutConfig.group_size: int = 8 (grpo's default)  <- 8" in out
 
 
+def test_the_gspo_run_file_is_the_grpo_run_with_sequence_ratios(capsys):
+    rc, out, err = _main(capsys, "train", "--gin_file=configs/runs/gspo.gin", "--list_keys")
+    assert rc == 0, err
+    for line in ("make_grpo_loss.ratio_level: str = 'token'  <- 'sequence'",
+                 "make_grpo_loss.clip_eps_low: float = 0.2  <- 0.0003",
+                 "make_grpo_loss.aggregation: str = 'sequence'  <- 'sequence'", "grpo.run_dir: str = REQUIRED  <- NOT SET"):
+        assert f"  {line}\n" in out, line
+
+
 def test_list_keys_shows_the_parameters_of_the_chosen_dpo_loss(capsys):
     # make_dpo_loss takes them in **hparams: the listing follows `kind` to the loss they are passed on to.
     rc, out, err = _main(capsys, "train", "--gin_file=configs/runs/dpo.gin", "--gin.make_dpo_loss.kind='simpo'",
@@ -238,6 +247,8 @@ _REQUIRED_EXTRAS = {"grpo": ["--gin.make_reward.names=['my_rewards:exact']"],
     ("dpo", ["--gin.make_dpo_loss.beta=0.0"], "make_dpo_loss.beta must be > 0, got 0.0"),
     ("grpo", ["--gin.make_grpo_loss.aggregation='dr-grpo'"],
      "make_grpo_loss.aggregation must be one of 'sequence', 'token', 'dr_grpo', got 'dr-grpo'"),
+    ("grpo", ["--gin.make_grpo_loss.ratio_level='seq'"],
+     "make_grpo_loss.ratio_level must be one of 'token', 'sequence', got 'seq'"),
     ("ppo", ["--gin.make_ppo_loss.clip_eps=1.5"], "make_ppo_loss.clip_eps must be in (0, 1), got 1.5"),
     ("kto", ["--gin.make_kto_loss.loss_type='apo'"],
      "make_kto_loss.loss_type must be one of 'kto', 'apo_zero_unpaired', got 'apo'"),

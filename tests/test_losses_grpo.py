@@ -1,4 +1,4 @@
-"""GRPO / Dr. GRPO / RLOO advantages and the GRPO loss on hand examples."""
+"""GRPO / Dr. GRPO / RLOO advantages and the GRPO and GSPO losses on hand examples."""
 
 import math
 
@@ -77,6 +77,35 @@ def test_grpo_clipping_and_kl_hand_example():
     assert float(m["clip_ratio/high_mean"]) == pytest.approx(1 / 5)
     assert float(m["clip_ratio/low_mean"]) == pytest.approx(1 / 5)
     assert float(m["clip_ratio/region_mean"]) == pytest.approx(2 / 5)
+
+
+def test_gspo_sequence_ratio_hand_example():
+    """GSPO (Zheng et al. 2025): s_b = exp(mean over the row's tokens of logp - old), clipped per sequence,
+    l_b = -min(s_b A_b, clip(s_b, 1 - eps_low, 1 + eps_high) A_b), the same on each of the row's tokens."""
+    old = np.array([[-1.0, -1.0, 0.0], [-1.0, -1.0, -1.0]], np.float32)
+    logp = old + np.array([[0.2, 0.0, 7.0], [-0.3, 0.0, 0.0]], np.float32)  # padding's 7.0 must not count
+    # s_0 = e^0.1 = 1.10517 (A = +1): clipped to 1.05 -> -1.05; s_1 = e^-0.1 = 0.904837 (A = -2):
+    # -min(-2 * 0.904837, -2 * 0.95) = 1.9.
+    kw = dict(clip_eps_low=0.05, clip_eps_high=0.05, ratio_level="sequence")
+    loss, m = grpo_loss(logp, old, None, ADV, MASK, aggregation="sequence", **kw)
+    assert float(loss) == pytest.approx((-1.05 + 1.9) / 2, rel=1e-6)
+    loss, m = grpo_loss(logp, old, None, ADV, MASK, aggregation="token", **kw)
+    assert float(loss) == pytest.approx((2 * -1.05 + 3 * 1.9) / 5, rel=1e-6)
+    # Whole sequences clip: row 0's two tokens above (A > 0), row 1's three below (A < 0).
+    assert float(m["clip_ratio/high_mean"]) == pytest.approx(2 / 5)
+    assert float(m["clip_ratio/low_mean"]) == pytest.approx(3 / 5)
+    # Token-level ratios on the same numbers clip only row 0's first token (e^0.2 > 1.05) and row 1's first.
+    _, m = grpo_loss(logp, old, None, ADV, MASK, aggregation="token", clip_eps_low=0.05, clip_eps_high=0.05)
+    assert float(m["clip_ratio/region_mean"]) == pytest.approx(2 / 5)
+    # Unclipped, d loss / d logp_bt = -A_b * s_b / len_b / B (sequence aggregation).
+    g = jax.grad(lambda lp: grpo_loss(lp, old, None, ADV, MASK, clip_eps_low=0.9, clip_eps_high=0.9,
+                                      ratio_level="sequence")[0])(jnp.asarray(logp))
+    s0, s1 = math.exp(0.1), math.exp(-0.1)
+    np.testing.assert_allclose(g, [[-s0 / 4, -s0 / 4, 0.0], [s1 / 3, s1 / 3, s1 / 3]], rtol=1e-5)
+    # On-policy (old_logp None): ratio 1 at either level, the same loss.
+    assert float(grpo_loss(LOGP, None, None, ADV, MASK, ratio_level="sequence")[0]) == pytest.approx(0.5, rel=1e-6)
+    with pytest.raises(ValueError, match="Unknown ratio_level 'seq'"):
+        grpo_loss(LOGP, None, None, ADV, MASK, ratio_level="seq")
 
 
 def test_grpo_jit_and_errors():

@@ -23,7 +23,7 @@ from jaxpost.algorithms.batch import GRPO_KEYS, PPO_KEYS, check_batch
 from jaxpost.algorithms.lm import lm_token_logprobs
 from jaxpost.config import checks_values_of
 from jaxpost.errors import require
-from jaxpost.losses.grpo import AGGREGATIONS, grpo_loss
+from jaxpost.losses.grpo import AGGREGATIONS, RATIO_LEVELS, grpo_loss
 from jaxpost.losses.ppo import gae, ppo_policy_loss, ppo_token_rewards, ppo_value_loss
 from jaxpost.losses.stats import masked_mean, whiten
 from jaxpost.models import forward
@@ -131,10 +131,13 @@ def make_ppo_loss(graphdef, config: ModelConfig, value_graphdef, clip_eps: float
 
 @checks_values_of("make_grpo_loss")
 def check_grpo_loss_values(clip_eps_low: float = 0.2, clip_eps_high: float | None = None, beta: float = 0.0,
-                           aggregation: str = "sequence", max_len: int | None = None) -> None:
+                           aggregation: str = "sequence", max_len: int | None = None,
+                           ratio_level: str = "token") -> None:
     """Raises :class:`~jaxpost.errors.UserError` naming the ``make_grpo_loss`` key of an out-of-range value."""
     require("make_grpo_loss.aggregation", aggregation, aggregation in AGGREGATIONS,
             "one of " + ", ".join(map(repr, AGGREGATIONS)))
+    require("make_grpo_loss.ratio_level", ratio_level, ratio_level in RATIO_LEVELS,
+            "one of " + ", ".join(map(repr, RATIO_LEVELS)))
     require("make_grpo_loss.clip_eps_low", clip_eps_low, 0 < clip_eps_low < 1, "in (0, 1)")
     require("make_grpo_loss.clip_eps_high", clip_eps_high, clip_eps_high is None or clip_eps_high > 0,
             "None (= clip_eps_low) or > 0")
@@ -145,17 +148,18 @@ def check_grpo_loss_values(clip_eps_low: float = 0.2, clip_eps_high: float | Non
 @gin.configurable(denylist=["graphdef", "config"])
 def make_grpo_loss(graphdef, config: ModelConfig, clip_eps_low: float = 0.2, clip_eps_high: float | None = None,
                    beta: float = 0.0, aggregation: str = "sequence", max_len: int | None = None,
-                   chunk_size: int = 512):
+                   ratio_level: str = "token", chunk_size: int = 512):
     """``loss(params, batch, frozen)`` = :func:`grpo_loss` of the policy on a rollout batch.
 
     Batch spec :data:`~jaxpost.algorithms.batch.GRPO_KEYS`: rollout keys plus ``advantages`` ``[B]`` (GRPO,
     Dr. GRPO or RLOO, computed per rollout). ``beta`` weighs the k3 KL to
     the reference (``ref_logp``); ``aggregation`` is ``sequence``, ``token``
     or ``dr_grpo`` (normaliser ``B * max_len``: set ``max_len`` to the
-    generation budget). Metrics: those of :func:`grpo_loss` plus
-    ``policy/approxkl`` (``0.5 * mean_mask((logp - old_logp)^2)``).
+    generation budget); ``ratio_level`` is ``token`` (GRPO) or ``sequence``
+    (GSPO: one length-normalised ratio per sequence). Metrics: those of
+    :func:`grpo_loss` plus ``policy/approxkl`` (``0.5 * mean_mask((logp - old_logp)^2)``).
     """
-    check_grpo_loss_values(clip_eps_low, clip_eps_high, beta, aggregation, max_len)
+    check_grpo_loss_values(clip_eps_low, clip_eps_high, beta, aggregation, max_len, ratio_level)
 
     def loss_fn(params, batch, frozen=None):
         check_batch(batch, GRPO_KEYS, "GRPO")
@@ -163,7 +167,7 @@ def make_grpo_loss(graphdef, config: ModelConfig, clip_eps_low: float = 0.2, cli
         logp = lm_token_logprobs(graphdef, config, params, batch, chunk_size=chunk_size)
         loss, metrics = grpo_loss(logp, batch["old_logp"], batch["ref_logp"], batch["advantages"], mask,
                                   clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high, beta=beta,
-                                  aggregation=aggregation, max_len=max_len)
+                                  aggregation=aggregation, max_len=max_len, ratio_level=ratio_level)
         d = jnp.where(mask != 0, logp - batch["old_logp"], 0.0)
         metrics["policy/approxkl"] = 0.5 * masked_mean(jnp.square(d), mask)
         return loss, metrics

@@ -1,8 +1,9 @@
-"""Group-relative policy optimisation: GRPO, Dr. GRPO, DAPO-style clipping, RLOO.
+"""Group-relative policy optimisation: GRPO, Dr. GRPO, DAPO-style clipping, RLOO, GSPO.
 
 References: Shao et al. 2024 (GRPO, DeepSeekMath), Liu et al. 2025
 (Dr. GRPO), Yu et al. 2025 (DAPO: clip-higher, token-level aggregation),
-Ahmadian et al. 2024 (RLOO), Kool et al. 2019 (leave-one-out baseline).
+Ahmadian et al. 2024 (RLOO), Kool et al. 2019 (leave-one-out baseline),
+Zheng et al. 2025 (GSPO: one length-normalised importance ratio per sequence).
 
 Rewards and advantages are ``[B]`` with ``B = num_prompts * group_size``
 and the completions of one prompt contiguous (rows ``g*G .. g*G+G-1``).
@@ -17,6 +18,7 @@ from jaxpost.losses.checks import check_rank, check_same_shape, f32
 from jaxpost.losses.stats import masked_mean
 
 AGGREGATIONS = ("sequence", "token", "dr_grpo")
+RATIO_LEVELS = ("token", "sequence")
 
 
 def _groups(rewards, group_size: int):
@@ -52,13 +54,20 @@ def rloo_advantages(rewards, group_size: int):
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps_low: float = 0.2,
               clip_eps_high: float | None = None, beta: float = 0.0, aggregation: str = "sequence",
-              max_len: int | None = None):
+              max_len: int | None = None, ratio_level: str = "token"):
     """GRPO clipped surrogate with optional k3 KL to the reference.
 
     Per token, with ``ratio = exp(logp - old_logp)`` and the row's advantage ``A``::
 
         l_t = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
               + beta * (exp(ref - logp) - (ref - logp) - 1)
+
+    ``ratio_level="sequence"`` (GSPO, Zheng et al. 2025; TRL's
+    ``importance_sampling_level="sequence"``) replaces every token's ratio
+    by its sequence's length-normalised one,
+    ``s = exp(sum_t m_t (logp_t - old_t) / max(sum_t m_t, 1))``, so that a
+    sequence is clipped as a whole (GSPO's clip range is about 1e-3 wide:
+    ``configs/algorithms/gspo.gin``).
 
     aggregated over the ``mask`` by ``aggregation``:
 
@@ -89,6 +98,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps_low: float
     check_same_shape(("logp", "old_logp", "ref_logp", "mask"), (logp, old_logp, ref_logp, mask), "[B,L]")
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"Unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"Unknown ratio_level {ratio_level!r}; choose one of {RATIO_LEVELS}")
     if ref_logp is None and (not isinstance(beta, (int, float)) or beta != 0):
         raise ValueError(f"grpo_loss with beta={beta} needs ref_logp ([B,L])")
     logp, mask = f32(logp), f32(mask)
@@ -103,7 +114,10 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps_low: float
     valid = mask != 0
     old = jax.lax.stop_gradient(logp) if old_logp is None else f32(old_logp)
     # Log-ratios are zeroed at padding before exp so padding garbage cannot overflow.
-    ratio = jnp.exp(jnp.where(valid, logp - old, 0.0))
+    log_ratio = jnp.where(valid, logp - old, 0.0)
+    if ratio_level == "sequence":
+        log_ratio = jnp.sum(log_ratio, axis=1, keepdims=True) / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1.0)
+    ratio = jnp.exp(log_ratio)
     clipped = jnp.clip(ratio, 1.0 - clip_eps_low, 1.0 + eps_high)
     per_token = -jnp.minimum(ratio * adv, clipped * adv)
     metrics = {}
