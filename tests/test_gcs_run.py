@@ -89,3 +89,13 @@ def test_run_dir_on_gcs_survives_a_kill(tmp_path, monkeypatch):
         assert {"config.json", "tokenizer.json", "model.safetensors"} <= names(f"{run}/final")
         assert names(f"{run}/tb")
         assert not any(p.name.startswith("gs:") for p in tmp_path.rglob("*"))  # nothing mangled into the cwd
+
+        # An online run's samples log goes to the bucket the same way (one object per rollout, written whole).
+        from jaxpost import paths
+        from jaxpost.train.online import SampleLog
+        log = SampleLog(paths.resolve("gs://jaxpost-test/runs/grpo"), 2)
+        for i in (1, 2, 3):
+            log.write(i, [{"completion": f"c{i}", "score": 1.0}])
+        assert names("gs://jaxpost-test/runs/grpo/samples") == {"rollout_000001.jsonl", "rollout_000003.jsonl"}
+        assert json.loads(text("gs://jaxpost-test/runs/grpo/samples/rollout_000003.jsonl")) == {
+            "rollout": 3, "completion": "c3", "score": 1.0}

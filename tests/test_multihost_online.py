@@ -170,6 +170,14 @@ def test_two_processes_sample_and_train_like_one(runs, method, mesh):
         assert terms and terms == sorted(k for k in ra if k.startswith("rewards/"))
         for key in terms:
             assert ra[key] == pytest.approx(rb[key], rel=2e-5, abs=1e-6), (name, ra["step"], key)
+    # The samples log (rollout 1; written by process 0 alone): the same completions and scores.
+    logs = [[json.loads(line) for line in (d / name / "samples" / "rollout_000001.jsonl").read_text().splitlines()]
+            for d in (two, one)]
+    assert len(logs[0]) == len(ref[0]) and [(x["prompt"], x["completion"]) for x in logs[0]] == [
+        (x["prompt"], x["completion"]) for x in logs[1]]
+    for x, y in zip(*logs):
+        assert x["score"] == pytest.approx(y["score"], rel=2e-5, abs=1e-6)
+        assert x["rewards"] == pytest.approx(y["rewards"], rel=2e-5, abs=1e-6)
     if name == "online_dpo":  # the 2-process run's sampler compacted: some decode phase ran on fewer rows
         for i in range(2):
             phases = json.loads((two / f"{name}_{i}.json").read_text())["sampler_phases"]

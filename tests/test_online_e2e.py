@@ -35,7 +35,7 @@ def _grpo(data, name):
     return grpo(run_dir=str(data / name), train_data=str(data / "prompts.jsonl"), tokenizer=str(data / "tok"),
                 model=CONFIG, rollout=RolloutConfig(max_new_tokens=6, group_size=2), num_iterations=2,
                 minibatch_size=8, online=OnlineConfig(num_rollouts=4, prompts_per_rollout=8, max_prompt_len=16,
-                                                      save_every=2))
+                                                      save_every=2, samples_every=1))
 
 
 @pytest.mark.slow
@@ -44,10 +44,11 @@ def test_resume_continues_from_the_same_rollout(gin_scope, data):
     gin_scope.bind_parameter("make_optimizer.learning_rate", 1e-2)
     CRASH.update(at=None, calls=0)
     _grpo(data, "straight")
-    CRASH.update(at=3, calls=0)  # dies in rollout 3, after the checkpoint of rollout 2
+    CRASH.update(at=4, calls=0)  # dies in rollout 4: rollout 3 was trained on and logged, not saved
     with pytest.raises(RuntimeError, match="simulated crash"):
         _grpo(data, "resumed")
     assert sorted(p.name for p in (data / "resumed" / "checkpoints").iterdir() if p.name.isdigit()) == ["8"]  # step 8 = rollout 2
+    assert sorted(p.name for p in (data / "resumed" / "samples").iterdir()) == [f"rollout_00000{i}.jsonl" for i in (1, 2, 3)]
     CRASH.update(at=None, calls=0)
     summary = _grpo(data, "resumed")
     assert CRASH["calls"] == 2 and summary["rollout"] == 4 and summary["step"] == 4 * 2 * 2
@@ -63,6 +64,17 @@ def test_resume_continues_from_the_same_rollout(gin_scope, data):
     assert pa.keys() == pb.keys()
     for k in pa:
         np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+    # The samples log: every completion of each rollout, the resumed run's rollout 3 sampled and written again.
+    logs = {name: sorted((data / name / "samples").iterdir()) for name in ("straight", "resumed")}
+    assert [p.name for p in logs["resumed"]] == [f"rollout_00000{i}.jsonl" for i in (1, 2, 3, 4)]
+    for a, b in zip(logs["straight"], logs["resumed"], strict=True):
+        assert a.read_text() == b.read_text()
+    records = [json.loads(line) for line in logs["straight"][3].read_text().splitlines()]
+    assert len(records) == 8 * 2 and {r["rollout"] for r in records} == {4}
+    # No missing-EOS penalty: a score is the one reward's value.
+    assert [r["score"] for r in records] == pytest.approx([r["rewards"]["crashing_reward"] for r in records])
+    assert np.mean([r["score"] for r in records]) == pytest.approx(straight[3]["objective/scores"], rel=1e-5)
+    assert all(r["completion_tokens"] >= 1 and isinstance(r["completion"], str) for r in records)
 
 
 @pytest.mark.slow

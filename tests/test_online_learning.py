@@ -4,6 +4,8 @@ Task: tiny random-init policy, byte tokenizer, 8 new tokens; reward = fraction o
 letters in the completion (about 26/264 at the start). Each run is ~1-2 minutes on 2 CPU cores.
 """
 
+import json
+
 import numpy as np
 import pytest
 
@@ -34,11 +36,25 @@ def _check_learned(run_dir, margin):
     assert max(kl) < KL_BOUND, kl
 
 
+def _samples(run_dir, group):
+    """The samples log of rollouts 1, 11 and 21 (OnlineConfig.samples_every = 10): every completion, by group."""
+    files = sorted((run_dir / "samples").iterdir())
+    assert [f.name for f in files] == ["rollout_000001.jsonl", "rollout_000011.jsonl", "rollout_000021.jsonl"]
+    logs = [[json.loads(line) for line in f.read_text().splitlines()] for f in files]
+    for log, number in zip(logs, (1, 11, 21)):
+        assert len(log) == 8 * group and {r["rollout"] for r in log} == {number}
+        for r in log:  # the score is the one reward, less nothing (no missing-EOS penalty)
+            assert r["score"] == pytest.approx(r["rewards"]["lowercase_fraction"], abs=1e-6)
+            assert r["score"] == pytest.approx(lowercase_fraction(None, [r["completion"]])[0], abs=1e-6)
+    return [[log[g * group:(g + 1) * group] for g in range(8)] for log in logs]
+
+
 @pytest.mark.slow
 def test_ppo_raises_reward(gin_scope, data):
     kw = _common(gin_scope, data, "ppo")
     ppo(**kw, rollout=RolloutConfig(max_new_tokens=8), ppo_epochs=2, minibatch_size=8, kl_coef=0.05)
     _check_learned(data / "ppo", 0.12)
+    _samples(data / "ppo", 1)
 
 
 @pytest.mark.slow
@@ -46,6 +62,11 @@ def test_grpo_raises_reward(gin_scope, data):
     kw = _common(gin_scope, data, "grpo")
     grpo(**kw, rollout=RolloutConfig(max_new_tokens=8, group_size=4), advantage="grpo")
     _check_learned(data / "grpo", 0.12)
+    for groups in _samples(data / "grpo", 4):  # advantages: (r - mean_g) / (std_g + 1e-4), std with ddof 1
+        for g in groups:
+            r = np.array([x["score"] for x in g])
+            expected = (r - r.mean()) / (r.std(ddof=1) + 1e-4)
+            np.testing.assert_allclose([x["advantage"] for x in g], expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -54,3 +75,12 @@ def test_online_dpo_raises_reward(gin_scope, data):
     gin_scope.bind_parameter("make_dpo_loss.beta", 0.1)
     online_dpo(**kw, rollout=RolloutConfig(max_new_tokens=8, group_size=4))
     _check_learned(data / "odpo", 0.12)
+    # Each group's pair in the samples log: its best and worst completion, or none when all scored alike.
+    for groups in _samples(data / "odpo", 4):
+        for g in groups:
+            scores, roles = [r["score"] for r in g], [r["pair"] for r in g]
+            if max(scores) == min(scores):
+                assert roles == [""] * 4
+            else:
+                assert sorted(roles) == ["", "", "chosen", "rejected"]
+                assert scores[roles.index("chosen")] == max(scores) and scores[roles.index("rejected")] == min(scores)

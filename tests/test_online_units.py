@@ -162,6 +162,25 @@ def test_a_reward_model_and_reward_functions_are_summed_and_each_logged(tok, mod
         "<lambda>", "<lambda>_2", "exact_match", "exact"]
 
 
+def test_the_samples_log_writes_rollout_1_and_every_nth_after_it(tmp_path):
+    from etils import epath
+
+    from jaxpost.train.online import SampleLog
+
+    log = SampleLog(epath.Path(tmp_path / "a"), 3)
+    for i in range(1, 8):
+        log.write(i, [{"completion": f"c{i}", "score": 0.5}, {"completion": "é", "score": -1.0}])
+    log.write(10, None)  # a method that keeps no samples (on-policy distillation)
+    files = sorted((tmp_path / "a" / "samples").iterdir())
+    assert [f.name for f in files] == ["rollout_000001.jsonl", "rollout_000004.jsonl", "rollout_000007.jsonl"]
+    assert [json.loads(line) for line in files[1].read_text(encoding="utf-8").splitlines()] == [
+        {"rollout": 4, "completion": "c4", "score": 0.5}, {"rollout": 4, "completion": "é", "score": -1.0}]
+    SampleLog(epath.Path(tmp_path / "b"), 0).write(1, [{"completion": "c"}])
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(UserError, match=r"^OnlineConfig.samples_every must be >= 0 \(0: no samples log\), got -1\n"):
+        OnlineConfig(samples_every=-1)
+
+
 @pytest.mark.slow
 def test_missing_eos_penalty(tok, model):
     graphdef, params = model

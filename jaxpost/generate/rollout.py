@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import gin
 import jax
@@ -84,7 +84,9 @@ class Rollout:
     measured ``old_logp``, ``ref_logp``, ``token_entropy`` and (PPO)
     ``old_values``. ``host``: the LM keys as numpy. ``scores`` float32 ``[B]``
     after the missing-EOS penalty, ``raw_scores`` before it; ``finished``
-    bool ``[B]``: the completion ended with a stop token.
+    bool ``[B]``: the completion ended with a stop token. ``rewards``: each
+    reward term's unweighted ``[B]`` values, by name (empty when an
+    environment scores).
     """
 
     batch: dict[str, jax.Array]
@@ -96,6 +98,27 @@ class Rollout:
     scores: np.ndarray | None = None
     raw_scores: np.ndarray | None = None
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    rewards: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+
+def sample_records(r: Rollout, **columns: Sequence[Any]) -> list[dict[str, Any]]:
+    """One JSON-ready record per completion of ``r``, for a run's samples log.
+
+    ``{"prompt", "completion", "score", "rewards": {name: value}, "finished",
+    "completion_tokens", **columns}``: ``score`` after the missing-EOS
+    penalty, ``rewards`` each term unweighted, ``completion_tokens`` the
+    trained tokens; ``columns`` are the method's own ``[B]`` values (GRPO's
+    ``advantage``, online DPO's ``pair``).
+    """
+    tokens = r.host["loss_mask"].sum(-1)
+    out = []
+    for b, completion in enumerate(r.completions):
+        rec = {"prompt": r.prompts[b], "completion": completion, "score": float(r.scores[b]),
+               "rewards": {name: float(v[b]) for name, v in r.rewards.items()}, "finished": bool(r.finished[b]),
+               "completion_tokens": int(tokens[b])}
+        rec.update({k: v[b].item() if isinstance(v[b], np.generic) else v[b] for k, v in columns.items()})
+        out.append(rec)
+    return out
 
 
 def rollout_sequences(prompt_tokens: np.ndarray, prompt_mask: np.ndarray, completion_tokens: np.ndarray,
@@ -236,8 +259,8 @@ class Roller:
         self._measure = jax.jit(make_rollout_logprobs(graphdef, config, value_graphdef, rollout.chunk_size))
         self.has_value = value_graphdef is not None
 
-    def _score(self, r: Rollout) -> tuple[np.ndarray, dict[str, float]]:
-        """``[B]`` float32 scores, the weighted sum of the scorer's terms, and each term's metrics.
+    def _score(self, r: Rollout) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, float]]:
+        """``[B]`` float32 scores (the weighted sum of the scorer's terms), each term's values and metrics.
 
         A term on the devices scores the global batch at once; any other is
         called by each process on its own rows, and the values gathered. A
@@ -272,7 +295,7 @@ class Roller:
             total += np.float32(term.weight) * values[k]
             metrics[f"rewards/{term.name}/mean"] = float(values[k].mean())
             metrics[f"rewards/{term.name}/std"] = float(values[k].std())
-        return total, metrics
+        return total, {term.name: values[k] for k, term in enumerate(terms)}, metrics
 
     def __call__(self, policy, reference, value, prompt_batch: dict, rng: jax.Array) -> Rollout:
         """Samples, measures and scores one prompt batch.
@@ -298,7 +321,7 @@ class Roller:
                     rows=[row for row in prompt_batch["row"] for _ in range(G)],
                     finished=np.asarray(out.finished, bool))
         score_start = time.perf_counter()
-        raw, reward_metrics = self._score(r)
+        raw, r.rewards, reward_metrics = self._score(r)
         score_s = time.perf_counter() - score_start
         penalty = self.cfg.missing_eos_penalty
         r.raw_scores = raw

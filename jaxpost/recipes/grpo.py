@@ -25,7 +25,7 @@ from jaxpost.data import check_run_inputs, make_prompt_pipeline
 from jaxpost.errors import UserError
 from jaxpost.generate.environments import Environment
 from jaxpost.generate.multiturn import check_reward_source, make_roller
-from jaxpost.generate.rollout import Roller, RolloutConfig
+from jaxpost.generate.rollout import Roller, RolloutConfig, sample_records
 from jaxpost.losses.grpo import group_advantages, rloo_advantages
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.load import load_model
@@ -57,7 +57,9 @@ class GRPORollouts(Stateless):
         r = self.roller(params, self.reference(params), None, prompts, rng)
         group = self.roller.cfg.group_size
         rows = {k: r.batch[k] for k in (*LM_KEYS, "old_logp", "ref_logp")}
-        rows.update(on_mesh({"advantages": compute_advantages(r.scores, group, self.advantage)}, self.partitioner))
+        advantages = compute_advantages(r.scores, group, self.advantage)
+        rows.update(on_mesh({"advantages": advantages}, self.partitioner))
+        self.samples = sample_records(r, advantage=advantages)
         spread = r.scores.reshape(-1, group).std(axis=1)
         return rows, {**r.metrics, "reward/std_within_group": float(spread.mean()),
                       "reward/zero_std_fraction": float((spread == 0).mean())}

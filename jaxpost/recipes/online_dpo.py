@@ -14,13 +14,14 @@ changes nothing (see :func:`jaxpost.train.make_train_step`).
 from __future__ import annotations
 
 import gin
+import numpy as np
 
 from jaxpost import models
 from jaxpost.algorithms import make_dpo_loss, with_base_reference
 from jaxpost.config import build, build_if_bound, check_values
 from jaxpost.data import check_run_inputs, make_prompt_pipeline
 from jaxpost.errors import UserError
-from jaxpost.generate.rollout import Roller, RolloutConfig, best_worst_pairs, pair_batch
+from jaxpost.generate.rollout import Roller, RolloutConfig, best_worst_pairs, pair_batch, sample_records
 from jaxpost.generate.scorers import check_bound_scorer, make_scorer
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.load import load_model
@@ -43,6 +44,9 @@ class PairRollouts(Stateless):
         chosen, rejected, valid = best_worst_pairs(r.scores, self.roller.cfg.group_size)
         gap = float((r.scores[chosen] - r.scores[rejected])[valid].mean()) if valid.any() else 0.0
         rows = on_mesh(pair_batch(r.host, chosen, rejected, valid), self.partitioner)
+        role = np.full(len(r.completions), "", object)  # what each completion became in its group's pair
+        role[chosen[valid]], role[rejected[valid]] = "chosen", "rejected"
+        self.samples = sample_records(r, pair=role.tolist())
         return rows, {**r.metrics, "pairs/valid_fraction": float(valid.mean()), "pairs/score_gap": gap}
 
 

@@ -28,7 +28,7 @@ from jaxpost.data import check_run_inputs, make_prompt_pipeline
 from jaxpost.distributed import to_host
 from jaxpost.generate.environments import Environment
 from jaxpost.generate.multiturn import check_reward_source, make_roller
-from jaxpost.generate.rollout import Roller, RolloutConfig
+from jaxpost.generate.rollout import Roller, RolloutConfig, sample_records
 from jaxpost.losses.ppo import AdaptiveKLController
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.export import export
@@ -56,6 +56,7 @@ class PPORollouts:
         obj = {k: float(v) for k, v in to_host(obj).items()}
         self.kl_coef = float(self.kl_control.update(coef, obj["objective/kl"], len(r.scores)))
         rows = {k: b[k] for k in (*LM_KEYS, "old_logp", "old_values")}
+        self.samples = sample_records(r)
         return {**rows, "advantages": adv, "returns": ret}, {**r.metrics, **obj, "objective/kl_coef": coef}
 
     def get_state(self) -> dict:

@@ -21,6 +21,7 @@ Checkpoints are taken at rollout boundaries only.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from typing import Any, Callable, Mapping, Protocol
 
@@ -29,13 +30,14 @@ import jax
 import numpy as np
 from etils import epath
 
+from jaxpost import paths
 from jaxpost.errors import UserError
 from jaxpost.models.lora import has_adapters, without_adapters
 from jaxpost.sharding import Partitioner
 from jaxpost.train.fit import LoopConfig, fit
 from jaxpost.train.step import batch_shardings
 
-__all__ = ["OnlineConfig", "OnlineMethod", "RolloutBatches", "Stateless", "fit_online", "minibatch_orders", "reference_policy",
+__all__ = ["OnlineConfig", "OnlineMethod", "RolloutBatches", "SampleLog", "Stateless", "fit_online", "minibatch_orders", "reference_policy",
            "rollout_rng"]
 
 
@@ -50,6 +52,10 @@ class OnlineConfig:
     ``save_every`` rollouts (0: only at the end), the newest
     ``keep_checkpoints`` kept. ``seed`` fixes the initialisation, prompt
     order, sampling keys and minibatch orders. ``progress``: the tqdm bar (on a terminal or in a notebook).
+    ``samples_every``: every completion of rollouts 1, ``1 + samples_every``, ...
+    (prompt, completion, score, each reward, GRPO's advantage) is written to
+    ``run_dir/samples/rollout_NNNNNN.jsonl``, to read what the policy writes
+    and what each reward made of it; 0: none.
     """
 
     num_rollouts: int = 100
@@ -60,6 +66,7 @@ class OnlineConfig:
     seed: int = 0
     log_every: int = 1
     progress: bool = True
+    samples_every: int = 10
 
     def __post_init__(self):
         for name in ("num_rollouts", "prompts_per_rollout", "max_prompt_len", "log_every"):
@@ -67,6 +74,8 @@ class OnlineConfig:
                 raise UserError(f"OnlineConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.save_every < 0:
             raise UserError(f"OnlineConfig.save_every must be >= 0 (0: only at the end), got {self.save_every}")
+        if self.samples_every < 0:
+            raise UserError(f"OnlineConfig.samples_every must be >= 0 (0: no samples log), got {self.samples_every}")
 
 
 def rollout_rng(seed: int, rollout: int) -> jax.Array:
@@ -114,7 +123,9 @@ class OnlineMethod(Protocol):
     rollout; ``R`` is the same every rollout) and ``metrics`` floats to log.
     ``params`` are the current train-state params. ``get_state``/``set_state``
     hold what must survive a restart (e.g. an adaptive KL coefficient) as
-    JSON values.
+    JSON values. A method may also keep ``samples``, the last rollout's
+    completions as JSON records (:func:`jaxpost.generate.rollout.sample_records`),
+    for the run's samples log.
     """
 
     def rollout(self, params: Any, prompts: Mapping[str, Any], rng: jax.Array, index: int
@@ -123,6 +134,25 @@ class OnlineMethod(Protocol):
     def get_state(self) -> dict: ...
 
     def set_state(self, state: Mapping[str, Any]) -> None: ...
+
+
+class SampleLog:
+    """Writes a rollout's completion records to ``run_dir/samples/rollout_NNNNNN.jsonl`` (process 0).
+
+    Rollouts ``1, 1 + every, ...`` (1-based); ``every = 0`` writes none. One
+    file per rollout, written whole: a resumed run samples its rollouts
+    again with the same keys and writes the same files over.
+    """
+
+    def __init__(self, run_dir: epath.Path, every: int):
+        self.dir, self.every = run_dir / "samples", every
+
+    def write(self, rollout: int, records: list[dict] | None) -> None:
+        if not records or not self.every or (rollout - 1) % self.every or jax.process_index() != 0:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        text = "".join(json.dumps({"rollout": rollout, **rec}, ensure_ascii=False) + "\n" for rec in records)
+        paths.atomic_write_text(self.dir / f"rollout_{rollout:06d}.jsonl", text)
 
 
 class RolloutBatches:
@@ -158,6 +188,7 @@ class RolloutBatches:
         self._metrics: dict[str, float] = {}
         self._started = 0.0
         self._take = None
+        self.sample_log: SampleLog | None = None  # fit_online sets it
 
     def next_for(self, state: Any) -> dict[str, jax.Array]:
         """The next minibatch; samples a new rollout from ``state.params`` when the last one is used up."""
@@ -171,6 +202,8 @@ class RolloutBatches:
             self._metrics["time/rollout_s"] = time.perf_counter() - self._started
             self._queue = minibatch_orders(self.rows, self.minibatch_size, self.epochs, self.seed, self.index)
             self.index += 1
+            if self.sample_log is not None:
+                self.sample_log.write(self.index, getattr(self.method, "samples", None))
         idx = self._queue.pop(0)
         if self._take is None:
             shapes = {k: jax.ShapeDtypeStruct((self.minibatch_size,) + v.shape[1:], v.dtype)
@@ -219,9 +252,11 @@ def fit_online(*, run_dir: epath.Path, loss_fn: Callable, params: Any, param_sha
     One optimizer step per minibatch: ``num_steps = num_rollouts x
     batches.updates_per_rollout``; metrics every ``log_every`` rollouts (the
     last update's loss metrics and the rollout's :meth:`RolloutBatches.metrics`),
-    checkpoints every ``save_every`` rollouts, both at rollout boundaries.
+    checkpoints every ``save_every`` rollouts, both at rollout boundaries;
+    the samples log every ``samples_every`` rollouts (:class:`SampleLog`).
     ``summary`` gets the last rollout's metrics and ``rollout``.
     """
+    batches.sample_log = SampleLog(run_dir, online.samples_every)
     per = batches.updates_per_rollout
     loop = LoopConfig(num_steps=online.num_rollouts * per, log_every=online.log_every * per,
                       save_every=online.save_every * per, keep_checkpoints=online.keep_checkpoints,
