@@ -162,6 +162,34 @@ def test_a_reward_model_and_reward_functions_are_summed_and_each_logged(tok, mod
         "<lambda>", "<lambda>_2", "exact_match", "exact"]
 
 
+def test_grpo_mask_truncated_trains_no_token_of_a_cut_completion(tok, model):
+    """DAPO's overlong filtering: rows that hit the budget without a stop token keep their advantages (their group's
+    statistics) but get a zero loss mask, so the token-level loss is the mean of -A over the finished rows' tokens."""
+    from jaxpost.losses import grpo_loss
+    from jaxpost.recipes.grpo import GRPORollouts
+
+    graphdef, params = model
+    part = Partitioner()
+    rcfg = RolloutConfig(max_new_tokens=N, temperature=1.0, group_size=2, stop_token_ids=tuple(range(3, 259, 4)))
+    scorer = FunctionScorer(lambda prompts, completions, **_: [float(len(c)) for c in completions])
+    rows = {}
+    for mask_truncated in (False, True):
+        method = GRPORollouts(Roller(graphdef, CONFIG, tok, part, scorer, rcfg), lambda p: p, "grpo", part,
+                              mask_truncated=mask_truncated)
+        with part.activate():
+            out, _ = method.rollout(params, prompt_batch(tok, 4), jax.random.PRNGKey(5), 0)
+        rows[mask_truncated] = {k: np.asarray(jax.device_get(v)) for k, v in out.items()}
+    finished = np.array([r["finished"] for r in method.samples])
+    assert finished.any() and not finished.all()
+    plain, masked = rows[False], rows[True]
+    for k in plain:
+        expected = plain[k] * finished[:, None] if k == "loss_mask" else plain[k]
+        np.testing.assert_array_equal(masked[k], expected, err_msg=k)
+    adv, n = masked["advantages"], masked["loss_mask"].sum(-1)
+    loss, _ = grpo_loss(masked["old_logp"], masked["old_logp"], None, adv, masked["loss_mask"], aggregation="token")
+    assert float(loss) == pytest.approx(float((-adv * n)[finished].sum() / n[finished].sum()), rel=1e-5)
+
+
 def test_the_samples_log_writes_rollout_1_and_every_nth_after_it(tmp_path):
     from etils import epath
 

@@ -50,8 +50,10 @@ def compute_advantages(scores: np.ndarray, group_size: int, kind: str) -> np.nda
 class GRPORollouts(Stateless):
     """A rollout becomes rows with group-relative advantages of its (global) scores."""
 
-    def __init__(self, roller: Roller, reference, advantage: str, partitioner: Partitioner):
+    def __init__(self, roller: Roller, reference, advantage: str, partitioner: Partitioner,
+                 mask_truncated: bool = False):
         self.roller, self.reference, self.advantage, self.partitioner = roller, reference, advantage, partitioner
+        self.mask_truncated = mask_truncated
 
     def rollout(self, params, prompts, rng, index):
         r = self.roller(params, self.reference(params), None, prompts, rng)
@@ -59,6 +61,9 @@ class GRPORollouts(Stateless):
         rows = {k: r.batch[k] for k in (*LM_KEYS, "old_logp", "ref_logp")}
         advantages = compute_advantages(r.scores, group, self.advantage)
         rows.update(on_mesh({"advantages": advantages}, self.partitioner))
+        if self.mask_truncated:  # DAPO's overlong filtering: a completion cut at its budget trains no token
+            kept = on_mesh({"kept": r.finished.astype(np.float32)[:, None]}, self.partitioner)["kept"]
+            rows["loss_mask"] = rows["loss_mask"] * kept
         self.samples = sample_records(r, advantage=advantages)
         spread = r.scores.reshape(-1, group).std(axis=1)
         return rows, {**r.metrics, "reward/std_within_group": float(spread.mean()),
@@ -69,10 +74,15 @@ class GRPORollouts(Stateless):
 def grpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: str | None = None,
          model: ModelConfig | None = None, init_from: str | None = None, advantage: str = "grpo",
          rollout: RolloutConfig | None = None, online: OnlineConfig | None = None,
-         num_iterations: int = 1, minibatch_size: int | None = None, environment: Environment | None = None) -> dict:
+         num_iterations: int = 1, minibatch_size: int | None = None, environment: Environment | None = None,
+         mask_truncated: bool = False) -> dict:
     """Trains a policy with GRPO/RLOO from prompt-only data; exports ``run_dir/final``.
 
-    ``advantage``: ``grpo``, ``dr_grpo`` or ``rloo``. The reference (for
+    ``advantage``: ``grpo``, ``dr_grpo`` or ``rloo``. ``mask_truncated``
+    (DAPO's overlong filtering; TRL's ``mask_truncated_completions``): a
+    completion that reached ``RolloutConfig.max_new_tokens`` (or an episode
+    its environment cut short) without a stop token trains no token; it
+    still counts in its group's advantages. The reference (for
     ``beta`` and the logged ``objective/kl``) is a frozen copy of the
     initial policy, or under LoRA the base with adapters off. Summary: the last rollout's metrics.
     ``rollout`` (default: ``RolloutConfig(group_size=8)``), ``online`` (``OnlineConfig()``) and ``model``
@@ -100,9 +110,9 @@ def grpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer:
     roller = make_roller(graphdef, config, tok, part, rollout, environment, owner="grpo")
     prompts = make_prompt_pipeline(rows, tok, online.max_prompt_len, online.prompts_per_rollout,
                                    online.seed, num_epochs=None)
-    batches = RolloutBatches(GRPORollouts(roller, reference_policy(params), advantage, part), prompts, part,
-                             rows=online.prompts_per_rollout * rollout.group_size, minibatch_size=minibatch_size,
-                             epochs=num_iterations, seed=online.seed)
+    method = GRPORollouts(roller, reference_policy(params), advantage, part, mask_truncated)
+    batches = RolloutBatches(method, prompts, part, rows=online.prompts_per_rollout * rollout.group_size,
+                             minibatch_size=minibatch_size, epochs=num_iterations, seed=online.seed)
     summary: dict = {}
     with part.activate():
         state = fit_online(run_dir=run, loss_fn=make_grpo_loss(graphdef, config, max_len=rollout.max_new_tokens),
