@@ -62,6 +62,8 @@ def main(out_dir: str, spec: str) -> int:
 
     def recording(self, policy, reference, value, *args, **kwargs):
         r = call(self, policy, reference, value, *args, **kwargs)
+        if self.cfg.temperature == 0:  # a held-out evaluation's greedy roller (the runs sample at temperature 1)
+            return r
         tokens.append(r.host["tokens"])
         phases.append(list(self.sampler.phases))
         models = {"policy": policy, "reference": reference, "value": value}

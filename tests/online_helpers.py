@@ -38,6 +38,7 @@ def gin_scope():
 
 def scores_and_kl(run_dir):
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    rows = [r for r in rows if "objective/scores" in r]  # held-out evaluations are records of their own
     return [r["objective/scores"] for r in rows], [r["objective/kl"] for r in rows], rows
 
 

@@ -188,7 +188,7 @@ def test_ppo_with_an_environment_through_jaxpost_train(tmp_path, monkeypatch):
             "--gin.MultiTurnConfig.max_turns=3", "--gin.MultiTurnConfig.max_length=96",
             "--gin.OnlineConfig.num_rollouts=2", "--gin.OnlineConfig.prompts_per_rollout=8",
             "--gin.OnlineConfig.max_prompt_len=32", "--gin.OnlineConfig.progress=False",
-            "--gin.make_optimizer.warmup_steps=0"]
+            "--gin.make_optimizer.warmup_steps=0", f"--gin.ppo.eval_data={prompts}"]
     assert cli.main(argv) == 0
     assert len(seen) == 2
     for rows, dataset_rows, calls, metrics in seen:
@@ -204,6 +204,9 @@ def test_ppo_with_an_environment_through_jaxpost_train(tmp_path, monkeypatch):
     log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(log) == 2 and all(row["env/errors"] > 0 and np.isfinite(row["loss/value"]) for row in log)
     assert (tmp_path / "run" / "final" / "config.json").exists() and (tmp_path / "run" / "value").is_dir()
+    # Held-out prompts at the end: one greedy episode each, scored by the environment (a quarter of them fail).
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert np.isfinite(summary["eval/score"]) and summary["eval/completion_length"] > 0
 
 
 def test_synthesize_with_an_environment_writes_conversation_rows(tmp_path, capsys):

@@ -57,7 +57,8 @@ def _job(task: dict, root: Path, rm_dir: Path, method: str, name: str | None = N
     extra = {
         # Its Python rewards (each process scores its own rows) plus a reward model on the mesh, summed.
         "grpo": [f"--gin.OnlineConfig.num_rollouts={grpo_rollouts}", f"--gin.make_scorer.reward_model='{rm_dir}'",
-                 "--gin.make_scorer.reward_model_weight=0.5"],
+                 "--gin.make_scorer.reward_model_weight=0.5", f"--gin.grpo.eval_data='{task['prompts']}'",
+                 "--gin.OnlineConfig.eval_every=1"],  # held-out rewards too, every rollout
         "ppo": ["--gin.OnlineConfig.num_rollouts=2", "--gin.make_scorer.reward_functions=None",
                 f"--gin.make_scorer.reward_model='{rm_dir}'", f"--gin.ppo.value_from='{rm_dir}'",
                 "--gin.ppo.ppo_epochs=2", "--gin.ppo.minibatch_size=8", "--gin.RolloutConfig.group_size=1",
@@ -143,6 +144,11 @@ def runs(tmp_path_factory):
     return {"two": two, "one": one}
 
 
+def _rollout_records(run_dir: Path) -> list[dict]:
+    """The run's records of its rollouts (held-out evaluations are records of their own)."""
+    return [r for r in _records(run_dir) if "rollout" in r]
+
+
 def _tokens(run_root: Path, name: str, process: int) -> list[np.ndarray]:
     with np.load(run_root / f"{name}_{process}.npz") as f:
         return [f[f"arr_{i}"] for i in range(len(f.files))]
@@ -158,7 +164,7 @@ def test_two_processes_sample_and_train_like_one(runs, method, mesh):
     for a, b, c in zip(t0, t1, ref):
         np.testing.assert_array_equal(a, b)  # every process holds the whole rollout
         np.testing.assert_array_equal(a, c)  # and it is the 1-process rollout
-    a, b = _records(two / name), _records(one / name)
+    a, b = _rollout_records(two / name), _rollout_records(one / name)
     assert [r["rollout"] for r in a] == [1, 2]
     for ra, rb in zip(a, b):
         assert ra["step"] == rb["step"]
@@ -170,6 +176,13 @@ def test_two_processes_sample_and_train_like_one(runs, method, mesh):
         assert terms and terms == sorted(k for k in ra if k.startswith("rewards/"))
         for key in terms:
             assert ra[key] == pytest.approx(rb[key], rel=2e-5, abs=1e-6), (name, ra["step"], key)
+    if name == "grpo":  # held-out evaluations (greedy completions, both reward sources) agree too
+        evals = [[r for r in _records(d / name) if "eval/score" in r] for d in (two, one)]
+        assert [r["step"] for r in evals[0]] == [r["step"] for r in evals[1]][:2] and len(evals[0]) == 2
+        for ra, rb in zip(*evals):
+            assert set(ra) == set(rb) >= {"eval/score", "eval/rewards/reward_model/mean", "eval/completion_length"}
+            for key in ra:
+                assert ra[key] == pytest.approx(rb[key], rel=2e-5, abs=1e-6), (name, ra["step"], key)
     # The samples log (rollout 1; written by process 0 alone): the same completions and scores.
     logs = [[json.loads(line) for line in (d / name / "samples" / "rollout_000001.jsonl").read_text().splitlines()]
             for d in (two, one)]
@@ -197,7 +210,7 @@ def test_two_processes_sample_and_train_like_one(runs, method, mesh):
 
 def test_checkpoint_of_two_processes_resumes_in_one_process_identically(runs):
     one = runs["one"]
-    resumed, straight = _records(one / "grpo_resumed"), _records(one / "grpo")
+    resumed, straight = _rollout_records(one / "grpo_resumed"), _rollout_records(one / "grpo")
     assert [r["rollout"] for r in resumed] == [1, 2, 3]  # rollouts 1-2 written by the 2-process run
     assert _tokens(one, "grpo_resumed", 0)[0].tolist() == _tokens(one, "grpo", 0)[2].tolist()
     assert resumed[2]["loss"] == pytest.approx(straight[2]["loss"], rel=2e-5, abs=1e-6)

@@ -4,6 +4,7 @@ Task: tiny random-init policy, byte tokenizer, 8 new tokens; reward = fraction o
 letters in the completion (about 26/264 at the start). Each run is ~1-2 minutes on 2 CPU cores.
 """
 
+import dataclasses
 import json
 
 import numpy as np
@@ -60,8 +61,17 @@ def test_ppo_raises_reward(gin_scope, data):
 @pytest.mark.slow
 def test_grpo_raises_reward(gin_scope, data):
     kw = _common(gin_scope, data, "grpo")
-    grpo(**kw, rollout=RolloutConfig(max_new_tokens=8, group_size=4), advantage="grpo")
+    kw["online"] = dataclasses.replace(kw["online"], eval_every=12)
+    summary = grpo(**kw, rollout=RolloutConfig(max_new_tokens=8, group_size=4), advantage="grpo",
+                   eval_data=str(data / "prompts.jsonl"))
     _check_learned(data / "grpo", 0.12)
+    # Held-out evaluations at rollouts 12 and 24 (one update each) and at the end: the same state, the same score.
+    records = [json.loads(line) for line in (data / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/score" in r]
+    assert [r["step"] for r in evals] == [12, 24]
+    assert summary["eval/score"] == evals[-1]["eval/score"]
+    assert summary["eval/rewards/lowercase_fraction/mean"] == pytest.approx(summary["eval/score"])
+    assert 0 < summary["eval/completion_length"] <= 8
     for groups in _samples(data / "grpo", 4):  # advantages: (r - mean_g) / (std_g + 1e-4), std with ddof 1
         for g in groups:
             r = np.array([x["score"] for x in g])

@@ -190,6 +190,37 @@ def test_grpo_mask_truncated_trains_no_token_of_a_cut_completion(tok, model):
     assert float(loss) == pytest.approx(float((-adv * n)[finished].sum() / n[finished].sum()), rel=1e-5)
 
 
+def test_held_out_evaluation_scores_each_prompts_greedy_completion_once(tok, model):
+    """10 held-out prompts in batches of 8 (the second filled up with copies, not counted): the means equal those of
+    one greedy Sampler call on the 10 prompts, scored by the reward function directly."""
+    import types
+
+    from jaxpost.generate.held_out import make_reward_evaluator
+    from jaxpost.generate.multiturn import make_eval_roller
+
+    graphdef, params = model
+    part = Partitioner()
+    chars = lambda prompts, completions, **_: [float(len(c)) for c in completions]
+    rcfg = RolloutConfig(max_new_tokens=N, temperature=1.0, group_size=2, stop_token_ids=tuple(range(3, 259, 4)))
+    train_roller = Roller(graphdef, CONFIG, tok, part, FunctionScorer([chars]), rcfg)
+    rows = [{"prompt": f"held out {i} " * (1 + i % 2)} for i in range(10)]
+    evaluate = make_reward_evaluator(make_eval_roller(train_roller, graphdef, CONFIG, tok, part), rows, tok, 16, 8,
+                                     lambda p: p, lambda p: p)
+    with part.activate():
+        got = evaluate(types.SimpleNamespace(params=params))
+        batch = next(make_prompt_pipeline(rows, tok, 16, 10, 0, num_epochs=1, shuffle=False))
+        greedy = Sampler(graphdef, CONFIG, SamplingConfig(max_new_tokens=N, temperature=0.0,
+                                                          stop_token_ids=rcfg.stop_token_ids))
+        out = jax.device_get(greedy(params, batch["prompt_tokens"], batch["prompt_mask"], jax.random.PRNGKey(1)))
+    texts = [tok.decode([t for t, m in zip(row, mask) if m], skip_special_tokens=True)
+             for row, mask in zip(out.tokens.tolist(), out.completion_mask.tolist())]
+    assert len(set(texts)) > 1
+    assert got["score"] == pytest.approx(np.mean(chars(None, texts)), rel=1e-6)
+    assert got["rewards/<lambda>/mean"] == pytest.approx(got["score"], rel=1e-6)
+    assert got["completion_length"] == pytest.approx(float(out.completion_mask.sum(-1).mean()), rel=1e-6)
+    assert got["missing_eos_fraction"] == pytest.approx(float((~np.asarray(out.finished)).mean()), rel=1e-6)
+
+
 def test_the_samples_log_writes_rollout_1_and_every_nth_after_it(tmp_path):
     from etils import epath
 

@@ -469,6 +469,20 @@ def make_roller(graphdef, config: ModelConfig, tokenizer: Any, partitioner: Part
                            value_graphdef=value_graphdef)
 
 
+def make_eval_roller(roller: Roller | MultiTurnRoller, graphdef, config: ModelConfig, tokenizer: Any,
+                     partitioner: Partitioner, environment: Environment | None = None):
+    """``roller``'s held-out twin: one greedy completion (or episode) per prompt, scored like the run's.
+
+    It shares ``roller``'s scorer (a reward model is not loaded twice) or
+    environment, its budgets and stop tokens; only ``temperature = 0`` and
+    ``group_size = 1`` differ, so that evaluations are comparable.
+    """
+    greedy = dataclasses.replace(roller.cfg, temperature=0.0, group_size=1)
+    if environment is None:
+        return Roller(graphdef, config, tokenizer, partitioner, roller.scorer, greedy)
+    return MultiTurnRoller(graphdef, config, tokenizer, partitioner, environment, greedy, roller.mt)
+
+
 def check_reward_source(environment: Any, owner: str) -> None:
     """What :func:`make_roller` will score with, checked before the run loads anything.
 

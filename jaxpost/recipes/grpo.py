@@ -24,6 +24,7 @@ from jaxpost.config import build, build_if_bound, check_values
 from jaxpost.data import check_run_inputs, make_prompt_pipeline
 from jaxpost.errors import UserError
 from jaxpost.generate.environments import Environment
+from jaxpost.generate.held_out import online_evaluator
 from jaxpost.generate.multiturn import check_reward_source, make_roller
 from jaxpost.generate.rollout import Roller, RolloutConfig, sample_records
 from jaxpost.losses.grpo import group_advantages, rloo_advantages
@@ -75,14 +76,16 @@ def grpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer:
          model: ModelConfig | None = None, init_from: str | None = None, advantage: str = "grpo",
          rollout: RolloutConfig | None = None, online: OnlineConfig | None = None,
          num_iterations: int = 1, minibatch_size: int | None = None, environment: Environment | None = None,
-         mask_truncated: bool = False) -> dict:
+         mask_truncated: bool = False, eval_data: str | None = None) -> dict:
     """Trains a policy with GRPO/RLOO from prompt-only data; exports ``run_dir/final``.
 
     ``advantage``: ``grpo``, ``dr_grpo`` or ``rloo``. ``mask_truncated``
     (DAPO's overlong filtering; TRL's ``mask_truncated_completions``): a
     completion that reached ``RolloutConfig.max_new_tokens`` (or an episode
     its environment cut short) without a stop token trains no token; it
-    still counts in its group's advantages. The reference (for
+    still counts in its group's advantages. ``eval_data``: held-out prompts,
+    scored by greedy completions every ``OnlineConfig.eval_every`` rollouts
+    and at the end (``eval/score``, ``eval/rewards/<name>/mean``). The reference (for
     ``beta`` and the logged ``objective/kl``) is a frozen copy of the
     initial policy, or under LoRA the base with adapters off. Summary: the last rollout's metrics.
     ``rollout`` (default: ``RolloutConfig(group_size=8)``), ``online`` (``OnlineConfig()``) and ``model``
@@ -100,7 +103,7 @@ def grpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer:
     if rollout.group_size < 2:
         raise UserError(f"grpo.advantage={advantage!r} needs RolloutConfig.group_size >= 2, got {rollout.group_size}")
     tok, rows = check_run_inputs("grpo", train_data=train_data, kind="prompt", tokenizer=tokenizer,
-                                 init_from=init_from, model=model)
+                                 init_from=init_from, model=model, eval_data=eval_data)
     check_reward_source(environment, "grpo")
     run = prepare_run_dir(run_dir)
     part = Partitioner()
@@ -110,14 +113,17 @@ def grpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer:
     roller = make_roller(graphdef, config, tok, part, rollout, environment, owner="grpo")
     prompts = make_prompt_pipeline(rows, tok, online.max_prompt_len, online.prompts_per_rollout,
                                    online.seed, num_epochs=None)
-    method = GRPORollouts(roller, reference_policy(params), advantage, part, mask_truncated)
+    reference = reference_policy(params)
+    method = GRPORollouts(roller, reference, advantage, part, mask_truncated)
+    evaluate = online_evaluator(eval_data, roller, graphdef, config, tok, part, online, lambda p: p, reference,
+                                environment)
     batches = RolloutBatches(method, prompts, part, rows=online.prompts_per_rollout * rollout.group_size,
                              minibatch_size=minibatch_size, epochs=num_iterations, seed=online.seed)
     summary: dict = {}
     with part.activate():
         state = fit_online(run_dir=run, loss_fn=make_grpo_loss(graphdef, config, max_len=rollout.max_new_tokens),
                            params=params, param_shardings=param_shardings, partitioner=part, batches=batches,
-                           online=online, model_config=config, summary=summary)
+                           online=online, model_config=config, summary=summary, evaluate=evaluate)
     summary["step"] = int(state.step)
     return finish_run(run, config, state, tok, summary, method="grpo", init_from=init_from,
-                      data={"prompts": train_data})
+                      data={"prompts": train_data, "eval": eval_data})

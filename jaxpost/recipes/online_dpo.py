@@ -21,6 +21,7 @@ from jaxpost.algorithms import make_dpo_loss, with_base_reference
 from jaxpost.config import build, build_if_bound, check_values
 from jaxpost.data import check_run_inputs, make_prompt_pipeline
 from jaxpost.errors import UserError
+from jaxpost.generate.held_out import online_evaluator
 from jaxpost.generate.rollout import Roller, RolloutConfig, best_worst_pairs, pair_batch, sample_records
 from jaxpost.generate.scorers import check_bound_scorer, make_scorer
 from jaxpost.models.config import ModelConfig
@@ -54,13 +55,15 @@ class PairRollouts(Stateless):
 def online_dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: str | None = None,
                model: ModelConfig | None = None, init_from: str | None = None,
                rollout: RolloutConfig | None = None, online: OnlineConfig | None = None,
-               updates_per_round: int = 1, minibatch_size: int | None = None) -> dict:
+               updates_per_round: int = 1, minibatch_size: int | None = None, eval_data: str | None = None) -> dict:
     """Trains a policy with online DPO; exports ``run_dir/final``.
 
     ``updates_per_round`` shuffled passes over each round's pairs, in
     minibatches of ``minibatch_size`` pairs (default: all). A round with no
     valid pair makes no update (``pairs/valid_fraction`` = 0). Summary: the
     last round's metrics.
+    ``eval_data``: held-out prompts, scored by greedy completions every ``OnlineConfig.eval_every`` rounds
+    and at the end (``eval/score``, ``eval/rewards/<name>/mean``).
     ``rollout`` (default: ``RolloutConfig(group_size=2)``), ``online`` (``OnlineConfig()``) and ``model``
     (``ModelConfig()`` where gin binds any of its fields) are built at call time with gin's bindings.
     """
@@ -72,7 +75,7 @@ def online_dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, toke
     if rollout.group_size < 2:
         raise UserError(f"online DPO needs RolloutConfig.group_size >= 2, got {rollout.group_size}")
     tok, rows = check_run_inputs("online_dpo", train_data=train_data, kind="prompt", tokenizer=tokenizer,
-                                 init_from=init_from, model=model)
+                                 init_from=init_from, model=model, eval_data=eval_data)
     check_bound_scorer("online_dpo")
     run = prepare_run_dir(run_dir)
     part = Partitioner()
@@ -90,13 +93,15 @@ def online_dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, toke
     roller = Roller(graphdef, config, tok, part, make_scorer(part, policy_vocab_size=config.vocab_size), rollout)
     prompts = make_prompt_pipeline(rows, tok, online.max_prompt_len, online.prompts_per_rollout,
                                    online.seed, num_epochs=None)
+    evaluate = online_evaluator(eval_data, roller, graphdef, config, tok, part, online, lambda p: p, reference)
     batches = RolloutBatches(PairRollouts(roller, reference, part), prompts, part, rows=online.prompts_per_rollout,
                              minibatch_size=minibatch_size, epochs=updates_per_round, seed=online.seed)
     summary: dict = {}
     with part.activate():
         state = fit_online(run_dir=run, loss_fn=loss_fn, params=params, param_shardings=param_shardings,
                            partitioner=part, batches=batches, online=online, frozen=frozen,
-                           frozen_shardings=frozen_shardings, model_config=config, summary=summary)
+                           frozen_shardings=frozen_shardings, model_config=config, summary=summary,
+                           evaluate=evaluate)
     summary["step"] = int(state.step)
     return finish_run(run, config, state, tok, summary, method="online_dpo", init_from=init_from,
-                      data={"prompts": train_data})
+                      data={"prompts": train_data, "eval": eval_data})

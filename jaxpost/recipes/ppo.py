@@ -27,6 +27,7 @@ from jaxpost.config import build, build_if_bound, check_values
 from jaxpost.data import check_run_inputs, make_prompt_pipeline
 from jaxpost.distributed import to_host
 from jaxpost.generate.environments import Environment
+from jaxpost.generate.held_out import online_evaluator
 from jaxpost.generate.multiturn import check_reward_source, make_roller
 from jaxpost.generate.rollout import Roller, RolloutConfig, sample_records
 from jaxpost.losses.ppo import AdaptiveKLController
@@ -72,7 +73,7 @@ def ppo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
         rollout: RolloutConfig | None = None, online: OnlineConfig | None = None, ppo_epochs: int = 4,
         minibatch_size: int | None = None, kl_coef: float = 0.05, kl_target: float | None = None,
         kl_horizon: float = 10000.0, kl_estimator: str = "k1", gamma: float = 1.0, lam: float = 0.95,
-        whiten_rewards: bool = False, environment: Environment | None = None) -> dict:
+        whiten_rewards: bool = False, environment: Environment | None = None, eval_data: str | None = None) -> dict:
     """Trains a policy and a value model with PPO against the gin-configured scorer (or an ``environment``).
 
     The policy starts from ``init_from`` (an SFT export) or a fresh ``model``; the reference is a frozen
@@ -81,13 +82,16 @@ def ppo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
     ``run_dir/value``. Summary: the last rollout's metrics. ``rollout`` (default: ``RolloutConfig()``), ``online``
     (``OnlineConfig()``) and ``model`` (``ModelConfig()`` where gin binds any of its fields) are built at call time
     with gin's bindings. ``environment``: episodes scored by it instead of the scorer; loss on the model's tokens only.
+    ``eval_data``: held-out prompts, scored by the policy's greedy completions every ``OnlineConfig.eval_every``
+    rollouts and at the end (``eval/score``, ``eval/rewards/<name>/mean``).
     """
     check_values("ppo", locals())  # for callers that bypass gin; `jaxpost train` ran them
     # Built at call time, so that bindings of RolloutConfig/OnlineConfig/ModelConfig apply (and win over defaults).
     rollout, online = build(RolloutConfig, rollout), build(OnlineConfig, online)
     model = build_if_bound(ModelConfig, model)
     tok, rows = check_run_inputs("ppo", train_data=train_data, kind="prompt", tokenizer=tokenizer,
-                                 init_from=init_from, model=model, other_models={"value_from": value_from})
+                                 init_from=init_from, model=model, eval_data=eval_data,
+                                 other_models={"value_from": value_from})
     check_reward_source(environment, "ppo")
     run = prepare_run_dir(run_dir)
     part = Partitioner()
@@ -99,8 +103,10 @@ def ppo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
     roller = make_roller(graphdef, config, tok, part, rollout, environment, value_graphdef=v_graphdef, owner="ppo")
     advantages = jax.jit(functools.partial(ppo_advantages, kl_estimator=kl_estimator, gamma=gamma, lam=lam,
                                            whiten_rewards=whiten_rewards))
-    method = PPORollouts(roller, reference_policy(policy), part, advantages, kl_coef,
-                         AdaptiveKLController(kl_target, kl_horizon))
+    reference = reference_policy(policy)
+    method = PPORollouts(roller, reference, part, advantages, kl_coef, AdaptiveKLController(kl_target, kl_horizon))
+    evaluate = online_evaluator(eval_data, roller, graphdef, config, tok, part, online, lambda p: p["policy"],
+                                lambda p: reference(p["policy"]), environment)
     prompts = make_prompt_pipeline(rows, tok, online.max_prompt_len, online.prompts_per_rollout,
                                    online.seed, num_epochs=None)
     batches = RolloutBatches(method, prompts, part, rows=online.prompts_per_rollout * rollout.group_size,
@@ -109,10 +115,10 @@ def ppo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
     with part.activate():
         state = fit_online(run_dir=run, loss_fn=make_ppo_loss(graphdef, config, v_graphdef), params=params,
                            param_shardings=shardings, partitioner=part, batches=batches, online=online,
-                           model_config=config, summary=summary)
+                           model_config=config, summary=summary, evaluate=evaluate)
     write_operative_config(run, config)
     summary["step"] = int(state.step)
-    card = dict(data={"prompts": train_data}, summary=summary)
+    card = dict(data={"prompts": train_data, "eval": eval_data}, summary=summary)
     export(run, config, state.params["policy"], tok, method="ppo", init_from=init_from, **card)
     export(run, v_config, state.params["value"], tok, name="value", method="ppo",
            init_from=value_from or init_from, **card)

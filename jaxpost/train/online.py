@@ -52,6 +52,10 @@ class OnlineConfig:
     ``save_every`` rollouts (0: only at the end), the newest
     ``keep_checkpoints`` kept. ``seed`` fixes the initialisation, prompt
     order, sampling keys and minibatch orders. ``progress``: the tqdm bar (on a terminal or in a notebook).
+    ``eval_every``: with held-out prompts (the run's ``eval_data``), an
+    evaluation every ``eval_every`` rollouts (0: only at the end): greedy
+    completions scored like the training ones, logged as ``eval/score``,
+    ``eval/rewards/<name>/mean`` (:mod:`jaxpost.generate.held_out`).
     ``samples_every``: every completion of rollouts 1, ``1 + samples_every``, ...
     (prompt, completion, score, each reward, GRPO's advantage) is written to
     ``run_dir/samples/rollout_NNNNNN.jsonl``, to read what the policy writes
@@ -67,6 +71,7 @@ class OnlineConfig:
     log_every: int = 1
     progress: bool = True
     samples_every: int = 10
+    eval_every: int = 0
 
     def __post_init__(self):
         for name in ("num_rollouts", "prompts_per_rollout", "max_prompt_len", "log_every"):
@@ -76,6 +81,8 @@ class OnlineConfig:
             raise UserError(f"OnlineConfig.save_every must be >= 0 (0: only at the end), got {self.save_every}")
         if self.samples_every < 0:
             raise UserError(f"OnlineConfig.samples_every must be >= 0 (0: no samples log), got {self.samples_every}")
+        if self.eval_every < 0:
+            raise UserError(f"OnlineConfig.eval_every must be >= 0 (0: only at the end), got {self.eval_every}")
 
 
 def rollout_rng(seed: int, rollout: int) -> jax.Array:
@@ -246,27 +253,33 @@ class RolloutBatches:
 
 def fit_online(*, run_dir: epath.Path, loss_fn: Callable, params: Any, param_shardings: Any,
                partitioner: Partitioner, batches: RolloutBatches, online: OnlineConfig, frozen: Any = None,
-               frozen_shardings: Any = None, model_config: Any = None, summary: dict | None = None) -> Any:
+               frozen_shardings: Any = None, model_config: Any = None, summary: dict | None = None,
+               evaluate: Callable[[Any], Mapping[str, float]] | None = None) -> Any:
     """Trains for ``online.num_rollouts`` rollouts with :func:`jaxpost.train.fit`; returns the final state.
 
     One optimizer step per minibatch: ``num_steps = num_rollouts x
     batches.updates_per_rollout``; metrics every ``log_every`` rollouts (the
     last update's loss metrics and the rollout's :meth:`RolloutBatches.metrics`),
     checkpoints every ``save_every`` rollouts, both at rollout boundaries;
-    the samples log every ``samples_every`` rollouts (:class:`SampleLog`).
-    ``summary`` gets the last rollout's metrics and ``rollout``.
+    the samples log every ``samples_every`` rollouts (:class:`SampleLog`);
+    ``evaluate(state)`` (held-out rewards, :mod:`jaxpost.generate.held_out`)
+    every ``eval_every`` rollouts and at the end. ``summary`` gets the last
+    rollout's metrics, ``rollout`` and the final evaluation (``eval/...``).
     """
     batches.sample_log = SampleLog(run_dir, online.samples_every)
     per = batches.updates_per_rollout
     loop = LoopConfig(num_steps=online.num_rollouts * per, log_every=online.log_every * per,
                       save_every=online.save_every * per, keep_checkpoints=online.keep_checkpoints,
-                      seed=online.seed, progress=online.progress)
+                      seed=online.seed, progress=online.progress,
+                      eval_every=online.eval_every * per if evaluate is not None else 0)
     state = fit(run_dir=run_dir, loss_fn=loss_fn, params=params, param_shardings=param_shardings,
                 partitioner=partitioner, batches=batches, loop=loop, frozen=frozen, frozen_shardings=frozen_shardings,
-                model_config=model_config, extra_metrics=batches.metrics, summary=summary)
+                model_config=model_config, extra_metrics=batches.metrics, summary=summary, evaluate=evaluate)
     if summary is not None:
         summary.update({k: v for k, v in batches.metrics().items() if not k.startswith("time/")})
         summary["rollout"] = batches.index
+        if evaluate is not None:
+            summary.update({f"eval/{k}": v for k, v in evaluate(state).items()})
     return state
 
 

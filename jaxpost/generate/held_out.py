@@ -1,0 +1,87 @@
+"""Held-out evaluation of online runs: the current policy's greedy completions of held-out prompts, scored.
+
+An online run's loss says little about its reward on prompts it never
+trained on; :func:`make_reward_evaluator` measures that. Every evaluation
+samples one greedy completion (or episode) per held-out prompt with the
+run's own scorer or environment (:func:`~jaxpost.generate.multiturn.make_eval_roller`),
+so two evaluations differ only by the policy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from jaxpost.data import load_rows, make_prompt_pipeline
+from jaxpost.generate.multiturn import make_eval_roller
+
+EVAL_KEY = 0  # greedy: the key draws nothing, but the sampler takes one
+
+
+def make_reward_evaluator(roller: Any, rows: Any, tokenizer: Any, max_prompt_len: int, batch_size: int,
+                          policy_of: Callable[[Any], Any], reference_of: Callable[[Any], Any]
+                          ) -> Callable[[Any], dict[str, float]]:
+    """``evaluate(state)``: means over every held-out prompt of its greedy completion's score and rewards.
+
+    ``roller``: a greedy single-sample roller (``make_eval_roller``);
+    ``rows``: prompt rows (the run's prompt formats); batches of
+    ``batch_size`` prompts (it must divide over the mesh's batch shards),
+    the last one filled up with copies of a real prompt, which are not
+    counted. ``policy_of`` /
+    ``reference_of`` map ``state.params`` to the policy's and the
+    reference's params. Returns ``{"score", "rewards/<name>/mean",
+    "completion_length", "missing_eos_fraction"}`` (``score`` after the
+    missing-EOS penalty, as in training); the training loop logs them as
+    ``eval/...``.
+    """
+    def evaluate(state) -> dict[str, float]:
+        policy, reference = policy_of(state.params), reference_of(state.params)
+        parts: dict[str, list[np.ndarray]] = {"score": [], "completion_length": [], "missing_eos_fraction": []}
+        for batch in make_prompt_pipeline(rows, tokenizer, max_prompt_len, batch_size, 0, num_epochs=1,
+                                          shuffle=False):
+            real = np.asarray(batch["prompt_mask"]).any(-1)
+            if not real.all():
+                batch = _filled(batch, real)
+            r = roller(policy, reference, None, batch, jax.random.PRNGKey(EVAL_KEY))
+            parts["score"].append(r.scores[real])
+            parts["completion_length"].append(r.host["loss_mask"][real].sum(-1))
+            parts["missing_eos_fraction"].append(~r.finished[real])
+            for name, values in r.rewards.items():
+                parts.setdefault(f"rewards/{name}/mean", []).append(values[real])
+        return {k: float(np.concatenate(v).astype(np.float64).mean()) for k, v in parts.items()}
+
+    return evaluate
+
+
+def _filled(batch: dict, real: np.ndarray) -> dict:
+    """``batch`` with its padding rows replaced by copies of its first real row (the sampler needs real prompts)."""
+    first = int(np.flatnonzero(real)[0])
+    out = dict(batch)
+    for k in ("prompt_tokens", "prompt_mask"):
+        v = np.array(batch[k])
+        v[~real] = v[first]
+        out[k] = v
+    for k in ("prompt", "row"):
+        out[k] = [x if ok else batch[k][first] for x, ok in zip(batch[k], real)]
+    return out
+
+
+def online_evaluator(eval_data: Any, roller: Any, graphdef, config, tokenizer: Any, partitioner, online,
+                     policy_of: Callable[[Any], Any], reference_of: Callable[[Any], Any],
+                     environment: Any = None) -> Callable[[Any], dict[str, float]] | None:
+    """An online run's ``evaluate`` for its ``eval_data`` (a path, Hub name or rows), or None without one.
+
+    Greedy completions of the held-out prompts (:func:`make_eval_roller` of
+    the run's ``roller``), cut at ``online.max_prompt_len`` tokens as the
+    training prompts are, in batches of as many prompts as a rollout samples
+    completions (``prompts_per_rollout * group_size``: a batch the run's
+    mesh divides and its memory holds).
+    """
+    if eval_data is None:
+        return None
+    rows = load_rows(eval_data) if isinstance(eval_data, (str, bytes)) or hasattr(eval_data, "__fspath__") else eval_data
+    return make_reward_evaluator(make_eval_roller(roller, graphdef, config, tokenizer, partitioner, environment), rows,
+                                 tokenizer, online.max_prompt_len, online.prompts_per_rollout * roller.cfg.group_size,
+                                 policy_of, reference_of)
