@@ -204,7 +204,7 @@ def test_held_out_evaluation_scores_each_prompts_greedy_completion_once(tok, mod
     rcfg = RolloutConfig(max_new_tokens=N, temperature=1.0, group_size=2, stop_token_ids=tuple(range(3, 259, 4)))
     train_roller = Roller(graphdef, CONFIG, tok, part, FunctionScorer([chars]), rcfg)
     rows = [{"prompt": f"held out {i} " * (1 + i % 2)} for i in range(10)]
-    evaluate = make_reward_evaluator(make_eval_roller(train_roller, graphdef, CONFIG, tok, part), rows, tok, 16, 8,
+    evaluate = make_reward_evaluator(make_eval_roller(train_roller), rows, tok, 16, 8,
                                      lambda p: p, lambda p: p)
     with part.activate():
         got = evaluate(types.SimpleNamespace(params=params))

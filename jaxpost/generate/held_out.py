@@ -68,9 +68,8 @@ def _filled(batch: dict, real: np.ndarray) -> dict:
     return out
 
 
-def online_evaluator(eval_data: Any, roller: Any, graphdef, config, tokenizer: Any, partitioner, online,
-                     policy_of: Callable[[Any], Any], reference_of: Callable[[Any], Any],
-                     environment: Any = None) -> Callable[[Any], dict[str, float]] | None:
+def online_evaluator(eval_data: Any, roller: Any, online, policy_of: Callable[[Any], Any],
+                     reference_of: Callable[[Any], Any]) -> Callable[[Any], dict[str, float]] | None:
     """An online run's ``evaluate`` for its ``eval_data`` (a path, Hub name or rows), or None without one.
 
     Greedy completions of the held-out prompts (:func:`make_eval_roller` of
@@ -82,6 +81,5 @@ def online_evaluator(eval_data: Any, roller: Any, graphdef, config, tokenizer: A
     if eval_data is None:
         return None
     rows = load_rows(eval_data) if isinstance(eval_data, (str, bytes)) or hasattr(eval_data, "__fspath__") else eval_data
-    return make_reward_evaluator(make_eval_roller(roller, graphdef, config, tokenizer, partitioner, environment), rows,
-                                 tokenizer, online.max_prompt_len, online.prompts_per_rollout * roller.cfg.group_size,
-                                 policy_of, reference_of)
+    return make_reward_evaluator(make_eval_roller(roller), rows, roller.tokenizer, online.max_prompt_len,
+                                 online.prompts_per_rollout * roller.cfg.group_size, policy_of, reference_of)

@@ -469,18 +469,19 @@ def make_roller(graphdef, config: ModelConfig, tokenizer: Any, partitioner: Part
                            value_graphdef=value_graphdef)
 
 
-def make_eval_roller(roller: Roller | MultiTurnRoller, graphdef, config: ModelConfig, tokenizer: Any,
-                     partitioner: Partitioner, environment: Environment | None = None):
+def make_eval_roller(roller: Roller | MultiTurnRoller) -> Roller | MultiTurnRoller:
     """``roller``'s held-out twin: one greedy completion (or episode) per prompt, scored like the run's.
 
-    It shares ``roller``'s scorer (a reward model is not loaded twice) or
-    environment, its budgets and stop tokens; only ``temperature = 0`` and
-    ``group_size = 1`` differ, so that evaluations are comparable.
+    It shares ``roller``'s model, tokenizer, mesh, scorer (a reward model is
+    not loaded twice) or environment, budgets and stop tokens; only
+    ``temperature = 0`` and ``group_size = 1`` differ, so that evaluations
+    are comparable.
     """
     greedy = dataclasses.replace(roller.cfg, temperature=0.0, group_size=1)
-    if environment is None:
-        return Roller(graphdef, config, tokenizer, partitioner, roller.scorer, greedy)
-    return MultiTurnRoller(graphdef, config, tokenizer, partitioner, environment, greedy, roller.mt)
+    model = (roller.sampler.graphdef, roller.sampler.config, roller.tokenizer, roller.partitioner)
+    if isinstance(roller, MultiTurnRoller):
+        return MultiTurnRoller(*model, roller.environment, greedy, roller.mt)
+    return Roller(*model, roller.scorer, greedy)
 
 
 def check_reward_source(environment: Any, owner: str) -> None:

@@ -10,7 +10,7 @@ from jaxpost.losses.distill import (DIVERGENCES, chunked_distill_loss, chunked_t
                                     generalized_jsd, masked_divergence, reverse_kl, teacher_topk, topk_forward_kl)
 from jaxpost.losses.dpo import (PREFERENCE_LOSSES, hinge_loss, ipo_loss, orpo_loss, preference_loss,
                                 robust_loss, sigmoid_loss, simpo_loss)
-from jaxpost.losses.grpo import group_advantages, grpo_loss, rloo_advantages
+from jaxpost.losses.grpo import advantages_of, group_advantages, grpo_loss, rloo_advantages
 from jaxpost.losses.ppo import (AdaptiveKLController, adaptive_kl_coef, gae, kl_estimate, ppo_policy_loss,
                                 ppo_token_rewards, ppo_value_loss)
 from jaxpost.losses.reward import bradley_terry_loss, gather_last, last_token_index, segment_last_token_indices
@@ -20,7 +20,7 @@ from jaxpost.losses.sft import masked_token_nll, sft_loss, token_accuracy
 from jaxpost.losses.stats import entropy_from_logits, masked_mean, masked_sum, masked_var, whiten
 
 __all__ = [
-    "DIVERGENCES", "PREFERENCE_LOSSES", "AdaptiveKLController", "adaptive_kl_coef", "bradley_terry_loss",
+    "DIVERGENCES", "PREFERENCE_LOSSES", "AdaptiveKLController", "adaptive_kl_coef", "advantages_of", "bradley_terry_loss",
     "chunked_distill_loss", "entropy_from_logits", "forward_kl", "gae", "gather_last", "generalized_jsd",
     "group_advantages", "grpo_loss", "hinge_loss", "ipo_loss", "kl_estimate", "last_token_index",
     "masked_mean", "masked_sum", "masked_token_nll", "masked_var", "orpo_loss", "ppo_policy_loss",

@@ -18,6 +18,7 @@ from jaxpost.losses.checks import check_rank, check_same_shape, f32
 from jaxpost.losses.stats import masked_mean
 
 AGGREGATIONS = ("sequence", "token", "dr_grpo")
+ADVANTAGES = ("grpo", "dr_grpo", "rloo")
 RATIO_LEVELS = ("token", "sequence")
 
 
@@ -50,6 +51,16 @@ def rloo_advantages(rewards, group_size: int):
     r = _groups(rewards, group_size)
     g = group_size
     return ((r - (jnp.sum(r, axis=1, keepdims=True) - r) / (g - 1))).reshape(-1)
+
+
+def advantages_of(rewards, group_size: int, kind: str):
+    """``[B*G]`` advantages of contiguous groups' rewards: ``grpo`` (:func:`group_advantages`), ``dr_grpo``
+    (the same unscaled) or ``rloo`` (:func:`rloo_advantages`)."""
+    if kind == "rloo":
+        return rloo_advantages(rewards, group_size)
+    if kind in ("grpo", "dr_grpo"):
+        return group_advantages(rewards, group_size, scale=kind == "grpo")
+    raise ValueError(f"Unknown advantage estimator {kind!r}; choose one of {ADVANTAGES}")
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps_low: float = 0.2,

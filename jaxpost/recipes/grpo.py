@@ -27,7 +27,7 @@ from jaxpost.generate.environments import Environment
 from jaxpost.generate.held_out import online_evaluator
 from jaxpost.generate.multiturn import check_reward_source, make_roller
 from jaxpost.generate.rollout import Roller, RolloutConfig, sample_records
-from jaxpost.losses.grpo import group_advantages, rloo_advantages
+from jaxpost.losses.grpo import ADVANTAGES, advantages_of
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.load import load_model
 from jaxpost.sharding import Partitioner
@@ -35,18 +35,6 @@ from jaxpost.train.batches import on_mesh
 from jaxpost.train.fit import finish_run
 from jaxpost.train.online import OnlineConfig, RolloutBatches, Stateless, fit_online, reference_policy
 from jaxpost.train.run_dir import prepare_run_dir
-
-ADVANTAGES = ("grpo", "dr_grpo", "rloo")
-
-
-def compute_advantages(scores: np.ndarray, group_size: int, kind: str) -> np.ndarray:
-    """``[B*G]`` advantages of the scores of contiguous groups; see the module docstring for ``kind``."""
-    if kind == "rloo":
-        return np.asarray(rloo_advantages(scores, group_size))
-    if kind in ("grpo", "dr_grpo"):
-        return np.asarray(group_advantages(scores, group_size, scale=kind == "grpo"))
-    raise ValueError(f"Unknown advantage estimator {kind!r}; choose one of {ADVANTAGES}")
-
 
 class GRPORollouts(Stateless):
     """A rollout becomes rows with group-relative advantages of its (global) scores."""
@@ -60,7 +48,7 @@ class GRPORollouts(Stateless):
         r = self.roller(params, self.reference(params), None, prompts, rng)
         group = self.roller.cfg.group_size
         rows = {k: r.batch[k] for k in (*LM_KEYS, "old_logp", "ref_logp")}
-        advantages = compute_advantages(r.scores, group, self.advantage)
+        advantages = np.asarray(advantages_of(r.scores, group, self.advantage))
         rows.update(on_mesh({"advantages": advantages}, self.partitioner))
         if self.mask_truncated:  # DAPO's overlong filtering: a completion cut at its budget trains no token
             kept = on_mesh({"kept": r.finished.astype(np.float32)[:, None]}, self.partitioner)["kept"]
@@ -115,8 +103,7 @@ def grpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer:
                                    online.seed, num_epochs=None)
     reference = reference_policy(params)
     method = GRPORollouts(roller, reference, advantage, part, mask_truncated)
-    evaluate = online_evaluator(eval_data, roller, graphdef, config, tok, part, online, lambda p: p, reference,
-                                environment)
+    evaluate = online_evaluator(eval_data, roller, online, lambda p: p, reference)
     batches = RolloutBatches(method, prompts, part, rows=online.prompts_per_rollout * rollout.group_size,
                              minibatch_size=minibatch_size, epochs=num_iterations, seed=online.seed)
     summary: dict = {}

@@ -93,7 +93,7 @@ def online_dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, toke
     roller = Roller(graphdef, config, tok, part, make_scorer(part, policy_vocab_size=config.vocab_size), rollout)
     prompts = make_prompt_pipeline(rows, tok, online.max_prompt_len, online.prompts_per_rollout,
                                    online.seed, num_epochs=None)
-    evaluate = online_evaluator(eval_data, roller, graphdef, config, tok, part, online, lambda p: p, reference)
+    evaluate = online_evaluator(eval_data, roller, online, lambda p: p, reference)
     batches = RolloutBatches(PairRollouts(roller, reference, part), prompts, part, rows=online.prompts_per_rollout,
                              minibatch_size=minibatch_size, epochs=updates_per_round, seed=online.seed)
     summary: dict = {}

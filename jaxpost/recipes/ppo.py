@@ -32,12 +32,12 @@ from jaxpost.generate.multiturn import check_reward_source, make_roller
 from jaxpost.generate.rollout import Roller, RolloutConfig, sample_records
 from jaxpost.losses.ppo import AdaptiveKLController
 from jaxpost.models.config import ModelConfig
-from jaxpost.models.export import export
 from jaxpost.models.load import load_model
 from jaxpost.sharding import Partitioner
 from jaxpost.train.batches import on_mesh
 from jaxpost.train.online import OnlineConfig, RolloutBatches, fit_online, reference_policy
-from jaxpost.train.run_dir import prepare_run_dir, release_run_dirs, write_operative_config, write_summary
+from jaxpost.train.fit import finish_run
+from jaxpost.train.run_dir import prepare_run_dir
 
 
 class PPORollouts:
@@ -82,8 +82,7 @@ def ppo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
     ``run_dir/value``. Summary: the last rollout's metrics. ``rollout`` (default: ``RolloutConfig()``), ``online``
     (``OnlineConfig()``) and ``model`` (``ModelConfig()`` where gin binds any of its fields) are built at call time
     with gin's bindings. ``environment``: episodes scored by it instead of the scorer; loss on the model's tokens only.
-    ``eval_data``: held-out prompts, scored by the policy's greedy completions every ``OnlineConfig.eval_every``
-    rollouts and at the end (``eval/score``, ``eval/rewards/<name>/mean``).
+    ``eval_data``: held-out prompts, scored greedily every ``OnlineConfig.eval_every`` rollouts (``eval/score``).
     """
     check_values("ppo", locals())  # for callers that bypass gin; `jaxpost train` ran them
     # Built at call time, so that bindings of RolloutConfig/OnlineConfig/ModelConfig apply (and win over defaults).
@@ -105,8 +104,7 @@ def ppo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
                                            whiten_rewards=whiten_rewards))
     reference = reference_policy(policy)
     method = PPORollouts(roller, reference, part, advantages, kl_coef, AdaptiveKLController(kl_target, kl_horizon))
-    evaluate = online_evaluator(eval_data, roller, graphdef, config, tok, part, online, lambda p: p["policy"],
-                                lambda p: reference(p["policy"]), environment)
+    evaluate = online_evaluator(eval_data, roller, online, lambda p: p["policy"], lambda p: reference(p["policy"]))
     prompts = make_prompt_pipeline(rows, tok, online.max_prompt_len, online.prompts_per_rollout,
                                    online.seed, num_epochs=None)
     batches = RolloutBatches(method, prompts, part, rows=online.prompts_per_rollout * rollout.group_size,
@@ -116,12 +114,7 @@ def ppo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
         state = fit_online(run_dir=run, loss_fn=make_ppo_loss(graphdef, config, v_graphdef), params=params,
                            param_shardings=shardings, partitioner=part, batches=batches, online=online,
                            model_config=config, summary=summary, evaluate=evaluate)
-    write_operative_config(run, config)
     summary["step"] = int(state.step)
-    card = dict(data={"prompts": train_data, "eval": eval_data}, summary=summary)
-    export(run, config, state.params["policy"], tok, method="ppo", init_from=init_from, **card)
-    export(run, v_config, state.params["value"], tok, name="value", method="ppo",
-           init_from=value_from or init_from, **card)
-    write_summary(run, summary)
-    release_run_dirs()
-    return summary
+    return finish_run(run, config, state, tok, summary, method="ppo", init_from=init_from,
+                      data={"prompts": train_data, "eval": eval_data}, params=state.params["policy"],
+                      also={"value": (v_config, state.params["value"], value_from or init_from)})

@@ -315,19 +315,26 @@ def _compiled_on_first_batch(train_step: Callable, shardings: Any, partitioner: 
 
 def finish_run(run_dir: str | os.PathLike, config: ModelConfig, state: Any, tokenizer: Any, summary: dict,
                evaluate: Callable | None = None, *, method: str | None = None, init_from: str | None = None,
-               data: Mapping[str, Any] | None = None) -> dict:
+               data: Mapping[str, Any] | None = None, params: Any = None,
+               also: Mapping[str, tuple[ModelConfig, Any, str | None]] | None = None) -> dict:
     """End of a run (offline or online): final held-out evaluation, operative config, HF export, ``summary.json``.
 
     Also releases the run directory's lock.
 
     ``method``, ``init_from`` and ``data`` (named data paths, e.g. ``{"train":
     train_data, "eval": eval_data}``) go to the exported model card with the
-    final ``summary`` (see :func:`jaxpost.models.export.export`).
+    final ``summary`` (see :func:`jaxpost.models.export.export`). ``params``
+    (default ``state.params``) go to ``run_dir/final``; ``also`` exports more
+    models, ``{name: (config, params, init_from)}`` to ``run_dir/<name>``
+    (PPO's value model).
     """
     if evaluate is not None:
         summary.update({f"eval/{k}": v for k, v in evaluate(state).items()})
     write_operative_config(run_dir, config)
-    export(run_dir, config, state.params, tokenizer, method=method, init_from=init_from, data=data, summary=summary)
+    card = dict(method=method, data=data, summary=summary)
+    export(run_dir, config, state.params if params is None else params, tokenizer, init_from=init_from, **card)
+    for name, (other_config, other_params, other_init) in (also or {}).items():
+        export(run_dir, other_config, other_params, tokenizer, name=name, init_from=other_init, **card)
     write_summary(run_dir, summary)
     release_run_dirs()
     return summary
