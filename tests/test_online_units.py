@@ -204,10 +204,13 @@ def test_held_out_evaluation_scores_each_prompts_greedy_completion_once(tok, mod
     rcfg = RolloutConfig(max_new_tokens=N, temperature=1.0, group_size=2, stop_token_ids=tuple(range(3, 259, 4)))
     train_roller = Roller(graphdef, CONFIG, tok, part, FunctionScorer([chars]), rcfg)
     rows = [{"prompt": f"held out {i} " * (1 + i % 2)} for i in range(10)]
-    evaluate = make_reward_evaluator(make_eval_roller(train_roller), rows, tok, 16, 8,
-                                     lambda p: p, lambda p: p)
+    eval_roller, calls = make_eval_roller(train_roller), []
+    counting = lambda *args: calls.append(1) or eval_roller(*args)
+    evaluate = make_reward_evaluator(counting, rows, tok, 16, 8, lambda p: p, lambda p: p)
     with part.activate():
-        got = evaluate(types.SimpleNamespace(params=params))
+        got = evaluate(types.SimpleNamespace(params=params, step=3))
+        # The run's final evaluation after the loop's at the same step: the same numbers, nothing sampled again.
+        assert evaluate(types.SimpleNamespace(params=params, step=3)) == got and len(calls) == 2
         batch = next(make_prompt_pipeline(rows, tok, 16, 10, 0, num_epochs=1, shuffle=False))
         greedy = Sampler(graphdef, CONFIG, SamplingConfig(max_new_tokens=N, temperature=0.0,
                                                           stop_token_ids=rcfg.stop_token_ids))

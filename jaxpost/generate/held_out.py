@@ -29,28 +29,38 @@ def make_reward_evaluator(roller: Any, rows: Any, tokenizer: Any, max_prompt_len
     ``rows``: prompt rows (the run's prompt formats); batches of
     ``batch_size`` prompts (it must divide over the mesh's batch shards),
     the last one filled up with copies of a real prompt, which are not
-    counted. ``policy_of`` /
-    ``reference_of`` map ``state.params`` to the policy's and the
-    reference's params. Returns ``{"score", "rewards/<name>/mean",
+    counted. ``policy_of`` / ``reference_of`` map ``state.params`` to the
+    policy's and the reference's params. Returns ``{"score", "rewards/<name>/mean",
     "completion_length", "missing_eos_fraction"}`` (``score`` after the
     missing-EOS penalty, as in training); the training loop logs them as
-    ``eval/...``.
+    ``eval/...``. The prompts are encoded once; a second call at the same
+    ``state.step`` (the loop's evaluation at the last step, then the run's
+    final one) returns the first call's numbers without sampling again.
     """
+    batches: list[tuple[dict, np.ndarray]] = []  # encoded once, at the first evaluation
+    last: dict[str, Any] = {}  # the newest evaluation, by step: the loop's at the last step and the final one agree
+
     def evaluate(state) -> dict[str, float]:
+        step = int(state.step)
+        if last.get("step") == step:
+            return dict(last["metrics"])
+        if not batches:
+            for batch in make_prompt_pipeline(rows, tokenizer, max_prompt_len, batch_size, 0, num_epochs=1,
+                                              shuffle=False):
+                real = np.asarray(batch["prompt_mask"]).any(-1)
+                batches.append((batch if real.all() else _filled(batch, real), real))
         policy, reference = policy_of(state.params), reference_of(state.params)
         parts: dict[str, list[np.ndarray]] = {"score": [], "completion_length": [], "missing_eos_fraction": []}
-        for batch in make_prompt_pipeline(rows, tokenizer, max_prompt_len, batch_size, 0, num_epochs=1,
-                                          shuffle=False):
-            real = np.asarray(batch["prompt_mask"]).any(-1)
-            if not real.all():
-                batch = _filled(batch, real)
+        for batch, real in batches:
             r = roller(policy, reference, None, batch, jax.random.PRNGKey(EVAL_KEY))
             parts["score"].append(r.scores[real])
             parts["completion_length"].append(r.host["loss_mask"][real].sum(-1))
             parts["missing_eos_fraction"].append(~r.finished[real])
             for name, values in r.rewards.items():
                 parts.setdefault(f"rewards/{name}/mean", []).append(values[real])
-        return {k: float(np.concatenate(v).astype(np.float64).mean()) for k, v in parts.items()}
+        metrics = {k: float(np.concatenate(v).astype(np.float64).mean()) for k, v in parts.items()}
+        last.update(step=step, metrics=metrics)
+        return dict(metrics)
 
     return evaluate
 
