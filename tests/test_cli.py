@@ -195,6 +195,8 @@ def test_a_wrong_combination_of_values_is_one_paragraph_naming_the_key(capsys, t
 @pytest.mark.parametrize("binding,expected", [
     ("--gin.RolloutConfig.temperature=-1.0", "RolloutConfig.temperature must be >= 0 (0 = greedy), got -1.0"),
     ("--gin.RolloutConfig.top_p=1.5", "RolloutConfig.top_p must be in (0, 1] (1 = off), got 1.5"),
+    ("--gin.OnlineConfig.eval_every=2", "OnlineConfig.eval_every=2 (best_metric=None) evaluates held-out prompts, "
+     "but grpo.eval_data is None: set it to a prompt file, or set OnlineConfig.eval_every = 0"),
 ])
 def test_a_rollout_value_out_of_range_names_the_rollout_key(capsys, tmp_path, binding, expected):
     # The sampler's own config checks the same values; the message names the key the user bound.
@@ -250,6 +252,15 @@ _REQUIRED_EXTRAS = {"grpo": ["--gin.make_reward.names=['my_rewards:exact']"],
     ("grpo", ["--gin.make_grpo_loss.ratio_level='seq'"],
      "make_grpo_loss.ratio_level must be one of 'token', 'sequence', got 'seq'"),
     ("ppo", ["--gin.make_ppo_loss.clip_eps=1.5"], "make_ppo_loss.clip_eps must be in (0, 1), got 1.5"),
+    ("grpo", ["--gin.OnlineConfig.best_metric='eval/score'"],
+     "OnlineConfig.best_metric='eval/score' compares evaluations during the run: set OnlineConfig.eval_every > 0 "
+     "and the run's eval_data (held-out prompts)"),
+    ("online_dpo", ["--gin.OnlineConfig.export_best=True"],
+     "OnlineConfig: export_best=True and patience=0 choose by an evaluation metric; set OnlineConfig.best_metric "
+     "(e.g. 'eval/score') and eval_every"),
+    ("ppo", ["--gin.OnlineConfig.best_metric='eval/score'", "--gin.OnlineConfig.eval_every=2",
+             "--gin.OnlineConfig.best_mode='highest'"],
+     "OnlineConfig.best_mode='highest': use 'max' (e.g. eval/score) or 'min'"),
     ("kto", ["--gin.make_kto_loss.loss_type='apo'"],
      "make_kto_loss.loss_type must be one of 'kto', 'apo_zero_unpaired', got 'apo'"),
     ("sft", ["--gin.make_optimizer.b2=1.0"], "make_optimizer.b2 must be in [0, 1), got 1.0"),

@@ -1,4 +1,5 @@
-"""Online runs end to end: crash + resume gives identical results, PPO against a trained reward model, gin files."""
+"""Online runs end to end: crash + resume gives identical results, PPO against a trained reward model, the best
+evaluated policy kept and exported, gin files."""
 
 import json
 
@@ -10,6 +11,7 @@ from jaxpost import config as jp_config
 from jaxpost.models import forward
 from jaxpost.models.heads import scores as score_head
 from jaxpost.models.load import load_model
+from jaxpost.train import Checkpointer
 from jaxpost.train.fit import LoopConfig
 from jaxpost.recipes.grpo import grpo
 from jaxpost.train.online import OnlineConfig
@@ -118,6 +120,43 @@ def test_ppo_with_trained_reward_model(gin_scope, data):
     err = np.clip(rows[0]["objective/kl"] / 0.01 - 1, -0.2, 0.2)
     assert rows[1]["objective/kl_coef"] == pytest.approx(0.2 * (1 + err * 8 / 100.0), rel=1e-6)
     assert summary["step"] == 2 * 2 and (data / "ppo_rm" / "value" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_the_best_evaluated_policy_stops_the_run_and_is_exported(gin_scope, data):
+    """OnlineConfig.best_metric / patience / export_best: held-out greedy scores pick the state run_dir/final holds."""
+    with open(data / "held_out.jsonl", "w") as f:
+        for i in range(8):
+            f.write(json.dumps({"prompt": f"E{i}: tell"}) + "\n")
+    gin_scope.bind_parameter("make_scorer.reward_functions", [lowercase_fraction])
+    gin_scope.bind_parameter("make_optimizer.learning_rate", 1e-2)
+    gin_scope.bind_parameter("make_optimizer.schedule", "constant")
+
+    def run():
+        return grpo(run_dir=str(data / "best"), train_data=str(data / "prompts.jsonl"), tokenizer=str(data / "tok"),
+                    model=CONFIG, rollout=RolloutConfig(max_new_tokens=6, group_size=2), minibatch_size=8,
+                    eval_data=str(data / "held_out.jsonl"),
+                    online=OnlineConfig(num_rollouts=5, prompts_per_rollout=4, max_prompt_len=16, eval_every=1,
+                                        best_metric="eval/score", export_best=True, patience=1, progress=False))
+
+    summary = run()
+    records = [json.loads(line) for line in (data / "best" / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval/score"] for r in records if "eval/score" in r}
+    # Rollout 2 scored lower than rollout 1 (else the test could not tell the best from the last): patience 1 stops.
+    assert list(evals) == [1, 2] and evals[2] < evals[1], evals
+    assert (summary["stopped_early"], summary["rollout"], summary["best/step"], summary["step"]) == (True, 2, 1, 1)
+    assert summary["best/value"] == evals[1]
+    assert Checkpointer(data / "best" / "checkpoints_best").all_steps() == [1]
+    assert Checkpointer(data / "best" / "checkpoints").all_steps() == [2]  # the last state stays for resuming
+    # The final evaluation samples again from the restored state (the evaluator last saw step 2): rollout 1's score.
+    assert summary["eval/score"] == pytest.approx(evals[1], rel=1e-6)
+    first = load_file(data / "best" / "final" / "model.safetensors")
+    again = run()  # the rerun finds the run stopped early, stops at once and exports the same best state
+    assert (again["stopped_early"], again["best/step"], again["step"]) == (True, 1, 1)
+    assert again["eval/score"] == pytest.approx(evals[1], rel=1e-6)
+    assert len([line for line in (data / "best" / "metrics.jsonl").read_text().splitlines()]) == len(records)
+    for k, v in load_file(data / "best" / "final" / "model.safetensors").items():
+        np.testing.assert_array_equal(v, first[k], err_msg=k)
 
 
 @pytest.mark.parametrize("name,task", [("ppo", "ppo"), ("grpo", "grpo"), ("rloo", "grpo"),

@@ -195,7 +195,7 @@ def test_held_out_evaluation_scores_each_prompts_greedy_completion_once(tok, mod
     one greedy Sampler call on the 10 prompts, scored by the reward function directly."""
     import types
 
-    from jaxpost.generate.held_out import make_reward_evaluator
+    from jaxpost.generate.held_out import RewardEvaluator
     from jaxpost.generate.multiturn import make_eval_roller
 
     graphdef, params = model
@@ -205,10 +205,19 @@ def test_held_out_evaluation_scores_each_prompts_greedy_completion_once(tok, mod
     train_roller = Roller(graphdef, CONFIG, tok, part, FunctionScorer([chars]), rcfg)
     rows = [{"prompt": f"held out {i} " * (1 + i % 2)} for i in range(10)]
     eval_roller, calls = make_eval_roller(train_roller), []
-    counting = lambda *args: calls.append(1) or eval_roller(*args)
-    evaluate = make_reward_evaluator(counting, rows, tok, 16, 8, lambda p: p, lambda p: p)
+
+    class Counting:
+        terms = eval_roller.terms
+
+        def __call__(self, *args):
+            calls.append(1)
+            return eval_roller(*args)
+
+    evaluate = RewardEvaluator(Counting(), rows, tok, 16, 8, lambda p: p, lambda p: p)
+    assert evaluate.keys == ("score", "rewards/<lambda>/mean", "completion_length", "missing_eos_fraction")
     with part.activate():
         got = evaluate(types.SimpleNamespace(params=params, step=3))
+        assert tuple(got) == evaluate.keys
         # The run's final evaluation after the loop's at the same step: the same numbers, nothing sampled again.
         assert evaluate(types.SimpleNamespace(params=params, step=3)) == got and len(calls) == 2
         batch = next(make_prompt_pipeline(rows, tok, 16, 10, 0, num_epochs=1, shuffle=False))
@@ -452,3 +461,24 @@ def test_rollout_overlap_benchmark_runs_tiny():
         assert part["score_s"] >= 0.005 and part["measure_s"] > 0
         per_round = sorted(x / y for x, y in zip(part["times_s"]["roller"], part["times_s"]["measure_first"]))
         assert part["paired_roller_over_measure_first"] == pytest.approx(per_round[1])
+
+
+def test_an_online_best_metric_the_evaluation_does_not_log_is_refused_before_sampling(tmp_path):
+    class Evaluate:  # what RewardEvaluator.keys holds for a run scored by one reward function, `exact`
+        keys = ("score", "rewards/exact/mean", "completion_length", "missing_eos_fraction")
+
+        def __call__(self, state):
+            raise AssertionError("nothing is evaluated before the check")
+
+    online = OnlineConfig(eval_every=2, best_metric="eval/rewards/exactt/mean")
+    with pytest.raises(UserError, match=r"OnlineConfig.best_metric='eval/rewards/exactt/mean' is not among this "
+                                        r"run's evaluation metrics \['eval/completion_length', "
+                                        r"'eval/missing_eos_fraction', 'eval/rewards/exact/mean', 'eval/score'\]"):
+        fit_online(run_dir=tmp_path, loss_fn=None, params=None, param_shardings=None, partitioner=None, batches=None,
+                   online=online, evaluate=Evaluate())
+    with pytest.raises(UserError, match="evaluates held-out prompts, but this run has no evaluate"):
+        fit_online(run_dir=tmp_path, loss_fn=None, params=None, param_shardings=None, partitioner=None, batches=None,
+                   online=online, evaluate=None)
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(UserError, match="OnlineConfig.patience must be >= 0"):
+        OnlineConfig(patience=-1)

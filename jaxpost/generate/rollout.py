@@ -259,6 +259,15 @@ class Roller:
         self._measure = jax.jit(make_rollout_logprobs(graphdef, config, value_graphdef, rollout.chunk_size))
         self.has_value = value_graphdef is not None
 
+    @property
+    def terms(self) -> tuple[RewardTerm, ...]:
+        """The scorer's reward terms; a scorer without ``terms`` is one (``on_devices`` if it says so)."""
+        terms = getattr(self.scorer, "terms", None)
+        if terms is None:
+            terms = (RewardTerm(getattr(self.scorer, "__name__", "reward"), 1.0, self.scorer,
+                                getattr(self.scorer, "on_devices", False)),)
+        return tuple(terms)
+
     def _score(self, r: Rollout) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, float]]:
         """``[B]`` float32 scores (the weighted sum of the scorer's terms), each term's values and metrics.
 
@@ -267,10 +276,7 @@ class Roller:
         scorer without ``terms`` is one term (``on_devices`` if it says so).
         """
         B = len(r.completions)
-        terms = getattr(self.scorer, "terms", None)
-        if terms is None:
-            terms = (RewardTerm(getattr(self.scorer, "__name__", "reward"), 1.0, self.scorer,
-                                getattr(self.scorer, "on_devices", False)),)
+        terms = self.terms
         own = host_rows(B)
         mine = dataclasses.replace(r, batch={}, host={k: v[own] for k, v in r.host.items()},
                                    completions=r.completions[own], prompts=r.prompts[own], rows=r.rows[own],

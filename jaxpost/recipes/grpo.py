@@ -33,7 +33,8 @@ from jaxpost.models.load import load_model
 from jaxpost.sharding import Partitioner
 from jaxpost.train.batches import on_mesh
 from jaxpost.train.fit import finish_run
-from jaxpost.train.online import OnlineConfig, RolloutBatches, Stateless, fit_online, reference_policy
+from jaxpost.train.online import (OnlineConfig, RolloutBatches, Stateless, fit_online, online_config,
+                                  reference_policy)
 from jaxpost.train.run_dir import prepare_run_dir
 
 class GRPORollouts(Stateless):
@@ -84,7 +85,7 @@ def grpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer:
     check_values("grpo", locals())  # for callers that bypass gin; `jaxpost train` ran them
     # Built here, at call time, so that bindings of RolloutConfig/OnlineConfig/ModelConfig apply without
     # `grpo.rollout = @RolloutConfig()`; the run's own defaults yield to gin's bindings.
-    rollout, online = build(RolloutConfig, rollout, group_size=8), build(OnlineConfig, online)
+    rollout, online = build(RolloutConfig, rollout, group_size=8), online_config(online, eval_data, "grpo")
     model = build_if_bound(ModelConfig, model)
     if advantage not in ADVANTAGES:
         raise UserError(f"grpo.advantage={advantage!r} is unknown; choose one of {ADVANTAGES}")

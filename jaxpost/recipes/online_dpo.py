@@ -30,7 +30,8 @@ from jaxpost.models.lora import has_adapters
 from jaxpost.sharding import Partitioner
 from jaxpost.train.batches import on_mesh
 from jaxpost.train.fit import finish_run
-from jaxpost.train.online import OnlineConfig, RolloutBatches, Stateless, fit_online, reference_policy
+from jaxpost.train.online import (OnlineConfig, RolloutBatches, Stateless, fit_online, online_config,
+                                  reference_policy)
 from jaxpost.train.run_dir import prepare_run_dir
 
 
@@ -70,7 +71,7 @@ def online_dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, toke
     check_values("online_dpo", locals())  # for callers that bypass gin; `jaxpost train` ran them
     # Built here, at call time, so that bindings of RolloutConfig/OnlineConfig/ModelConfig apply without
     # `online_dpo.rollout = @RolloutConfig()`; the run's own defaults yield to gin's bindings.
-    rollout, online = build(RolloutConfig, rollout, group_size=2), build(OnlineConfig, online)
+    rollout, online = build(RolloutConfig, rollout, group_size=2), online_config(online, eval_data, "online_dpo")
     model = build_if_bound(ModelConfig, model)
     if rollout.group_size < 2:
         raise UserError(f"online DPO needs RolloutConfig.group_size >= 2, got {rollout.group_size}")

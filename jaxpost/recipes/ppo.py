@@ -35,7 +35,7 @@ from jaxpost.models.config import ModelConfig
 from jaxpost.models.load import load_model
 from jaxpost.sharding import Partitioner
 from jaxpost.train.batches import on_mesh
-from jaxpost.train.online import OnlineConfig, RolloutBatches, fit_online, reference_policy
+from jaxpost.train.online import OnlineConfig, RolloutBatches, fit_online, online_config, reference_policy
 from jaxpost.train.fit import finish_run
 from jaxpost.train.run_dir import prepare_run_dir
 
@@ -86,7 +86,7 @@ def ppo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
     """
     check_values("ppo", locals())  # for callers that bypass gin; `jaxpost train` ran them
     # Built at call time, so that bindings of RolloutConfig/OnlineConfig/ModelConfig apply (and win over defaults).
-    rollout, online = build(RolloutConfig, rollout), build(OnlineConfig, online)
+    rollout, online = build(RolloutConfig, rollout), online_config(online, eval_data, "ppo")
     model = build_if_bound(ModelConfig, model)
     tok, rows = check_run_inputs("ppo", train_data=train_data, kind="prompt", tokenizer=tokenizer,
                                  init_from=init_from, model=model, eval_data=eval_data,

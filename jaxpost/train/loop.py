@@ -183,7 +183,8 @@ class BestCheckpoint:
         """
         if self.metric not in eval_record:
             raise UserError(f"best_metric={self.metric!r} is not among the evaluation's metrics "
-                            f"{sorted(eval_record)}; set LoopConfig.best_metric to one of them")
+                            f"{sorted(eval_record)}; set best_metric (LoopConfig's, or OnlineConfig's in an "
+                            f"online run) to one of them")
         value = float(eval_record[self.metric])
         if self.best_value is None:
             improved = math.isfinite(value)

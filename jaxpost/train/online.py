@@ -31,14 +31,15 @@ import numpy as np
 from etils import epath
 
 from jaxpost import paths
+from jaxpost.config import build
 from jaxpost.errors import UserError
 from jaxpost.models.lora import has_adapters, without_adapters
 from jaxpost.sharding import Partitioner
 from jaxpost.train.fit import LoopConfig, fit
 from jaxpost.train.step import batch_shardings
 
-__all__ = ["OnlineConfig", "OnlineMethod", "RolloutBatches", "SampleLog", "Stateless", "fit_online", "minibatch_orders", "reference_policy",
-           "rollout_rng"]
+__all__ = ["OnlineConfig", "OnlineMethod", "RolloutBatches", "SampleLog", "Stateless", "fit_online", "minibatch_orders",
+           "online_config", "reference_policy", "rollout_rng"]
 
 
 @gin.configurable
@@ -60,6 +61,15 @@ class OnlineConfig:
     (prompt, completion, score, each reward, GRPO's advantage) is written to
     ``run_dir/samples/rollout_NNNNNN.jsonl``, to read what the policy writes
     and what each reward made of it; 0: none.
+
+    Best state and early stopping, as :class:`~jaxpost.train.fit.LoopConfig`'s
+    but counted in rollouts and higher-is-better by default: ``best_metric``
+    (an evaluation key as logged, e.g. ``'eval/score'`` or
+    ``'eval/rewards/<name>/mean'``; needs ``eval_data`` and ``eval_every``)
+    keeps the best evaluated policy in ``run_dir/checkpoints_best``;
+    ``best_mode`` ``'max'`` or ``'min'``; ``export_best`` ends the run with
+    it (``run_dir/final`` is the best policy); ``patience > 0`` stops the
+    run after that many evaluations in a row without improvement.
     """
 
     num_rollouts: int = 100
@@ -72,6 +82,10 @@ class OnlineConfig:
     progress: bool = True
     samples_every: int = 10
     eval_every: int = 0
+    best_metric: str | None = None  # e.g. 'eval/score'
+    best_mode: str = "max"
+    export_best: bool = False
+    patience: int = 0
 
     def __post_init__(self):
         for name in ("num_rollouts", "prompts_per_rollout", "max_prompt_len", "log_every"):
@@ -83,6 +97,30 @@ class OnlineConfig:
             raise UserError(f"OnlineConfig.samples_every must be >= 0 (0: no samples log), got {self.samples_every}")
         if self.eval_every < 0:
             raise UserError(f"OnlineConfig.eval_every must be >= 0 (0: only at the end), got {self.eval_every}")
+        if self.patience < 0:
+            raise UserError(f"OnlineConfig.patience must be >= 0 (0: never stop early), got {self.patience}")
+        if self.best_metric is None and (self.export_best or self.patience):
+            raise UserError(f"OnlineConfig: export_best={self.export_best} and patience={self.patience} choose by an "
+                            f"evaluation metric; set OnlineConfig.best_metric (e.g. 'eval/score') and eval_every")
+        if self.best_metric is not None and self.eval_every <= 0:
+            raise UserError(f"OnlineConfig.best_metric={self.best_metric!r} compares evaluations during the run: set "
+                            f"OnlineConfig.eval_every > 0 and the run's eval_data (held-out prompts)")
+        if self.best_mode not in ("min", "max"):
+            raise UserError(f"OnlineConfig.best_mode={self.best_mode!r}: use 'max' (e.g. eval/score) or 'min'")
+
+
+def online_config(given: OnlineConfig | None, eval_data: Any, owner: str) -> OnlineConfig:
+    """``given``, or an :class:`OnlineConfig` built now with gin's bindings, checked against the run's ``eval_data``.
+
+    Raises :class:`UserError` naming ``<owner>.eval_data`` when evaluations
+    (``eval_every``, ``best_metric``) are asked for without held-out prompts.
+    """
+    online = build(OnlineConfig, given)
+    if eval_data is None and (online.eval_every or online.best_metric is not None):
+        raise UserError(f"OnlineConfig.eval_every={online.eval_every} (best_metric={online.best_metric!r}) evaluates "
+                        f"held-out prompts, but {owner}.eval_data is None: set it to a prompt file, or set "
+                        f"OnlineConfig.eval_every = 0")
+    return online
 
 
 def rollout_rng(seed: int, rollout: int) -> jax.Array:
@@ -263,15 +301,21 @@ def fit_online(*, run_dir: epath.Path, loss_fn: Callable, params: Any, param_sha
     checkpoints every ``save_every`` rollouts, both at rollout boundaries;
     the samples log every ``samples_every`` rollouts (:class:`SampleLog`);
     ``evaluate(state)`` (held-out rewards, :mod:`jaxpost.generate.held_out`)
-    every ``eval_every`` rollouts and at the end. ``summary`` gets the last
-    rollout's metrics, ``rollout`` and the final evaluation (``eval/...``).
+    every ``eval_every`` rollouts and at the end; with ``online.best_metric``
+    the best evaluated state is kept (and with ``export_best`` returned).
+    ``summary`` gets the last rollout's metrics, ``rollout``, the best
+    (``best/...``) and the final evaluation (``eval/...``). Raises
+    :class:`UserError` when ``eval_every`` or ``best_metric`` is set
+    without ``evaluate``, or ``best_metric`` is none of ``evaluate.keys``.
     """
+    _check_evaluation(online, evaluate)
     batches.sample_log = SampleLog(run_dir, online.samples_every)
     per = batches.updates_per_rollout
     loop = LoopConfig(num_steps=online.num_rollouts * per, log_every=online.log_every * per,
                       save_every=online.save_every * per, keep_checkpoints=online.keep_checkpoints,
-                      seed=online.seed, progress=online.progress,
-                      eval_every=online.eval_every * per if evaluate is not None else 0)
+                      seed=online.seed, progress=online.progress, eval_every=online.eval_every * per,
+                      best_metric=online.best_metric, best_mode=online.best_mode, export_best=online.export_best,
+                      patience=online.patience)
     state = fit(run_dir=run_dir, loss_fn=loss_fn, params=params, param_shardings=param_shardings,
                 partitioner=partitioner, batches=batches, loop=loop, frozen=frozen, frozen_shardings=frozen_shardings,
                 model_config=model_config, extra_metrics=batches.metrics, summary=summary, evaluate=evaluate)
@@ -281,6 +325,17 @@ def fit_online(*, run_dir: epath.Path, loss_fn: Callable, params: Any, param_sha
         if evaluate is not None:
             summary.update({f"eval/{k}": v for k, v in evaluate(state).items()})
     return state
+
+
+def _check_evaluation(online: OnlineConfig, evaluate: Any) -> None:
+    """Evaluation settings that this run cannot honour fail before it samples anything."""
+    if evaluate is None and (online.eval_every or online.best_metric is not None):
+        raise UserError(f"OnlineConfig.eval_every={online.eval_every} (best_metric={online.best_metric!r}) evaluates "
+                        f"held-out prompts, but this run has no evaluate")
+    keys = getattr(evaluate, "keys", None)
+    if online.best_metric is not None and keys is not None and online.best_metric not in [f"eval/{k}" for k in keys]:
+        raise UserError(f"OnlineConfig.best_metric={online.best_metric!r} is not among this run's evaluation "
+                        f"metrics {sorted(f'eval/{k}' for k in keys)}")
 
 
 class Stateless:
