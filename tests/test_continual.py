@@ -103,6 +103,24 @@ def _args(run_dir, inbox, model, held, *extra):
             "--gin.make_kto_loss.beta=0.5", *extra]
 
 
+@pytest.mark.parametrize("wrong,expected", [
+    ("init_from", "continual.init_from='missing' not found: no local directory {cwd}/missing"),
+    ("feedback_dir", "continual.feedback_dir='missing' does not exist (looked in {cwd}/missing); create it"),
+    ("eval_data", "continual.eval_data='missing' does not exist (looked in {cwd}/missing); give a feedback log"),
+])
+def test_a_missing_input_is_named_by_its_key_before_the_run_directory_is_made(setup, tmp_path, monkeypatch, capsys,
+                                                                               wrong, expected):
+    root, model, held = setup
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    Path("inbox").mkdir()
+    given = {"init_from": model, "feedback_dir": "inbox", "eval_data": held, wrong: "missing"}
+    assert cli.main(_args("live", given["feedback_dir"], given["init_from"], given["eval_data"])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxpost: error: " + expected.format(cwd=tmp_path)) and err.count("\n") == 1, err
+    assert not Path("live").exists()
+
+
 def test_rounds_accept_improvements_reject_a_regression_and_record_their_files(setup, tmp_path):
     root, model, held = setup
     inbox, run = tmp_path / "inbox", tmp_path / "live"

@@ -153,6 +153,20 @@ def test_data_of_the_wrong_format_for_the_method_is_named(tok_dir, tmp_path):
                          model=MODEL)
 
 
+def test_a_data_file_that_cannot_be_read_is_named_with_the_key_that_gave_it(tok_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "a"}])
+    with pytest.raises(UserError) as raised:
+        check_run_inputs("grpo", train_data=str(prompts), eval_data="data/held_out.jsonl", kind="prompt",
+                         tokenizer=str(tok_dir), model=MODEL)
+    assert str(raised.value) == (f"grpo.eval_data: Data file or directory data/held_out.jsonl does not exist (looked "
+                                 f"in {tmp_path}/data/held_out.jsonl); check the path, or give a Hub dataset name "
+                                 f"'org/name'")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"prompt": \n')
+    with pytest.raises(UserError, match=r"^sft.train_data: bad.jsonl:2: "):
+        check_run_inputs("sft", train_data="bad.jsonl", kind="lm", tokenizer=str(tok_dir), model=MODEL)
+
+
 def test_row_and_line_numbers_are_one_based(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "c", "completion": null}\n')

@@ -122,7 +122,11 @@ def check_run_inputs(what: str, *, train_data: Any, kind: str, tokenizer: str | 
     for key, data in datasets_to_check:
         if isinstance(data, (str, os.PathLike)):
             source = str(data)
-            rows = load_rows(data)  # validates every row (formats.check_rows)
+            try:
+                rows = load_rows(data)  # validates every row (formats.check_rows)
+            except UserError as e:  # the file names itself; the key says which of the run's inputs it is
+                own = [ln for ln in str(e).splitlines() if not ln.strip().startswith("In call to configurable")]
+                raise UserError(f"{what}.{key}: " + "\n".join(own)) from e
             fmt = formats.detect_format(formats.columns(rows), source)
         else:
             source, rows = None, data

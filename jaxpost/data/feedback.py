@@ -92,11 +92,19 @@ def parse_record(obj: Any, source: str, line: int) -> dict[str, Any]:
     return {"kind": kind, **out, "model_version": version, "line": line}
 
 
-def read_feedback(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every record of one feedback log, validated; a bad line raises :class:`UserError` naming file and line."""
+def read_feedback(path: str | os.PathLike, key: str = "feedback log") -> list[dict[str, Any]]:
+    """Every record of one feedback log, validated; a bad line raises :class:`UserError` naming file and line.
+
+    A missing file raises :class:`UserError` naming ``key`` (the setting that gave the path).
+    """
     source = os.fspath(path)
+    try:
+        content = paths.read_text(path)
+    except FileNotFoundError as e:
+        raise UserError(f"{key}={source!r} does not exist (looked in {paths.resolve(path)}); give a feedback log "
+                        f"(*.jsonl, docs/feedback.md)") from e
     records = []
-    for line, text in enumerate(paths.jsonl_lines(paths.read_text(path)), start=1):
+    for line, text in enumerate(paths.jsonl_lines(content), start=1):
         if not text.strip():
             continue
         try:
@@ -129,14 +137,15 @@ def file_digest(path: str | os.PathLike) -> str:
     return hashlib.sha256(paths.resolve(path).read_bytes()).hexdigest()
 
 
-def feedback_files(directory: str | os.PathLike) -> list[str]:
+def feedback_files(directory: str | os.PathLike, key: str = "feedback directory") -> list[str]:
     """Names of the feedback logs in ``directory``: ``*.jsonl``, not hidden, sorted by name.
 
     Writers must make a file appear whole (write ``.name.jsonl.tmp`` or any
     other name, then rename): a file is read once, when a round takes it.
+    A missing directory raises :class:`UserError` naming ``key``.
     """
     root = paths.resolve(directory)
     if not root.is_dir():
-        raise UserError(f"feedback directory {directory} does not exist; create it (feedback logs go there as "
-                        f"*.jsonl files)")
+        raise UserError(f"{key}={str(directory)!r} does not exist (looked in {root}); create it (feedback logs go "
+                        f"there as *.jsonl files)")
     return sorted(p.name for p in root.iterdir() if p.name.endswith(SUFFIX) and not p.name.startswith("."))

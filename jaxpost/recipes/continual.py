@@ -25,10 +25,10 @@ import time
 import gin
 
 from jaxpost.config import check_values
-from jaxpost.continual import (Ledger, read_json, write_json, decide, held_out_score, load_round_records,
-                               publish)
+from jaxpost.continual import Ledger, decide, held_out_score, load_round_records, publish, read_json, write_json
 from jaxpost.data import feedback
 from jaxpost.errors import UserError
+from jaxpost.hub import resolve_model_dir
 from jaxpost.recipes.dpo import dpo
 from jaxpost.recipes.kto import kto
 from jaxpost.train.run_dir import prepare_run_dir, release_run_dirs, write_summary
@@ -47,11 +47,13 @@ def continual(run_dir: str = gin.REQUIRED, feedback_dir: str = gin.REQUIRED, ini
     bindings. Summary: rounds recorded, accepted, the current model and score.
     """
     check_values("continual", locals())  # for callers that bypass gin; `jaxpost train` ran them
-    run = prepare_run_dir(run_dir)
-    unpaired, pairs = feedback.training_rows(feedback.read_feedback(eval_data), rating_threshold)
+    resolve_model_dir(init_from, key="continual.init_from")  # the inputs are found before the run directory is made
+    feedback.feedback_files(feedback_dir, key="continual.feedback_dir")
+    unpaired, pairs = feedback.training_rows(feedback.read_feedback(eval_data, "continual.eval_data"), rating_threshold)
     if not unpaired and not pairs:
         raise UserError(f"continual.eval_data={eval_data!r} holds no feedback record; the held-out feedback gates "
                         "every round (docs/feedback.md)")
+    run = prepare_run_dir(run_dir)
     score = lambda model: held_out_score(model, init_from, unpaired, pairs, seq_len=seq_len, batch_size=batch_size)
     ledger = Ledger(run)
     if ledger.state is None:
@@ -59,7 +61,6 @@ def continual(run_dir: str = gin.REQUIRED, feedback_dir: str = gin.REQUIRED, ini
     elif ledger.state["init_from"] != init_from:
         raise UserError(f"{run} holds continual rounds from {ledger.state['init_from']}, not {init_from}; give this "
                         f"model its own continual.run_dir")
-    feedback.feedback_files(feedback_dir)  # the directory exists
     while max_rounds is None or len(ledger.state["rounds"]) < max_rounds:
         plan = ledger.pending() or ledger.plan(feedback_dir, min_records)
         if plan is None:
