@@ -1,4 +1,4 @@
-"""GRPO / Dr. GRPO / RLOO advantages and the GRPO and GSPO losses on hand examples."""
+"""GRPO / Dr. GRPO / batch-std / RLOO advantages and the GRPO and GSPO losses on hand examples."""
 
 import math
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpost.losses import group_advantages, grpo_loss, rloo_advantages
+from jaxpost.losses import advantages_of, group_advantages, grpo_loss, rloo_advantages
 
 
 def test_group_advantages_hand_example():
@@ -16,7 +16,15 @@ def test_group_advantages_hand_example():
     std = math.sqrt(1 / 3)
     expected = np.array([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]) / np.array([std + 1e-4] * 4 + [1e-4] * 4)
     np.testing.assert_allclose(jax.jit(group_advantages, static_argnums=1)(rewards, 4), expected, rtol=1e-5)
-    np.testing.assert_allclose(group_advantages(rewards, 4, scale=False), [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0])
+    np.testing.assert_allclose(group_advantages(rewards, 4, scale="none"), [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0])
+    # scale="batch" (TRL's scale_rewards="batch"): the same centring, over the batch's sample std. The batch mean is
+    # 10/8 = 1.25; squared deviations .0625, 1.5625, 1.5625, .0625 and 4 x .5625 sum to 5.5; 5.5/7 -> std 0.886405.
+    batch_std = math.sqrt(5.5 / 7)
+    np.testing.assert_allclose(group_advantages(rewards, 4, scale="batch"),
+                               np.array([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]) / (batch_std + 1e-4), rtol=1e-6)
+    np.testing.assert_allclose(advantages_of(rewards, 4, "grpo_batch_std"), group_advantages(rewards, 4, "batch"))
+    with pytest.raises(ValueError, match="scale must be one of"):
+        group_advantages(rewards, 4, scale=False)
 
 
 def test_rloo_hand_example_and_identity():
@@ -24,7 +32,7 @@ def test_rloo_hand_example_and_identity():
     # group 0: 1 - (2+3)/2 = -1.5, 2 - 2 = 0, 3 - 1.5 = 1.5; group 1: -2, -2, 4
     np.testing.assert_allclose(rloo_advantages(rewards, 3), [-1.5, 0.0, 1.5, -2.0, -2.0, 4.0])
     # leave-one-out = G/(G-1) * (r - group mean)
-    np.testing.assert_allclose(rloo_advantages(rewards, 3), 1.5 * group_advantages(rewards, 3, scale=False),
+    np.testing.assert_allclose(rloo_advantages(rewards, 3), 1.5 * group_advantages(rewards, 3, scale="none"),
                                rtol=1e-6)
 
 

@@ -18,7 +18,8 @@ from jaxpost.losses.checks import check_rank, check_same_shape, f32
 from jaxpost.losses.stats import masked_mean
 
 AGGREGATIONS = ("sequence", "token", "dr_grpo")
-ADVANTAGES = ("grpo", "dr_grpo", "rloo")
+ADVANTAGES = ("grpo", "dr_grpo", "rloo", "grpo_batch_std")
+SCALES = ("group", "batch", "none")
 RATIO_LEVELS = ("token", "sequence")
 
 
@@ -31,18 +32,26 @@ def _groups(rewards, group_size: int):
     return f32(rewards).reshape(n // group_size, group_size)
 
 
-def group_advantages(rewards, group_size: int, scale: bool = True, eps: float = 1e-4):
-    """GRPO advantages: ``A_i = (r_i - mean_g(r)) / (std_g(r) + eps)``.
+def group_advantages(rewards, group_size: int, scale: str = "group", eps: float = 1e-4):
+    """GRPO advantages: ``A_i = (r_i - mean_g(r)) / (std(r) + eps)``.
 
-    ``mean_g``/``std_g`` are over the ``group_size`` completions of the same
-    prompt; ``std`` is the unbiased sample std (``ddof=1``, as TRL's torch
-    ``std``). ``scale=False`` drops the division (Dr. GRPO, Liu et al. 2025,
-    which removes the question-difficulty bias). Returns ``[B*G]``.
+    ``mean_g`` is over the ``group_size`` completions of the same prompt.
+    ``scale`` picks the ``std`` (the unbiased sample std, ``ddof=1``, as
+    TRL's torch ``std``): ``"group"``, over the same group (GRPO);
+    ``"batch"``, over every reward of the batch (TRL's
+    ``scale_rewards="batch"``; the group-mean, batch-std normalisation of Liu
+    et al. 2025, "Tricks or Traps?", which keeps a group of near-equal rewards
+    from being blown up to unit scale); ``"none"``, no division (Dr. GRPO,
+    Liu et al. 2025, which removes the question-difficulty bias). Returns ``[B*G]``.
     """
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     r = _groups(rewards, group_size)
     adv = r - jnp.mean(r, axis=1, keepdims=True)
-    if scale:
+    if scale == "group":
         adv = adv / (jnp.std(r, axis=1, keepdims=True, ddof=1) + eps)
+    elif scale == "batch":
+        adv = adv / (jnp.std(r, ddof=1) + eps)
     return adv.reshape(-1)
 
 
@@ -55,11 +64,12 @@ def rloo_advantages(rewards, group_size: int):
 
 def advantages_of(rewards, group_size: int, kind: str):
     """``[B*G]`` advantages of contiguous groups' rewards: ``grpo`` (:func:`group_advantages`), ``dr_grpo``
-    (the same unscaled) or ``rloo`` (:func:`rloo_advantages`)."""
+    (the same unscaled), ``grpo_batch_std`` (scaled by the batch's std) or ``rloo`` (:func:`rloo_advantages`)."""
     if kind == "rloo":
         return rloo_advantages(rewards, group_size)
-    if kind in ("grpo", "dr_grpo"):
-        return group_advantages(rewards, group_size, scale=kind == "grpo")
+    scales = {"grpo": "group", "dr_grpo": "none", "grpo_batch_std": "batch"}
+    if kind in scales:
+        return group_advantages(rewards, group_size, scale=scales[kind])
     raise ValueError(f"Unknown advantage estimator {kind!r}; choose one of {ADVANTAGES}")
 
 

@@ -4,7 +4,8 @@
 
 Per rollout: ``group_size`` completions of every prompt, scored by reward
 functions (or a reward model); group-relative advantages (``grpo``:
-``(r - mean_g) / (std_g + eps)``; ``dr_grpo``: ``r - mean_g``; ``rloo``:
+``(r - mean_g) / (std_g + eps)``; ``dr_grpo``: ``r - mean_g``; ``grpo_batch_std``:
+``(r - mean_g) / (std_batch + eps)``, TRL's ``scale_rewards='batch'``; ``rloo``:
 leave-one-out ``r - mean_{j != i} r_j``); then ``num_iterations`` (mu)
 passes of shuffled minibatch updates with the clipped surrogate of
 :func:`jaxpost.losses.grpo_loss` (asymmetric clipping, optional k3 KL to the
@@ -68,7 +69,7 @@ def grpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer:
          mask_truncated: bool = False, eval_data: str | None = None) -> dict:
     """Trains a policy with GRPO/RLOO from prompt-only data; exports ``run_dir/final``.
 
-    ``advantage``: ``grpo``, ``dr_grpo`` or ``rloo``. ``mask_truncated``
+    ``advantage``: ``grpo``, ``dr_grpo``, ``grpo_batch_std`` or ``rloo``. ``mask_truncated``
     (DAPO's overlong filtering; TRL's ``mask_truncated_completions``): a
     completion that reached ``RolloutConfig.max_new_tokens`` (or an episode
     its environment cut short) without a stop token trains no token; it
