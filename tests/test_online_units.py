@@ -218,6 +218,10 @@ def test_held_out_evaluation_scores_each_prompts_greedy_completion_once(tok, mod
     with part.activate():
         got = evaluate(types.SimpleNamespace(params=params, step=3))
         assert tuple(got) == evaluate.keys
+        # The evaluation reads scores only: the training forwards (old_logp, ref_logp) are not run.
+        batch = next(make_prompt_pipeline(rows, tok, 16, 8, 0, num_epochs=1, shuffle=False))
+        r = eval_roller(params, params, None, batch, jax.random.PRNGKey(0))
+        assert "old_logp" not in r.batch and "objective/kl" not in r.metrics and "rewards/<lambda>/mean" in r.metrics
         # The run's final evaluation after the loop's at the same step: the same numbers, nothing sampled again.
         assert evaluate(types.SimpleNamespace(params=params, step=3)) == got and len(calls) == 2
         batch = next(make_prompt_pipeline(rows, tok, 16, 10, 0, num_epochs=1, shuffle=False))

@@ -248,12 +248,13 @@ class MultiTurnRoller:
     Metrics add ``env/turns``, ``env/truncated_fraction``, ``env/errors``
     (episodes ended by an environment error) and the mean of every number
     in the environments' ``info``. :meth:`episodes` gives the episodes
-    without the training forwards (``synthesize``).
+    without the training forwards (``synthesize``); ``measure=False``
+    rolls out without them too (as :class:`~jaxpost.generate.rollout.Roller`'s).
     """
 
     def __init__(self, graphdef, config: ModelConfig, tokenizer: Any, partitioner: Partitioner,
                  environment: Environment, rollout: RolloutConfig, multiturn: MultiTurnConfig | None = None,
-                 value_graphdef=None):
+                 value_graphdef=None, measure: bool = True):
         self.tokenizer, self.partitioner, self.environment, self.cfg = tokenizer, partitioner, environment, rollout
         self.mt = multiturn if multiturn is not None else MultiTurnConfig()
         self.pad = pad_id(tokenizer)
@@ -264,7 +265,8 @@ class MultiTurnRoller:
                                   pad_token_id=self.pad, group_size=1)
         self.sampler = Sampler(graphdef, config, sampling, partitioner)
         self.continuation = self.mt.continuation and config.sliding_window is None
-        self._measure = jax.jit(make_rollout_logprobs(graphdef, config, value_graphdef, rollout.chunk_size))
+        self._measure = (jax.jit(make_rollout_logprobs(graphdef, config, value_graphdef, rollout.chunk_size))
+                         if measure else None)
         self.has_value = value_graphdef is not None
         self.error_logged = False
 
@@ -432,8 +434,10 @@ class MultiTurnRoller:
                     finished=ep.finished)
         r.raw_scores = ep.score
         r.scores = ep.score - np.float32(self.cfg.missing_eos_penalty or 0.0) * (~ep.finished).astype(np.float32)
-        r.metrics = {**measure_rollout(self._measure, r, policy, reference, value if self.has_value else None,
-                                       ep.generate_s),
+        measured = ({} if self._measure is None else
+                    measure_rollout(self._measure, r, policy, reference, value if self.has_value else None,
+                                    ep.generate_s))
+        r.metrics = {**measured,
                      "rollout/conversation_length": float(host["segment_ids"].sum(-1).mean()),
                      "env/turns": float(ep.turns.mean()), "env/truncated_fraction": float((~ep.finished).mean()),
                      "env/errors": float(ep.errors.sum()), **{f"env/{k}": v for k, v in ep.info.items()}}
@@ -475,13 +479,13 @@ def make_eval_roller(roller: Roller | MultiTurnRoller) -> Roller | MultiTurnRoll
     It shares ``roller``'s model, tokenizer, mesh, scorer (a reward model is
     not loaded twice) or environment, budgets and stop tokens; only
     ``temperature = 0`` and ``group_size = 1`` differ, so that evaluations
-    are comparable.
+    are comparable. It skips the training forwards (``measure=False``), which an evaluation does not read.
     """
     greedy = dataclasses.replace(roller.cfg, temperature=0.0, group_size=1)
     model = (roller.sampler.graphdef, roller.sampler.config, roller.tokenizer, roller.partitioner)
     if isinstance(roller, MultiTurnRoller):
-        return MultiTurnRoller(*model, roller.environment, greedy, roller.mt)
-    return Roller(*model, roller.scorer, greedy)
+        return MultiTurnRoller(*model, roller.environment, greedy, roller.mt, measure=False)
+    return Roller(*model, roller.scorer, greedy, measure=False)
 
 
 def check_reward_source(environment: Any, owner: str) -> None:

@@ -243,11 +243,14 @@ class Roller:
 
     ``roller(policy, reference, value, prompt_batch, rng) -> Rollout`` with
     ``prompt_batch`` from :func:`jaxpost.data.make_prompt_pipeline` and
-    ``value`` the value-model params (PPO) or None.
+    ``value`` the value-model params (PPO) or None. ``measure=False``
+    (held-out evaluation) skips the training forwards: the rollout's batch
+    has no ``old_logp``/``ref_logp`` and its metrics only the rewards'.
     """
 
     def __init__(self, graphdef, config: ModelConfig, tokenizer: Any, partitioner: Partitioner,
-                 scorer: Callable[[Rollout], np.ndarray], rollout: RolloutConfig, value_graphdef=None):
+                 scorer: Callable[[Rollout], np.ndarray], rollout: RolloutConfig, value_graphdef=None,
+                 measure: bool = True):
         self.tokenizer, self.partitioner, self.scorer, self.cfg = tokenizer, partitioner, scorer, rollout
         self.pad = pad_id(tokenizer)
         stops = rollout.stop_token_ids if rollout.stop_token_ids is not None else stop_token_ids(tokenizer)
@@ -256,7 +259,8 @@ class Roller:
                                   stop_token_ids=tuple(stops), pad_token_id=self.pad,
                                   group_size=rollout.group_size)
         self.sampler = Sampler(graphdef, config, sampling, partitioner)
-        self._measure = jax.jit(make_rollout_logprobs(graphdef, config, value_graphdef, rollout.chunk_size))
+        self._measure = (jax.jit(make_rollout_logprobs(graphdef, config, value_graphdef, rollout.chunk_size))
+                         if measure else None)
         self.has_value = value_graphdef is not None
 
     @property
@@ -320,7 +324,8 @@ class Roller:
         prompt_mask = np.repeat(np.asarray(prompt_batch["prompt_mask"]), G, axis=0)
         host = rollout_sequences(prompt_tokens, prompt_mask, out.tokens, out.completion_mask, self.pad)
         batch = on_mesh(host, self.partitioner)
-        measured = self._measure(policy, reference, value if self.has_value else None, batch)  # not waited for
+        measured = ({} if self._measure is None else  # dispatched, not waited for
+                    self._measure(policy, reference, value if self.has_value else None, batch))
         r = Rollout(batch=batch, host=host,
                     completions=decode_completions(self.tokenizer, out.tokens, out.completion_mask),
                     prompts=[p for p in prompt_batch["prompt"] for _ in range(G)],
@@ -333,5 +338,5 @@ class Roller:
         r.raw_scores = raw
         r.scores = raw - np.float32(penalty or 0.0) * (~r.finished).astype(np.float32)
         r.batch = {**batch, **measured}
-        r.metrics = {**rollout_metrics(r, generate_s), **reward_metrics, "time/score_s": score_s}
+        r.metrics = {**(rollout_metrics(r, generate_s) if measured else {}), **reward_metrics, "time/score_s": score_s}
         return r
