@@ -82,7 +82,7 @@ def test_on_policy_gkd_runs_end_to_end(setup, tmp_path):
     summary = run_task("distill", _bindings(setup, tmp_path / "gkd", steps, [
         "distill.mode = 'on_policy'", "distill.divergence = 'jsd'", f"distill.lmbda = {lmbda}",
         "distill.max_prompt_len = 48", "distill.sampling = @SamplingConfig()", "SamplingConfig.temperature = 1.0",
-        f"distill.eval_data = '{setup['heldout']}'", "LoopConfig.eval_batches = 2"]))
+        f"distill.eval_data = '{setup['heldout']}'", "LoopConfig.eval_batches = 2", "OnlineConfig.samples_every = 1"]))
     coins = [np.random.default_rng([0, i]).random() < lmbda for i in range(steps)]
     records = read_metrics(tmp_path / "gkd")
     assert [r["on_policy"] for r in records] == [float(c) for c in coins]
@@ -92,6 +92,14 @@ def test_on_policy_gkd_runs_end_to_end(setup, tmp_path):
         assert ("rollout/completion_length" in r) == bool(r["on_policy"])
     assert np.isfinite(summary["eval/distill_loss"])
     assert (tmp_path / "gkd" / "final" / "config.json").exists()
+    # The samples log holds the steps that sampled (1-based numbers), every row's prompt and the student's completion.
+    logs = sorted((tmp_path / "gkd" / "samples").iterdir())
+    assert [p.name for p in logs] == [f"rollout_{i + 1:06d}.jsonl" for i in range(steps) if coins[i]]
+    for path in logs:
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        assert len(rows) == 8 and {r["rollout"] for r in rows} == {int(path.stem.split("_")[1])}
+        assert all(r["prompt"] and isinstance(r["completion"], str) and 1 <= r["completion_tokens"] <= 16
+                   for r in rows), rows
 
 
 @pytest.mark.slow

@@ -193,6 +193,18 @@ def pair_batch(host: dict[str, np.ndarray], chosen: np.ndarray, rejected: np.nda
     return out
 
 
+def sampled_records(tokenizer: Any, prompt_tokens: np.ndarray, prompt_mask: np.ndarray, out: Any) -> list[dict]:
+    """Samples-log records of a :class:`~jaxpost.generate.sampler.Sampler` call's host output ``out``, unscored:
+    ``{"prompt", "completion", "finished", "completion_tokens"}``, the prompt decoded with its special tokens (as the
+    model saw it), the completion without them (its stop token)."""
+    prompts = [tokenizer.decode([int(t) for t, m in zip(row, mrow) if m])
+               for row, mrow in zip(prompt_tokens, prompt_mask)]
+    completions = decode_completions(tokenizer, out.tokens, out.completion_mask)
+    lengths = np.asarray(out.completion_mask).sum(-1)
+    return [{"prompt": p, "completion": c, "finished": bool(f), "completion_tokens": int(n)}
+            for p, c, f, n in zip(prompts, completions, np.asarray(out.finished), lengths)]
+
+
 def decode_completions(tokenizer: Any, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
     """Text of each completion's masked tokens, special tokens (stop tokens) dropped."""
     return [tokenizer.decode([int(t) for t, m in zip(row, mrow) if m], skip_special_tokens=True)

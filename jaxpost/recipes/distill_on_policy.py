@@ -21,7 +21,7 @@ from jaxpost.data.stats import report_data_stats
 from jaxpost.data.tokenizer import stop_token_ids
 from jaxpost.distributed import to_host
 from jaxpost.errors import UserError
-from jaxpost.generate.rollout import batch_prompts, rollout_sequences
+from jaxpost.generate.rollout import batch_prompts, rollout_sequences, sampled_records
 from jaxpost.generate.sampler import Sampler, SamplingConfig
 from jaxpost.sharding import Partitioner
 from jaxpost.train import make_eval_step
@@ -32,22 +32,25 @@ from jaxpost.train.online import OnlineConfig, RolloutBatches, fit_online
 
 class StudentSamples:
     """Per step, with probability ``lmbda`` (a coin keyed by ``(seed, step)``), the batch's responses are replaced
-    by the student's own samples of its prompts."""
+    by the student's own samples of its prompts; ``samples`` holds them for the run's samples log."""
 
-    def __init__(self, sampler: Sampler, partitioner: Partitioner, pad: int, max_prompt_len: int, lmbda: float,
-                 seed: int):
-        self.sampler, self.partitioner, self.pad, self.P = sampler, partitioner, pad, max_prompt_len
-        self.lmbda, self.seed = lmbda, seed
+    def __init__(self, sampler: Sampler, partitioner: Partitioner, tokenizer: Any, pad: int, max_prompt_len: int,
+                 lmbda: float, seed: int):
+        self.sampler, self.partitioner, self.tokenizer = sampler, partitioner, tokenizer
+        self.pad, self.P, self.lmbda, self.seed = pad, max_prompt_len, lmbda, seed
         self.counts = {"on_policy_steps": 0, "prompts_truncated": 0}
+        self.samples: list[dict] | None = None
 
     def rollout(self, params, batch, rng, index):
         host = array_entries(batch)
         on_policy = bool(np.random.default_rng([self.seed, index]).random() < self.lmbda)
         metrics = {"on_policy": float(on_policy)}
+        self.samples = None  # a step on the data's own responses has no samples to log
         if on_policy:
             p_tokens, p_mask, truncated = batch_prompts(host, self.P, self.pad)
             out = to_host(self.sampler(params, p_tokens, p_mask, rng))
             host = rollout_sequences(p_tokens, p_mask, out.tokens, out.completion_mask, self.pad)
+            self.samples = sampled_records(self.tokenizer, p_tokens, p_mask, out)
             self.counts["on_policy_steps"] += 1
             self.counts["prompts_truncated"] += truncated
             metrics.update({"rollout/completion_length": float(out.lengths.mean()),
@@ -93,7 +96,7 @@ def distill_on_policy(run: Path, part: Partitioner, tok: Any, student: tuple, te
                                                           pad_token_id=pad, group_size=1), part)
     stats = DataStats()
     data = make_lm_pipeline(rows, tok, seq_len, batch_size, loop.seed, packing=False, stats=stats)
-    method = StudentSamples(sampler, part, pad, P, lmbda, loop.seed)
+    method = StudentSamples(sampler, part, tok, pad, P, lmbda, loop.seed)
     batches = RolloutBatches(method, data, part, rows=batch_size, seed=loop.seed)
     summary: dict = {}
     with part.activate():
