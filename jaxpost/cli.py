@@ -168,7 +168,7 @@ def _generate(argv: Sequence[str]) -> int:
     distributed.initialize()
     compilation_cache()
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p)
+                              top_p=args.top_p, min_p=args.min_p)
     # A UserError (bad prompts, --out equal to --prompts...) reaches main(): one line on stderr, exit 2.
     n = generate_to_jsonl(args.model, args.tokenizer or args.model, args.prompts, args.out, sampling,
                           n_samples_per_prompt=args.n, batch_size=args.batch_size, seed=args.seed)
@@ -217,6 +217,8 @@ def _sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--temperature", type=_float_where(lambda v: v >= 0, ">= 0"), default=1.0, help="0 = greedy")
     p.add_argument("--top_k", type=_int_from(0), default=0, help="0 = off")
     p.add_argument("--top_p", type=_float_where(lambda v: 0 < v <= 1, "in (0, 1]"), default=1.0, help="1 = off")
+    p.add_argument("--min_p", type=_float_where(lambda v: 0 <= v <= 1, "in [0, 1]"), default=0.0,
+                   help="keep tokens at least min_p times as likely as the top one; 0 = off")
 
 
 def _synthesize(argv: Sequence[str]) -> int:
@@ -267,7 +269,7 @@ def synthesize_main(argv: Sequence[str] | None = None) -> int:
         scorer = a.reward_model
     synthesize(model_dir=a.model, tokenizer=a.tokenizer, prompts=a.prompts, out_dir=a.out, n_samples=a.n,
                sampling=SamplingConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                                       top_p=a.top_p),
+                                       top_p=a.top_p, min_p=a.min_p),
                scorer=scorer, mode=a.mode, min_score=a.min_score, min_chars=a.min_chars, max_chars=a.max_chars,
                dedup=not a.no_dedup, require_finished=a.require_finished, batch_size=a.batch_size,
                max_prompt_len=a.max_prompt_len, seed=a.seed)

@@ -174,6 +174,7 @@ def test_cli_refuses_out_equal_to_prompts_and_accepts_relative_paths(setup, tmp_
     ("--top_k", "-1", "argument --top_k: must be >= 0, got -1"),
     ("--top_p", "1.5", "argument --top_p: must be in (0, 1], got 1.5"),
     ("--top_p", "0", "argument --top_p: must be in (0, 1], got 0.0"),
+    ("--min_p", "1.5", "argument --min_p: must be in [0, 1], got 1.5"),
     ("--batch_size", "two", "argument --batch_size: invalid int value: 'two'"),
 ])
 def test_cli_flags_out_of_range_name_the_flag(command, flag, value, message, capsys, tmp_path):

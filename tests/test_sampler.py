@@ -67,7 +67,7 @@ def test_greedy_is_argmax_of_full_forward(model, greedy_run):
 def test_sampled_logprobs_equal_training_forward(model):
     graphdef, params = model
     tokens, mask = left_pad(PROMPTS)
-    s = SamplingConfig(max_new_tokens=N, temperature=0.7, top_k=12, top_p=0.9, stop_token_ids=(4, 17),
+    s = SamplingConfig(max_new_tokens=N, temperature=0.7, top_k=12, top_p=0.9, min_p=0.02, stop_token_ids=(4, 17),
                        pad_token_id=0, group_size=2)
     out = jax.device_get(sample(graphdef, params, CONFIG, tokens, mask, jax.random.key(3), s))
     G = 2
@@ -82,9 +82,9 @@ def test_sampled_logprobs_equal_training_forward(model):
     # float32: the decode step and the full forward sum the logits in different orders (differences up to
     # 1e-5 on log-probs of about -3, as in test_sampler_continuation).
     np.testing.assert_allclose(out.logprobs * cm, ref * cm, atol=2e-5, rtol=0)
-    # Processed log-probs: the same tokens under temperature / top-k / top-p of the full-forward logits.
+    # Processed log-probs: the same tokens under temperature / top-k / top-p / min-p of the full-forward logits.
     z = np.asarray(logits(params, CONFIG, hidden))[:, P - 1:P - 1 + N]
-    proc = np.asarray(jax.nn.log_softmax(processing.process_logits(jnp.asarray(z), 0.7, 12, 0.9), axis=-1))
+    proc = np.asarray(jax.nn.log_softmax(processing.process_logits(jnp.asarray(z), 0.7, 12, 0.9, 0.02), axis=-1))
     proc_tok = np.take_along_axis(proc, out.tokens[..., None], -1)[..., 0]
     np.testing.assert_allclose(out.processed_logprobs * cm, np.where(cm > 0, proc_tok, 0.0), atol=2e-5, rtol=0)
     assert np.isfinite(out.processed_logprobs).all()
@@ -291,6 +291,36 @@ def test_top_p_keeps_smallest_set_reaching_p(p, kept):
     out = np.asarray(processing.top_p_filter(jnp.log(jnp.asarray(PROBS))[None], p))[0]
     assert set(np.flatnonzero(np.isfinite(out)).tolist()) == kept
     np.testing.assert_allclose(out[np.isfinite(out)], np.log(PROBS)[np.isfinite(out)], rtol=1e-6)
+
+
+@pytest.mark.parametrize("p, kept", [(0.0, {0, 1, 2, 3, 4}), (0.09, {0, 1, 2, 3, 4}), (0.25, {3, 0, 4}),
+                                     (0.35, {3, 0}), (0.5, {3}), (1.0, {3})])
+def test_min_p_keeps_tokens_at_least_p_times_the_top_ones_probability(p, kept):
+    # The top probability is 0.5 (id 3): min_p 0.25 keeps q >= 0.125 (0.5, 0.2, 0.15), 0.35 keeps q >= 0.175.
+    out = np.asarray(processing.min_p_filter(jnp.log(jnp.asarray(PROBS))[None], p))[0]
+    assert set(np.flatnonzero(np.isfinite(out)).tolist()) == kept
+    np.testing.assert_allclose(out[np.isfinite(out)], np.log(PROBS)[np.isfinite(out)], rtol=1e-6)
+
+
+def test_processing_equals_transformers_logits_warpers():
+    """temperature, top-k, top-p and min-p against transformers' own warpers, chained in generate's order."""
+    import torch
+    from transformers.generation.logits_process import (LogitsProcessorList, MinPLogitsWarper,
+                                                        TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+    z = np.random.default_rng(0).normal(0, 2.0, (64, 50)).astype(np.float32)
+    for temperature, top_k, top_p, min_p in ((0.7, 12, 0.9, 0.05), (1.3, 0, 0.8, 0.0), (1.0, 0, 1.0, 0.2),
+                                             (0.5, 20, 1.0, 0.01)):
+        chain = [TemperatureLogitsWarper(temperature)]
+        chain += [TopKLogitsWarper(top_k)] if top_k else []
+        chain += [TopPLogitsWarper(top_p)] if top_p < 1 else []
+        chain += [MinPLogitsWarper(min_p)] if min_p else []
+        want = LogitsProcessorList(chain)(torch.zeros((64, 1), dtype=torch.long), torch.from_numpy(z)).numpy()
+        got = np.asarray(processing.process_logits(jnp.asarray(z), temperature, top_k, top_p, min_p))
+        np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want), err_msg=str((temperature, top_k, top_p,
+                                                                                       min_p)))
+        np.testing.assert_allclose(got[np.isfinite(got)], want[np.isfinite(want)], rtol=1e-6)
+        assert 0 < np.isfinite(got).sum() < z.size or (top_k, top_p, min_p) == (0, 1.0, 0.0)
 
 
 def test_top_k_and_temperature_by_hand():

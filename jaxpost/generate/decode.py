@@ -125,7 +125,7 @@ def record(st: Rows, logits: jax.Array, rng: jax.Array, s: SamplingConfig) -> Ro
     i = st.step
     step_key = jax.random.fold_in(rng, i)
     keys = jax.vmap(lambda r: jax.random.fold_in(step_key, r))(st.key_ids.astype(jnp.uint32))
-    tok, plp = choose_tokens(keys, logits, s.temperature, s.top_k, s.top_p)
+    tok, plp = choose_tokens(keys, logits, s.temperature, s.top_k, s.top_p, s.min_p)
     # The training forward's quantity (heads.token_logprobs), z[t] - logsumexp(z), as (z[t] - max) - log_total:
     # choose_tokens computed the same parts (shared, not recomputed, when it drew from the raw logits).
     shifted, _, log_total = log_softmax_parts(logits.astype(jnp.float32))

@@ -1,9 +1,9 @@
-"""Logit processing for sampling: temperature, top-k, top-p (nucleus), greedy.
+"""Logit processing for sampling: temperature, top-k, top-p (nucleus), min-p, greedy.
 
 All functions take float32 logits ``[..., V]`` and are pure and jit-friendly.
 Filters set removed entries to ``-inf`` so that ``softmax`` of the result is
 the renormalised distribution over the kept tokens. The order matches
-Hugging Face's logits warpers: temperature, then top-k, then top-p.
+Hugging Face's logits warpers: temperature, then top-k, top-p, min-p.
 """
 
 from __future__ import annotations
@@ -56,13 +56,29 @@ def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
     return jnp.where(keep, logits, NEG_INF)
 
 
-def process_logits(logits: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
-    """``top_p_filter(top_k_filter(logits / temperature, top_k), top_p)`` in float32.
+def min_p_filter(logits: jax.Array, p: float) -> jax.Array:
+    """Min-p filter (Nguyen et al. 2024): keeps the tokens at least ``p`` times as likely as the most likely one.
+
+    Token ``i`` is removed iff ``q_i < p * max_j q_j``, i.e. ``exp(z_i -
+    max z) < p``: the cut scales with the model's confidence. The top token
+    always stays; ``p = 0`` keeps everything (Hugging Face's ``MinPLogitsWarper``).
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"min_p must be in [0, 1], got {p}")
+    if p == 0.0:
+        return logits
+    ratio = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    return jnp.where(ratio < p, NEG_INF, logits)
+
+
+def process_logits(logits: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                   min_p: float = 0.0) -> jax.Array:
+    """``min_p_filter(top_p_filter(top_k_filter(logits / temperature, top_k), top_p), min_p)`` in float32.
 
     The distribution the sampler draws from when ``temperature > 0``.
     """
     x = apply_temperature(logits.astype(jnp.float32), temperature)
-    return top_p_filter(top_k_filter(x, top_k), top_p)
+    return min_p_filter(top_p_filter(top_k_filter(x, top_k), top_p), min_p)
 
 
 def argmax_last(x: jax.Array) -> jax.Array:
@@ -136,7 +152,7 @@ def inverse_cdf_index(weights: jax.Array, u: jax.Array) -> jax.Array:
 
 
 def choose_tokens(keys: jax.Array, logits: jax.Array, temperature: float, top_k: int = 0,
-                  top_p: float = 1.0) -> tuple[jax.Array, jax.Array]:
+                  top_p: float = 1.0, min_p: float = 0.0) -> tuple[jax.Array, jax.Array]:
     """One token per row from ``logits`` ``[B, V]`` with one PRNG key per row ``keys`` ``[B]``.
 
     Returns ``(tokens int32 [B], processed_logprobs float32 [B])``: greedy
@@ -149,6 +165,6 @@ def choose_tokens(keys: jax.Array, logits: jax.Array, temperature: float, top_k:
     if temperature == 0:
         tokens = argmax_last(logits).astype(jnp.int32)
         return tokens, jnp.zeros(tokens.shape, jnp.float32)
-    shifted, weights, log_total = log_softmax_parts(process_logits(logits, temperature, top_k, top_p))
+    shifted, weights, log_total = log_softmax_parts(process_logits(logits, temperature, top_k, top_p, min_p))
     tokens = inverse_cdf_index(weights, jax.vmap(lambda key: jax.random.uniform(key, ()))(keys))
     return tokens, jnp.take_along_axis(shifted, tokens[:, None], axis=-1)[:, 0] - log_total[:, 0]

@@ -64,6 +64,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
     group_size: int = 1
     missing_eos_penalty: float | None = None
     stop_token_ids: tuple[int, ...] | None = None
@@ -267,7 +268,7 @@ class Roller:
         self.pad = pad_id(tokenizer)
         stops = rollout.stop_token_ids if rollout.stop_token_ids is not None else stop_token_ids(tokenizer)
         sampling = SamplingConfig(max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
-                                  top_k=rollout.top_k, top_p=rollout.top_p,
+                                  top_k=rollout.top_k, top_p=rollout.top_p, min_p=rollout.min_p,
                                   stop_token_ids=tuple(stops), pad_token_id=self.pad,
                                   group_size=rollout.group_size)
         self.sampler = Sampler(graphdef, config, sampling, partitioner)

@@ -21,7 +21,7 @@ def check_sampling_values(config: Any) -> None:
     """Raises :class:`~jaxpost.errors.UserError` naming ``<config's class>.<field>`` for an out-of-range value.
 
     Checks ``max_new_tokens >= 1``, ``temperature >= 0``, ``top_k >= 0``,
-    ``0 < top_p <= 1`` and ``group_size >= 1`` of any config holding them
+    ``0 < top_p <= 1``, ``0 <= min_p <= 1`` and ``group_size >= 1`` of any config holding them
     (:class:`SamplingConfig`, and :class:`~jaxpost.generate.rollout.RolloutConfig`,
     whose values a rollout's sampler takes), so the message names the key
     the user bound.
@@ -31,6 +31,7 @@ def check_sampling_values(config: Any) -> None:
     require(f"{name}.temperature", c.temperature, c.temperature >= 0, ">= 0 (0 = greedy)")
     require(f"{name}.top_k", c.top_k, c.top_k >= 0, ">= 0 (0 = off)")
     require(f"{name}.top_p", c.top_p, 0.0 < c.top_p <= 1.0, "in (0, 1] (1 = off)")
+    require(f"{name}.min_p", c.min_p, 0.0 <= c.min_p <= 1.0, "in [0, 1] (0 = off)")
     require(f"{name}.group_size", c.group_size, c.group_size >= 1, ">= 1")
 
 
@@ -39,9 +40,9 @@ def check_sampling_values(config: Any) -> None:
 class SamplingConfig:
     """How to sample.
 
-    ``temperature == 0`` is greedy (argmax; ``top_k``/``top_p`` are then
-    irrelevant). ``top_k == 0`` and ``top_p == 1.0`` switch those filters
-    off. A row stops after emitting any of ``stop_token_ids`` (the stop
+    ``temperature == 0`` is greedy (argmax; ``top_k``/``top_p``/``min_p`` are then
+    irrelevant). ``top_k == 0``, ``top_p == 1.0`` and ``min_p == 0`` switch those filters
+    off (:func:`~jaxpost.generate.processing.process_logits`: temperature, top-k, top-p, min-p, as Hugging Face). A row stops after emitting any of ``stop_token_ids`` (the stop
     token is part of the completion); later slots hold ``pad_token_id``.
     ``group_size`` G repeats every prompt G times (GRPO/RLOO groups): output
     row ``b * G + g`` is sample ``g`` of prompt ``b``; the group shares one
@@ -70,6 +71,7 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
     stop_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
     group_size: int = 1

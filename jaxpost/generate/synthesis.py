@@ -252,8 +252,8 @@ def episode_roller(graphdef, config: ModelConfig, tokenizer: Any, partitioner: P
     gin's ``MultiTurnConfig``.
     """
     rollout = RolloutConfig(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                            top_k=sampling.top_k, top_p=sampling.top_p, group_size=sampling.group_size,
-                            stop_token_ids=sampling.stop_token_ids)
+                            top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
+                            group_size=sampling.group_size, stop_token_ids=sampling.stop_token_ids)
     return MultiTurnRoller(graphdef, config, tokenizer, partitioner, environment, rollout, build(MultiTurnConfig))
 
 
