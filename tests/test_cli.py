@@ -252,6 +252,8 @@ _REQUIRED_EXTRAS = {"grpo": ["--gin.make_reward.names=['my_rewards:exact']"],
      "make_grpo_loss.aggregation must be one of 'sequence', 'token', 'dr_grpo', got 'dr-grpo'"),
     ("grpo", ["--gin.make_grpo_loss.ratio_level='seq'"],
      "make_grpo_loss.ratio_level must be one of 'token', 'sequence', got 'seq'"),
+    ("grpo", ["--gin.make_grpo_loss.delta=1.1"],
+     "make_grpo_loss.delta must be None (off) or > 1 + the upper clip range = 1.28, got 1.1"),
     ("ppo", ["--gin.make_ppo_loss.clip_eps=1.5"], "make_ppo_loss.clip_eps must be in (0, 1), got 1.5"),
     ("grpo", ["--gin.OnlineConfig.best_metric='eval/score'"],
      "OnlineConfig.best_metric='eval/score' compares evaluations during the run: set OnlineConfig.eval_every > 0 "

@@ -116,6 +116,21 @@ def test_gspo_sequence_ratio_hand_example():
         grpo_loss(LOGP, None, None, ADV, MASK, ratio_level="seq")
 
 
+def test_two_sided_clipping_caps_the_ratio_of_negative_advantages():
+    """delta (INTELLECT-2's two-sided clipping): l = -min(min(r, delta) A, clip(r, 1 - eps, 1 + eps) A)."""
+    old = np.array([[-1.0, -1.0, 0.0], [-1.0, -1.0, -1.0]], np.float32)
+    ratios = np.array([[3.0, 0.5, 1.0], [3.0, 1.1, 0.5]], np.float32)
+    logp = old + np.log(ratios)
+    # A = +1: -min(r, clip(r, .8, 1.2)): r=3 -> -1.2, r=.5 -> -.5; the cap (2) changes neither.
+    # A = -2: 2 max(r, clip(r)): r=3 -> 6, capped 2 max(2, 1.2) = 4; r=1.1 -> 2.2; r=.5 -> 1.6.
+    plain, _ = grpo_loss(logp, old, None, ADV, MASK, aggregation="token")
+    assert float(plain) == pytest.approx((-1.2 - 0.5 + 6.0 + 2.2 + 1.6) / 5, rel=1e-6)
+    capped, _ = grpo_loss(logp, old, None, ADV, MASK, aggregation="token", delta=2.0)
+    assert float(capped) == pytest.approx((-1.2 - 0.5 + 4.0 + 2.2 + 1.6) / 5, rel=1e-6)
+    with pytest.raises(ValueError, match="delta must be None or > 1"):
+        grpo_loss(logp, old, None, ADV, MASK, delta=1.0)
+
+
 def test_grpo_jit_and_errors():
     loss = jax.jit(lambda lp: grpo_loss(lp, None, lp, ADV, MASK, beta=0.04)[0])(jnp.asarray(LOGP))
     assert float(loss) == pytest.approx(0.5, rel=1e-6)  # ref == policy: KL 0

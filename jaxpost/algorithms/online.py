@@ -132,7 +132,7 @@ def make_ppo_loss(graphdef, config: ModelConfig, value_graphdef, clip_eps: float
 @checks_values_of("make_grpo_loss")
 def check_grpo_loss_values(clip_eps_low: float = 0.2, clip_eps_high: float | None = None, beta: float = 0.0,
                            aggregation: str = "sequence", max_len: int | None = None,
-                           ratio_level: str = "token") -> None:
+                           ratio_level: str = "token", delta: float | None = None) -> None:
     """Raises :class:`~jaxpost.errors.UserError` naming the ``make_grpo_loss`` key of an out-of-range value."""
     require("make_grpo_loss.aggregation", aggregation, aggregation in AGGREGATIONS,
             "one of " + ", ".join(map(repr, AGGREGATIONS)))
@@ -143,12 +143,15 @@ def check_grpo_loss_values(clip_eps_low: float = 0.2, clip_eps_high: float | Non
             "None (= clip_eps_low) or > 0")
     require("make_grpo_loss.beta", beta, beta >= 0, ">= 0 (0: no KL term)")
     require("make_grpo_loss.max_len", max_len, max_len is None or max_len >= 1, "None or >= 1")
+    high = clip_eps_low if clip_eps_high is None else clip_eps_high
+    require("make_grpo_loss.delta", delta, delta is None or delta > 1 + high,
+            f"None (off) or > 1 + the upper clip range = {1 + high:g}")
 
 
 @gin.configurable(denylist=["graphdef", "config"])
 def make_grpo_loss(graphdef, config: ModelConfig, clip_eps_low: float = 0.2, clip_eps_high: float | None = None,
                    beta: float = 0.0, aggregation: str = "sequence", max_len: int | None = None,
-                   ratio_level: str = "token", chunk_size: int = 512):
+                   ratio_level: str = "token", delta: float | None = None, chunk_size: int = 512):
     """``loss(params, batch, frozen)`` = :func:`grpo_loss` of the policy on a rollout batch.
 
     Batch spec :data:`~jaxpost.algorithms.batch.GRPO_KEYS`: rollout keys plus ``advantages`` ``[B]`` (GRPO,
@@ -156,10 +159,11 @@ def make_grpo_loss(graphdef, config: ModelConfig, clip_eps_low: float = 0.2, cli
     the reference (``ref_logp``); ``aggregation`` is ``sequence``, ``token``
     or ``dr_grpo`` (normaliser ``B * max_len``: set ``max_len`` to the
     generation budget); ``ratio_level`` is ``token`` (GRPO) or ``sequence``
-    (GSPO: one length-normalised ratio per sequence). Metrics: those of
+    (GSPO: one length-normalised ratio per sequence); ``delta`` caps the
+    unclipped ratio (two-sided clipping, TRL's ``delta``). Metrics: those of
     :func:`grpo_loss` plus ``policy/approxkl`` (``0.5 * mean_mask((logp - old_logp)^2)``).
     """
-    check_grpo_loss_values(clip_eps_low, clip_eps_high, beta, aggregation, max_len, ratio_level)
+    check_grpo_loss_values(clip_eps_low, clip_eps_high, beta, aggregation, max_len, ratio_level, delta)
 
     def loss_fn(params, batch, frozen=None):
         check_batch(batch, GRPO_KEYS, "GRPO")
@@ -167,7 +171,7 @@ def make_grpo_loss(graphdef, config: ModelConfig, clip_eps_low: float = 0.2, cli
         logp = lm_token_logprobs(graphdef, config, params, batch, chunk_size=chunk_size)
         loss, metrics = grpo_loss(logp, batch["old_logp"], batch["ref_logp"], batch["advantages"], mask,
                                   clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high, beta=beta,
-                                  aggregation=aggregation, max_len=max_len, ratio_level=ratio_level)
+                                  aggregation=aggregation, max_len=max_len, ratio_level=ratio_level, delta=delta)
         d = jnp.where(mask != 0, logp - batch["old_logp"], 0.0)
         metrics["policy/approxkl"] = 0.5 * masked_mean(jnp.square(d), mask)
         return loss, metrics

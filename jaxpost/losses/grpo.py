@@ -75,7 +75,7 @@ def advantages_of(rewards, group_size: int, kind: str):
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps_low: float = 0.2,
               clip_eps_high: float | None = None, beta: float = 0.0, aggregation: str = "sequence",
-              max_len: int | None = None, ratio_level: str = "token"):
+              max_len: int | None = None, ratio_level: str = "token", delta: float | None = None):
     """GRPO clipped surrogate with optional k3 KL to the reference.
 
     Per token, with ``ratio = exp(logp - old_logp)`` and the row's advantage ``A``::
@@ -89,6 +89,12 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps_low: float
     ``s = exp(sum_t m_t (logp_t - old_t) / max(sum_t m_t, 1))``, so that a
     sequence is clipped as a whole (GSPO's clip range is about 1e-3 wide:
     ``configs/algorithms/gspo.gin``).
+
+    ``delta`` (two-sided clipping, INTELLECT-2; TRL's ``delta``) caps the
+    unclipped term's ratio: ``l_t = -min(min(ratio, delta) * A, clip(ratio) * A)``.
+    With ``A < 0`` the plain surrogate grows without bound in ``ratio``;
+    capped, a token far off-policy moves the loss by at most ``delta * |A|``.
+    ``A > 0`` is unchanged when ``delta > 1 + eps_high``.
 
     aggregated over the ``mask`` by ``aggregation``:
 
@@ -121,6 +127,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps_low: float
         raise ValueError(f"Unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
     if ratio_level not in RATIO_LEVELS:
         raise ValueError(f"Unknown ratio_level {ratio_level!r}; choose one of {RATIO_LEVELS}")
+    if delta is not None and not delta > 1.0:
+        raise ValueError(f"delta must be None or > 1 (the cap of the unclipped ratio), got {delta}")
     if ref_logp is None and (not isinstance(beta, (int, float)) or beta != 0):
         raise ValueError(f"grpo_loss with beta={beta} needs ref_logp ([B,L])")
     logp, mask = f32(logp), f32(mask)
@@ -140,7 +148,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps_low: float
         log_ratio = jnp.sum(log_ratio, axis=1, keepdims=True) / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1.0)
     ratio = jnp.exp(log_ratio)
     clipped = jnp.clip(ratio, 1.0 - clip_eps_low, 1.0 + eps_high)
-    per_token = -jnp.minimum(ratio * adv, clipped * adv)
+    capped = ratio if delta is None else jnp.minimum(ratio, delta)
+    per_token = -jnp.minimum(capped * adv, clipped * adv)
     metrics = {}
     if ref_logp is not None:
         d = jnp.where(valid, f32(ref_logp) - logp, 0.0)
