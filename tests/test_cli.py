@@ -256,14 +256,14 @@ _REQUIRED_EXTRAS = {"grpo": ["--gin.make_reward.names=['my_rewards:exact']"],
      "make_grpo_loss.delta must be None (off) or > 1 + the upper clip range = 1.28, got 1.1"),
     ("ppo", ["--gin.make_ppo_loss.clip_eps=1.5"], "make_ppo_loss.clip_eps must be in (0, 1), got 1.5"),
     ("grpo", ["--gin.OnlineConfig.best_metric='eval/score'"],
-     "OnlineConfig.best_metric='eval/score' compares evaluations during the run: set OnlineConfig.eval_every > 0 "
-     "and the run's eval_data (held-out prompts)"),
+     "OnlineConfig.best_metric='eval/score' needs evaluations: set OnlineConfig.eval_every > 0 and give the run's "
+     "eval_data (held-out prompts)"),
     ("online_dpo", ["--gin.OnlineConfig.export_best=True"],
      "OnlineConfig: export_best=True and patience=0 choose by an evaluation metric; set OnlineConfig.best_metric "
      "(e.g. 'eval/score') and eval_every"),
     ("ppo", ["--gin.OnlineConfig.best_metric='eval/score'", "--gin.OnlineConfig.eval_every=2",
              "--gin.OnlineConfig.best_mode='highest'"],
-     "OnlineConfig.best_mode='highest': use 'max' (e.g. eval/score) or 'min'"),
+     "OnlineConfig.best_mode='highest': use 'min' (lower is better, e.g. eval/loss) or 'max' (e.g. eval/score)"),
     ("kto", ["--gin.make_kto_loss.loss_type='apo'"],
      "make_kto_loss.loss_type must be one of 'kto', 'apo_zero_unpaired', got 'apo'"),
     ("sft", ["--gin.make_optimizer.b2=1.0"], "make_optimizer.b2 must be in [0, 1), got 1.0"),

@@ -32,7 +32,7 @@ from jaxpost.train.state import abstract_state, init_sharded_state, state_shardi
 from jaxpost.train.step import batch_shardings, compile_train_step, make_train_step
 from jaxpost.train.trainable import stop_frozen_gradients
 
-__all__ = ["PeekedBatches", "LoopConfig", "count_epoch_batches", "finish_run", "fit", "make_evaluator"]
+__all__ = ["PeekedBatches", "LoopConfig", "check_best_settings", "count_epoch_batches", "finish_run", "fit", "make_evaluator"]
 
 
 @gin.configurable
@@ -93,16 +93,31 @@ class LoopConfig:
             value = getattr(self, name)
             if value is not None and value < low:
                 raise UserError(f"LoopConfig.{name} must be >= {low}, got {value}")
-        if self.best_metric is None and (self.export_best or self.patience):
-            raise UserError(f"LoopConfig: export_best={self.export_best} and patience={self.patience} choose by an "
-                            f"evaluation metric; set LoopConfig.best_metric (e.g. 'eval/loss') and eval_every")
-        if self.best_metric is not None and self.eval_every <= 0:
-            raise UserError(f"LoopConfig.best_metric={self.best_metric!r} needs evaluations: set "
-                            f"LoopConfig.eval_every > 0 and give held-out data")
-        if self.best_mode not in ("min", "max"):
-            raise UserError(f"LoopConfig.best_mode={self.best_mode!r}: use 'min' (e.g. eval/loss) or 'max'")
-        if self.patience < 0 or self.min_delta < 0:
-            raise UserError(f"LoopConfig: patience={self.patience} and min_delta={self.min_delta} must be >= 0")
+        if self.min_delta < 0:
+            raise UserError(f"LoopConfig.min_delta must be >= 0, got {self.min_delta}")
+        check_best_settings(self, "eval/loss", "held-out data")
+
+
+def check_best_settings(config: Any, example: str, held_out: str) -> None:
+    """Raises :class:`UserError` naming ``<config's class>.<field>`` for best-state settings that cannot work.
+
+    ``config`` has ``best_metric``, ``best_mode``, ``export_best``,
+    ``patience`` and ``eval_every`` (:class:`LoopConfig`,
+    :class:`~jaxpost.train.online.OnlineConfig`); ``example`` is a metric
+    of its runs and ``held_out`` what their evaluations read, for the messages.
+    """
+    c, name = config, type(config).__name__
+    if c.patience < 0:
+        raise UserError(f"{name}.patience must be >= 0 (0: never stop early), got {c.patience}")
+    if c.best_metric is None and (c.export_best or c.patience):
+        raise UserError(f"{name}: export_best={c.export_best} and patience={c.patience} choose by an evaluation "
+                        f"metric; set {name}.best_metric (e.g. {example!r}) and eval_every")
+    if c.best_metric is not None and c.eval_every <= 0:
+        raise UserError(f"{name}.best_metric={c.best_metric!r} needs evaluations: set {name}.eval_every > 0 and "
+                        f"give {held_out}")
+    if c.best_mode not in ("min", "max"):
+        raise UserError(f"{name}.best_mode={c.best_mode!r}: use 'min' (lower is better, e.g. eval/loss) or 'max' "
+                        f"(e.g. eval/score)")
 
 
 class PeekedBatches:

@@ -35,7 +35,7 @@ from jaxpost.config import build
 from jaxpost.errors import UserError
 from jaxpost.models.lora import has_adapters, without_adapters
 from jaxpost.sharding import Partitioner
-from jaxpost.train.fit import LoopConfig, fit
+from jaxpost.train.fit import LoopConfig, check_best_settings, fit
 from jaxpost.train.step import batch_shardings
 
 __all__ = ["OnlineConfig", "OnlineMethod", "RolloutBatches", "SampleLog", "Stateless", "fit_online", "minibatch_orders",
@@ -97,16 +97,7 @@ class OnlineConfig:
             raise UserError(f"OnlineConfig.samples_every must be >= 0 (0: no samples log), got {self.samples_every}")
         if self.eval_every < 0:
             raise UserError(f"OnlineConfig.eval_every must be >= 0 (0: only at the end), got {self.eval_every}")
-        if self.patience < 0:
-            raise UserError(f"OnlineConfig.patience must be >= 0 (0: never stop early), got {self.patience}")
-        if self.best_metric is None and (self.export_best or self.patience):
-            raise UserError(f"OnlineConfig: export_best={self.export_best} and patience={self.patience} choose by an "
-                            f"evaluation metric; set OnlineConfig.best_metric (e.g. 'eval/score') and eval_every")
-        if self.best_metric is not None and self.eval_every <= 0:
-            raise UserError(f"OnlineConfig.best_metric={self.best_metric!r} compares evaluations during the run: set "
-                            f"OnlineConfig.eval_every > 0 and the run's eval_data (held-out prompts)")
-        if self.best_mode not in ("min", "max"):
-            raise UserError(f"OnlineConfig.best_mode={self.best_mode!r}: use 'max' (e.g. eval/score) or 'min'")
+        check_best_settings(self, "eval/score", "the run's eval_data (held-out prompts)")
 
 
 def online_config(given: OnlineConfig | None, eval_data: Any, owner: str) -> OnlineConfig:
