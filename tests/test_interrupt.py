@@ -20,6 +20,22 @@ from test_train_fixtures import Batches
 from test_train_loop import STEP, STEPS, fresh_state
 
 
+@pytest.fixture(autouse=True)
+def terminal_signal_handlers():
+    """Each test starts with the handlers of a process started from a terminal, and the process's come back after.
+
+    A test run started in the background of a non-interactive shell (``cmd &`` in a script) inherits SIGINT
+    ignored (POSIX), and Python keeps it so: a second Ctrl-C would then fall back to "ignore", not to
+    KeyboardInterrupt, and these tests would test the launcher.
+    """
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for s, handler in before.items():
+        signal.signal(s, handler)
+
+
 class SignallingBatches(Batches):
     """:class:`Batches` that sends this process ``signals[i]`` while producing batch ``i``."""
 
