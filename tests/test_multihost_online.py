@@ -32,6 +32,7 @@ import numpy as np
 import portpicker
 import pytest
 
+from jaxpost.train import Checkpointer
 from pipeline_utils import make_task
 from test_multihost import Job, _assert_same_weights, _env, _records, _wait, REPO
 
@@ -58,7 +59,8 @@ def _job(task: dict, root: Path, rm_dir: Path, method: str, name: str | None = N
         # Its Python rewards (each process scores its own rows) plus a reward model on the mesh, summed.
         "grpo": [f"--gin.OnlineConfig.num_rollouts={grpo_rollouts}", f"--gin.make_scorer.reward_model='{rm_dir}'",
                  "--gin.make_scorer.reward_model_weight=0.5", f"--gin.grpo.eval_data='{task['prompts']}'",
-                 "--gin.OnlineConfig.eval_every=1"],  # held-out rewards too, every rollout
+                 "--gin.OnlineConfig.eval_every=1",  # held-out rewards too, every rollout, and the best state by them
+                 "--gin.OnlineConfig.best_metric='eval/score'"],
         "ppo": ["--gin.OnlineConfig.num_rollouts=2", "--gin.make_scorer.reward_functions=None",
                 f"--gin.make_scorer.reward_model='{rm_dir}'", f"--gin.ppo.value_from='{rm_dir}'",
                 "--gin.ppo.ppo_epochs=2", "--gin.ppo.minibatch_size=8", "--gin.RolloutConfig.group_size=1",
@@ -183,6 +185,11 @@ def test_two_processes_sample_and_train_like_one(runs, method, mesh):
             assert set(ra) == set(rb) >= {"eval/score", "eval/rewards/reward_model/mean", "eval/completion_length"}
             for key in ra:
                 assert ra[key] == pytest.approx(rb[key], rel=2e-5, abs=1e-6), (name, ra["step"], key)
+        # The best evaluated state: both processes chose and saved it together, the step of the first best score.
+        scores = {r["step"]: r["eval/score"] for r in evals[0]}
+        summary = json.loads((two / f"{name}_0.json").read_text())["summary"]
+        assert summary["best/step"] == max(scores, key=lambda k: (scores[k], -k))
+        assert Checkpointer(two / name / "checkpoints_best").all_steps() == [summary["best/step"]]
     # The samples log (rollout 1; written by process 0 alone): the same completions and scores.
     logs = [[json.loads(line) for line in (d / name / "samples" / "rollout_000001.jsonl").read_text().splitlines()]
             for d in (two, one)]
@@ -214,4 +221,8 @@ def test_checkpoint_of_two_processes_resumes_in_one_process_identically(runs):
     assert [r["rollout"] for r in resumed] == [1, 2, 3]  # rollouts 1-2 written by the 2-process run
     assert _tokens(one, "grpo_resumed", 0)[0].tolist() == _tokens(one, "grpo", 0)[2].tolist()
     assert resumed[2]["loss"] == pytest.approx(straight[2]["loss"], rel=2e-5, abs=1e-6)
+    # The best state the 2-process run kept (its checkpoints_best) carried on: the same best as straight through.
+    best = [json.loads((one / f"{n}_0.json").read_text())["summary"] for n in ("grpo_resumed", "grpo")]
+    assert best[0]["best/step"] == best[1]["best/step"]
+    assert best[0]["best/value"] == pytest.approx(best[1]["best/value"], rel=2e-5, abs=1e-6)
     _assert_same_weights(one / "grpo_resumed", one / "grpo")
