@@ -96,6 +96,7 @@ def online_evaluator(eval_data: Any, roller: Any, online, policy_of: Callable[[A
     """
     if eval_data is None:
         return None
-    rows = load_rows(eval_data) if isinstance(eval_data, (str, bytes)) or hasattr(eval_data, "__fspath__") else eval_data
+    is_path = isinstance(eval_data, (str, bytes)) or hasattr(eval_data, "__fspath__")
+    rows = load_rows(eval_data) if is_path else eval_data
     return RewardEvaluator(make_eval_roller(roller), rows, roller.tokenizer, online.max_prompt_len,
                            online.prompts_per_rollout * roller.cfg.group_size, policy_of, reference_of)

@@ -41,9 +41,11 @@ class SamplingConfig:
     """How to sample.
 
     ``temperature == 0`` is greedy (argmax; ``top_k``/``top_p``/``min_p`` are then
-    irrelevant). ``top_k == 0``, ``top_p == 1.0`` and ``min_p == 0`` switch those filters
-    off (:func:`~jaxpost.generate.processing.process_logits`: temperature, top-k, top-p, min-p, as Hugging Face). A row stops after emitting any of ``stop_token_ids`` (the stop
-    token is part of the completion); later slots hold ``pad_token_id``.
+    irrelevant). ``top_k == 0``, ``top_p == 1.0`` and ``min_p == 0`` switch
+    those filters off (:func:`~jaxpost.generate.processing.process_logits`:
+    temperature, top-k, top-p, min-p, in Hugging Face's order). A row stops
+    after emitting any of ``stop_token_ids`` (the stop token is part of the
+    completion); later slots hold ``pad_token_id``.
     ``group_size`` G repeats every prompt G times (GRPO/RLOO groups): output
     row ``b * G + g`` is sample ``g`` of prompt ``b``; the group shares one
     prefill of its prompt. ``cache_dtype`` is the KV cache's dtype (None:

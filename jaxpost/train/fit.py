@@ -32,7 +32,8 @@ from jaxpost.train.state import abstract_state, init_sharded_state, state_shardi
 from jaxpost.train.step import batch_shardings, compile_train_step, make_train_step
 from jaxpost.train.trainable import stop_frozen_gradients
 
-__all__ = ["PeekedBatches", "LoopConfig", "check_best_settings", "count_epoch_batches", "finish_run", "fit", "make_evaluator"]
+__all__ = ["PeekedBatches", "LoopConfig", "check_best_settings", "count_epoch_batches", "finish_run", "fit",
+           "make_evaluator"]
 
 
 @gin.configurable
