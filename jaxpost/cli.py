@@ -162,13 +162,12 @@ def _generate(argv: Sequence[str]) -> int:
     args = p.parse_args(argv)
     from jaxpost import distributed
     from jaxpost.compile_cache import compilation_cache
-    from jaxpost.generate import SamplingConfig, generate_to_jsonl
+    from jaxpost.generate import generate_to_jsonl
 
     _find_model_flags(args.model, args.tokenizer)
     distributed.initialize()
     compilation_cache()
-    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, min_p=args.min_p)
+    sampling = _sampling_config(args)
     # A UserError (bad prompts, --out equal to --prompts...) reaches main(): one line on stderr, exit 2.
     n = generate_to_jsonl(args.model, args.tokenizer or args.model, args.prompts, args.out, sampling,
                           n_samples_per_prompt=args.n, batch_size=args.batch_size, seed=args.seed)
@@ -219,6 +218,17 @@ def _sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--top_p", type=_float_where(lambda v: 0 < v <= 1, "in (0, 1]"), default=1.0, help="1 = off")
     p.add_argument("--min_p", type=_float_where(lambda v: 0 <= v <= 1, "in [0, 1]"), default=0.0,
                    help="keep tokens at least min_p times as likely as the top one; 0 = off")
+    p.add_argument("--repetition_penalty", type=_float_where(lambda v: v > 0, "> 0"), default=1.0,
+                   help="divide a positive logit (multiply a negative one) of every token already in the prompt "
+                        "or the completion by this; 1 = off")
+
+
+def _sampling_config(args: argparse.Namespace):
+    """The :class:`~jaxpost.generate.SamplingConfig` of :func:`_sampling_flags`' flags."""
+    from jaxpost.generate import SamplingConfig
+
+    return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty)
 
 
 def _synthesize(argv: Sequence[str]) -> int:
@@ -233,7 +243,6 @@ def synthesize_main(argv: Sequence[str] | None = None) -> int:
 
     Returns 0; a bad argument exits through argparse (status 2).
     """
-    from jaxpost.generate.sampler import SamplingConfig
     from jaxpost.generate.synthesis import MODES
     from jaxpost.recipes.synthetic import synthesize
 
@@ -268,8 +277,7 @@ def synthesize_main(argv: Sequence[str] | None = None) -> int:
     else:
         scorer = a.reward_model
     synthesize(model_dir=a.model, tokenizer=a.tokenizer, prompts=a.prompts, out_dir=a.out, n_samples=a.n,
-               sampling=SamplingConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                                       top_p=a.top_p, min_p=a.min_p),
+               sampling=_sampling_config(a),
                scorer=scorer, mode=a.mode, min_score=a.min_score, min_chars=a.min_chars, max_chars=a.max_chars,
                dedup=not a.no_dedup, require_finished=a.require_finished, batch_size=a.batch_size,
                max_prompt_len=a.max_prompt_len, seed=a.seed)

@@ -165,6 +165,24 @@ def test_cli_refuses_out_equal_to_prompts_and_accepts_relative_paths(setup, tmp_
     assert (tmp_path / "rel" / "samples.jsonl").read_bytes() == kept
 
 
+def test_cli_sampling_flags_reach_the_sampler(setup, tmp_path, monkeypatch):
+    """``--temperature --top_k --top_p --min_p --repetition_penalty`` sample what that SamplingConfig samples."""
+    from jaxpost.cli import main
+
+    tmp, tok, config, graphdef, params, prompts = setup
+    monkeypatch.chdir(tmp_path)
+    flags = {"temperature": 0.7, "top_k": 40, "top_p": 0.95, "min_p": 0.01, "repetition_penalty": 3.0}
+    argv = ["generate", "--model", str(tmp / "model"), "--tokenizer", str(tmp / "tok"), "--prompts", str(prompts),
+            "--n", "2", "--max_new_tokens", "8", "--seed", "1", "--out", "cli.jsonl"]
+    assert main(argv + [x for k, v in flags.items() for x in (f"--{k}", str(v))]) == 0
+    model = (config, graphdef, params)
+    for name, sampling in (("same.jsonl", SamplingConfig(max_new_tokens=8, **flags)),
+                           ("plain.jsonl", SamplingConfig(max_new_tokens=8, **{**flags, "repetition_penalty": 1.0}))):
+        generate_to_jsonl(model, tok, prompts, tmp_path / name, sampling, n_samples_per_prompt=2, batch_size=8, seed=1)
+    assert (tmp_path / "cli.jsonl").read_text() == (tmp_path / "same.jsonl").read_text()
+    assert (tmp_path / "cli.jsonl").read_text() != (tmp_path / "plain.jsonl").read_text()
+
+
 @pytest.mark.parametrize("command", ["generate", "synthesize"])
 @pytest.mark.parametrize("flag,value,message", [
     ("--n", "0", "argument --n: must be >= 1, got 0"),
@@ -175,6 +193,7 @@ def test_cli_refuses_out_equal_to_prompts_and_accepts_relative_paths(setup, tmp_
     ("--top_p", "1.5", "argument --top_p: must be in (0, 1], got 1.5"),
     ("--top_p", "0", "argument --top_p: must be in (0, 1], got 0.0"),
     ("--min_p", "1.5", "argument --min_p: must be in [0, 1], got 1.5"),
+    ("--repetition_penalty", "0", "argument --repetition_penalty: must be > 0, got 0.0"),
     ("--batch_size", "two", "argument --batch_size: invalid int value: 'two'"),
 ])
 def test_cli_flags_out_of_range_name_the_flag(command, flag, value, message, capsys, tmp_path):

@@ -323,6 +323,60 @@ def test_processing_equals_transformers_logits_warpers():
         assert 0 < np.isfinite(got).sum() < z.size or (top_k, top_p, min_p) == (0, 1.0, 0.0)
 
 
+def test_repetition_penalty_by_hand_and_against_transformers():
+    import torch
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    # Context ids 0, 1, 1 (id 4 sits under padding): penalty 2 halves the positive logit of id 0 and doubles
+    # the negative one of id 1; unseen ids keep theirs.
+    seen = processing.seen_tokens(jnp.asarray([[4, 0, 1, 1]]), jnp.asarray([[0, 1, 1, 1]]), 5)
+    np.testing.assert_array_equal(np.asarray(seen)[0], [True, True, False, False, False])
+    z = jnp.asarray([[2.0, -1.0, 0.5, 3.0, 0.0]])
+    np.testing.assert_allclose(np.asarray(processing.penalize_repetitions(z, seen, 2.0))[0], [1.0, -2.0, 0.5, 3.0, 0.0])
+    np.testing.assert_array_equal(np.asarray(processing.penalize_repetitions(z, seen, 1.0)), np.asarray(z))
+    rng = np.random.default_rng(1)
+    z = rng.normal(0, 2.0, (16, 50)).astype(np.float32)
+    ids = rng.integers(0, 50, (16, 12))
+    seen = processing.seen_tokens(jnp.asarray(ids), jnp.ones(ids.shape, bool), 50)
+    for penalty in (1.3, 0.7):
+        want = RepetitionPenaltyLogitsProcessor(penalty)(torch.from_numpy(ids), torch.from_numpy(z.copy())).numpy()
+        got = np.asarray(processing.penalize_repetitions(jnp.asarray(z), seen, penalty))
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        assert (got != z).sum() > 100
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8], ids=["greedy", "sampled"])
+def test_repetition_penalty_against_the_full_forward(model, greedy_run, temperature):
+    """Each step penalises the row's prompt and its tokens so far, written out here from the full forward."""
+    graphdef, params = model
+    tokens, mask = left_pad(PROMPTS)
+    G, penalty, P, V = 2, 1.8, tokens.shape[1], CONFIG.vocab_size
+    s = SamplingConfig(max_new_tokens=N, temperature=temperature, top_k=12, repetition_penalty=penalty,
+                       group_size=G)
+    out = jax.device_get(sample(graphdef, params, CONFIG, tokens, mask, jax.random.key(5), s))
+    rep_tokens, rep_mask = np.repeat(tokens, G, 0), np.repeat(mask, G, 0)
+    seq, hidden = full_forward(graphdef, params, rep_tokens, rep_mask, out.tokens)
+    z = np.asarray(logits(params, CONFIG, hidden))[:, P - 1:P - 1 + N].astype(np.float64)
+    for b in range(len(PROMPTS) * G):
+        context = set(rep_tokens[b][rep_mask[b] > 0].tolist())
+        for t in range(N):
+            zt = z[b, t].copy()
+            seen = np.isin(np.arange(V), sorted(context))
+            zt[seen] = np.where(zt[seen] > 0, zt[seen] / penalty, zt[seen] * penalty)
+            tok = int(out.tokens[b, t])
+            if temperature == 0:
+                assert tok == np.argmax(zt), (b, t)
+            else:
+                q = np.asarray(jax.nn.log_softmax(processing.process_logits(jnp.asarray(zt, jnp.float32), 0.8, 12)))
+                np.testing.assert_allclose(out.processed_logprobs[b, t], q[tok], atol=2e-5, err_msg=str((b, t)))
+            context.add(tok)
+    # logprobs stay those of the unpenalised model, the training forward's quantity.
+    raw = np.take_along_axis(np.asarray(jax.nn.log_softmax(z, -1)), out.tokens[..., None], -1)[..., 0]
+    np.testing.assert_allclose(out.logprobs, raw, atol=2e-5)
+    if temperature == 0:  # the penalty changed the greedy completions
+        assert (out.tokens[::G] != greedy_run[2].tokens).any()
+
+
 def test_top_k_and_temperature_by_hand():
     z = jnp.asarray([[1.0, 4.0, 2.0, 3.0]])
     np.testing.assert_array_equal(np.isfinite(np.asarray(processing.top_k_filter(z, 2)))[0],

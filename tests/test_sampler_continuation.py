@@ -86,11 +86,13 @@ def model():
     return graphdef, peaked(params)
 
 
-def test_continuation_equals_reprefill(model):
+@pytest.mark.parametrize("penalty", [1.0, 2.0], ids=["plain", "repetition_penalty"])
+def test_continuation_equals_reprefill(model, penalty):
+    """With a repetition penalty, a turn's context is the whole conversation, as a re-prefill's is."""
     graphdef, params = model
-    smp = Sampler(graphdef, CONFIG, sampling())
+    smp = Sampler(graphdef, CONFIG, sampling(repetition_penalty=penalty))
     outs, state = converse(smp, params, jax.random.key(3))
-    conv = reference(Sampler(graphdef, CONFIG, sampling()), params, jax.random.key(3), outs)
+    conv = reference(Sampler(graphdef, CONFIG, sampling(repetition_penalty=penalty)), params, jax.random.key(3), outs)
     check_variety(outs)
     # The carry's invariant: each row's cache holds its conversation but the last sampled token.
     carry = jax.device_get(state.carry)

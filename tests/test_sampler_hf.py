@@ -88,3 +88,27 @@ def test_logprobs_match_transformers(hf_dir, scan):
     P = tokens.shape[1]
     ref = np.take_along_axis(logp[:, P - 1:P - 1 + N], out.tokens[..., None], -1)[..., 0]
     np.testing.assert_allclose(out.logprobs, ref, atol=2e-5)
+
+
+def test_greedy_with_a_repetition_penalty_matches_transformers_generate(hf_dir):
+    """``repetition_penalty`` as transformers applies it: over the prompt and the tokens sampled so far.
+
+    Each prompt goes to transformers alone: with left padding, its penalty
+    would also count the pad id, which is not in a row's context here.
+    """
+    path, hf_model = hf_dir
+    config, graphdef, params = load_hf(path)
+    want = []
+    for prompt in PROMPTS:
+        with torch.no_grad():
+            gen = hf_model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones((1, len(prompt)),
+                                    dtype=torch.long), do_sample=False, max_new_tokens=N, min_new_tokens=N,
+                                    repetition_penalty=1.6, eos_token_id=None, pad_token_id=PAD)
+        want.append(gen[0, len(prompt):].numpy())
+    tokens, mask = left_pad(PROMPTS, pad_token_id=PAD)
+    s = SamplingConfig(max_new_tokens=N, temperature=0.0, pad_token_id=PAD, repetition_penalty=1.6)
+    out = jax.device_get(sample(graphdef, params, config, tokens, mask, jax.random.key(0), s))
+    np.testing.assert_array_equal(out.tokens, np.stack(want))
+    # The penalty changed what greedy picks (the check is not vacuous).
+    plain = hf_greedy(hf_model, PROMPTS, None)
+    assert (plain != out.tokens).any()

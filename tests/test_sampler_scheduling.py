@@ -69,6 +69,15 @@ def reference(model):
                        max_new_tokens=BUDGETS))
 
 
+@pytest.fixture(scope="module")
+def penalised(model):
+    """The plain while loop with a repetition penalty: each row's context ``[b, V]`` in the loop's state."""
+    graphdef, params = model
+    tokens, mask = left_pad(PROMPTS)
+    return host(sample(graphdef, params, CONFIG, tokens, mask, jax.random.key(4),
+                       sampling(cache_block=0, repetition_penalty=3.0), max_new_tokens=BUDGETS))
+
+
 def test_cache_capacities():
     assert cache_capacities(7, 24, 8) == [8, 16, 24, 31]
     assert cache_capacities(64, 256, 64) == [128, 192, 256, 320]
@@ -110,6 +119,16 @@ def test_growing_cache_and_compaction_change_nothing(model, reference):
                 assert batches[0] == 16 and batches[-1] < 4 and batches == sorted(batches, reverse=True)
                 caps = [c for _, c in smp.phases]
                 assert caps == sorted(caps) and (len(set(caps)) > 1) == (block > 0)
+
+
+def test_compaction_carries_each_rows_repetition_context(model, reference, penalised):
+    """Compacted and regrouped rows keep the ids they have seen: the same completions as the plain loop."""
+    graphdef, params = model
+    tokens, mask = left_pad(PROMPTS)
+    smp = Sampler(graphdef, CONFIG, sampling(repetition_penalty=3.0), compact=True)
+    assert_same(host(smp(params, tokens, mask, jax.random.key(4), max_new_tokens=BUDGETS)), penalised)
+    assert len(smp.phases) > 2
+    assert (penalised.tokens != reference.tokens).any()  # the penalty is on
 
 
 def test_greedy_rows_alone_equal_rows_in_a_batch(model):
@@ -180,7 +199,7 @@ MESHES = {
 
 
 @pytest.mark.parametrize("mesh", sorted(MESHES))
-def test_sharded_scheduling_equals_one_device(model, reference, mesh):
+def test_sharded_scheduling_equals_one_device(model, reference, penalised, mesh):
     graphdef, _ = model
     shape, rules = MESHES[mesh]
     part = Partitioner(make_mesh(**shape), rules)
@@ -193,6 +212,9 @@ def test_sharded_scheduling_equals_one_device(model, reference, mesh):
     shards = 8 if mesh != "fsdp_tp" else 4
     assert all(b % shards == 0 for b, _ in smp.phases) and smp.phases[-1][0] < smp.phases[0][0]
     assert_same(host(out), reference)
+    if mesh == "fsdp_tp":  # each row's repetition context beside logits sharded over the vocabulary
+        smp = Sampler(graphdef, CONFIG, sampling(repetition_penalty=3.0), partitioner=part, compact=True)
+        assert_same(host(smp(params, tokens, mask, jax.random.key(4), max_new_tokens=BUDGETS)), penalised)
 
 
 def test_benchmark_script_runs_tiny():

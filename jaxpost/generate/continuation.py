@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxpost.generate.decode import (STATIC_ARGS, constrain_cache, constrain_rows, fresh_rows, ladder,
-                                     partitioner_scope, prefill, record, sample_output)
+from jaxpost.generate.decode import (STATIC_ARGS, constrain_cache, constrain_rows, context_seen, fresh_rows,
+                                     ladder, partitioner_scope, prefill, record, sample_output)
 from jaxpost.generate.prompts import bucket_length
 from jaxpost.models.api import forward
 from jaxpost.models.attention import KVCache, pad_cache
@@ -37,13 +37,16 @@ class Carry:
     token (slots of other content -- padding, stopped rows' feeds -- are
     segment 0); ``n_real [b]`` counts the row's tokens in it (the position of
     its next token); ``last [b]`` is the row's last sampled token and
-    ``has_last [b]`` whether the last call sampled one for the row.
+    ``has_last [b]`` whether the last call sampled one for the row;
+    ``seen [b, V]`` the ids of the whole conversation so far, ``last``
+    included (the repetition penalty's context; ``[b, 0]`` without one).
     """
 
     cache: KVCache
     n_real: jax.Array
     last: jax.Array
     has_last: jax.Array
+    seen: jax.Array
 
 
 @dataclasses.dataclass
@@ -123,7 +126,8 @@ def _extend_impl(graphdef, params, carry, new_tokens, new_mask, budget, key_ids,
         logits = lm_logits(params, config, hidden[:, -1])  # the chunk's last slot: each live row's last token
         budget = jnp.clip(jnp.asarray(budget, jnp.int32), 0, sampling.max_new_tokens)
         n_real = carry.n_real + segments.sum(-1)
-        st = fresh_rows(cache, n_real, budget, key_ids, sampling)
+        seen = carry.seen | context_seen(tokens, segments, logits.shape[-1], sampling)
+        st = fresh_rows(cache, n_real, budget, key_ids, sampling, seen)
         return record(constrain_rows(st, config), logits, rng, sampling)
 
 
@@ -149,7 +153,7 @@ def _settle_impl(st, start, *, config, partitioner, rows):
         last = jnp.take_along_axis(st.tokens, jnp.maximum(L - 1, 0)[:, None], -1)[:, 0]
         row = lambda x: constrain(x, ("batch",))
         carry = Carry(cache=constrain_cache(cache, config), n_real=row(st.n_real + jnp.maximum(L - 1, 0)),
-                       last=row(last), has_last=row(has))
+                       last=row(last), has_last=row(has), seen=constrain(st.seen, ("batch", None)))
         return sample_output(st.tokens, st.logprobs, st.processed, st.mask, st.finished)[:rows], carry
 
 

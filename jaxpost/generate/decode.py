@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxpost.generate.processing import choose_tokens, log_softmax_parts
+from jaxpost.generate.processing import choose_tokens, log_softmax_parts, penalize_repetitions, seen_tokens
 from jaxpost.generate.sampling_config import SampleOutput, SamplingConfig
 from jaxpost.models.api import forward, fused_projections, inputs_from_attention_mask
 from jaxpost.models.attention import KVCache, cache_logical_axes, init_cache, map_layer_caches, pad_cache
@@ -90,6 +90,7 @@ class Rows:
     logprobs: jax.Array
     processed: jax.Array
     mask: jax.Array
+    seen: jax.Array  # [b, V] bool: ids in the row's context (repetition penalty); [b, 0] when there is none
 
 
 @struct.dataclass
@@ -117,7 +118,7 @@ def constrain_rows(st: Rows, config: ModelConfig) -> Rows:
                       finished=row(st.finished), rows=row(st.rows), key_ids=row(st.key_ids),
                       last_real=row(st.last_real), n_real=row(st.n_real), budget=row(st.budget),
                       tokens=buf(st.tokens), logprobs=buf(st.logprobs), processed=buf(st.processed),
-                      mask=buf(st.mask))
+                      mask=buf(st.mask), seen=buf(st.seen))
 
 
 def record(st: Rows, logits: jax.Array, rng: jax.Array, s: SamplingConfig) -> Rows:
@@ -125,7 +126,9 @@ def record(st: Rows, logits: jax.Array, rng: jax.Array, s: SamplingConfig) -> Ro
     i = st.step
     step_key = jax.random.fold_in(rng, i)
     keys = jax.vmap(lambda r: jax.random.fold_in(step_key, r))(st.key_ids.astype(jnp.uint32))
-    tok, plp = choose_tokens(keys, logits, s.temperature, s.top_k, s.top_p, s.min_p)
+    seen = st.seen
+    chosen_from = penalize_repetitions(logits, seen, s.repetition_penalty) if seen.shape[-1] else logits
+    tok, plp = choose_tokens(keys, chosen_from, s.temperature, s.top_k, s.top_p, s.min_p)
     # The training forward's quantity (heads.token_logprobs), z[t] - logsumexp(z), as (z[t] - max) - log_total:
     # choose_tokens computed the same parts (shared, not recomputed, when it drew from the raw logits).
     shifted, _, log_total = log_softmax_parts(logits.astype(jnp.float32))
@@ -136,10 +139,12 @@ def record(st: Rows, logits: jax.Array, rng: jax.Array, s: SamplingConfig) -> Ro
     hit = (tok[:, None] == jnp.asarray(s.stop_token_ids, jnp.int32)[None, :]).any(-1) if s.stop_token_ids \
         else jnp.zeros_like(alive)
     put = lambda buf, x: jax.lax.dynamic_update_slice(buf, x[:, None].astype(buf.dtype), (0, i))
+    if seen.shape[-1]:  # a comparison, not a scatter: with the vocabulary sharded it stays local
+        seen = seen | ((jnp.arange(seen.shape[-1], dtype=jnp.int32)[None] == tok[:, None]) & alive[:, None])
     return st.replace(step=i + 1, last=tok, last_real=alive, done=st.done | (alive & hit) | (i + 1 >= st.budget),
                       finished=st.finished | (alive & hit), tokens=put(st.tokens, tok),
                       logprobs=put(st.logprobs, lp * live), processed=put(st.processed, plp * live),
-                      mask=put(st.mask, live))
+                      mask=put(st.mask, live), seen=seen)
 
 
 def prefill(graphdef, params, prompt_tokens, prompt_mask, budget, key_ids, rng, config: ModelConfig,
@@ -164,14 +169,22 @@ def prefill(graphdef, params, prompt_tokens, prompt_mask, budget, key_ids, rng, 
     cache = constrain_cache(init_cache(config, prompts, capacity, dtype=s.cache_dtype), config)
     hidden, cache = forward(graphdef, params, tokens, positions, segments, cache)
     first_logits = lm_logits(params, config, hidden[:, -1])  # [prompts, V]: the only prompt logits computed
+    seen = context_seen(tokens, real, first_logits.shape[-1], s)
     if G > 1:
         grow = lambda x: jnp.repeat(x, G, axis=x.ndim - 4 if x.ndim >= 4 else 0)  # batch: axis -4 of k and v
         cache = map_layer_caches(grow, grow, cache).replace(segment_ids=grow(cache.segment_ids))
-        first_logits, n_real, budget = grow(first_logits), grow(n_real), grow(budget)
-    return record(constrain_rows(fresh_rows(cache, n_real, budget, key_ids, s), config), first_logits, rng, s)
+        first_logits, n_real, budget, seen = grow(first_logits), grow(n_real), grow(budget), grow(seen)
+    return record(constrain_rows(fresh_rows(cache, n_real, budget, key_ids, s, seen), config), first_logits, rng, s)
 
 
-def fresh_rows(cache: KVCache, n_real, budget, key_ids, s: SamplingConfig) -> Rows:
+def context_seen(tokens, real, vocab_size: int, s: SamplingConfig) -> jax.Array:
+    """:attr:`Rows.seen` of rows whose context is ``tokens [b, T]`` where ``real``: ``[b, 0]`` without a penalty."""
+    if s.repetition_penalty == 1.0:
+        return jnp.zeros((tokens.shape[0], 0), bool)
+    return seen_tokens(tokens, real, vocab_size)
+
+
+def fresh_rows(cache: KVCache, n_real, budget, key_ids, s: SamplingConfig, seen) -> Rows:
     """Rows at step 0 after a prefill: nothing sampled yet; a row with budget 0 is done from the start."""
     B, N = budget.shape[0], s.max_new_tokens
     return Rows(step=jnp.zeros((), jnp.int32), cache=cache, last=jnp.zeros((B,), jnp.int32),
@@ -179,7 +192,7 @@ def fresh_rows(cache: KVCache, n_real, budget, key_ids, s: SamplingConfig) -> Ro
                  key_ids=jnp.asarray(key_ids, jnp.int32), last_real=jnp.zeros((B,), bool),
                  n_real=n_real.astype(jnp.int32), budget=budget,
                  tokens=jnp.full((B, N), s.pad_token_id, jnp.int32), logprobs=jnp.zeros((B, N), jnp.float32),
-                 processed=jnp.zeros((B, N), jnp.float32), mask=jnp.zeros((B, N), jnp.float32))
+                 processed=jnp.zeros((B, N), jnp.float32), mask=jnp.zeros((B, N), jnp.float32), seen=seen)
 
 
 def _phase(graphdef, params, fused, st: Rows, rng, min_live, config: ModelConfig, s: SamplingConfig) -> Rows:
@@ -316,7 +329,8 @@ def _regroup_impl(st, out, *, config, partitioner, batch, capacity):
                             last=take(st.last), done=take(st.done), finished=take(st.finished), rows=take(st.rows),
                             key_ids=take(st.key_ids), last_real=take(st.last_real),
                             n_real=take(st.n_real), budget=take(st.budget), tokens=take(st.tokens),
-                            logprobs=take(st.logprobs), processed=take(st.processed), mask=take(st.mask))
+                            logprobs=take(st.logprobs), processed=take(st.processed), mask=take(st.mask),
+                            seen=take(st.seen))
         st = st.replace(cache=pad_cache(st.cache, capacity))
         buf = lambda x: constrain(x, ("batch", None))
         out = out.replace(tokens=buf(out.tokens), logprobs=buf(out.logprobs), processed=buf(out.processed),

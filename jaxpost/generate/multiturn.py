@@ -262,7 +262,8 @@ class MultiTurnRoller:
         self.stops = frozenset(int(s) for s in stops)
         sampling = SamplingConfig(max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
                                   top_k=rollout.top_k, top_p=rollout.top_p, min_p=rollout.min_p,
-                                  stop_token_ids=tuple(stops), pad_token_id=self.pad, group_size=1)
+                                  repetition_penalty=rollout.repetition_penalty, stop_token_ids=tuple(stops),
+                                  pad_token_id=self.pad, group_size=1)
         self.sampler = Sampler(graphdef, config, sampling, partitioner)
         self.continuation = self.mt.continuation and config.sliding_window is None
         self._measure = (jax.jit(make_rollout_logprobs(graphdef, config, value_graphdef, rollout.chunk_size))

@@ -1,9 +1,10 @@
-"""Logit processing for sampling: temperature, top-k, top-p (nucleus), min-p, greedy.
+"""Logit processing for sampling: repetition penalty, temperature, top-k, top-p (nucleus), min-p, greedy.
 
 All functions take float32 logits ``[..., V]`` and are pure and jit-friendly.
 Filters set removed entries to ``-inf`` so that ``softmax`` of the result is
 the renormalised distribution over the kept tokens. The order matches
-Hugging Face's logits warpers: temperature, then top-k, top-p, min-p.
+Hugging Face's ``generate``: the repetition penalty (a logits processor),
+then the warpers temperature, top-k, top-p, min-p.
 """
 
 from __future__ import annotations
@@ -12,6 +13,34 @@ import jax
 import jax.numpy as jnp
 
 NEG_INF = -jnp.inf
+
+
+def penalize_repetitions(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
+    """CTRL's repetition penalty (Keskar et al. 2019) on the tokens a row has seen.
+
+    ``seen`` bool ``[..., V]``: the token occurs in the row's context (its
+    prompt and what it sampled so far). A seen token's logit ``z`` becomes
+    ``z / penalty`` if ``z > 0`` else ``z * penalty``, so ``penalty > 1``
+    makes every repeat less likely whatever its sign (Hugging Face's
+    ``RepetitionPenaltyLogitsProcessor``, vLLM's ``repetition_penalty``);
+    ``penalty == 1`` changes nothing.
+    """
+    if penalty <= 0:
+        raise ValueError(f"repetition penalty must be > 0, got {penalty}")
+    if penalty == 1.0:
+        return logits
+    return jnp.where(seen, jnp.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+def seen_tokens(tokens: jax.Array, real: jax.Array, vocab_size: int) -> jax.Array:
+    """``seen [B, V]`` bool: which ids occur among each row's real tokens (``tokens [B, T]``, ``real [B, T]``).
+
+    A scatter, not a ``[B, T, V]`` comparison: a long prompt over a large
+    vocabulary would not fit that in memory. Ids under padding are ignored.
+    """
+    B = tokens.shape[0]
+    hits = jnp.zeros((B, vocab_size), jnp.int32).at[jnp.arange(B)[:, None], jnp.clip(tokens, 0, vocab_size - 1)]
+    return hits.add(real.astype(jnp.int32)) > 0
 
 
 def apply_temperature(logits: jax.Array, temperature: float) -> jax.Array:

@@ -54,7 +54,9 @@ class RolloutConfig:
     candidates). ``missing_eos_penalty`` (TRL): subtracted from the score of
     every completion that hit ``max_new_tokens`` without a stop token
     (None = no penalty). ``stop_token_ids`` end a completion (None: the
-    tokenizer's eos and end-of-turn tokens). Log-probs are those of the untempered model (the
+    tokenizer's eos and end-of-turn tokens). ``repetition_penalty`` (TRL's,
+    1 = off) discourages tokens already in the prompt or the completion.
+    Log-probs are those of the untempered model (the
     sampler's ``logprobs``); with ``temperature != 1`` the samples come from
     the tempered distribution, so keep ``temperature = 1`` for exact
     on-policy ratios.
@@ -65,6 +67,7 @@ class RolloutConfig:
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
+    repetition_penalty: float = 1.0
     group_size: int = 1
     missing_eos_penalty: float | None = None
     stop_token_ids: tuple[int, ...] | None = None
@@ -269,8 +272,8 @@ class Roller:
         stops = rollout.stop_token_ids if rollout.stop_token_ids is not None else stop_token_ids(tokenizer)
         sampling = SamplingConfig(max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
                                   top_k=rollout.top_k, top_p=rollout.top_p, min_p=rollout.min_p,
-                                  stop_token_ids=tuple(stops), pad_token_id=self.pad,
-                                  group_size=rollout.group_size)
+                                  repetition_penalty=rollout.repetition_penalty, stop_token_ids=tuple(stops),
+                                  pad_token_id=self.pad, group_size=rollout.group_size)
         self.sampler = Sampler(graphdef, config, sampling, partitioner)
         self._measure = (jax.jit(make_rollout_logprobs(graphdef, config, value_graphdef, rollout.chunk_size))
                          if measure else None)

@@ -21,7 +21,8 @@ def check_sampling_values(config: Any) -> None:
     """Raises :class:`~jaxpost.errors.UserError` naming ``<config's class>.<field>`` for an out-of-range value.
 
     Checks ``max_new_tokens >= 1``, ``temperature >= 0``, ``top_k >= 0``,
-    ``0 < top_p <= 1``, ``0 <= min_p <= 1`` and ``group_size >= 1`` of any config holding them
+    ``0 < top_p <= 1``, ``0 <= min_p <= 1``, ``repetition_penalty > 0`` and ``group_size >= 1`` of any
+    config holding them
     (:class:`SamplingConfig`, and :class:`~jaxpost.generate.rollout.RolloutConfig`,
     whose values a rollout's sampler takes), so the message names the key
     the user bound.
@@ -32,6 +33,8 @@ def check_sampling_values(config: Any) -> None:
     require(f"{name}.top_k", c.top_k, c.top_k >= 0, ">= 0 (0 = off)")
     require(f"{name}.top_p", c.top_p, 0.0 < c.top_p <= 1.0, "in (0, 1] (1 = off)")
     require(f"{name}.min_p", c.min_p, 0.0 <= c.min_p <= 1.0, "in [0, 1] (0 = off)")
+    require(f"{name}.repetition_penalty", c.repetition_penalty, c.repetition_penalty > 0,
+            "> 0 (1 = off; above 1 discourages repeats)")
     require(f"{name}.group_size", c.group_size, c.group_size >= 1, ">= 1")
 
 
@@ -43,7 +46,12 @@ class SamplingConfig:
     ``temperature == 0`` is greedy (argmax; ``top_k``/``top_p``/``min_p`` are then
     irrelevant). ``top_k == 0``, ``top_p == 1.0`` and ``min_p == 0`` switch
     those filters off (:func:`~jaxpost.generate.processing.process_logits`:
-    temperature, top-k, top-p, min-p, in Hugging Face's order). A row stops
+    temperature, top-k, top-p, min-p, in Hugging Face's order).
+    ``repetition_penalty`` (CTRL's, as in transformers and vLLM; 1 = off)
+    scales the logits of every token already in the row -- its prompt, the
+    earlier turns of a conversation, what it sampled -- before all of those,
+    greedy included (:func:`~jaxpost.generate.processing.penalize_repetitions`).
+    Like the filters it changes what is drawn, not ``logprobs``. A row stops
     after emitting any of ``stop_token_ids`` (the stop token is part of the
     completion); later slots hold ``pad_token_id``.
     ``group_size`` G repeats every prompt G times (GRPO/RLOO groups): output
@@ -74,6 +82,7 @@ class SamplingConfig:
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
+    repetition_penalty: float = 1.0
     stop_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
     group_size: int = 1
@@ -106,7 +115,8 @@ class SampleOutput:
       quantity a training forward recomputes (``token_logprobs``), so
       importance ratios start at exactly 1. 0 where ``completion_mask`` is 0.
     * ``processed_logprobs`` float32 ``[B, N]``: log-prob under the
-      distribution actually sampled from (after temperature/top-k/top-p; 0
+      distribution actually sampled from (after the repetition penalty,
+      temperature, top-k/top-p/min-p; 0
       for greedy, a point mass). 0 where ``completion_mask`` is 0.
     * ``completion_mask`` float32 ``[B, N]``: 1 up to and including the stop token.
     * ``lengths`` int32 ``[B]``: ``completion_mask.sum(-1)``.

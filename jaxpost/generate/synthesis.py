@@ -248,12 +248,13 @@ def episode_roller(graphdef, config: ModelConfig, tokenizer: Any, partitioner: P
     """The :class:`MultiTurnRoller` of ``synthesize``: ``sampling.group_size`` episodes per prompt.
 
     Each model turn is sampled as ``sampling`` says (``max_new_tokens`` per
-    turn, temperature, top-k/p, stop ids); the episode budgets come from
-    gin's ``MultiTurnConfig``.
+    turn, temperature, top-k/p, min-p, repetition penalty, stop ids); the
+    episode budgets come from gin's ``MultiTurnConfig``.
     """
     rollout = RolloutConfig(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                             top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
-                            group_size=sampling.group_size, stop_token_ids=sampling.stop_token_ids)
+                            repetition_penalty=sampling.repetition_penalty, group_size=sampling.group_size,
+                            stop_token_ids=sampling.stop_token_ids)
     return MultiTurnRoller(graphdef, config, tokenizer, partitioner, environment, rollout, build(MultiTurnConfig))
 
 

@@ -171,7 +171,7 @@ def _compile_sampler(setup: Setup, part: Partitioner):
 
     ro, config = setup.rollout, setup.config
     sampling = SamplingConfig(max_new_tokens=ro.max_new_tokens, group_size=ro.group_size, pad_token_id=0,
-                              stop_token_ids=(1,))
+                              stop_token_ids=(1,), repetition_penalty=ro.repetition_penalty)
     shards = part.shards("batch")
     prompt_sh = part.batch_sharding(2) if ro.prompts % shards == 0 else part.replicated
 

@@ -36,12 +36,16 @@ __all__ = ["METHODS", "Setup", "Rollout", "recipe_arg"]
 
 @dataclasses.dataclass
 class Rollout:
-    """One rollout's sampling shapes: ``prompts`` (bucketed) prompts of ``prompt_len`` tokens, x ``group_size``."""
+    """One rollout's sampling shapes: ``prompts`` (bucketed) prompts of ``prompt_len`` tokens, x ``group_size``.
+
+    ``repetition_penalty != 1`` adds each row's ``[V]`` context to the sampler's state.
+    """
 
     prompts: int
     prompt_len: int
     max_new_tokens: int
     group_size: int
+    repetition_penalty: float = 1.0
 
 
 @dataclasses.dataclass
@@ -384,7 +388,8 @@ def _rollout_shapes(rollout_cfg, online, part: Partitioner) -> Rollout:
     from jaxpost.generate.sampler import bucket_length
     return Rollout(prompts=_bucket_batch(online.prompts_per_rollout, part),
                    prompt_len=bucket_length(online.max_prompt_len, 16),
-                   max_new_tokens=rollout_cfg.max_new_tokens, group_size=rollout_cfg.group_size)
+                   max_new_tokens=rollout_cfg.max_new_tokens, group_size=rollout_cfg.group_size,
+                   repetition_penalty=rollout_cfg.repetition_penalty)
 
 
 def _reward_model(config: ModelConfig, part: Partitioner) -> tuple[dict, str]:
