@@ -196,6 +196,7 @@ def test_a_wrong_combination_of_values_is_one_paragraph_naming_the_key(capsys, t
     ("--gin.RolloutConfig.temperature=-1.0", "RolloutConfig.temperature must be >= 0 (0 = greedy), got -1.0"),
     ("--gin.RolloutConfig.top_p=1.5", "RolloutConfig.top_p must be in (0, 1] (1 = off), got 1.5"),
     ("--gin.RolloutConfig.min_p=-0.1", "RolloutConfig.min_p must be in [0, 1] (0 = off), got -0.1"),
+    ("--gin.OnlineConfig.min_delta=-1.0", "OnlineConfig.min_delta must be >= 0, got -1.0"),
     ("--gin.RolloutConfig.repetition_penalty=0.0",
      "RolloutConfig.repetition_penalty must be > 0 (1 = off; above 1 discourages repeats), got 0.0"),
     ("--gin.OnlineConfig.eval_every=2", "OnlineConfig.eval_every=2 (best_metric=None) evaluates held-out prompts, "

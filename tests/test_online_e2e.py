@@ -137,7 +137,8 @@ def test_the_best_evaluated_policy_stops_the_run_and_is_exported(gin_scope, data
                     model=CONFIG, rollout=RolloutConfig(max_new_tokens=6, group_size=2), minibatch_size=8,
                     eval_data=str(data / "held_out.jsonl"),
                     online=OnlineConfig(num_rollouts=5, prompts_per_rollout=4, max_prompt_len=16, eval_every=1,
-                                        best_metric="eval/score", export_best=True, patience=1, progress=False))
+                                        best_metric="eval/score", export_best=True, patience=1, min_delta=1e-3,
+                                        progress=False))
 
     summary = run()
     records = [json.loads(line) for line in (data / "best" / "metrics.jsonl").read_text().splitlines()]
@@ -146,6 +147,7 @@ def test_the_best_evaluated_policy_stops_the_run_and_is_exported(gin_scope, data
     assert list(evals) == [1, 2] and evals[2] < evals[1], evals
     assert (summary["stopped_early"], summary["rollout"], summary["best/step"], summary["step"]) == (True, 2, 1, 1)
     assert summary["best/value"] == evals[1]
+    assert "eval/score has not improved by more than 0.001" in summary["stop_reason"]  # min_delta reaches the loop
     assert Checkpointer(data / "best" / "checkpoints_best").all_steps() == [1]
     assert Checkpointer(data / "best" / "checkpoints").all_steps() == [2]  # the last state stays for resuming
     # The final evaluation samples again from the restored state (the evaluator last saw step 2): rollout 1's score.

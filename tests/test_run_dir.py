@@ -87,6 +87,20 @@ def test_resume_with_a_changed_config_is_refused_naming_each_key(tmp_path):
     _open(tmp_path, "make_optimizer.learning_rate = 0.001", "LoopConfig.num_steps = 30")
 
 
+def test_an_online_run_resumes_with_new_cadences_and_stopping_settings(tmp_path):
+    """As LoopConfig's: how often an online run logs, evaluates, saves and writes samples, and when it stops early,
+    may change on resume; what it samples and trains on may not."""
+    _open(tmp_path, "OnlineConfig.num_rollouts = 4", "OnlineConfig.prompts_per_rollout = 8")
+    _fake_checkpoint(tmp_path)
+    rd.release_run_dirs()
+    _open(tmp_path, "OnlineConfig.num_rollouts = 8", "OnlineConfig.prompts_per_rollout = 8", "OnlineConfig.log_every = 2",
+          "OnlineConfig.eval_every = 2", "OnlineConfig.save_every = 2", "OnlineConfig.samples_every = 0",
+          "OnlineConfig.progress = False", "OnlineConfig.patience = 3", "OnlineConfig.min_delta = 0.01")
+    rd.release_run_dirs()
+    with pytest.raises(UserError, match=r"OnlineConfig\.prompts_per_rollout: 8 -> 16"):
+        _open(tmp_path, "OnlineConfig.prompts_per_rollout = 16")
+
+
 def test_allow_continues_and_restart_moves_the_old_run_aside(tmp_path, capsys):
     run = tmp_path / "run"
     _open(run, "make_optimizer.learning_rate = 0.001")

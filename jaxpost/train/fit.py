@@ -94,8 +94,6 @@ class LoopConfig:
             value = getattr(self, name)
             if value is not None and value < low:
                 raise UserError(f"LoopConfig.{name} must be >= {low}, got {value}")
-        if self.min_delta < 0:
-            raise UserError(f"LoopConfig.min_delta must be >= 0, got {self.min_delta}")
         check_best_settings(self, "eval/loss", "held-out data")
 
 
@@ -103,13 +101,15 @@ def check_best_settings(config: Any, example: str, held_out: str) -> None:
     """Raises :class:`UserError` naming ``<config's class>.<field>`` for best-state settings that cannot work.
 
     ``config`` has ``best_metric``, ``best_mode``, ``export_best``,
-    ``patience`` and ``eval_every`` (:class:`LoopConfig`,
+    ``patience``, ``min_delta`` and ``eval_every`` (:class:`LoopConfig`,
     :class:`~jaxpost.train.online.OnlineConfig`); ``example`` is a metric
     of its runs and ``held_out`` what their evaluations read, for the messages.
     """
     c, name = config, type(config).__name__
     if c.patience < 0:
         raise UserError(f"{name}.patience must be >= 0 (0: never stop early), got {c.patience}")
+    if c.min_delta < 0:
+        raise UserError(f"{name}.min_delta must be >= 0, got {c.min_delta}")
     if c.best_metric is None and (c.export_best or c.patience):
         raise UserError(f"{name}: export_best={c.export_best} and patience={c.patience} choose by an evaluation "
                         f"metric; set {name}.best_metric (e.g. {example!r}) and eval_every")

@@ -69,7 +69,10 @@ class OnlineConfig:
     keeps the best evaluated policy in ``run_dir/checkpoints_best``;
     ``best_mode`` ``'max'`` or ``'min'``; ``export_best`` ends the run with
     it (``run_dir/final`` is the best policy); ``patience > 0`` stops the
-    run after that many evaluations in a row without improvement.
+    run after that many evaluations in a row without improvement by more
+    than ``min_delta``. The cadences (``log_every``, ``eval_every``,
+    ``samples_every``, ``save_every``), ``progress``, ``patience`` and
+    ``min_delta`` may change when a run resumes (``run_dir.RESUMABLE_KEYS``).
     """
 
     num_rollouts: int = 100
@@ -86,6 +89,7 @@ class OnlineConfig:
     best_mode: str = "max"
     export_best: bool = False
     patience: int = 0
+    min_delta: float = 0.0
 
     def __post_init__(self):
         for name in ("num_rollouts", "prompts_per_rollout", "max_prompt_len", "log_every"):
@@ -306,7 +310,7 @@ def fit_online(*, run_dir: epath.Path, loss_fn: Callable, params: Any, param_sha
                       save_every=online.save_every * per, keep_checkpoints=online.keep_checkpoints,
                       seed=online.seed, progress=online.progress, eval_every=online.eval_every * per,
                       best_metric=online.best_metric, best_mode=online.best_mode, export_best=online.export_best,
-                      patience=online.patience)
+                      patience=online.patience, min_delta=online.min_delta)
     state = fit(run_dir=run_dir, loss_fn=loss_fn, params=params, param_shardings=param_shardings,
                 partitioner=partitioner, batches=batches, loop=loop, frozen=frozen, frozen_shardings=frozen_shardings,
                 model_config=model_config, extra_metrics=batches.metrics, summary=summary, evaluate=evaluate)

@@ -63,6 +63,8 @@ RESUMABLE_KEYS = (
     "LoopConfig.eval_batches", "LoopConfig.save_every", "LoopConfig.keep_checkpoints", "LoopConfig.progress",
     "LoopConfig.patience", "LoopConfig.min_delta",
     "OnlineConfig.num_rollouts", "OnlineConfig.save_every", "OnlineConfig.keep_checkpoints",
+    "OnlineConfig.log_every", "OnlineConfig.eval_every", "OnlineConfig.samples_every", "OnlineConfig.progress",
+    "OnlineConfig.patience", "OnlineConfig.min_delta",
     "*.run_dir", "MetricsWriter.*", "compilation_cache.*", "ResumeConfig.*",
     "make_mesh.*",  # a checkpoint restores onto any mesh
     "ModelConfig.scan_layers",  # ... and into either layout of the layers
