@@ -94,8 +94,9 @@ def test_an_online_run_resumes_with_new_cadences_and_stopping_settings(tmp_path)
     _fake_checkpoint(tmp_path)
     rd.release_run_dirs()
     _open(tmp_path, "OnlineConfig.num_rollouts = 8", "OnlineConfig.prompts_per_rollout = 8",
-          "OnlineConfig.log_every = 2", "OnlineConfig.eval_every = 2", "OnlineConfig.save_every = 2", "OnlineConfig.samples_every = 0",
-          "OnlineConfig.progress = False", "OnlineConfig.patience = 3", "OnlineConfig.min_delta = 0.01")
+          "OnlineConfig.log_every = 2", "OnlineConfig.eval_every = 2", "OnlineConfig.save_every = 2",
+          "OnlineConfig.samples_every = 0", "OnlineConfig.progress = False", "OnlineConfig.patience = 3",
+          "OnlineConfig.min_delta = 0.01")
     rd.release_run_dirs()
     with pytest.raises(UserError, match=r"OnlineConfig\.prompts_per_rollout: 8 -> 16"):
         _open(tmp_path, "OnlineConfig.prompts_per_rollout = 16")
