@@ -257,6 +257,8 @@ _REQUIRED_EXTRAS = {"grpo": ["--gin.make_reward.names=['my_rewards:exact']"],
      "make_grpo_loss.ratio_level must be one of 'token', 'sequence', got 'seq'"),
     ("grpo", ["--gin.make_grpo_loss.delta=1.1"],
      "make_grpo_loss.delta must be None (off) or > 1 + the upper clip range = 1.28, got 1.1"),
+    ("grpo", ["--gin.make_grpo_loss.top_entropy_quantile=0.0"],
+     "make_grpo_loss.top_entropy_quantile must be in (0, 1] (1 = every token), got 0.0"),
     ("ppo", ["--gin.make_ppo_loss.clip_eps=1.5"], "make_ppo_loss.clip_eps must be in (0, 1), got 1.5"),
     ("grpo", ["--gin.OnlineConfig.best_metric='eval/score'"],
      "OnlineConfig.best_metric='eval/score' needs evaluations: set OnlineConfig.eval_every > 0 and give the run's "

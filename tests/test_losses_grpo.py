@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpost.losses import advantages_of, group_advantages, grpo_loss, rloo_advantages
+from jaxpost.losses import advantages_of, group_advantages, grpo_loss, high_entropy_mask, rloo_advantages
 
 
 def test_group_advantages_hand_example():
@@ -85,6 +85,42 @@ def test_grpo_clipping_and_kl_hand_example():
     assert float(m["clip_ratio/high_mean"]) == pytest.approx(1 / 5)
     assert float(m["clip_ratio/low_mean"]) == pytest.approx(1 / 5)
     assert float(m["clip_ratio/region_mean"]) == pytest.approx(2 / 5)
+
+
+def test_policy_weights_drop_tokens_from_the_surrogate_only():
+    """The clipping example above with tokens (0, 0) and (1, 2) weighted 0: their surrogate terms go, the KL of
+    token (1, 1) and the 5-token normaliser stay (TRL's entropy mask multiplies the surrogate, then adds beta * kl)."""
+    old = np.array([[-1.0, -1.0, 0.0], [-1.0, -1.0, -1.0]], np.float32)
+    logp = old + np.log(np.array([[1.5, 1.1, 1.0], [0.5, 1.0, 1.3]], np.float32))
+    ref = logp.copy()
+    ref[1, 1] = logp[1, 1] + 1.0
+    weights = np.array([[0.0, 1.0, 1.0], [1.0, 1.0, 0.0]], np.float32)
+    loss, m = grpo_loss(logp, old, ref, ADV, MASK, clip_eps_low=0.2, clip_eps_high=0.28, beta=0.1,
+                        aggregation="token", policy_weights=weights)
+    assert float(loss) == pytest.approx((-1.1 + 1.6 + 2.0 + 0.1 * (math.e - 2.0)) / 5, rel=1e-5)
+    assert float(m["loss_tokens"]) == 5.0
+
+
+def test_high_entropy_mask_by_hand_and_as_trl_computes_it():
+    import torch
+
+    ent = np.array([[0.1, 0.5, 0.9, 7.0], [0.3, 0.7, 0.2, 9.0]], np.float32)  # the 7 and 9 sit under padding
+    mask = np.array([[1, 1, 1, 0], [1, 1, 1, 0]], np.float32)
+    # The six entropies sorted: .1 .2 .3 .5 .7 .9. The 0.5 quantile interpolates at index 2.5: 0.4, so .5 .9 .7
+    # stay; the 0.8 quantile (top 0.2) is index 4: 0.7, so .9 and .7 stay.
+    np.testing.assert_array_equal(high_entropy_mask(ent, mask, 0.5), [[0, 1, 1, 0], [0, 1, 0, 0]])
+    np.testing.assert_array_equal(high_entropy_mask(ent, mask, 0.2), [[0, 0, 1, 0], [0, 1, 0, 0]])
+    np.testing.assert_array_equal(high_entropy_mask(ent, mask, 1.0), mask)
+    rng = np.random.default_rng(0)
+    ent = rng.gamma(2.0, 1.0, (8, 30)).astype(np.float32)
+    mask = (rng.random((8, 30)) < 0.7).astype(np.float32)
+    for q in (0.2, 0.5, 0.9):
+        # TRL's get_high_entropy_mask, written out: the quantile of the unpadded entropies, then a comparison.
+        e, m = torch.from_numpy(ent), torch.from_numpy(mask).bool()
+        want = ((e * m.float()) >= torch.quantile(e[m], 1 - q)) & m
+        np.testing.assert_array_equal(np.asarray(high_entropy_mask(ent, mask, q)), want.numpy().astype(np.float32))
+    with pytest.raises(ValueError, match=r"top_quantile must be in \(0, 1\]"):
+        high_entropy_mask(ent, mask, 0.0)
 
 
 def test_gspo_sequence_ratio_hand_example():

@@ -486,3 +486,39 @@ def test_an_online_best_metric_the_evaluation_does_not_log_is_refused_before_sam
     assert not list(tmp_path.iterdir())
     with pytest.raises(UserError, match="OnlineConfig.patience must be >= 0"):
         OnlineConfig(patience=-1)
+
+
+def test_grpo_top_entropy_quantile_trains_only_the_high_entropy_tokens(model):
+    """make_grpo_loss(top_entropy_quantile=0.25) against the loss written out from the model's full logits."""
+    from jaxpost.algorithms.online import make_grpo_loss
+    from jaxpost.models import logits
+
+    graphdef, params = model
+    rng = np.random.default_rng(0)
+    B, L = 4, 12
+    tokens = rng.integers(3, CONFIG.vocab_size, (B, L)).astype(np.int32)
+    mask = np.zeros((B, L), np.float32)
+    for b, (start, end) in enumerate([(3, 11), (5, 9), (2, 12), (4, 8)]):
+        mask[b, start:end] = 1.0
+    batch = {"tokens": tokens, "positions": np.tile(np.arange(L, dtype=np.int32), (B, 1)),
+             "segment_ids": np.ones((B, L), np.int32), "targets": np.roll(tokens, -1, axis=1), "loss_mask": mask}
+    hidden, _ = forward(graphdef, params, tokens, batch["positions"], batch["segment_ids"])
+    log_p = np.asarray(jax.nn.log_softmax(logits(params, CONFIG, hidden).astype(jnp.float32), -1), np.float64)
+    logp = np.take_along_axis(log_p, batch["targets"][..., None], -1)[..., 0]
+    entropy = -(np.exp(log_p) * log_p).sum(-1)
+    old = logp + rng.normal(0, 0.3, (B, L))
+    batch.update(old_logp=(old * mask).astype(np.float32), ref_logp=(logp * mask).astype(np.float32),
+                 advantages=np.array([1.0, -0.5, 2.0, -1.5], np.float32))
+    # The top quarter of the 26 completion tokens by entropy: at or above the 0.75 quantile (linear interpolation).
+    keep = (mask > 0) & (entropy >= np.quantile(entropy[mask > 0], 0.75))
+    ratio = np.exp(logp - old)
+    adv = batch["advantages"][:, None]
+    surrogate = -np.minimum(ratio * adv, np.clip(ratio, 0.8, 1.2) * adv)
+    want = (surrogate * keep).sum() / mask.sum()
+
+    loss, metrics = make_grpo_loss(graphdef, CONFIG, aggregation="token", top_entropy_quantile=0.25)(params, batch)
+    assert float(loss) == pytest.approx(want, rel=1e-4)
+    assert float(metrics["policy/entropy_kept_fraction"]) == pytest.approx(keep.sum() / mask.sum())
+    assert 5 <= keep.sum() <= 8
+    every = make_grpo_loss(graphdef, CONFIG, aggregation="token")(params, batch)[0]
+    assert float(every) == pytest.approx((surrogate * mask).sum() / mask.sum(), rel=1e-4) and abs(every - loss) > 1e-3

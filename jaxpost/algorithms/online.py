@@ -23,7 +23,7 @@ from jaxpost.algorithms.batch import GRPO_KEYS, PPO_KEYS, check_batch
 from jaxpost.algorithms.lm import lm_token_logprobs
 from jaxpost.config import checks_values_of
 from jaxpost.errors import require
-from jaxpost.losses.grpo import AGGREGATIONS, RATIO_LEVELS, grpo_loss
+from jaxpost.losses.grpo import AGGREGATIONS, RATIO_LEVELS, grpo_loss, high_entropy_mask
 from jaxpost.losses.ppo import gae, ppo_policy_loss, ppo_token_rewards, ppo_value_loss
 from jaxpost.losses.stats import masked_mean, whiten
 from jaxpost.models import forward
@@ -132,7 +132,8 @@ def make_ppo_loss(graphdef, config: ModelConfig, value_graphdef, clip_eps: float
 @checks_values_of("make_grpo_loss")
 def check_grpo_loss_values(clip_eps_low: float = 0.2, clip_eps_high: float | None = None, beta: float = 0.0,
                            aggregation: str = "sequence", max_len: int | None = None,
-                           ratio_level: str = "token", delta: float | None = None) -> None:
+                           ratio_level: str = "token", delta: float | None = None,
+                           top_entropy_quantile: float = 1.0) -> None:
     """Raises :class:`~jaxpost.errors.UserError` naming the ``make_grpo_loss`` key of an out-of-range value."""
     require("make_grpo_loss.aggregation", aggregation, aggregation in AGGREGATIONS,
             "one of " + ", ".join(map(repr, AGGREGATIONS)))
@@ -146,12 +147,15 @@ def check_grpo_loss_values(clip_eps_low: float = 0.2, clip_eps_high: float | Non
     high = clip_eps_low if clip_eps_high is None else clip_eps_high
     require("make_grpo_loss.delta", delta, delta is None or delta > 1 + high,
             f"None (off) or > 1 + the upper clip range = {1 + high:g}")
+    require("make_grpo_loss.top_entropy_quantile", top_entropy_quantile, 0 < top_entropy_quantile <= 1,
+            "in (0, 1] (1 = every token)")
 
 
 @gin.configurable(denylist=["graphdef", "config"])
 def make_grpo_loss(graphdef, config: ModelConfig, clip_eps_low: float = 0.2, clip_eps_high: float | None = None,
                    beta: float = 0.0, aggregation: str = "sequence", max_len: int | None = None,
-                   ratio_level: str = "token", delta: float | None = None, chunk_size: int = 512):
+                   ratio_level: str = "token", delta: float | None = None, top_entropy_quantile: float = 1.0,
+                   chunk_size: int = 512):
     """``loss(params, batch, frozen)`` = :func:`grpo_loss` of the policy on a rollout batch.
 
     Batch spec :data:`~jaxpost.algorithms.batch.GRPO_KEYS`: rollout keys plus ``advantages`` ``[B]`` (GRPO,
@@ -160,18 +164,35 @@ def make_grpo_loss(graphdef, config: ModelConfig, clip_eps_low: float = 0.2, cli
     or ``dr_grpo`` (normaliser ``B * max_len``: set ``max_len`` to the
     generation budget); ``ratio_level`` is ``token`` (GRPO) or ``sequence``
     (GSPO: one length-normalised ratio per sequence); ``delta`` caps the
-    unclipped ratio (two-sided clipping, TRL's ``delta``). Metrics: those of
-    :func:`grpo_loss` plus ``policy/approxkl`` (``0.5 * mean_mask((logp - old_logp)^2)``).
+    unclipped ratio (two-sided clipping, TRL's ``delta``);
+    ``top_entropy_quantile < 1`` (TRL's; Wang et al. 2025) trains the
+    surrogate on that top fraction of the batch's tokens by the current
+    policy's entropy only (:func:`~jaxpost.losses.grpo.high_entropy_mask`,
+    over the global batch, or each micro-batch under gradient
+    accumulation), the KL term and the normaliser on every token. Metrics:
+    those of :func:`grpo_loss` plus ``policy/approxkl`` (``0.5 *
+    mean_mask((logp - old_logp)^2)``), and with the entropy mask
+    ``policy/entropy_kept_fraction``.
     """
-    check_grpo_loss_values(clip_eps_low, clip_eps_high, beta, aggregation, max_len, ratio_level, delta)
+    check_grpo_loss_values(clip_eps_low, clip_eps_high, beta, aggregation, max_len, ratio_level, delta,
+                           top_entropy_quantile)
 
     def loss_fn(params, batch, frozen=None):
         check_batch(batch, GRPO_KEYS, "GRPO")
         mask = batch["loss_mask"]
-        logp = lm_token_logprobs(graphdef, config, params, batch, chunk_size=chunk_size)
+        weights = None
+        if top_entropy_quantile < 1.0:
+            logp, entropy = lm_token_logprobs(graphdef, config, params, batch, chunk_size=chunk_size,
+                                              return_entropy=True)
+            weights = high_entropy_mask(entropy, mask, top_entropy_quantile)
+        else:
+            logp = lm_token_logprobs(graphdef, config, params, batch, chunk_size=chunk_size)
         loss, metrics = grpo_loss(logp, batch["old_logp"], batch["ref_logp"], batch["advantages"], mask,
                                   clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high, beta=beta,
-                                  aggregation=aggregation, max_len=max_len, ratio_level=ratio_level, delta=delta)
+                                  aggregation=aggregation, max_len=max_len, ratio_level=ratio_level, delta=delta,
+                                  policy_weights=weights)
+        if weights is not None:
+            metrics["policy/entropy_kept_fraction"] = jnp.sum(weights) / jnp.maximum(jnp.sum(mask), 1.0)
         d = jnp.where(mask != 0, logp - batch["old_logp"], 0.0)
         metrics["policy/approxkl"] = 0.5 * masked_mean(jnp.square(d), mask)
         return loss, metrics

@@ -73,9 +73,27 @@ def advantages_of(rewards, group_size: int, kind: str):
     raise ValueError(f"Unknown advantage estimator {kind!r}; choose one of {ADVANTAGES}")
 
 
+def high_entropy_mask(entropy, mask, top_quantile: float):
+    """``[B,L]`` float: 1 on the tokens of ``mask`` whose entropy is at least the ``1 - top_quantile`` quantile.
+
+    The quantile is over the entropies of all tokens of ``mask`` in the
+    batch, interpolated linearly (``torch.quantile``'s rule, which TRL's
+    ``get_high_entropy_mask`` uses); ``top_quantile = 1`` keeps every
+    token of ``mask``, ``0.2`` about the fifth with the highest entropy. The
+    mask carries no gradient.
+    """
+    if not 0.0 < top_quantile <= 1.0:
+        raise ValueError(f"top_quantile must be in (0, 1], got {top_quantile}")
+    valid = f32(mask) != 0
+    entropy = jax.lax.stop_gradient(f32(entropy))
+    threshold = jnp.nanquantile(jnp.where(valid, entropy, jnp.nan), 1.0 - top_quantile)
+    return (valid & (entropy >= threshold)).astype(jnp.float32)
+
+
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps_low: float = 0.2,
               clip_eps_high: float | None = None, beta: float = 0.0, aggregation: str = "sequence",
-              max_len: int | None = None, ratio_level: str = "token", delta: float | None = None):
+              max_len: int | None = None, ratio_level: str = "token", delta: float | None = None,
+              policy_weights=None):
     """GRPO clipped surrogate with optional k3 KL to the reference.
 
     Per token, with ``ratio = exp(logp - old_logp)`` and the row's advantage ``A``::
@@ -95,6 +113,11 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps_low: float
     With ``A < 0`` the plain surrogate grows without bound in ``ratio``;
     capped, a token far off-policy moves the loss by at most ``delta * |A|``.
     ``A > 0`` is unchanged when ``delta > 1 + eps_high``.
+
+    ``policy_weights`` ``[B,L]`` (None: 1) multiplies each token's surrogate
+    term, not its KL term nor the normalisers below: TRL's
+    ``top_entropy_quantile`` passes its high-entropy mask so (Wang et al.
+    2025, "Beyond the 80/20 rule": train on the forking tokens only).
 
     aggregated over the ``mask`` by ``aggregation``:
 
@@ -150,6 +173,9 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps_low: float
     clipped = jnp.clip(ratio, 1.0 - clip_eps_low, 1.0 + eps_high)
     capped = ratio if delta is None else jnp.minimum(ratio, delta)
     per_token = -jnp.minimum(capped * adv, clipped * adv)
+    if policy_weights is not None:
+        check_same_shape(("logp", "policy_weights"), (logp, policy_weights), "[B,L]")
+        per_token = per_token * f32(policy_weights)
     metrics = {}
     if ref_logp is not None:
         d = jnp.where(valid, f32(ref_logp) - logp, 0.0)
