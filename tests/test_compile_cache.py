@@ -10,6 +10,7 @@ import pytest
 from jaxpost import config
 from jaxpost.compile_cache import compilation_cache
 from jaxpost.errors import UserError
+from cli_env import subprocess_env
 
 # One process of a command: set the cache up, compile one program, report the directory and cache hits.
 _SCRIPT = """
@@ -34,7 +35,7 @@ def _command(env, cache_dir="'auto'"):
 
 
 def test_cache_directory_and_a_second_process_compiles_nothing(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env = subprocess_env({k: v for k, v in os.environ.items() if not k.startswith("JAX_")})
     env["HOME"] = str(tmp_path / "home")
     default = str(tmp_path / "home" / ".cache" / "jaxpost" / "xla")
     assert _command(env) == (default, 0)

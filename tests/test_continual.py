@@ -17,6 +17,7 @@ import pytest
 from jaxpost import cli
 from jaxpost.data import feedback
 from jaxpost.errors import UserError
+from cli_env import subprocess_env
 from pipeline_utils import tiny_model_dir
 from xla_test_flags import TEST_XLA_FLAGS
 
@@ -167,7 +168,7 @@ def test_kill_9_at_every_stage_of_a_round_and_restart_trains_each_file_exactly_o
     inbox, run = tmp_path / "inbox", tmp_path / "live"
     inbox.mkdir()
     files = [f"{i:03d}.jsonl" for i in range(1, 5)]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": TEST_XLA_FLAGS, "PYTHONPATH": str(REPO)}
+    env = subprocess_env(JAX_PLATFORMS="cpu", XLA_FLAGS=TEST_XLA_FLAGS, PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "jaxpost", *_args(run, inbox, model, held, "--gin.make_optimizer.learning_rate=1e-3",
                                                   "--gin.LoopConfig.num_epochs=2", "--gin.LoopConfig.save_every=2",
                                                   "--gin.continual.tolerance=100.0")]

@@ -11,6 +11,7 @@ import pytest
 
 from jaxpost.demo import run_demo
 from jaxpost.demo.run import STAGES
+from cli_env import subprocess_env
 
 
 @pytest.mark.slow
@@ -20,7 +21,7 @@ def test_demo_quick_every_stage_improves(tmp_path):
     A subprocess, because the suite's 8 fake devices (tests/conftest.py)
     would split the tiny demo batches 8 ways and make it much slower.
     """
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = subprocess_env({k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
     proc = subprocess.run([sys.executable, "-m", "jaxpost", "demo", "--quick", "--out", str(tmp_path / "demo")],
                           env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

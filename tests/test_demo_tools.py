@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from jaxpost.demo.arithmetic import SYSTEM, ArithmeticEnv, final_answer, tool_call_text, write_tool_data
+from cli_env import subprocess_env
 
 
 def _question_of(messages):
@@ -72,7 +73,7 @@ def test_tools_demo_quick_end_to_end(tmp_path):
     mechanism (both stages, three evaluations on the held-out questions, the
     summary), not the numbers; the full run's numbers are in README.md.
     """
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # 8 fake devices would split tiny batches
+    env = subprocess_env({k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})  # 8 devices split tiny batches
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "jaxpost", "demo", "--tools", "--quick", "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=600, check=False)

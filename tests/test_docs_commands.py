@@ -25,6 +25,7 @@ import portpicker
 import pytest
 
 from jaxpost.paths import jsonl_lines
+from cli_env import subprocess_env
 from pipeline_utils import tiny_model_dir
 from xla_test_flags import TEST_XLA_FLAGS
 
@@ -136,9 +137,14 @@ def _user_inputs(cwd: Path) -> None:
     (cwd / "my_rewards.py").write_text(reward)
 
 
+def _env() -> dict[str, str]:
+    """A user's shell: no JAXPOST_ variables, CPU, the suite's XLA flags, no torch (tests/cli_env.py)."""
+    return subprocess_env({k: v for k, v in os.environ.items() if not k.startswith("JAXPOST_")}, JAX_PLATFORMS="cpu",
+                          XLA_FLAGS=TEST_XLA_FLAGS, PYTHONPATH=str(REPO))
+
+
 def _run_docs(doc: Path, cwd: Path) -> list[tuple[str, str]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAXPOST_")}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=TEST_XLA_FLAGS, PYTHONPATH=str(REPO))
+    env = _env()
     outputs = []
     for command in doc_commands(doc):
         entry = _entry(command)
@@ -191,8 +197,7 @@ def test_launch_readme_commands_run_as_typed(tmp_path):
     launch = next(cmd for cmd, _ in outputs if cmd.startswith("PORT="))
     port = portpicker.pick_unused_port()
     again = re.sub(r"^PORT=\d+", f"PORT={port}", launch) + " --gin.LoopConfig.num_steps=12"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAXPOST_")}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=TEST_XLA_FLAGS, PYTHONPATH=str(REPO))
+    env = _env()
     proc = subprocess.run(["bash", "-c", again], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "resuming from step 6" in proc.stdout

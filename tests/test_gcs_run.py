@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from cli_env import subprocess_env
 from gcs_emulator import gcs_emulator
 from xla_test_flags import TEST_XLA_FLAGS
 
@@ -35,7 +36,7 @@ def _write_inputs(cwd: Path) -> None:
 def test_run_dir_on_gcs_survives_a_kill(tmp_path, monkeypatch):
     _write_inputs(tmp_path)
     with gcs_emulator("jaxpost-test") as gcs_env:
-        env = {**os.environ, **gcs_env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": TEST_XLA_FLAGS}
+        env = subprocess_env(**gcs_env, JAX_PLATFORMS="cpu", XLA_FLAGS=TEST_XLA_FLAGS)
         cmd = [sys.executable, "-m", "jaxpost", "train", "--gin_file=configs/experiments/demo/sft.gin",
                "--gin.sft.run_dir=gs://jaxpost-test/runs/sft", "--gin.sft.train_data=gs://jaxpost-test/data/sft.jsonl",
                "--gin.sft.tokenizer=gs://jaxpost-test/tokenizer", "--gin.LoopConfig.num_steps=16",

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from jaxpost.train import Checkpointer
+from cli_env import subprocess_env
 from xla_test_flags import TEST_XLA_FLAGS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,8 +34,8 @@ def test_ctrl_c_saves_says_so_and_the_same_command_resumes(tmp_path):
     (tmp_path / "configs").symlink_to(REPO / "configs")
     write_task_data(tmp_path / "runs/demo/data", n_sft=64, n_pref=8, n_prompts=8, n_eval=8)
     build_tokenizer(None, vocab_size=261).save_pretrained(tmp_path / "runs/demo/tokenizer")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAXPOST_")}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=TEST_XLA_FLAGS)
+    env = subprocess_env({k: v for k, v in os.environ.items() if not k.startswith("JAXPOST_")}, JAX_PLATFORMS="cpu",
+                         XLA_FLAGS=TEST_XLA_FLAGS)
     metrics = tmp_path / "runs/stopped/metrics.jsonl"
 
     proc = subprocess.Popen(COMMAND, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -33,6 +33,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from jaxpost.train import Checkpointer
+from cli_env import subprocess_env
 from pipeline_utils import make_task
 from xla_test_flags import TEST_XLA_FLAGS
 
@@ -50,7 +51,7 @@ def _env(devices: int, **extra: str) -> dict[str, str]:
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")]))
     env.update(extra)
-    return env
+    return subprocess_env(env)
 
 
 class Job:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_env import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--gin_file=configs/models/tiny.gin"]
@@ -49,7 +50,7 @@ class PlanProcess:
     def __init__(self, log: Path):
         from jaxpost.plan import _CHILD_ENV, plan_xla_flags
 
-        env = {**os.environ, "XLA_FLAGS": plan_xla_flags(8), "JAX_PLATFORMS": "cpu", _CHILD_ENV: "1"}
+        env = subprocess_env(**{"XLA_FLAGS": plan_xla_flags(8), "JAX_PLATFORMS": "cpu", _CHILD_ENV: "1"})
         self.log = log
         with open(log, "w") as f:
             self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "plan_worker.py")], cwd=REPO, env=env,
@@ -357,7 +358,7 @@ def test_planned_peak_matches_measured_peak(name):
     from jaxpost.plan import plan_xla_flags
 
     # The planning flags in both: the plan and the measured run compile the same program the same way.
-    env = {**os.environ, "XLA_FLAGS": plan_xla_flags(1, ""), "JAX_PLATFORMS": "cpu"}
+    env = subprocess_env(XLA_FLAGS=plan_xla_flags(1, ""), JAX_PLATFORMS="cpu")
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # a cached executable would skip the compile either way; keep it simple
     proc = subprocess.run([sys.executable, __file__, "measure", *ACCURACY_RUNS[name]], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)

@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec
 from jaxpost.sharding import Partitioner, make_mesh
 from jaxpost.train import (Checkpointer, abstract_state, abstract_with_shardings, init_sharded_state, init_state,
                            make_optimizer, state_shardings)
+from cli_env import subprocess_env
 from test_train_fixtures import LOGICAL_AXES, init_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,8 +93,8 @@ _KILLED_SAVE = textwrap.dedent("""
 
 
 def test_killed_save_is_ignored_on_restore(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = subprocess_env(PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
+                         XLA_FLAGS="--xla_force_host_platform_device_count=1")
     proc = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(tmp_path)], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 17, proc.stderr[-3000:]
