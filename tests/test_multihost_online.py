@@ -11,7 +11,9 @@ resumes in 1 process exactly as the uninterrupted 1-process run.
 
 The 2-process online DPO run's sampler compacts (``Sampler.compact``: rows that
 stopped are dropped between decode phases, as every host decides from the
-same replicated counts), the 1-process one's does not, and they must agree.
+same replicated counts), the 1-process one's does not, and they must agree;
+both sample with a repetition penalty, whose per-row context the compacting
+regroups carry across hosts.
 
 Every run uses the experiment's FSDP mesh (fsdp=8); PPO also runs under the
 ``fsdp_tp`` preset (configs/mesh/fsdp_tp.gin: fsdp=4 x tensor=2, heads, MLP
@@ -66,9 +68,10 @@ def _job(task: dict, root: Path, rm_dir: Path, method: str, name: str | None = N
                 "--gin.ppo.ppo_epochs=2", "--gin.ppo.minibatch_size=8", "--gin.RolloutConfig.group_size=1",
                 "--gin.OnlineConfig.prompts_per_rollout=16"],
         # 40 of the 264 ids stop a completion, so that rows stop at scattered steps (a compacting sampler
-        # then regroups them).
+        # then regroups them, each row's repetition-penalty context with it).
         "online_dpo": ["--gin.OnlineConfig.num_rollouts=2", "--gin.OnlineConfig.prompts_per_rollout=8",
-                       f"--gin.RolloutConfig.stop_token_ids={list(range(100, 140))}"],
+                       f"--gin.RolloutConfig.stop_token_ids={list(range(100, 140))}",
+                       "--gin.RolloutConfig.repetition_penalty=1.3"],
     }
     name = name or (method if mesh is None else f"{method}_{mesh}")
     files = [f"--gin_file={EXPERIMENT}"] + ([f"--gin_file=configs/mesh/{mesh}.gin"] if mesh else [])
