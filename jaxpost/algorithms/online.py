@@ -180,13 +180,9 @@ def make_grpo_loss(graphdef, config: ModelConfig, clip_eps_low: float = 0.2, cli
     def loss_fn(params, batch, frozen=None):
         check_batch(batch, GRPO_KEYS, "GRPO")
         mask = batch["loss_mask"]
-        weights = None
-        if top_entropy_quantile < 1.0:
-            logp, entropy = lm_token_logprobs(graphdef, config, params, batch, chunk_size=chunk_size,
-                                              return_entropy=True)
-            weights = high_entropy_mask(entropy, mask, top_entropy_quantile)
-        else:
-            logp = lm_token_logprobs(graphdef, config, params, batch, chunk_size=chunk_size)
+        masked = top_entropy_quantile < 1.0
+        out = lm_token_logprobs(graphdef, config, params, batch, chunk_size=chunk_size, return_entropy=masked)
+        logp, weights = (out[0], high_entropy_mask(out[1], mask, top_entropy_quantile)) if masked else (out, None)
         loss, metrics = grpo_loss(logp, batch["old_logp"], batch["ref_logp"], batch["advantages"], mask,
                                   clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high, beta=beta,
                                   aggregation=aggregation, max_len=max_len, ratio_level=ratio_level, delta=delta,

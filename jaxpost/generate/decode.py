@@ -126,9 +126,8 @@ def record(st: Rows, logits: jax.Array, rng: jax.Array, s: SamplingConfig) -> Ro
     i = st.step
     step_key = jax.random.fold_in(rng, i)
     keys = jax.vmap(lambda r: jax.random.fold_in(step_key, r))(st.key_ids.astype(jnp.uint32))
-    seen = st.seen
-    chosen_from = penalize_repetitions(logits, seen, s.repetition_penalty) if seen.shape[-1] else logits
-    tok, plp = choose_tokens(keys, chosen_from, s.temperature, s.top_k, s.top_p, s.min_p)
+    tok, plp = choose_tokens(keys, penalize_repetitions(logits, st.seen, s.repetition_penalty), s.temperature,
+                             s.top_k, s.top_p, s.min_p)
     # The training forward's quantity (heads.token_logprobs), z[t] - logsumexp(z), as (z[t] - max) - log_total:
     # choose_tokens computed the same parts (shared, not recomputed, when it drew from the raw logits).
     shifted, _, log_total = log_softmax_parts(logits.astype(jnp.float32))
@@ -139,7 +138,8 @@ def record(st: Rows, logits: jax.Array, rng: jax.Array, s: SamplingConfig) -> Ro
     hit = (tok[:, None] == jnp.asarray(s.stop_token_ids, jnp.int32)[None, :]).any(-1) if s.stop_token_ids \
         else jnp.zeros_like(alive)
     put = lambda buf, x: jax.lax.dynamic_update_slice(buf, x[:, None].astype(buf.dtype), (0, i))
-    if seen.shape[-1]:  # a comparison, not a scatter: with the vocabulary sharded it stays local
+    seen = st.seen
+    if s.repetition_penalty != 1.0:  # a comparison, not a scatter: with the vocabulary sharded it stays local
         seen = seen | ((jnp.arange(seen.shape[-1], dtype=jnp.int32)[None] == tok[:, None]) & alive[:, None])
     return st.replace(step=i + 1, last=tok, last_real=alive, done=st.done | (alive & hit) | (i + 1 >= st.budget),
                       finished=st.finished | (alive & hit), tokens=put(st.tokens, tok),
