@@ -190,6 +190,39 @@ def test_grpo_mask_truncated_trains_no_token_of_a_cut_completion(tok, model):
     assert float(loss) == pytest.approx(float((-adv * n)[finished].sum() / n[finished].sum()), rel=1e-5)
 
 
+def test_grpo_gdpo_advantages_normalise_each_reward_and_the_missing_eos_penalty(tok, model):
+    """grpo.advantage='gdpo' with two weighted reward functions and a missing-EOS penalty: the rows' advantages are
+    GDPO's, written out in numpy from the samples' own rewards (each term in its group, the weighted sum over the batch)."""
+    from jaxpost.generate.rewards import make_reward, register_reward
+    from jaxpost.generate.scorers import make_scorer
+    from jaxpost.recipes.grpo import GRPORollouts
+
+    graphdef, params = model
+    part = Partitioner()
+    rcfg = RolloutConfig(max_new_tokens=N, temperature=1.0, group_size=4, stop_token_ids=tuple(range(3, 259, 4)),
+                         missing_eos_penalty=0.7)
+    register_reward("_test_gdpo_chars")(lambda prompts, completions, **_: [float(len(c)) for c in completions])
+    register_reward("_test_gdpo_odd")(lambda prompts, completions, **_: [float(sum(ord(ch) % 2 for ch in c))
+                                                                       for c in completions])
+    scorer = make_scorer(part, reward_functions=[make_reward(["_test_gdpo_chars", "_test_gdpo_odd"], [0.5, 2.0])])
+    method = GRPORollouts(Roller(graphdef, CONFIG, tok, part, scorer, rcfg), lambda p: p, "gdpo", part)
+    with part.activate():
+        rows, _ = method.rollout(params, prompt_batch(tok, 4), jax.random.PRNGKey(5), 0)
+    samples = method.samples
+    terms = [np.array([s["rewards"][name] for s in samples]) for name in ("_test_gdpo_chars", "_test_gdpo_odd")]
+    terms.append(-1.0 + np.array([s["finished"] for s in samples], np.float64))
+    assert all(t.std() > 0 for t in terms), "every term should vary for the test to mean something"
+
+    def in_groups(x):
+        g = x.reshape(-1, 4)
+        return ((g - g.mean(1, keepdims=True)) / (g.std(1, ddof=1, keepdims=True) + 1e-4)).reshape(-1)
+
+    total = 0.5 * in_groups(terms[0]) + 2.0 * in_groups(terms[1]) + 0.7 * in_groups(terms[2])
+    want = (total - total.mean()) / (total.std(ddof=1) + 1e-4)
+    np.testing.assert_allclose(np.asarray(jax.device_get(rows["advantages"])), want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose([s["advantage"] for s in samples], want, rtol=1e-4, atol=1e-5)
+
+
 def test_held_out_evaluation_scores_each_prompts_greedy_completion_once(tok, model):
     """10 held-out prompts in batches of 8 (the second filled up with copies, not counted): the means equal those of
     one greedy Sampler call on the 10 prompts, scored by the reward function directly."""
@@ -488,9 +521,8 @@ def test_an_online_best_metric_the_evaluation_does_not_log_is_refused_before_sam
         OnlineConfig(patience=-1)
 
 
-def test_grpo_top_entropy_quantile_trains_only_the_high_entropy_tokens(model):
-    """make_grpo_loss(top_entropy_quantile=0.25) against the loss written out from the model's full logits."""
-    from jaxpost.algorithms.online import make_grpo_loss
+def grpo_batch_with_full_logits(model):
+    """A 4-row GRPO batch of a tiny model, and its log-probs and entropies from the full logits (float64)."""
     from jaxpost.models import logits
 
     graphdef, params = model
@@ -509,6 +541,15 @@ def test_grpo_top_entropy_quantile_trains_only_the_high_entropy_tokens(model):
     old = logp + rng.normal(0, 0.3, (B, L))
     batch.update(old_logp=(old * mask).astype(np.float32), ref_logp=(logp * mask).astype(np.float32),
                  advantages=np.array([1.0, -0.5, 2.0, -1.5], np.float32))
+    return batch, logp, old, entropy, mask
+
+
+def test_grpo_top_entropy_quantile_trains_only_the_high_entropy_tokens(model):
+    """make_grpo_loss(top_entropy_quantile=0.25) against the loss written out from the model's full logits."""
+    from jaxpost.algorithms.online import make_grpo_loss
+
+    graphdef, params = model
+    batch, logp, old, entropy, mask = grpo_batch_with_full_logits(model)
     # The top quarter of the 26 completion tokens by entropy: at or above the 0.75 quantile (linear interpolation).
     keep = (mask > 0) & (entropy >= np.quantile(entropy[mask > 0], 0.75))
     ratio = np.exp(logp - old)
@@ -522,3 +563,26 @@ def test_grpo_top_entropy_quantile_trains_only_the_high_entropy_tokens(model):
     assert 5 <= keep.sum() <= 8
     every = make_grpo_loss(graphdef, CONFIG, aggregation="token")(params, batch)[0]
     assert float(every) == pytest.approx((surrogate * mask).sum() / mask.sum(), rel=1e-4) and abs(every - loss) > 1e-3
+
+
+def test_grpo_cispo_with_the_off_policy_mask_and_kl_correction(model):
+    """make_grpo_loss(surrogate='cispo', off_policy_mask_threshold, kl_ratio_correction) against the loss written
+    out from the model's full logits: weights min(r, 1.1), the A < 0 rows whose mean (old - logp) > 0.05 dropped."""
+    from jaxpost.algorithms.online import make_grpo_loss
+
+    graphdef, params = model
+    batch, logp, old, _, mask = grpo_batch_with_full_logits(model)
+    adv = batch["advantages"][:, None].astype(np.float64)
+    gap = ((old - logp) * mask).sum(1, keepdims=True) / mask.sum(1, keepdims=True)
+    keep = (adv >= 0) | (gap <= 0.05)
+    ratio = np.exp(logp - old)
+    d = logp * 0  # ref_logp = logp: the KL term is 0 in value (its gradient is what the correction changes)
+    want = ((-np.minimum(ratio, 1.1) * adv * logp * keep + 0.1 * (np.expm1(d) - d) * ratio) * mask).sum() / mask.sum()
+
+    loss, metrics = make_grpo_loss(graphdef, CONFIG, aggregation="token", surrogate="cispo", cispo_max_ratio=1.1,
+                                   off_policy_mask_threshold=0.05, beta=0.1, kl_ratio_correction=True)(params, batch)
+    assert float(loss) == pytest.approx(want, rel=1e-4)
+    assert float(metrics["policy/off_policy_masked_fraction"]) == pytest.approx(1 - keep.mean())
+    assert 0 < keep.sum() < 4, "the example should drop some rows and keep others"
+    assert float(metrics["cispo_clip_ratio"]) == pytest.approx(
+        (((ratio > 1.1) & (adv > 0)) * mask).sum() / mask.sum(), abs=1e-6)

@@ -23,7 +23,8 @@ from jaxpost.algorithms.batch import GRPO_KEYS, PPO_KEYS, check_batch
 from jaxpost.algorithms.lm import lm_token_logprobs
 from jaxpost.config import checks_values_of
 from jaxpost.errors import require
-from jaxpost.losses.grpo import AGGREGATIONS, RATIO_LEVELS, grpo_loss, high_entropy_mask
+from jaxpost.losses.grpo import (AGGREGATIONS, RATIO_LEVELS, SURROGATES, grpo_loss, high_entropy_mask,
+                                 off_policy_sequence_mask)
 from jaxpost.losses.ppo import gae, ppo_policy_loss, ppo_token_rewards, ppo_value_loss
 from jaxpost.losses.stats import masked_mean, whiten
 from jaxpost.models import forward
@@ -133,7 +134,9 @@ def make_ppo_loss(graphdef, config: ModelConfig, value_graphdef, clip_eps: float
 def check_grpo_loss_values(clip_eps_low: float = 0.2, clip_eps_high: float | None = None, beta: float = 0.0,
                            aggregation: str = "sequence", max_len: int | None = None,
                            ratio_level: str = "token", delta: float | None = None,
-                           top_entropy_quantile: float = 1.0) -> None:
+                           top_entropy_quantile: float = 1.0, surrogate: str = "clip", cispo_max_ratio: float = 5.0,
+                           sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05,
+                           off_policy_mask_threshold: float | None = None, kl_ratio_correction: bool = False) -> None:
     """Raises :class:`~jaxpost.errors.UserError` naming the ``make_grpo_loss`` key of an out-of-range value."""
     require("make_grpo_loss.aggregation", aggregation, aggregation in AGGREGATIONS,
             "one of " + ", ".join(map(repr, AGGREGATIONS)))
@@ -149,13 +152,23 @@ def check_grpo_loss_values(clip_eps_low: float = 0.2, clip_eps_high: float | Non
             f"None (off) or > 1 + the upper clip range = {1 + high:g}")
     require("make_grpo_loss.top_entropy_quantile", top_entropy_quantile, 0 < top_entropy_quantile <= 1,
             "in (0, 1] (1 = every token)")
+    require("make_grpo_loss.surrogate", surrogate, surrogate in SURROGATES, "one of " + ", ".join(map(repr, SURROGATES)))
+    require("make_grpo_loss.delta", delta, delta is None or surrogate == "clip",
+            f"None with surrogate={surrogate!r} (delta caps the clipped surrogate's ratio)")
+    require("make_grpo_loss.cispo_max_ratio", cispo_max_ratio, cispo_max_ratio > 0, "> 0")
+    for key, tau in (("sapo_temperature_pos", sapo_temperature_pos), ("sapo_temperature_neg", sapo_temperature_neg)):
+        require(f"make_grpo_loss.{key}", tau, tau > 0, "> 0")
+    require("make_grpo_loss.off_policy_mask_threshold", off_policy_mask_threshold,
+            off_policy_mask_threshold is None or off_policy_mask_threshold > 0, "None (off) or > 0")
 
 
 @gin.configurable(denylist=["graphdef", "config"])
 def make_grpo_loss(graphdef, config: ModelConfig, clip_eps_low: float = 0.2, clip_eps_high: float | None = None,
                    beta: float = 0.0, aggregation: str = "sequence", max_len: int | None = None,
                    ratio_level: str = "token", delta: float | None = None, top_entropy_quantile: float = 1.0,
-                   chunk_size: int = 512):
+                   surrogate: str = "clip", cispo_max_ratio: float = 5.0, sapo_temperature_pos: float = 1.0,
+                   sapo_temperature_neg: float = 1.05, off_policy_mask_threshold: float | None = None,
+                   kl_ratio_correction: bool = False, chunk_size: int = 512):
     """``loss(params, batch, frozen)`` = :func:`grpo_loss` of the policy on a rollout batch.
 
     Batch spec :data:`~jaxpost.algorithms.batch.GRPO_KEYS`: rollout keys plus ``advantages`` ``[B]`` (GRPO,
@@ -169,13 +182,24 @@ def make_grpo_loss(graphdef, config: ModelConfig, clip_eps_low: float = 0.2, cli
     surrogate on that top fraction of the batch's tokens by the current
     policy's entropy only (:func:`~jaxpost.losses.grpo.high_entropy_mask`,
     over the global batch, or each micro-batch under gradient
-    accumulation), the KL term and the normaliser on every token. Metrics:
-    those of :func:`grpo_loss` plus ``policy/approxkl`` (``0.5 *
-    mean_mask((logp - old_logp)^2)``), and with the entropy mask
-    ``policy/entropy_kept_fraction``.
+    accumulation), the KL term and the normaliser on every token.
+    ``surrogate`` is ``clip`` (GRPO/DAPO), ``cispo`` (weight
+    ``min(ratio, cispo_max_ratio)``, no gradient through it; TRL's
+    ``loss_type='cispo'`` with ``epsilon_high = cispo_max_ratio``; pair it
+    with ``aggregation='token'`` as TRL does) or ``sapo`` (the soft gate at
+    ``sapo_temperature_pos`` / ``_neg``). ``off_policy_mask_threshold``
+    (DeepSeek-V3.2, TRL's) drops from the policy term the sequences with
+    ``A < 0`` whose mean KL from the rollout's log-probs to the current
+    policy exceeds it (:func:`~jaxpost.losses.grpo.off_policy_sequence_mask`);
+    ``kl_ratio_correction`` multiplies the KL term by the ratio (TRL's
+    ``use_bias_correction_kl``). Metrics: those of :func:`grpo_loss` plus
+    ``policy/approxkl`` (``0.5 * mean_mask((logp - old_logp)^2)``), with the
+    entropy mask ``policy/entropy_kept_fraction``, with the off-policy mask
+    ``policy/off_policy_masked_fraction`` (of the sequences).
     """
     check_grpo_loss_values(clip_eps_low, clip_eps_high, beta, aggregation, max_len, ratio_level, delta,
-                           top_entropy_quantile)
+                           top_entropy_quantile, surrogate, cispo_max_ratio, sapo_temperature_pos,
+                           sapo_temperature_neg, off_policy_mask_threshold, kl_ratio_correction)
 
     def loss_fn(params, batch, frozen=None):
         check_batch(batch, GRPO_KEYS, "GRPO")
@@ -183,12 +207,22 @@ def make_grpo_loss(graphdef, config: ModelConfig, clip_eps_low: float = 0.2, cli
         masked = top_entropy_quantile < 1.0
         out = lm_token_logprobs(graphdef, config, params, batch, chunk_size=chunk_size, return_entropy=masked)
         logp, weights = (out[0], high_entropy_mask(out[1], mask, top_entropy_quantile)) if masked else (out, None)
+        kept = {}
+        if weights is not None:
+            kept["policy/entropy_kept_fraction"] = jnp.sum(weights) / jnp.maximum(jnp.sum(mask), 1.0)
+        if off_policy_mask_threshold is not None:
+            keep = off_policy_sequence_mask(logp, batch["old_logp"], batch["advantages"], mask,
+                                            off_policy_mask_threshold)
+            rows = (jnp.sum(mask, axis=1, keepdims=True) > 0).astype(jnp.float32)
+            kept["policy/off_policy_masked_fraction"] = jnp.sum((1.0 - keep) * rows) / jnp.maximum(jnp.sum(rows), 1.0)
+            weights = keep if weights is None else weights * keep
         loss, metrics = grpo_loss(logp, batch["old_logp"], batch["ref_logp"], batch["advantages"], mask,
                                   clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high, beta=beta,
                                   aggregation=aggregation, max_len=max_len, ratio_level=ratio_level, delta=delta,
-                                  policy_weights=weights)
-        if weights is not None:
-            metrics["policy/entropy_kept_fraction"] = jnp.sum(weights) / jnp.maximum(jnp.sum(mask), 1.0)
+                                  policy_weights=weights, surrogate=surrogate, cispo_max_ratio=cispo_max_ratio,
+                                  sapo_temperatures=(sapo_temperature_pos, sapo_temperature_neg),
+                                  kl_ratio_correction=kl_ratio_correction)
+        metrics.update(kept)
         d = jnp.where(mask != 0, logp - batch["old_logp"], 0.0)
         metrics["policy/approxkl"] = 0.5 * masked_mean(jnp.square(d), mask)
         return loss, metrics

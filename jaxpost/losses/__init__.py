@@ -10,7 +10,8 @@ from jaxpost.losses.distill import (DIVERGENCES, chunked_distill_loss, chunked_t
                                     generalized_jsd, masked_divergence, reverse_kl, teacher_topk, topk_forward_kl)
 from jaxpost.losses.dpo import (PREFERENCE_LOSSES, hinge_loss, ipo_loss, orpo_loss, preference_loss,
                                 robust_loss, sigmoid_loss, simpo_loss)
-from jaxpost.losses.grpo import advantages_of, group_advantages, grpo_loss, high_entropy_mask, rloo_advantages
+from jaxpost.losses.grpo import (advantages_of, gdpo_advantages, group_advantages, grpo_loss, high_entropy_mask,
+                                 off_policy_sequence_mask, rloo_advantages)
 from jaxpost.losses.ppo import (AdaptiveKLController, adaptive_kl_coef, gae, kl_estimate, ppo_policy_loss,
                                 ppo_token_rewards, ppo_value_loss)
 from jaxpost.losses.reward import bradley_terry_loss, gather_last, last_token_index, segment_last_token_indices
@@ -21,11 +22,11 @@ from jaxpost.losses.stats import entropy_from_logits, masked_mean, masked_sum, m
 
 __all__ = [
     "DIVERGENCES", "PREFERENCE_LOSSES", "AdaptiveKLController", "adaptive_kl_coef", "advantages_of", "bradley_terry_loss",
-    "chunked_distill_loss", "entropy_from_logits", "forward_kl", "gae", "gather_last", "generalized_jsd",
-    "group_advantages", "grpo_loss", "high_entropy_mask", "hinge_loss", "ipo_loss", "kl_estimate", "last_token_index",
-    "masked_mean", "masked_sum", "masked_token_nll", "masked_var", "orpo_loss", "ppo_policy_loss",
-    "ppo_token_rewards", "ppo_value_loss", "preference_loss", "reverse_kl", "rloo_advantages",
-    "robust_loss", "segment_last_token_indices", "sft_loss", "sigmoid_loss", "simpo_loss",
+    "chunked_distill_loss", "entropy_from_logits", "forward_kl", "gae", "gather_last", "gdpo_advantages",
+    "generalized_jsd", "group_advantages", "grpo_loss", "high_entropy_mask", "hinge_loss", "ipo_loss", "kl_estimate",
+    "last_token_index", "masked_mean", "masked_sum", "masked_token_nll", "masked_var", "off_policy_sequence_mask",
+    "orpo_loss", "ppo_policy_loss", "ppo_token_rewards", "ppo_value_loss", "preference_loss", "reverse_kl",
+    "rloo_advantages", "robust_loss", "segment_last_token_indices", "sft_loss", "sigmoid_loss", "simpo_loss",
     "token_accuracy", "topk_forward_kl", "whiten",
 ]
 __all__ += ["average_logps", "chunked_topk_distill_loss", "masked_divergence", "mean_sequence_logps",

@@ -3,7 +3,12 @@
 References: Shao et al. 2024 (GRPO, DeepSeekMath), Liu et al. 2025
 (Dr. GRPO), Yu et al. 2025 (DAPO: clip-higher, token-level aggregation),
 Ahmadian et al. 2024 (RLOO), Kool et al. 2019 (leave-one-out baseline),
-Zheng et al. 2025 (GSPO: one length-normalised importance ratio per sequence).
+Zheng et al. 2025 (GSPO: one length-normalised importance ratio per sequence),
+MiniMax-M1 (arXiv 2506.13585; CISPO: clip the importance weight, not the
+update), SAPO (arXiv 2511.20347: a soft, temperature-controlled gate instead
+of a hard clip), DeepSeek-V3.2 (arXiv 2512.02556: off-policy sequence
+masking, the unbiased KL estimate), GDPO (arXiv 2601.05242: each reward
+normalised on its own).
 
 Rewards and advantages are ``[B]`` with ``B = num_prompts * group_size``
 and the completions of one prompt contiguous (rows ``g*G .. g*G+G-1``).
@@ -18,9 +23,10 @@ from jaxpost.losses.checks import check_rank, check_same_shape, f32
 from jaxpost.losses.stats import masked_mean
 
 AGGREGATIONS = ("sequence", "token", "dr_grpo")
-ADVANTAGES = ("grpo", "dr_grpo", "rloo", "grpo_batch_std")
+ADVANTAGES = ("grpo", "dr_grpo", "rloo", "grpo_batch_std", "gdpo")
 SCALES = ("group", "batch", "none")
 RATIO_LEVELS = ("token", "sequence")
+SURROGATES = ("clip", "cispo", "sapo")
 
 
 def _groups(rewards, group_size: int):
@@ -62,6 +68,30 @@ def rloo_advantages(rewards, group_size: int):
     return ((r - (jnp.sum(r, axis=1, keepdims=True) - r) / (g - 1))).reshape(-1)
 
 
+def gdpo_advantages(term_rewards, weights, group_size: int, eps: float = 1e-4):
+    """GDPO advantages (arXiv 2601.05242; TRL's ``multi_objective_aggregation="normalize_then_sum"``).
+
+    Each reward term is normalised within its group first, so that a term
+    with a large spread cannot drown the others, then the weighted sum is
+    normalised over the batch::
+
+        n_k = (r_k - mean_g(r_k)) / (std_g(r_k) + eps)       # per term, per group
+        s   = sum_k w_k n_k
+        A   = (s - mean(s)) / (std(s) + eps)                # over the batch
+
+    (sample stds, ``ddof=1``, as TRL's). ``term_rewards`` ``[K, B*G]``: each
+    term's unweighted values; ``weights`` ``[K]``. Returns ``[B*G]``.
+    """
+    r = f32(term_rewards)
+    check_rank("term_rewards", r, 2, "[K, B*G]")
+    w = f32(weights)
+    if w.shape != (r.shape[0],):
+        raise ValueError(f"weights must have shape [K]=({r.shape[0]},), got {w.shape}")
+    normed = jnp.stack([group_advantages(r[k], group_size, scale="group", eps=eps) for k in range(r.shape[0])])
+    total = jnp.sum(w[:, None] * normed, axis=0)
+    return (total - jnp.mean(total)) / (jnp.std(total, ddof=1) + eps)
+
+
 def advantages_of(rewards, group_size: int, kind: str):
     """``[B*G]`` advantages of contiguous groups' rewards: ``grpo`` (:func:`group_advantages`), ``dr_grpo``
     (the same unscaled), ``grpo_batch_std`` (scaled by the batch's std) or ``rloo`` (:func:`rloo_advantages`)."""
@@ -70,6 +100,9 @@ def advantages_of(rewards, group_size: int, kind: str):
     scales = {"grpo": "group", "dr_grpo": "none", "grpo_batch_std": "batch"}
     if kind in scales:
         return group_advantages(rewards, group_size, scale=scales[kind])
+    if kind == "gdpo":
+        raise ValueError("the 'gdpo' advantage normalises each reward term on its own: call gdpo_advantages with "
+                         "the terms' values, not their sum")
     raise ValueError(f"Unknown advantage estimator {kind!r}; choose one of {ADVANTAGES}")
 
 
@@ -90,11 +123,46 @@ def high_entropy_mask(entropy, mask, top_quantile: float):
     return (valid & (entropy >= threshold)).astype(jnp.float32)
 
 
+def off_policy_sequence_mask(logp, sampling_logp, advantages, mask, threshold: float):
+    """``[B,1]`` float: 0 on the sequences that both lost (``A < 0``) and drifted off-policy, else 1.
+
+    DeepSeek-V3.2's off-policy sequence masking (TRL's
+    ``off_policy_mask_threshold``): a sequence is dropped from the policy
+    term when ``A_b < 0`` and ``mean_t m_t (sampling_logp - logp) > threshold``,
+    the per-token mean of the sampler-to-policy KL estimate over its
+    completion. Negative samples the policy has already moved far from
+    teach it little and destabilise it most. No gradient.
+    """
+    check_same_shape(("logp", "sampling_logp", "mask"), (logp, sampling_logp, mask), "[B,L]")
+    if not threshold > 0:
+        raise ValueError(f"threshold must be > 0, got {threshold}")
+    mask = f32(mask)
+    kl = jnp.where(mask != 0, f32(sampling_logp) - jax.lax.stop_gradient(f32(logp)), 0.0)
+    mean_kl = jnp.sum(kl, axis=1, keepdims=True) / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1.0)
+    adv = f32(advantages)
+    adv = adv[:, None] if adv.ndim == 1 else adv
+    return ((adv >= 0) | (mean_kl <= threshold)).astype(jnp.float32)
+
+
+def _surrogate(kind: str, ratio, adv, logp, *, clip_eps_low, eps_high, delta, cispo_max_ratio, sapo_temperatures):
+    """Per-token policy term ``l_t`` of :func:`grpo_loss` (its docstring has the formulas)."""
+    if kind == "cispo":
+        return -jax.lax.stop_gradient(jnp.minimum(ratio, cispo_max_ratio)) * adv * logp
+    if kind == "sapo":
+        tau_pos, tau_neg = sapo_temperatures
+        tau = jnp.where(adv > 0, tau_pos, tau_neg)
+        return -jax.nn.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau) * adv
+    clipped = jnp.clip(ratio, 1.0 - clip_eps_low, 1.0 + eps_high)
+    capped = ratio if delta is None else jnp.minimum(ratio, delta)
+    return -jnp.minimum(capped * adv, clipped * adv)
+
+
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps_low: float = 0.2,
               clip_eps_high: float | None = None, beta: float = 0.0, aggregation: str = "sequence",
               max_len: int | None = None, ratio_level: str = "token", delta: float | None = None,
-              policy_weights=None):
-    """GRPO clipped surrogate with optional k3 KL to the reference.
+              policy_weights=None, surrogate: str = "clip", cispo_max_ratio: float = 5.0,
+              sapo_temperatures: tuple[float, float] = (1.0, 1.05), kl_ratio_correction: bool = False):
+    """GRPO clipped surrogate (or CISPO's, or SAPO's) with optional k3 KL to the reference.
 
     Per token, with ``ratio = exp(logp - old_logp)`` and the row's advantage ``A``::
 
@@ -114,10 +182,28 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps_low: float
     capped, a token far off-policy moves the loss by at most ``delta * |A|``.
     ``A > 0`` is unchanged when ``delta > 1 + eps_high``.
 
-    ``policy_weights`` ``[B,L]`` (None: 1) multiplies each token's surrogate
-    term, not its KL term nor the normalisers below: TRL's
+    ``surrogate`` replaces the clipped term (TRL's ``loss_type``):
+
+    - ``"cispo"`` (MiniMax-M1; ``cispo_max_ratio`` is ScaleRL's
+      ``eps_max``, TRL's ``epsilon_high`` under ``loss_type="cispo"``):
+      ``l_t = -sg(min(ratio, cispo_max_ratio)) * A * logp_t``. The weight is
+      clipped, not the update, so every token keeps a gradient, ``-w * A``.
+    - ``"sapo"`` (arXiv 2511.20347): ``l_t = -sigmoid(tau (ratio - 1)) * 4 / tau * A``
+      with ``tau = sapo_temperatures[0]`` where ``A > 0``, else ``[1]``. At
+      ``ratio = 1`` its gradient is the plain surrogate's; away from 1 it fades
+      smoothly instead of stopping at a clip edge.
+
+    ``kl_ratio_correction`` (DeepSeek-V3.2; TRL's ``use_bias_correction_kl``,
+    default True there) multiplies the k3 term by ``ratio``, which makes its
+    gradient the unbiased reverse-KL gradient under samples from the old
+    policy. The ratio carries gradient, so this changes the KL gradient even
+    on-policy, where the ratio's value is 1.
+
+    ``policy_weights`` ``[B,L]`` or ``[B,1]`` (None: 1) multiplies each token's
+    surrogate term, not its KL term nor the normalisers below: TRL's
     ``top_entropy_quantile`` passes its high-entropy mask so (Wang et al.
-    2025, "Beyond the 80/20 rule": train on the forking tokens only).
+    2025, "Beyond the 80/20 rule": train on the forking tokens only), and
+    its ``off_policy_mask_threshold`` :func:`off_policy_sequence_mask`.
 
     aggregated over the ``mask`` by ``aggregation``:
 
@@ -142,7 +228,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps_low: float
     of k3, when ``ref_logp`` is given), ``clip_ratio/low_mean`` (tokens with
     ``ratio < 1 - eps_low`` and ``A < 0``), ``clip_ratio/high_mean``
     (``ratio > 1 + eps_high`` and ``A > 0``), ``clip_ratio/region_mean``
-    (either), ``loss_tokens``.
+    (either; these three for ``surrogate="clip"``), ``cispo_clip_ratio``
+    (``ratio > cispo_max_ratio`` and ``A > 0``; ``"cispo"``), ``loss_tokens``.
     """
     check_rank("logp", logp, 2, "[B,L]")
     check_same_shape(("logp", "old_logp", "ref_logp", "mask"), (logp, old_logp, ref_logp, mask), "[B,L]")
@@ -150,6 +237,13 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps_low: float
         raise ValueError(f"Unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
     if ratio_level not in RATIO_LEVELS:
         raise ValueError(f"Unknown ratio_level {ratio_level!r}; choose one of {RATIO_LEVELS}")
+    if surrogate not in SURROGATES:
+        raise ValueError(f"Unknown surrogate {surrogate!r}; choose one of {SURROGATES}")
+    if delta is not None and surrogate != "clip":
+        raise ValueError(f"delta caps the clipped surrogate's ratio; surrogate={surrogate!r} has none")
+    if not cispo_max_ratio > 0 or min(sapo_temperatures) <= 0:
+        raise ValueError(f"cispo_max_ratio and sapo_temperatures must be > 0, got {cispo_max_ratio}, "
+                         f"{sapo_temperatures}")
     if delta is not None and not delta > 1.0:
         raise ValueError(f"delta must be None or > 1 (the cap of the unclipped ratio), got {delta}")
     if ref_logp is None and (not isinstance(beta, (int, float)) or beta != 0):
@@ -170,17 +264,18 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps_low: float
     if ratio_level == "sequence":
         log_ratio = jnp.sum(log_ratio, axis=1, keepdims=True) / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1.0)
     ratio = jnp.exp(log_ratio)
-    clipped = jnp.clip(ratio, 1.0 - clip_eps_low, 1.0 + eps_high)
-    capped = ratio if delta is None else jnp.minimum(ratio, delta)
-    per_token = -jnp.minimum(capped * adv, clipped * adv)
+    per_token = _surrogate(surrogate, ratio, adv, logp, clip_eps_low=clip_eps_low, eps_high=eps_high, delta=delta,
+                           cispo_max_ratio=cispo_max_ratio, sapo_temperatures=sapo_temperatures)
     if policy_weights is not None:
-        check_same_shape(("logp", "policy_weights"), (logp, policy_weights), "[B,L]")
-        per_token = per_token * f32(policy_weights)
+        w = f32(policy_weights)
+        if w.shape not in (logp.shape, (logp.shape[0], 1)):
+            raise ValueError(f"policy_weights must have shape [B,L]={logp.shape} or [B,1], got {w.shape}")
+        per_token = per_token * w
     metrics = {}
     if ref_logp is not None:
         d = jnp.where(valid, f32(ref_logp) - logp, 0.0)
         kl = jnp.expm1(d) - d
-        per_token = per_token + beta * kl
+        per_token = per_token + beta * (kl * ratio if kl_ratio_correction else kl)
         metrics["kl"] = masked_mean(kl, mask)
     per_token = jnp.where(valid, per_token, 0.0)
     if aggregation == "sequence":
@@ -190,13 +285,12 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps_low: float
     else:
         length = logp.shape[1] if max_len is None else max_len
         loss = jnp.sum(per_token) / (logp.shape[0] * length)
-    low_clip = ((ratio < 1.0 - clip_eps_low) & (adv < 0)).astype(jnp.float32)
-    high_clip = ((ratio > 1.0 + eps_high) & (adv > 0)).astype(jnp.float32)
-    metrics.update({
-        "loss": loss,
-        "clip_ratio/low_mean": masked_mean(jnp.broadcast_to(low_clip, mask.shape), mask),
-        "clip_ratio/high_mean": masked_mean(jnp.broadcast_to(high_clip, mask.shape), mask),
-        "clip_ratio/region_mean": masked_mean(jnp.broadcast_to(jnp.maximum(low_clip, high_clip), mask.shape), mask),
-        "loss_tokens": jnp.sum(mask),
-    })
+    metrics.update({"loss": loss, "loss_tokens": jnp.sum(mask)})
+    share = lambda flags: masked_mean(jnp.broadcast_to(flags.astype(jnp.float32), mask.shape), mask)  # noqa: E731
+    if surrogate == "clip":
+        low_clip, high_clip = (ratio < 1.0 - clip_eps_low) & (adv < 0), (ratio > 1.0 + eps_high) & (adv > 0)
+        metrics.update({"clip_ratio/low_mean": share(low_clip), "clip_ratio/high_mean": share(high_clip),
+                        "clip_ratio/region_mean": share(low_clip | high_clip)})
+    elif surrogate == "cispo":
+        metrics["cispo_clip_ratio"] = share((ratio > cispo_max_ratio) & (adv > 0))
     return loss, metrics

@@ -6,7 +6,8 @@ Per rollout: ``group_size`` completions of every prompt, scored by reward
 functions (or a reward model); group-relative advantages (``grpo``:
 ``(r - mean_g) / (std_g + eps)``; ``dr_grpo``: ``r - mean_g``; ``grpo_batch_std``:
 ``(r - mean_g) / (std_batch + eps)``, TRL's ``scale_rewards='batch'``; ``rloo``:
-leave-one-out ``r - mean_{j != i} r_j``); then ``num_iterations`` (mu)
+leave-one-out ``r - mean_{j != i} r_j``; ``gdpo``: each reward term normalised
+in its group, then the weighted sum over the batch); then ``num_iterations`` (mu)
 passes of shuffled minibatch updates with the clipped surrogate of
 :func:`jaxpost.losses.grpo_loss` (asymmetric clipping, optional k3 KL to the
 frozen reference with weight ``beta``, aggregation configured on
@@ -28,7 +29,7 @@ from jaxpost.generate.environments import Environment
 from jaxpost.generate.held_out import online_evaluator
 from jaxpost.generate.multiturn import check_reward_source, make_roller
 from jaxpost.generate.rollout import Roller, RolloutConfig, sample_records
-from jaxpost.losses.grpo import ADVANTAGES, advantages_of
+from jaxpost.losses.grpo import ADVANTAGES, advantages_of, gdpo_advantages
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.load import load_model
 from jaxpost.sharding import Partitioner
@@ -50,7 +51,10 @@ class GRPORollouts(Stateless):
         r = self.roller(params, self.reference(params), None, prompts, rng)
         group = self.roller.cfg.group_size
         rows = {k: r.batch[k] for k in (*LM_KEYS, "old_logp", "ref_logp")}
-        advantages = np.asarray(advantages_of(r.scores, group, self.advantage))
+        if self.advantage == "gdpo":
+            advantages = np.asarray(gdpo_advantages(*self.terms(r), group))
+        else:
+            advantages = np.asarray(advantages_of(r.scores, group, self.advantage))
         rows.update(on_mesh({"advantages": advantages}, self.partitioner))
         if self.mask_truncated:  # DAPO's overlong filtering: a completion cut at its budget trains no token
             kept = on_mesh({"kept": r.finished.astype(np.float32)[:, None]}, self.partitioner)["kept"]
@@ -59,6 +63,16 @@ class GRPORollouts(Stateless):
         spread = r.scores.reshape(-1, group).std(axis=1)
         return rows, {**r.metrics, "reward/std_within_group": float(spread.mean()),
                       "reward/zero_std_fraction": float((spread == 0).mean())}
+
+    def terms(self, r) -> tuple[np.ndarray, np.ndarray]:
+        """``([K, B] values, [K] weights)`` of the scorer's terms; a missing-EOS penalty is one more term
+        (``-1`` on a completion cut without a stop token, weighted by the penalty), normalised like the rest."""
+        terms = self.roller.terms
+        values, weights = [r.rewards[t.name] for t in terms], [t.weight for t in terms]
+        if self.roller.cfg.missing_eos_penalty:
+            values.append(-(~r.finished).astype(np.float32))
+            weights.append(self.roller.cfg.missing_eos_penalty)
+        return np.stack(values), np.asarray(weights, np.float32)
 
 
 @gin.configurable
@@ -69,7 +83,9 @@ def grpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer:
          mask_truncated: bool = False, eval_data: str | None = None) -> dict:
     """Trains a policy with GRPO/RLOO from prompt-only data; exports ``run_dir/final``.
 
-    ``advantage``: ``grpo``, ``dr_grpo``, ``grpo_batch_std`` or ``rloo``. ``mask_truncated``
+    ``advantage``: ``grpo``, ``dr_grpo``, ``grpo_batch_std``, ``rloo`` or ``gdpo``
+    (:func:`~jaxpost.losses.grpo.gdpo_advantages`, for several rewards;
+    TRL's ``multi_objective_aggregation='normalize_then_sum'``). ``mask_truncated``
     (DAPO's overlong filtering; TRL's ``mask_truncated_completions``): a
     completion that reached ``RolloutConfig.max_new_tokens`` (or an episode
     its environment cut short) without a stop token trains no token; it
@@ -90,6 +106,9 @@ def grpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer:
     model = build_if_bound(ModelConfig, model)
     if advantage not in ADVANTAGES:
         raise UserError(f"grpo.advantage={advantage!r} is unknown; choose one of {ADVANTAGES}")
+    if advantage == "gdpo" and environment is not None:
+        raise UserError("grpo.advantage='gdpo' normalises each reward term on its own; an environment's episodes "
+                        "have one score (use 'grpo')")
     if rollout.group_size < 2:
         raise UserError(f"grpo.advantage={advantage!r} needs RolloutConfig.group_size >= 2, got {rollout.group_size}")
     tok, rows = check_run_inputs("grpo", train_data=train_data, kind="prompt", tokenizer=tokenizer,
