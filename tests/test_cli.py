@@ -265,6 +265,8 @@ _REQUIRED_EXTRAS = {"grpo": ["--gin.make_reward.names=['my_rewards:exact']"],
      "make_grpo_loss.delta must be None with surrogate='sapo' (delta caps the clipped surrogate's ratio), got 4.0"),
     ("grpo", ["--gin.make_grpo_loss.off_policy_mask_threshold=0.0"],
      "make_grpo_loss.off_policy_mask_threshold must be None (off) or > 0, got 0.0"),
+    ("grpo", ["--gin.make_grpo_loss.entropy_coef=-0.01"],
+     "make_grpo_loss.entropy_coef must be >= 0 (0: no entropy bonus), got -0.01"),
     ("ppo", ["--gin.make_ppo_loss.clip_eps=1.5"], "make_ppo_loss.clip_eps must be in (0, 1), got 1.5"),
     ("grpo", ["--gin.OnlineConfig.best_metric='eval/score'"],
      "OnlineConfig.best_metric='eval/score' needs evaluations: set OnlineConfig.eval_every > 0 and give the run's "

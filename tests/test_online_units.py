@@ -565,6 +565,40 @@ def test_grpo_top_entropy_quantile_trains_only_the_high_entropy_tokens(model):
     assert float(every) == pytest.approx((surrogate * mask).sum() / mask.sum(), rel=1e-4) and abs(every - loss) > 1e-3
 
 
+def test_grpo_entropy_bonus_on_the_entropy_masks_tokens_value_and_gradient(model):
+    """make_grpo_loss(entropy_coef=0.1, top_entropy_quantile=0.5): loss = policy term - 0.1 * mean entropy over the
+    tokens the entropy mask keeps (TRL's effective mask), against the same loss written out in jnp from the full
+    logits (entropy -sum p log p); values and gradients."""
+    from jaxpost.algorithms.online import make_grpo_loss
+    from jaxpost.models import logits
+
+    graphdef, params = model
+    batch, logp64, old, entropy64, mask = grpo_batch_with_full_logits(model)
+    keep = (mask > 0) & (entropy64 >= np.quantile(entropy64[mask > 0], 0.5))
+    adv = jnp.asarray(batch["advantages"])[:, None]
+
+    def written_out(p):
+        hidden, _ = forward(graphdef, p, batch["tokens"], batch["positions"], batch["segment_ids"])
+        log_p = jax.nn.log_softmax(logits(p, CONFIG, hidden).astype(jnp.float32), -1)
+        lp = jnp.take_along_axis(log_p, batch["targets"][..., None], -1)[..., 0]
+        ent = -(jnp.exp(log_p) * log_p).sum(-1)
+        ratio = jnp.exp(lp - batch["old_logp"])
+        policy = (-jnp.minimum(ratio * adv, jnp.clip(ratio, 0.8, 1.2) * adv) * keep).sum() / mask.sum()
+        return policy - 0.1 * (ent * keep).sum() / keep.sum()
+
+    fn = make_grpo_loss(graphdef, CONFIG, aggregation="token", top_entropy_quantile=0.5, entropy_coef=0.1)
+    (loss, metrics), grads = jax.value_and_grad(fn, has_aux=True)(params, batch)
+    want, want_grads = jax.value_and_grad(written_out)(params)
+    assert float(loss) == pytest.approx(float(want), rel=1e-4) == pytest.approx(float(metrics["loss"]), rel=1e-6)
+    assert float(metrics["policy/entropy"]) == pytest.approx(float((entropy64 * keep).sum() / keep.sum()), rel=1e-4)
+    assert float(metrics["policy_loss"]) == pytest.approx(float(loss) + 0.1 * float(metrics["policy/entropy"]),
+                                                          rel=1e-5)
+    for got, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(got, ref, rtol=2e-3, atol=2e-6)
+    plain = make_grpo_loss(graphdef, CONFIG, aggregation="token", top_entropy_quantile=0.5)
+    assert abs(float(plain(params, batch)[0]) - float(metrics["policy_loss"])) < 1e-6
+
+
 def test_grpo_cispo_with_the_off_policy_mask_and_kl_correction(model):
     """make_grpo_loss(surrogate='cispo', off_policy_mask_threshold, kl_ratio_correction) against the loss written
     out from the model's full logits: weights min(r, 1.1), the A < 0 rows whose mean (old - logp) > 0.05 dropped."""

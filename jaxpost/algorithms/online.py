@@ -136,7 +136,8 @@ def check_grpo_loss_values(clip_eps_low: float = 0.2, clip_eps_high: float | Non
                            ratio_level: str = "token", delta: float | None = None,
                            top_entropy_quantile: float = 1.0, surrogate: str = "clip", cispo_max_ratio: float = 5.0,
                            sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05,
-                           off_policy_mask_threshold: float | None = None, kl_ratio_correction: bool = False) -> None:
+                           off_policy_mask_threshold: float | None = None, kl_ratio_correction: bool = False,
+                           entropy_coef: float = 0.0) -> None:
     """Raises :class:`~jaxpost.errors.UserError` naming the ``make_grpo_loss`` key of an out-of-range value."""
     require("make_grpo_loss.aggregation", aggregation, aggregation in AGGREGATIONS,
             "one of " + ", ".join(map(repr, AGGREGATIONS)))
@@ -160,6 +161,7 @@ def check_grpo_loss_values(clip_eps_low: float = 0.2, clip_eps_high: float | Non
         require(f"make_grpo_loss.{key}", tau, tau > 0, "> 0")
     require("make_grpo_loss.off_policy_mask_threshold", off_policy_mask_threshold,
             off_policy_mask_threshold is None or off_policy_mask_threshold > 0, "None (off) or > 0")
+    require("make_grpo_loss.entropy_coef", entropy_coef, entropy_coef >= 0, ">= 0 (0: no entropy bonus)")
 
 
 @gin.configurable(denylist=["graphdef", "config"])
@@ -168,7 +170,7 @@ def make_grpo_loss(graphdef, config: ModelConfig, clip_eps_low: float = 0.2, cli
                    ratio_level: str = "token", delta: float | None = None, top_entropy_quantile: float = 1.0,
                    surrogate: str = "clip", cispo_max_ratio: float = 5.0, sapo_temperature_pos: float = 1.0,
                    sapo_temperature_neg: float = 1.05, off_policy_mask_threshold: float | None = None,
-                   kl_ratio_correction: bool = False, chunk_size: int = 512):
+                   kl_ratio_correction: bool = False, entropy_coef: float = 0.0, chunk_size: int = 512):
     """``loss(params, batch, frozen)`` = :func:`grpo_loss` of the policy on a rollout batch.
 
     Batch spec :data:`~jaxpost.algorithms.batch.GRPO_KEYS`: rollout keys plus ``advantages`` ``[B]`` (GRPO,
@@ -192,21 +194,30 @@ def make_grpo_loss(graphdef, config: ModelConfig, clip_eps_low: float = 0.2, cli
     ``A < 0`` whose mean KL from the rollout's log-probs to the current
     policy exceeds it (:func:`~jaxpost.losses.grpo.off_policy_sequence_mask`);
     ``kl_ratio_correction`` multiplies the KL term by the ratio (TRL's
-    ``use_bias_correction_kl``). Metrics: those of :func:`grpo_loss` plus
-    ``policy/approxkl`` (``0.5 * mean_mask((logp - old_logp)^2)``), with the
-    entropy mask ``policy/entropy_kept_fraction``, with the off-policy mask
-    ``policy/off_policy_masked_fraction`` (of the sequences).
+    ``use_bias_correction_kl``). ``entropy_coef`` (TRL's, verl's
+    ``entropy_coeff``) subtracts ``entropy_coef * H``, ``H`` the policy's mean
+    per-token entropy over the completion tokens (those the entropy mask
+    keeps, when it is on), whatever the aggregation: an exploration bonus
+    that keeps the policy from collapsing. Metrics: those of
+    :func:`grpo_loss` plus ``policy/approxkl`` (``0.5 *
+    mean_mask((logp - old_logp)^2)``), with the entropy mask
+    ``policy/entropy_kept_fraction``, with the off-policy mask
+    ``policy/off_policy_masked_fraction`` (of the sequences), with the bonus
+    ``policy/entropy`` (``H``) and ``policy_loss`` (the loss before it).
     """
     check_grpo_loss_values(clip_eps_low, clip_eps_high, beta, aggregation, max_len, ratio_level, delta,
                            top_entropy_quantile, surrogate, cispo_max_ratio, sapo_temperature_pos,
-                           sapo_temperature_neg, off_policy_mask_threshold, kl_ratio_correction)
+                           sapo_temperature_neg, off_policy_mask_threshold, kl_ratio_correction, entropy_coef)
 
     def loss_fn(params, batch, frozen=None):
         check_batch(batch, GRPO_KEYS, "GRPO")
         mask = batch["loss_mask"]
-        masked = top_entropy_quantile < 1.0
-        out = lm_token_logprobs(graphdef, config, params, batch, chunk_size=chunk_size, return_entropy=masked)
-        logp, weights = (out[0], high_entropy_mask(out[1], mask, top_entropy_quantile)) if masked else (out, None)
+        masked, bonus = top_entropy_quantile < 1.0, entropy_coef > 0
+        out = lm_token_logprobs(graphdef, config, params, batch, chunk_size=chunk_size,
+                                return_entropy=masked or bonus)
+        logp, entropy = out if masked or bonus else (out, None)
+        weights = high_entropy_mask(entropy, mask, top_entropy_quantile) if masked else None
+        bonus_mask = mask if weights is None else mask * weights  # TRL's: the entropy mask's tokens, if any
         kept = {}
         if weights is not None:
             kept["policy/entropy_kept_fraction"] = jnp.sum(weights) / jnp.maximum(jnp.sum(mask), 1.0)
@@ -223,6 +234,10 @@ def make_grpo_loss(graphdef, config: ModelConfig, clip_eps_low: float = 0.2, cli
                                   sapo_temperatures=(sapo_temperature_pos, sapo_temperature_neg),
                                   kl_ratio_correction=kl_ratio_correction)
         metrics.update(kept)
+        if bonus:
+            metrics["policy/entropy"] = masked_mean(entropy, bonus_mask)
+            metrics["policy_loss"] = loss
+            loss = metrics["loss"] = loss - entropy_coef * metrics["policy/entropy"]
         d = jnp.where(mask != 0, logp - batch["old_logp"], 0.0)
         metrics["policy/approxkl"] = 0.5 * masked_mean(jnp.square(d), mask)
         return loss, metrics
