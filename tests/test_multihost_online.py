@@ -1,7 +1,8 @@
 """Online runs over 2 processes x 4 CPU devices equal 1 process x 8 devices (gloo collectives).
 
 GRPO (Python reward functions, each process scoring its own rows, plus a
-reward model on the mesh), PPO (a reward model) and online DPO run through ``jaxpost train``'s
+reward model on the mesh; GDPO advantages, the off-policy sequence mask and
+an entropy bonus), PPO (a reward model) and online DPO run through ``jaxpost train``'s
 code path in both layouts from the same command. Prompts are the same
 global batch on every host, sampling keys are per global row, and every
 statistic is computed from gathered values, so the sampled tokens, the
@@ -62,7 +63,11 @@ def _job(task: dict, root: Path, rm_dir: Path, method: str, name: str | None = N
         "grpo": [f"--gin.OnlineConfig.num_rollouts={grpo_rollouts}", f"--gin.make_scorer.reward_model='{rm_dir}'",
                  "--gin.make_scorer.reward_model_weight=0.5", f"--gin.grpo.eval_data='{task['prompts']}'",
                  "--gin.OnlineConfig.eval_every=1",  # held-out rewards too, every rollout, and the best state by them
-                 "--gin.OnlineConfig.best_metric='eval/score'"],
+                 "--gin.OnlineConfig.best_metric='eval/score'",
+                 # GDPO normalises each term (both sources) over the gathered rollout; the off-policy mask and the
+                 # entropy bonus are reductions over the global batch inside the sharded step.
+                 "--gin.grpo.advantage='gdpo'", "--gin.make_grpo_loss.off_policy_mask_threshold=0.01",
+                 "--gin.make_grpo_loss.entropy_coef=0.01"],
         "ppo": ["--gin.OnlineConfig.num_rollouts=2", "--gin.make_scorer.reward_functions=None",
                 f"--gin.make_scorer.reward_model='{rm_dir}'", f"--gin.ppo.value_from='{rm_dir}'",
                 "--gin.ppo.ppo_epochs=2", "--gin.ppo.minibatch_size=8", "--gin.RolloutConfig.group_size=1",
@@ -174,7 +179,8 @@ def test_two_processes_sample_and_train_like_one(runs, method, mesh):
     for ra, rb in zip(a, b):
         assert ra["step"] == rb["step"]
         for key in ("objective/scores", "objective/kl", "rollout/completion_length", "loss", "grad_norm",
-                    "loss/policy", "loss/value", "objective/kl_coef", "pairs/valid_fraction"):
+                    "loss/policy", "loss/value", "objective/kl_coef", "pairs/valid_fraction", "policy_loss",
+                    "policy/entropy", "policy/off_policy_masked_fraction"):
             if key in rb:
                 assert ra[key] == pytest.approx(rb[key], rel=2e-5, abs=1e-6), (name, ra["step"], key)
         terms = sorted(k for k in rb if k.startswith("rewards/"))  # each reward source, over the global batch
@@ -201,6 +207,8 @@ def test_two_processes_sample_and_train_like_one(runs, method, mesh):
     for x, y in zip(*logs):
         assert x["score"] == pytest.approx(y["score"], rel=2e-5, abs=1e-6)
         assert x["rewards"] == pytest.approx(y["rewards"], rel=2e-5, abs=1e-6)
+        if name == "grpo":  # GDPO's, from each term's gathered values
+            assert x["advantage"] == pytest.approx(y["advantage"], rel=2e-5, abs=1e-5)
     if name == "online_dpo":  # the 2-process run's sampler compacted: some decode phase ran on fewer rows
         for i in range(2):
             phases = json.loads((two / f"{name}_{i}.json").read_text())["sampler_phases"]

@@ -22,9 +22,9 @@ import jax.numpy as jnp
 from jaxpost.algorithms.batch import GRPO_KEYS, PPO_KEYS, check_batch
 from jaxpost.algorithms.lm import lm_token_logprobs
 from jaxpost.config import checks_values_of
-from jaxpost.errors import require
-from jaxpost.losses.grpo import (AGGREGATIONS, RATIO_LEVELS, SURROGATES, grpo_loss, high_entropy_mask,
-                                 off_policy_sequence_mask)
+from jaxpost.errors import UserError, require
+from jaxpost.losses.grpo import (ADVANTAGES, AGGREGATIONS, RATIO_LEVELS, SURROGATES, grpo_loss,
+                                 high_entropy_mask, off_policy_sequence_mask)
 from jaxpost.losses.ppo import gae, ppo_policy_loss, ppo_token_rewards, ppo_value_loss
 from jaxpost.losses.stats import masked_mean, whiten
 from jaxpost.models import forward
@@ -128,6 +128,18 @@ def make_ppo_loss(graphdef, config: ModelConfig, value_graphdef, clip_eps: float
         return loss, metrics
 
     return loss_fn
+
+
+def check_grpo_advantage(advantage: str, group_size: int, environment: bool) -> None:
+    """Raises :class:`~jaxpost.errors.UserError` for a ``grpo.advantage`` the run cannot compute: an unknown
+    one, any with groups of one completion, ``gdpo`` (per-term normalisation) on an environment's single score."""
+    if advantage not in ADVANTAGES:
+        raise UserError(f"grpo.advantage={advantage!r} is unknown; choose one of {ADVANTAGES}")
+    if advantage == "gdpo" and environment:
+        raise UserError("grpo.advantage='gdpo' normalises each reward term on its own; an environment's episodes "
+                        "have one score (use 'grpo')")
+    if group_size < 2:
+        raise UserError(f"grpo.advantage={advantage!r} needs RolloutConfig.group_size >= 2, got {group_size}")
 
 
 @checks_values_of("make_grpo_loss")

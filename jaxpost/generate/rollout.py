@@ -125,6 +125,21 @@ def sample_records(r: Rollout, **columns: Sequence[Any]) -> list[dict[str, Any]]
     return out
 
 
+def reward_terms(r: Rollout, roller: Roller) -> tuple[np.ndarray, np.ndarray]:
+    """``([K, B] values, [K] weights)``: each reward term of ``roller``'s scorer, unweighted, as in ``r.rewards``.
+
+    A missing-EOS penalty is one more term: ``-1`` on a completion cut
+    without a stop token, weighted by ``RolloutConfig.missing_eos_penalty``
+    (so that GDPO normalises it like the rest).
+    """
+    terms = roller.terms
+    values, weights = [r.rewards[t.name] for t in terms], [t.weight for t in terms]
+    if roller.cfg.missing_eos_penalty:
+        values.append(-(~r.finished).astype(np.float32))
+        weights.append(roller.cfg.missing_eos_penalty)
+    return np.stack(values), np.asarray(weights, np.float32)
+
+
 def rollout_sequences(prompt_tokens: np.ndarray, prompt_mask: np.ndarray, completion_tokens: np.ndarray,
                       completion_mask: np.ndarray, pad: int) -> dict[str, np.ndarray]:
     """Prompt ``[B,P]`` (left-padded) + completion ``[B,N]`` -> LM arrays ``[B, P+N]``.

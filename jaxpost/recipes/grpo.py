@@ -21,15 +21,14 @@ import numpy as np
 
 from jaxpost import models
 from jaxpost.algorithms import LM_KEYS
-from jaxpost.algorithms.online import make_grpo_loss
+from jaxpost.algorithms.online import check_grpo_advantage, make_grpo_loss
 from jaxpost.config import build, build_if_bound, check_values
 from jaxpost.data import check_run_inputs, make_prompt_pipeline
-from jaxpost.errors import UserError
 from jaxpost.generate.environments import Environment
 from jaxpost.generate.held_out import online_evaluator
 from jaxpost.generate.multiturn import check_reward_source, make_roller
-from jaxpost.generate.rollout import Roller, RolloutConfig, sample_records
-from jaxpost.losses.grpo import ADVANTAGES, advantages_of, gdpo_advantages
+from jaxpost.generate.rollout import Roller, RolloutConfig, reward_terms, sample_records
+from jaxpost.losses.grpo import advantages_of, gdpo_advantages
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.load import load_model
 from jaxpost.sharding import Partitioner
@@ -38,6 +37,7 @@ from jaxpost.train.fit import finish_run
 from jaxpost.train.online import (OnlineConfig, RolloutBatches, Stateless, fit_online, online_config,
                                   reference_policy)
 from jaxpost.train.run_dir import prepare_run_dir
+
 
 class GRPORollouts(Stateless):
     """A rollout becomes rows with group-relative advantages of its (global) scores."""
@@ -51,10 +51,8 @@ class GRPORollouts(Stateless):
         r = self.roller(params, self.reference(params), None, prompts, rng)
         group = self.roller.cfg.group_size
         rows = {k: r.batch[k] for k in (*LM_KEYS, "old_logp", "ref_logp")}
-        if self.advantage == "gdpo":
-            advantages = np.asarray(gdpo_advantages(*self.terms(r), group))
-        else:
-            advantages = np.asarray(advantages_of(r.scores, group, self.advantage))
+        advantages = np.asarray(gdpo_advantages(*reward_terms(r, self.roller), group) if self.advantage == "gdpo"
+                                else advantages_of(r.scores, group, self.advantage))
         rows.update(on_mesh({"advantages": advantages}, self.partitioner))
         if self.mask_truncated:  # DAPO's overlong filtering: a completion cut at its budget trains no token
             kept = on_mesh({"kept": r.finished.astype(np.float32)[:, None]}, self.partitioner)["kept"]
@@ -63,16 +61,6 @@ class GRPORollouts(Stateless):
         spread = r.scores.reshape(-1, group).std(axis=1)
         return rows, {**r.metrics, "reward/std_within_group": float(spread.mean()),
                       "reward/zero_std_fraction": float((spread == 0).mean())}
-
-    def terms(self, r) -> tuple[np.ndarray, np.ndarray]:
-        """``([K, B] values, [K] weights)`` of the scorer's terms; a missing-EOS penalty is one more term
-        (``-1`` on a completion cut without a stop token, weighted by the penalty), normalised like the rest."""
-        terms = self.roller.terms
-        values, weights = [r.rewards[t.name] for t in terms], [t.weight for t in terms]
-        if self.roller.cfg.missing_eos_penalty:
-            values.append(-(~r.finished).astype(np.float32))
-            weights.append(self.roller.cfg.missing_eos_penalty)
-        return np.stack(values), np.asarray(weights, np.float32)
 
 
 @gin.configurable
@@ -104,13 +92,7 @@ def grpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer:
     # `grpo.rollout = @RolloutConfig()`; the run's own defaults yield to gin's bindings.
     rollout, online = build(RolloutConfig, rollout, group_size=8), online_config(online, eval_data, "grpo")
     model = build_if_bound(ModelConfig, model)
-    if advantage not in ADVANTAGES:
-        raise UserError(f"grpo.advantage={advantage!r} is unknown; choose one of {ADVANTAGES}")
-    if advantage == "gdpo" and environment is not None:
-        raise UserError("grpo.advantage='gdpo' normalises each reward term on its own; an environment's episodes "
-                        "have one score (use 'grpo')")
-    if rollout.group_size < 2:
-        raise UserError(f"grpo.advantage={advantage!r} needs RolloutConfig.group_size >= 2, got {rollout.group_size}")
+    check_grpo_advantage(advantage, rollout.group_size, environment is not None)
     tok, rows = check_run_inputs("grpo", train_data=train_data, kind="prompt", tokenizer=tokenizer,
                                  init_from=init_from, model=model, eval_data=eval_data)
     check_reward_source(environment, "grpo")
