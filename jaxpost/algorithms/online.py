@@ -197,11 +197,14 @@ def make_grpo_loss(graphdef, config: ModelConfig, clip_eps_low: float = 0.2, cli
     policy's entropy only (:func:`~jaxpost.losses.grpo.high_entropy_mask`,
     over the global batch, or each micro-batch under gradient
     accumulation), the KL term and the normaliser on every token.
-    ``surrogate`` is ``clip`` (GRPO/DAPO), ``cispo`` (weight
-    ``min(ratio, cispo_max_ratio)``, no gradient through it; TRL's
-    ``loss_type='cispo'`` with ``epsilon_high = cispo_max_ratio``; pair it
-    with ``aggregation='token'`` as TRL does) or ``sapo`` (the soft gate at
-    ``sapo_temperature_pos`` / ``_neg``). ``off_policy_mask_threshold``
+    ``surrogate`` is ``clip`` (GRPO/DAPO), ``cispo`` or ``sapo`` (TRL's
+    ``loss_type``; the formulas are :func:`grpo_loss`'s; pair ``cispo`` with
+    ``aggregation='token'``, as TRL does). ``cispo_max_ratio`` caps CISPO's
+    weight ``min(ratio, max)``, which carries no gradient (TRL's
+    ``epsilon_high`` under ``loss_type='cispo'``; ScaleRL's 5.0).
+    ``sapo_temperature_pos`` is SAPO's gate temperature where ``A > 0``.
+    ``sapo_temperature_neg`` is SAPO's gate temperature where ``A <= 0``.
+    ``off_policy_mask_threshold``
     (DeepSeek-V3.2, TRL's) drops from the policy term the sequences with
     ``A < 0`` whose mean KL from the rollout's log-probs to the current
     policy exceeds it (:func:`~jaxpost.losses.grpo.off_policy_sequence_mask`);
