@@ -360,11 +360,18 @@ def _passed_on_keys(conf: _gin.Configurable, name: str, params: dict[str, inspec
     target, extra = jp_config.passed_on_params(conf.name, values)
     if target is None:
         return []
-    hints, docs = jp_config._type_hints(target), _param_docs(target)
-    return [Key(name=f"{name}.{p}", type=jp_config._type_name(hints[p]) if p in hints else "",
-                default=repr(param.default), required=False, bound=_format(bound[p]) if p in bound else None,
-                doc=_one_line(f"passed on to {target.__name__}" + (f": {docs[p]}" if p in docs else "")))
-            for p, param in extra.items() if p not in params]
+    targets = target if isinstance(target, tuple) else (target,)  # a combination (make_dpo_loss.kind = [...])
+    owner = {p: next(t for t in targets if p in inspect.signature(t).parameters) for p in extra}
+    keys = []
+    for p, param in extra.items():
+        if p in params:
+            continue
+        t = owner[p]
+        hints, docs = jp_config._type_hints(t), _param_docs(t)
+        keys.append(Key(name=f"{name}.{p}", type=jp_config._type_name(hints[p]) if p in hints else "",
+                        default=repr(param.default), required=False, bound=_format(bound[p]) if p in bound else None,
+                        doc=_one_line(f"passed on to {t.__name__}" + (f": {docs[p]}" if p in docs else ""))))
+    return keys
 
 
 _UNBOUND = object()

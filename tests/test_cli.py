@@ -106,7 +106,14 @@ def test_list_keys_shows_the_parameters_of_the_chosen_dpo_loss(capsys):
     gin.clear_config()
     rc, out, _ = _main(capsys, "train", "--gin_file=configs/runs/dpo.gin", "--gin.make_dpo_loss.kind='x'",
                        "--list_keys")
-    assert rc == 0 and "make_dpo_loss.kind: str = 'sigmoid'  <- 'x'" in out  # listed; the run itself refuses it
+    assert rc == 0 and "make_dpo_loss.kind: str | list[str] = 'sigmoid'  <- 'x'" in out  # the run itself refuses it
+    gin.clear_config()
+    # A sum of losses: the keys of each, each documented by the loss it goes to.
+    rc, out, _ = _main(capsys, "train", "--gin_file=configs/runs/dpo.gin",
+                       "--gin.make_dpo_loss.kind=['simpo', 'discopop']", "--list_keys")
+    assert rc == 0 and "  make_dpo_loss.gamma: float = 0.5\n      passed on to simpo_loss" in out
+    assert "  make_dpo_loss.discopop_tau: float = 0.05\n      passed on to discopop_loss" in out
+    assert "  make_dpo_loss.loss_weights: list[float] | None = None\n" in out
 
 
 # --- errors: one paragraph, fast, traceback only with --debug ---------------------------------------------------------
@@ -244,13 +251,35 @@ _REQUIRED_EXTRAS = {"grpo": ["--gin.make_reward.names=['my_rewards:exact']"],
 
 @pytest.mark.parametrize("task,bindings,expected", [
     ("dpo", ["--gin.make_dpo_loss.kind='sigmod'"],
-     "make_dpo_loss.kind must be one of 'sigmoid', 'robust', 'hinge', 'ipo', 'simpo', 'orpo', got 'sigmod'"),
+     "make_dpo_loss.kind must be one of 'sigmoid', 'robust', 'hinge', 'ipo', 'simpo', 'orpo', 'exo_pair', 'nca_pair', "
+     "'bco_pair', 'sppo_hard', 'aot', 'aot_unpaired', 'apo_zero', 'apo_down', 'discopop', 'sigmoid_norm', 'sft', "
+     "got 'sigmod'"),
     ("dpo", ["--gin.make_dpo_loss.label_smothing=0.1"],
      "make_dpo_loss.label_smothing is not a parameter of the 'sigmoid' loss; it takes make_dpo_loss.beta, "
-     "make_dpo_loss.label_smoothing, make_dpo_loss.rpo_alpha"),
+     "make_dpo_loss.label_smoothing, make_dpo_loss.rpo_alpha, make_dpo_loss.f_divergence_type, "
+     "make_dpo_loss.f_alpha_divergence_coef"),
+    ("dpo", ["--gin.make_dpo_loss.kind=['sigmoid', 'nca']"],
+     "make_dpo_loss.kind must be one of 'sigmoid', 'robust', 'hinge', 'ipo', 'simpo', 'orpo', 'exo_pair', 'nca_pair', "
+     "'bco_pair', 'sppo_hard', 'aot', 'aot_unpaired', 'apo_zero', 'apo_down', 'discopop', 'sigmoid_norm', 'sft' "
+     "(each entry of the list), got 'nca'"),
+    ("dpo", ["--gin.make_dpo_loss.kind=['sigmoid', 'bco_pair']", "--gin.make_dpo_loss.loss_weights=[1.0]"],
+     "make_dpo_loss.loss_weights must be one weight per entry of make_dpo_loss.kind (2), got [1.0]"),
+    ("dpo", ["--gin.make_dpo_loss.kind=['sigmoid', 'sft']", "--gin.make_dpo_loss.gamma=0.5"],
+     "make_dpo_loss.gamma is not a parameter of any of the losses ['sigmoid', 'sft']; they take make_dpo_loss.beta, "
+     "make_dpo_loss.label_smoothing, make_dpo_loss.rpo_alpha, make_dpo_loss.f_divergence_type, "
+     "make_dpo_loss.f_alpha_divergence_coef"),
+    ("dpo", ["--gin.make_dpo_loss.kind='exo_pair'", "--gin.make_dpo_loss.label_smoothing=0.0"],
+     "make_dpo_loss (kind='exo_pair'): exo_pair loss needs 0 < label_smoothing < 1.0, got 0.0"),
+    ("dpo", ["--gin.make_dpo_loss.kind='bco_pair'", "--gin.make_dpo_loss.f_divergence_type='js_divergence'"],
+     "make_dpo_loss.f_divergence_type is not a parameter of the 'bco_pair' loss; it takes make_dpo_loss.beta"),
+    ("dpo", ["--gin.make_dpo_loss.f_divergence_type='jsd'"],
+     "make_dpo_loss (kind='sigmoid'): sigmoid loss: f_divergence_type must be one of 'reverse_kl', 'forward_kl', "
+     "'js_divergence', 'alpha_divergence', got 'jsd'"),
     ("dpo", ["--gin.make_dpo_loss.kind='simpo'", "--gin.make_dpo_loss.label_smoothing=1.5"],
      "make_dpo_loss (kind='simpo'): simpo loss needs 0 <= label_smoothing < 1.0, got 1.5"),
     ("dpo", ["--gin.make_dpo_loss.beta=0.0"], "make_dpo_loss.beta must be > 0, got 0.0"),
+    ("dpo", ["--gin.ReferenceSync.every=4", "--gin.ReferenceSync.alpha=0.0"],
+     "ReferenceSync.alpha must be in (0, 1], got 0.0"),
     ("grpo", ["--gin.make_grpo_loss.aggregation='dr-grpo'"],
      "make_grpo_loss.aggregation must be one of 'sequence', 'token', 'dr_grpo', got 'dr-grpo'"),
     ("grpo", ["--gin.make_grpo_loss.ratio_level='seq'"],

@@ -7,25 +7,10 @@ import jax
 import numpy as np
 import pytest
 
+from preference_helpers import PC, PR, RC, RR, a, logsig, sig
 from jaxpost.losses import PREFERENCE_LOSSES, preference_loss
 from jaxpost.losses.dpo import (hinge_loss, ipo_loss, orpo_loss, robust_loss, sigmoid_loss,
                                 simpo_loss)
-
-
-def a(*xs):
-    return np.array(xs, np.float32)
-
-
-def logsig(x):
-    return -math.log1p(math.exp(-x))
-
-
-def sig(x):
-    return 1.0 / (1.0 + math.exp(-x))
-
-
-# One pair: policy log-ratio chosen-rejected = 2, reference = 0, so h = 2.
-PC, PR, RC, RR = a(-1.0), a(-3.0), a(-2.0), a(-2.0)
 
 
 def test_dpo_hand_example_and_metrics():

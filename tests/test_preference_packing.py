@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from jaxpost import models
-from preference_helpers import three_dpo_losses, value_and_grad
+from preference_helpers import dpo_losses, value_and_grad
 from jaxpost.algorithms import make_dpo_loss, make_reward_loss
 from jaxpost.losses import pair_last_index, pair_sums
 from jaxpost.data import build_tokenizer, make_preference_pipeline
@@ -142,7 +142,8 @@ def test_pair_sums_and_last_index():
 
 
 def test_dpo_losses_packed_equal_unpacked_with_both_references(tok):
-    """Sigmoid+RPO reads precomputed reference log-probs, IPO runs the frozen reference, SimPO needs none."""
+    """Sigmoid+RPO reads precomputed reference log-probs, IPO and a sum with AOT run the frozen reference, SimPO
+    needs none."""
     config, graphdef, params = _model()
     _, _, ref = _model(seed=1)
     rows = _rows(seed=3)
@@ -162,7 +163,7 @@ def test_dpo_losses_packed_equal_unpacked_with_both_references(tok):
     unpacked, packed = _both(rows, tok)
     assert packed["tokens"].shape[0] < unpacked["chosen_tokens"].shape[0]
     assert packed["ref_chosen_logps"].shape == packed["pair_mask"].shape
-    all_losses = three_dpo_losses(graphdef, config)
+    all_losses = dpo_losses(graphdef, config)
     got_u, got_p = all_losses(params, unpacked, ref), all_losses(params, packed, ref)
     for kind in got_u:
         _assert_same(got_u[kind], got_p[kind], len(rows))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxpost import models
-from preference_helpers import three_dpo_losses, value_and_grad
+from preference_helpers import dpo_losses, value_and_grad
 from jaxpost.algorithms import SHARED_PROMPT_KEYS, make_dpo_loss, make_reward_loss
 from jaxpost.algorithms.shared_prompt import shared_rows
 from jaxpost.data import build_tokenizer, make_preference_pipeline
@@ -107,7 +107,7 @@ def test_dpo_losses_shared_equal_unpacked_with_both_references(tok):
         row.update(ref_chosen_logps=float(c), ref_rejected_logps=float(r))
     unpacked, shared = _batch(rows, tok, False), _batch(rows, tok, True)
     assert shared["prompt_tokens"].shape[1] + 2 * shared["chosen_tokens"].shape[1] < 2 * SEQ_LEN
-    all_losses = three_dpo_losses(graphdef, config)
+    all_losses = dpo_losses(graphdef, config)
     got_u, got_s = all_losses(params, unpacked, ref), all_losses(params, shared, ref)
     for kind in got_u:
         _assert_same(got_u[kind], got_s[kind])

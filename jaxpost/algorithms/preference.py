@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Callable
+import math
+from typing import Callable, Sequence
 
 import gin
 import jax
@@ -28,13 +29,13 @@ from jaxpost.algorithms.shared_prompt import (check_shared_shapes, is_shared_pro
                                               shared_pair_scores)
 from jaxpost.config import checks_values_of
 from jaxpost.errors import UserError, require
-from jaxpost.losses.dpo import PREFERENCE_LOSSES
+from jaxpost.losses.dpo import PREFERENCE_LOSSES, combined_preference_loss, own_hparams
 from jaxpost.losses.reward import bradley_terry_loss
 from jaxpost.losses.sequence import sequence_logps
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.lora import has_adapters, without_adapters
 
-REFERENCE_FREE = ("simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo", "sft")
 
 
 def pair_column(batch, key: str):
@@ -71,71 +72,119 @@ def pair_sequence_logps(graphdef, config: ModelConfig, params, batch, *, chunk_s
     return pc, pr, lc, lr
 
 
-def dpo_loss_options(kind: str) -> tuple[Callable, dict[str, inspect.Parameter]]:
-    """The loss ``kind`` names, and its parameters that ``make_dpo_loss.<name>`` binds (``gamma``...).
+def dpo_kinds(kind: str | Sequence[str]) -> tuple[str, ...]:
+    """``make_dpo_loss.kind`` as a tuple of loss names: one name, or the terms of a combination."""
+    return (kind,) if isinstance(kind, str) else tuple(kind)
 
-    Those are the loss's keyword-only parameters but ``beta`` (a parameter
-    of ``make_dpo_loss`` itself) and ``pair_mask`` (from the batch).
+
+def dpo_loss_options(kind: str | Sequence[str]) -> tuple[Callable | tuple[Callable, ...],
+                                                         dict[str, inspect.Parameter]]:
+    """The loss(es) ``kind`` names, and their parameters that ``make_dpo_loss.<name>`` binds (``gamma``...).
+
+    Those are each loss's keyword-only parameters but ``beta`` (a parameter
+    of ``make_dpo_loss`` itself) and ``pair_mask`` (from the batch); for a
+    combination, their union (a parameter two losses share is bound once,
+    for both). One loss is returned alone, several as a tuple.
     """
-    loss = PREFERENCE_LOSSES[kind]
-    return loss, {n: p for n, p in inspect.signature(loss).parameters.items()
-                  if p.kind is p.KEYWORD_ONLY and n not in ("beta", "pair_mask")}
+    losses = tuple(PREFERENCE_LOSSES[k] for k in dpo_kinds(kind))
+    takes: dict[str, inspect.Parameter] = {}
+    for loss in losses:
+        for n, p in inspect.signature(loss).parameters.items():
+            if p.kind is p.KEYWORD_ONLY and n not in ("beta", "pair_mask"):
+                takes.setdefault(n, p)
+    return (losses[0] if len(losses) == 1 else losses), takes
 
 
 @checks_values_of("make_dpo_loss", passes_on=lambda values: dpo_loss_options(values["kind"]))
-def check_dpo_loss_values(kind: str = "sigmoid", beta: float = 0.1, **hparams) -> None:
+def check_dpo_loss_values(kind: str | list[str] = "sigmoid", beta: float = 0.1,
+                          loss_weights: list[float] | None = None, **hparams) -> None:
     """Raises :class:`~jaxpost.errors.UserError` naming the ``make_dpo_loss`` key of a value the loss cannot use.
 
-    ``kind`` must name a loss of :data:`PREFERENCE_LOSSES`, ``beta > 0``, and
-    each of ``hparams`` must be a parameter of that loss (a misspelt
-    ``label_smothing`` would otherwise reach the loss only at its first
-    trace). The loss then runs once on one made-up pair, so that its own
-    checks (``0 <= label_smoothing < 1``...) apply now.
+    ``kind`` must name a loss of :data:`PREFERENCE_LOSSES`, or be a list of
+    distinct ones (a combination) with ``loss_weights`` None or one weight
+    ``>= 0`` per loss, not all 0; ``beta > 0``; each of ``hparams`` must be
+    a parameter of one of the losses (a misspelt ``label_smothing`` would
+    otherwise reach the loss only at its first trace). Each loss then runs
+    once on one made-up pair, so that its own checks (``0 <=
+    label_smoothing < 1``...) apply now.
     """
-    require("make_dpo_loss.kind", kind, kind in PREFERENCE_LOSSES, "one of " + ", ".join(map(repr, PREFERENCE_LOSSES)))
+    names = "one of " + ", ".join(map(repr, PREFERENCE_LOSSES))
+    if isinstance(kind, str):
+        require("make_dpo_loss.kind", kind, kind in PREFERENCE_LOSSES, names)
+    else:
+        require("make_dpo_loss.kind", kind, isinstance(kind, (list, tuple)) and len(kind) > 0
+                and all(isinstance(k, str) for k in kind), f"{names}, or a non-empty list of them")
+        for k in kind:
+            require("make_dpo_loss.kind", k, k in PREFERENCE_LOSSES, names + " (each entry of the list)")
+        require("make_dpo_loss.kind", kind, len(set(kind)) == len(kind), "a list without repeats")
     require("make_dpo_loss.beta", beta, beta > 0, "> 0")
-    loss, takes = dpo_loss_options(kind)
+    kinds = dpo_kinds(kind)
+    if loss_weights is not None:
+        require("make_dpo_loss.loss_weights", loss_weights, not isinstance(kind, str),
+                "None when make_dpo_loss.kind names one loss (weights combine a list of kinds)")
+        require("make_dpo_loss.loss_weights", loss_weights, len(loss_weights) == len(kinds),
+                f"one weight per entry of make_dpo_loss.kind ({len(kinds)})")
+        require("make_dpo_loss.loss_weights", loss_weights,
+                all(math.isfinite(w) and w >= 0 for w in loss_weights) and any(w > 0 for w in loss_weights),
+                "finite weights >= 0, not all 0")
+    _, takes = dpo_loss_options(kind)
     for name in hparams:
         if name not in takes:
-            raise UserError(f"make_dpo_loss.{name} is not a parameter of the {kind!r} loss; it takes "
+            what = (f"the {kind!r} loss; it takes" if isinstance(kind, str)
+                    else f"any of the losses {list(kinds)}; they take")
+            raise UserError(f"make_dpo_loss.{name} is not a parameter of {what} "
                             f"{', '.join('make_dpo_loss.' + n for n in ['beta', *takes])}")
     one = np.full((1,), -1.0, np.float32)  # log-probs < 0, lengths 1, as a real pair has
-    try:
-        loss(one, one, one, one, -one, -one, beta=beta, pair_mask=-one, **hparams)
-    except ValueError as e:
-        raise UserError(f"make_dpo_loss (kind={kind!r}): {e}") from None
+    for k in kinds:
+        loss = PREFERENCE_LOSSES[k]
+        try:
+            loss(one, one, one, one, -one, -one, beta=beta, pair_mask=-one, **own_hparams(loss, hparams))
+        except ValueError as e:
+            raise UserError(f"make_dpo_loss (kind={k!r}): {e}") from None
 
 
 @gin.configurable(denylist=["graphdef", "config"])
-def make_dpo_loss(graphdef, config: ModelConfig, kind: str = "sigmoid", beta: float = 0.1,
-                  chunk_size: int = 512, **hparams):
-    """``loss(params, batch, frozen)`` for any loss in :data:`PREFERENCE_LOSSES`.
+def make_dpo_loss(graphdef, config: ModelConfig, kind: str | list[str] = "sigmoid", beta: float = 0.1,
+                  chunk_size: int = 512, loss_weights: list[float] | None = None, **hparams):
+    """``loss(params, batch, frozen)`` for any loss in :data:`PREFERENCE_LOSSES`, or a weighted sum of several.
+
+    ``kind``: a loss name (TRL's ``loss_type``), or a list of names whose
+    losses are summed (:func:`~jaxpost.losses.combined_preference_loss`).
+    ``loss_weights``: one weight per entry of a ``kind`` list (None: all 1),
+    as MPO's ``[0.8, 0.2, 1.0]`` for ``['sigmoid', 'bco_pair', 'sft']``.
 
     Policy log-probs of chosen and rejected come from one concatenated
     forward. The reference log-probs come, in order of preference, from the
     batch (``ref_chosen_logps``/``ref_rejected_logps``, precomputed once by
     :func:`jaxpost.algorithms.reference.precompute_reference_logps`), or from
     ``frozen["reference"]`` (a frozen params tree on the same mesh, run under
-    ``stop_gradient``). SimPO and ORPO need no reference. ``hparams`` go to
-    the loss (``label_smoothing``, ``gamma``, ``rpo_alpha``, ``tau``...).
+    ``stop_gradient``). SimPO, ORPO and ``sft`` need no reference. ``hparams``
+    go to the losses that take them (``label_smoothing``, ``gamma``,
+    ``rpo_alpha``, ``f_divergence_type``...).
 
     Packed batches give the same loss, metrics and gradients as the same
     pairs unpacked; they also return ``loss_tokens`` = the number of real
     pairs (what the loss averages over), so gradient accumulation weights
     micro-batches, which hold different numbers of pairs, exactly.
     """
-    check_dpo_loss_values(kind, beta, **hparams)
-    loss_math = PREFERENCE_LOSSES[kind]
+    check_dpo_loss_values(kind, beta, loss_weights, **hparams)
+    kinds = dpo_kinds(kind)
+    if isinstance(kind, str):
+        loss_math = PREFERENCE_LOSSES[kind]
+    else:
+        loss_math = functools.partial(combined_preference_loss, kinds, loss_weights)
+    needs_reference = any(k not in REFERENCE_FREE for k in kinds)
+    label = kind if isinstance(kind, str) else "+".join(kinds)
 
     def loss_fn(params, batch, frozen=None):
-        packed = check_preference_batch(batch, f"DPO ({kind})")
+        packed = check_preference_batch(batch, f"DPO ({label})")
         pc, pr, lc, lr = pair_sequence_logps(graphdef, config, params, batch, chunk_size=chunk_size)
         rc = rr = None
         if "ref_chosen_logps" in batch:
             rc, rr = pair_column(batch, "ref_chosen_logps"), pair_column(batch, "ref_rejected_logps")
-        elif kind not in REFERENCE_FREE:
+        elif needs_reference:
             if not frozen or "reference" not in frozen:
-                raise ValueError(f"{kind} DPO needs a reference: frozen['reference'] params or precomputed "
+                raise ValueError(f"{label} DPO needs a reference: frozen['reference'] params or precomputed "
                                  "ref_chosen_logps/ref_rejected_logps in the batch")
             ref = jax.lax.stop_gradient(frozen["reference"])
             rc, rr, _, _ = pair_sequence_logps(graphdef, config, ref, batch, chunk_size=chunk_size)
@@ -145,8 +194,8 @@ def make_dpo_loss(graphdef, config: ModelConfig, kind: str = "sigmoid", beta: fl
             metrics["loss_tokens"] = jnp.sum(pair_mask)
         return loss, metrics
 
-    loss_fn.kind = kind
-    loss_fn.needs_reference = kind not in REFERENCE_FREE
+    loss_fn.kind = label
+    loss_fn.needs_reference = needs_reference
     return loss_fn
 
 
@@ -197,3 +246,9 @@ def with_base_reference(loss_fn: Callable) -> Callable:
         return loss_fn(params, batch, {**(frozen or {}), "reference": without_adapters(params)})
 
     return wrapped
+
+
+def dpo_flops(config: ModelConfig, seq_len: int, batch_size: int, with_reference: bool) -> float:
+    """Policy forward+backward on 2B sequences, plus a reference forward (1/3 of that) if run online."""
+    policy = config.flops_per_token(seq_len) * 2 * batch_size * seq_len
+    return policy * (4 / 3 if with_reference else 1.0)

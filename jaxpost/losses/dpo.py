@@ -10,8 +10,9 @@ reference (``ref_*_logps``), and where needed the response lengths in tokens
        *, <hyperparameters>, pair_mask=None) -> (loss, metrics)
 
 so a training step can call any entry of :data:`PREFERENCE_LOSSES` (gin binds
-the name and the hyperparameters). Reference-free losses (SimPO, ORPO)
-accept and ignore the reference arguments. ``pair_mask`` (``[B]`` float
+the name and the hyperparameters); it also holds the relatives of
+:mod:`jaxpost.losses.dpo_relatives`. Reference-free losses (SimPO, ORPO,
+``sft``) accept and ignore the reference arguments. ``pair_mask`` (``[B]`` float
 {0,1}) drops padding pairs from every mean.
 
 Notation: ``h = (pi_c - pi_r) - (ref_c - ref_r)`` (the difference of the
@@ -35,73 +36,24 @@ added (RPO, ORPO).
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+import inspect
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from jaxpost.losses.checks import check_rank, check_same_shape, f32
+from jaxpost.losses.checks import f32
+from jaxpost.losses.dpo_relatives import RELATIVES
+from jaxpost.losses.preference_math import (check_f_divergence, check_pair_inputs, check_smoothing,
+                                            divergence_scores, pair_margin, pair_metrics, rpo_term,
+                                            smoothed_sigmoid)
 from jaxpost.losses.sequence import average_logps
 from jaxpost.losses.stats import masked_mean
-
-_NAMES = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps",
-          "ref_rejected_logps", "chosen_lengths", "rejected_lengths", "pair_mask")
-
-
-def _check(kind, pc, pr, rc, rr, lc, lr, mask, need_ref: bool, need_lengths: bool):
-    check_rank("policy_chosen_logps", pc, 1, "[B]")
-    check_same_shape(_NAMES, (pc, pr, rc, rr, lc, lr, mask), "[B]")
-    if need_ref and (rc is None or rr is None):
-        raise ValueError(f"{kind} loss needs ref_chosen_logps and ref_rejected_logps ([B] each)")
-    if need_lengths and (lc is None or lr is None):
-        raise ValueError(f"{kind} loss needs chosen_lengths and rejected_lengths ([B] token counts)")
-
-
-def _smoothed_sigmoid(z, label_smoothing):
-    """cDPO (Mitchell 2023): ``-(1 - eps) log sigma(z) - eps log sigma(-z)``."""
-    return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
-
-
-def _finish(losses, chosen_rewards, rejected_rewards, logps_c, logps_r, mask, extra=None):
-    m = jnp.ones_like(losses) if mask is None else f32(mask)
-    loss = masked_mean(losses, m)
-    extra_metrics = {}
-    for k, v in (extra or {}).items():
-        loss = loss + v[0]
-        extra_metrics[k] = v[1]
-    metrics = {"loss": loss, **extra_metrics}
-    metrics.update({
-        "rewards/chosen": masked_mean(chosen_rewards, m),
-        "rewards/rejected": masked_mean(rejected_rewards, m),
-        "rewards/margins": masked_mean(chosen_rewards - rejected_rewards, m),
-        "rewards/accuracies": masked_mean((chosen_rewards > rejected_rewards).astype(jnp.float32), m),
-        "logps/chosen": masked_mean(logps_c, m),
-        "logps/rejected": masked_mean(logps_r, m),
-    })
-    return loss, metrics
-
-
-def _rpo_term(rpo_alpha, pc, lc, mask, kind):
-    """RPO (Pang et al. 2024): ``alpha * mean_pairs(-pi_c / |y_c|)`` added to the loss."""
-    if rpo_alpha is None:
-        return None
-    if lc is None:
-        raise ValueError(f"{kind} loss with rpo_alpha needs chosen_lengths ([B] token counts)")
-    m = jnp.ones_like(f32(pc)) if mask is None else f32(mask)
-    nll = masked_mean(-average_logps(pc, lc), m)
-    return {"nll_loss": (rpo_alpha * nll, nll)}
-
-
-def _check_smoothing(label_smoothing, limit: float, kind: str):
-    # Only checkable when given as a Python number; traced values are the caller's job.
-    if isinstance(label_smoothing, (int, float)) and not 0.0 <= label_smoothing < limit:
-        raise ValueError(f"{kind} loss needs 0 <= label_smoothing < {limit}, got {label_smoothing}")
-
 
 def sigmoid_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
                  ref_rejected_logps=None, chosen_lengths=None, rejected_lengths=None, *,
                  beta: float = 0.1, label_smoothing: float = 0.0, rpo_alpha: float | None = None,
-                 pair_mask=None):
+                 f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5, pair_mask=None):
     """DPO (Rafailov et al. 2023), with cDPO label smoothing (Mitchell 2023).
 
     ``loss = mean( -(1 - eps) log sigma(beta h) - eps log sigma(-beta h) )``;
@@ -111,54 +63,69 @@ def sigmoid_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=No
     With ``rpo_alpha``, adds ``rpo_alpha * mean(-pi_c / |y_c|)`` (RPO,
     Pang et al. 2024; per-sequence length-averaged NLL of the chosen
     response, where TRL averages over all chosen tokens of the batch).
+    ``f_divergence_type`` (f-DPO, Wang et al. 2023): ``'reverse_kl'`` (DPO,
+    the default), ``'forward_kl'``, ``'js_divergence'`` or
+    ``'alpha_divergence'``, under which ``h`` becomes ``f'(t_c) - f'(t_r)``
+    (:func:`~jaxpost.losses.divergence_scores`; the rewards stay ``beta *
+    (pi - ref)``). ``f_alpha_divergence_coef``: the alpha of
+    ``'alpha_divergence'``, in ``(0, 1]``.
     """
     pc, pr, rc, rr = map(f32, (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps))
-    _check("sigmoid", pc, pr, rc, rr, chosen_lengths, rejected_lengths, pair_mask, True, False)
-    _check_smoothing(label_smoothing, 1.0, "sigmoid")
-    h = (pc - pr) - (rc - rr)
-    losses = _smoothed_sigmoid(beta * h, label_smoothing)
-    return _finish(losses, beta * (pc - rc), beta * (pr - rr), pc, pr, pair_mask,
-                   _rpo_term(rpo_alpha, pc, chosen_lengths, pair_mask, "sigmoid"))
+    check_pair_inputs("sigmoid", pc, pr, rc, rr, chosen_lengths, rejected_lengths, pair_mask, True, False)
+    check_smoothing(label_smoothing, False, 1.0, "sigmoid")
+    check_f_divergence(f_divergence_type, f_alpha_divergence_coef, "sigmoid")
+    h = pair_margin(pc, pr, rc, rr, f_divergence_type, f_alpha_divergence_coef)
+    losses = smoothed_sigmoid(beta * h, label_smoothing)
+    return pair_metrics(losses, beta * (pc - rc), beta * (pr - rr), pc, pr, pair_mask,
+                        rpo_term(rpo_alpha, pc, chosen_lengths, pair_mask, "sigmoid"))
 
 
 def robust_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
                 ref_rejected_logps=None, chosen_lengths=None, rejected_lengths=None, *,
                 beta: float = 0.1, label_smoothing: float = 0.0, rpo_alpha: float | None = None,
-                pair_mask=None):
+                f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5, pair_mask=None):
     """rDPO (Chowdhury et al. 2024), unbiased under preference-label flips with rate ``eps``.
 
     ``loss = mean( (-(1 - eps) log sigma(beta h) + eps log sigma(-beta h)) / (1 - 2 eps) )``,
     ``eps = label_smoothing`` in ``[0, 0.5)``. Equals DPO at ``eps = 0``.
     ``label_smoothing``: the flip rate ``eps``, in ``[0, 0.5)``. ``rpo_alpha``:
     the weight of RPO's chosen NLL term, as in :func:`sigmoid_loss` (None: off).
+    ``f_divergence_type``, ``f_alpha_divergence_coef``: ``h`` under another
+    f-divergence, as in :func:`sigmoid_loss`.
     """
     pc, pr, rc, rr = map(f32, (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps))
-    _check("robust", pc, pr, rc, rr, chosen_lengths, rejected_lengths, pair_mask, True, False)
-    _check_smoothing(label_smoothing, 0.5, "robust")
-    z = beta * ((pc - pr) - (rc - rr))
+    check_pair_inputs("robust", pc, pr, rc, rr, chosen_lengths, rejected_lengths, pair_mask, True, False)
+    check_smoothing(label_smoothing, False, 0.5, "robust")
+    check_f_divergence(f_divergence_type, f_alpha_divergence_coef, "robust")
+    z = beta * pair_margin(pc, pr, rc, rr, f_divergence_type, f_alpha_divergence_coef)
     eps = label_smoothing
     losses = (-(1.0 - eps) * jax.nn.log_sigmoid(z) + eps * jax.nn.log_sigmoid(-z)) / (1.0 - 2.0 * eps)
-    return _finish(losses, beta * (pc - rc), beta * (pr - rr), pc, pr, pair_mask,
-                   _rpo_term(rpo_alpha, pc, chosen_lengths, pair_mask, "robust"))
+    return pair_metrics(losses, beta * (pc - rc), beta * (pr - rr), pc, pr, pair_mask,
+                        rpo_term(rpo_alpha, pc, chosen_lengths, pair_mask, "robust"))
 
 
 def hinge_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
                ref_rejected_logps=None, chosen_lengths=None, rejected_lengths=None, *,
-               beta: float = 0.1, rpo_alpha: float | None = None, pair_mask=None):
+               beta: float = 0.1, rpo_alpha: float | None = None, f_divergence_type: str = "reverse_kl",
+               f_alpha_divergence_coef: float = 0.5, pair_mask=None):
     """SLiC hinge (Zhao et al. 2023) on the DPO log-ratio: ``loss = mean( relu(1 - beta h) )``.
 
     ``rpo_alpha``: the weight of RPO's chosen NLL term, as in :func:`sigmoid_loss` (None: off).
+    ``f_divergence_type``, ``f_alpha_divergence_coef``: ``h`` under another
+    f-divergence, as in :func:`sigmoid_loss`.
     """
     pc, pr, rc, rr = map(f32, (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps))
-    _check("hinge", pc, pr, rc, rr, chosen_lengths, rejected_lengths, pair_mask, True, False)
-    losses = jax.nn.relu(1.0 - beta * ((pc - pr) - (rc - rr)))
-    return _finish(losses, beta * (pc - rc), beta * (pr - rr), pc, pr, pair_mask,
-                   _rpo_term(rpo_alpha, pc, chosen_lengths, pair_mask, "hinge"))
+    check_pair_inputs("hinge", pc, pr, rc, rr, chosen_lengths, rejected_lengths, pair_mask, True, False)
+    check_f_divergence(f_divergence_type, f_alpha_divergence_coef, "hinge")
+    losses = jax.nn.relu(1.0 - beta * pair_margin(pc, pr, rc, rr, f_divergence_type, f_alpha_divergence_coef))
+    return pair_metrics(losses, beta * (pc - rc), beta * (pr - rr), pc, pr, pair_mask,
+                        rpo_term(rpo_alpha, pc, chosen_lengths, pair_mask, "hinge"))
 
 
 def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
              ref_rejected_logps=None, chosen_lengths=None, rejected_lengths=None, *,
-             beta: float = 0.1, rpo_alpha: float | None = None, pair_mask=None):
+             beta: float = 0.1, rpo_alpha: float | None = None, f_divergence_type: str = "reverse_kl",
+             f_alpha_divergence_coef: float = 0.5, pair_mask=None):
     """IPO (Azar et al. 2023): ``loss = mean( (h_avg - 1 / (2 beta))^2 )``.
 
     Following TRL, ``h_avg`` uses *length-averaged* log-probs for both policy
@@ -166,15 +133,23 @@ def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
     (the paper writes summed log-probs; averaging keeps the fixed target
     ``1/(2 beta)`` meaningful across lengths). Rewards and ``logps/*``
     metrics use the averaged log-probs too. ``rpo_alpha``: the weight of
-    RPO's chosen NLL term, as in :func:`sigmoid_loss` (None: off).
+    RPO's chosen NLL term, as in :func:`sigmoid_loss` (None: off). Under
+    another ``f_divergence_type`` (see :func:`sigmoid_loss`), ``h_avg =
+    f'(t_c)/|y_c| - f'(t_r)/|y_r|``, as TRL.
     """
     pc, pr, rc, rr = map(f32, (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps))
-    _check("ipo", pc, pr, rc, rr, chosen_lengths, rejected_lengths, pair_mask, True, True)
+    check_pair_inputs("ipo", pc, pr, rc, rr, chosen_lengths, rejected_lengths, pair_mask, True, True)
+    check_f_divergence(f_divergence_type, f_alpha_divergence_coef, "ipo")
     apc, apr = average_logps(pc, chosen_lengths), average_logps(pr, rejected_lengths)
     arc, arr = average_logps(rc, chosen_lengths), average_logps(rr, rejected_lengths)
-    losses = jnp.square((apc - apr) - (arc - arr) - 1.0 / (2.0 * beta))
-    return _finish(losses, beta * (apc - arc), beta * (apr - arr), apc, apr, pair_mask,
-                   _rpo_term(rpo_alpha, pc, chosen_lengths, pair_mask, "ipo"))
+    if f_divergence_type == "reverse_kl":
+        h_avg = (apc - apr) - (arc - arr)
+    else:
+        score = lambda u: divergence_scores(u, f_divergence_type, f_alpha_divergence_coef)
+        h_avg = average_logps(score(pc - rc), chosen_lengths) - average_logps(score(pr - rr), rejected_lengths)
+    losses = jnp.square(h_avg - 1.0 / (2.0 * beta))
+    return pair_metrics(losses, beta * (apc - arc), beta * (apr - arr), apc, apr, pair_mask,
+                   rpo_term(rpo_alpha, pc, chosen_lengths, pair_mask, "ipo"))
 
 
 def simpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
@@ -190,12 +165,12 @@ def simpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None
     ``label_smoothing``: the flip rate ``eps``, in ``[0, 1)``.
     """
     pc, pr = f32(policy_chosen_logps), f32(policy_rejected_logps)
-    _check("simpo", pc, pr, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths,
+    check_pair_inputs("simpo", pc, pr, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths,
            pair_mask, False, True)
-    _check_smoothing(label_smoothing, 1.0, "simpo")
+    check_smoothing(label_smoothing, False, 1.0, "simpo")
     apc, apr = average_logps(pc, chosen_lengths), average_logps(pr, rejected_lengths)
-    losses = _smoothed_sigmoid(beta * apc - beta * apr - gamma, label_smoothing)
-    return _finish(losses, beta * apc, beta * apr, apc, apr, pair_mask)
+    losses = smoothed_sigmoid(beta * apc - beta * apr - gamma, label_smoothing)
+    return pair_metrics(losses, beta * apc, beta * apr, apc, apr, pair_mask)
 
 
 def _log1mexp(x):
@@ -222,15 +197,15 @@ def orpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
     ``log_odds_chosen`` (mean log-odds difference), ``nll_loss``.
     """
     pc, pr = f32(policy_chosen_logps), f32(policy_rejected_logps)
-    _check("orpo", pc, pr, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths,
+    check_pair_inputs("orpo", pc, pr, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths,
            pair_mask, False, True)
     apc, apr = average_logps(pc, chosen_lengths), average_logps(pr, rejected_lengths)
     log_odds = (apc - apr) - (_log1mexp(jnp.minimum(apc, -1e-6)) - _log1mexp(jnp.minimum(apr, -1e-6)))
     ratio = jax.nn.log_sigmoid(log_odds)
     m = jnp.ones_like(pc) if pair_mask is None else f32(pair_mask)
     nll = masked_mean(-apc, m)
-    loss, metrics = _finish(-beta * ratio, beta * apc, beta * apr, apc, apr, pair_mask,
-                            {"nll_loss": (nll, nll)})
+    loss, metrics = pair_metrics(-beta * ratio, beta * apc, beta * apr, apc, apr, pair_mask,
+                                 {"nll_loss": (nll, nll)})
     metrics["log_odds_ratio"] = masked_mean(ratio, m)
     metrics["log_odds_chosen"] = masked_mean(log_odds, m)
     return loss, metrics
@@ -243,6 +218,7 @@ PREFERENCE_LOSSES: Mapping[str, Callable] = {
     "ipo": ipo_loss,
     "simpo": simpo_loss,
     "orpo": orpo_loss,
+    **RELATIVES,
 }
 """Preference losses by name (TRL ``loss_type`` names where TRL has one)."""
 
@@ -252,3 +228,31 @@ def preference_loss(kind: str, *args, **kwargs):
     if kind not in PREFERENCE_LOSSES:
         raise ValueError(f"Unknown preference loss {kind!r}; choose one of {sorted(PREFERENCE_LOSSES)}")
     return PREFERENCE_LOSSES[kind](*args, **kwargs)
+
+
+def own_hparams(loss: Callable, hparams: dict) -> dict:
+    """The entries of ``hparams`` that ``loss`` takes."""
+    params = inspect.signature(loss).parameters
+    return {k: v for k, v in hparams.items() if k in params}
+
+
+def combined_preference_loss(kinds: Sequence[str], loss_weights: Sequence[float] | None, *args, beta: float,
+                             pair_mask=None, **hparams):
+    """``sum_k w_k loss_k`` over the losses ``kinds`` names (TRL's multi-``loss_type``; MPO is
+    ``['sigmoid', 'bco_pair', 'sft']`` with weights ``[0.8, 0.2, 1.0]``).
+
+    ``args`` are the per-pair arrays of every preference loss; each loss gets
+    the ``hparams`` it takes. ``loss_weights`` None: all 1. Metrics: the
+    first loss's (rewards, log-probs), every loss's extra terms
+    (``nll_loss``...), ``loss/<kind>`` of each term unweighted, and ``loss``
+    the weighted sum.
+    """
+    weights = [1.0] * len(kinds) if loss_weights is None else list(loss_weights)
+    total, metrics, terms = 0.0, {}, {}
+    for k, w in zip(kinds, weights, strict=True):
+        fn = PREFERENCE_LOSSES[k]
+        value, m = fn(*args, beta=beta, pair_mask=pair_mask, **own_hparams(fn, hparams))
+        total = total + w * value
+        metrics = {**m, **metrics}  # the first loss's metrics win
+        terms[f"loss/{k}"] = value
+    return total, {**metrics, **terms, "loss": total}

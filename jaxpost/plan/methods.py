@@ -195,7 +195,8 @@ def _dpo_setup(task: Callable, part: Partitioner, seq_len: int, batch_size: int,
     """DPO's step (``make_dpo_loss``, one pair per row) for recipe ``task``'s model, as ``jaxpost.recipes.dpo``
     builds it; ``reference_from``: the ``dpo`` call's argument (a copy of that model is the reference)."""
     from jaxpost.algorithms import make_dpo_loss, with_base_reference
-    from jaxpost.recipes.dpo import _dpo_flops, dpo
+    from jaxpost.algorithms.preference import dpo_flops
+    from jaxpost.recipes.dpo import dpo
 
     loop = _loop()
     if recipe_arg(dpo, "packing") or recipe_arg(dpo, "shared_prompt"):
@@ -227,7 +228,7 @@ def _dpo_setup(task: Callable, part: Partitioner, seq_len: int, batch_size: int,
         options.append((f"{key}.seq_len = {seq_len // 2}", [f"{key}.seq_len = {seq_len // 2}"]))
     return Setup("dpo", config, graphdef, params, shardings, loss_fn, batch, loop.grad_accum_steps,
                  loop.num_steps or 1000, loop.seed, frozen=frozen, frozen_shardings=frozen_shardings,
-                 model_flops=_dpo_flops(config, seq_len, batch_size, frozen is not None),
+                 model_flops=dpo_flops(config, seq_len, batch_size, frozen is not None),
                  shape_note=f"{batch_size} pairs x 2 x {seq_len} tokens; {note}", options=options,
                  batch_key=f"{key}.batch_size")
 

@@ -1,14 +1,14 @@
-"""DPO and its relatives (IPO, cDPO/rDPO, SLiC hinge, SimPO, ORPO, RPO), start to finish.
+"""DPO and its relatives (every ``make_dpo_loss.kind``), start to finish.
 
     jaxpost train --gin_file=configs/experiments/demo/dpo.gin
 
 The policy starts from ``init_from`` (usually an SFT export); the reference
-is a frozen copy of the same weights (or of ``reference_from``). With
-``precompute_reference=True`` the reference log-probs are computed once
-over the whole dataset, stored beside the run, and the reference weights
-are dropped before training, so training holds one model. With LoRA
-(``ModelConfig.lora``) and no ``reference_from`` the reference is the
-policy's own frozen base with the adapters switched off: no second copy.
+is a frozen copy of the same weights (or of ``reference_from``), or, with
+``ReferenceSync.every`` (TR-DPO), a copy in the state that follows the policy.
+``precompute_reference=True``: reference log-probs computed once, stored
+beside the run, and the reference weights dropped before training. LoRA
+(``ModelConfig.lora``) without ``reference_from``: the reference is the
+policy's own frozen base, adapters off, no second copy.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import gin
 
 from jaxpost import models
 from jaxpost.algorithms import make_dpo_loss, with_base_reference
+from jaxpost.algorithms.preference import dpo_flops
 from jaxpost.algorithms.reference import with_reference_logps
 from jaxpost.config import build, build_if_bound, check_values
 from jaxpost.data import DataStats, check_run_inputs, make_preference_pipeline, report_data_stats, train_eval_split
@@ -27,6 +28,7 @@ from jaxpost.sharding import Partitioner
 from jaxpost.train import make_eval_step
 from jaxpost.train.batches import MeshBatches
 from jaxpost.train.fit import LoopConfig, finish_run, fit, make_evaluator
+from jaxpost.train.reference_sync import ReferenceSync, check_sync, follow_policy
 from jaxpost.train.run_dir import prepare_run_dir
 
 
@@ -54,7 +56,7 @@ def dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
     """
     check_values("dpo", locals())  # for callers that bypass gin; `jaxpost train` ran them
     # Built here, at call time, so that bindings of LoopConfig/ModelConfig apply without `dpo.loop = @LoopConfig()`.
-    loop, model = build(LoopConfig, loop), build_if_bound(ModelConfig, model)
+    loop, model, sync = build(LoopConfig, loop), build_if_bound(ModelConfig, model), build(ReferenceSync)
     tok, rows = check_run_inputs("dpo", train_data=train_data, kind="preference", tokenizer=tokenizer,
                                  init_from=init_from, model=model, eval_data=eval_data,
                                  other_models={"reference_from": reference_from})
@@ -72,8 +74,9 @@ def dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
                                                        max_prompt_len=max_prompt_len, packing=packing,
                                                        shared_prompt=shared_prompt, **kw)
 
-    frozen = frozen_shardings = None
+    frozen = frozen_shardings = trainable = follow = None
     base_reference = config.lora is not None and reference_from is None
+    check_sync(sync, loss_fn, config, precompute_reference)
     if loss_fn.needs_reference:
         if base_reference:  # LoRA: the frozen base itself, adapters off
             ref_params = without_adapters(params)
@@ -89,6 +92,9 @@ def dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
         elif base_reference:
             del ref_params
             loss_fn = with_base_reference(loss_fn)
+        elif sync.every:  # TR-DPO: the reference joins the state and follows the policy
+            loss_fn, params, param_shardings, trainable, follow = follow_policy(sync, loss_fn, params, ref_params,
+                                                                              param_shardings)
         else:
             frozen, frozen_shardings = {"reference": ref_params}, {"reference": param_shardings}
     online_reference = loss_fn.needs_reference and not precompute_reference
@@ -105,15 +111,10 @@ def dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
     with part.activate():
         state = fit(run_dir=run, model_config=config, loss_fn=loss_fn, params=params, param_shardings=param_shardings,
                     partitioner=part, batches=batches, loop=loop, frozen=frozen, frozen_shardings=frozen_shardings,
-                    evaluate=evaluate, data_stats=stats,
-                    flops_per_step=_dpo_flops(config, seq_len, batch_size, online_reference),
+                    evaluate=evaluate, data_stats=stats, trainable_mask=trainable, after_update=follow,
+                    flops_per_step=dpo_flops(config, seq_len, batch_size, online_reference),
                     epoch_batches=lambda: pipeline(rows, seed=loop.seed, num_epochs=1), summary=run_info)
         summary = {"step": int(state.step), "loss_kind": loss_fn.kind, **run_info, **report_data_stats(stats, "DPO")}
     return finish_run(run, config, state, tok, summary, evaluate, method="dpo", init_from=init_from,
-                      data={"train": train_data, "eval": eval_data})
+                      data={"train": train_data, "eval": eval_data}, params=follow and state.params["policy"])
 
-
-def _dpo_flops(config: ModelConfig, seq_len: int, batch_size: int, with_reference: bool) -> float:
-    """Policy forward+backward on 2B sequences, plus a reference forward (1/3 of that) if run online."""
-    policy = config.flops_per_token(seq_len) * 2 * batch_size * seq_len
-    return policy * (4 / 3 if with_reference else 1.0)

@@ -214,7 +214,8 @@ def fit(*, run_dir: epath.Path, loss_fn: Callable, params: dict, param_shardings
         evaluate: Callable | None = None, flops_per_step: float | None = None, data_stats: Any = None,
         trainable_mask: Any = None, model_config: ModelConfig | None = None,
         epoch_batches: Callable[[], Iterator] | None = None, summary: dict | None = None,
-        extra_metrics: Callable[[Any], Mapping] | None = None) -> Any:
+        extra_metrics: Callable[[Any], Mapping] | None = None,
+        after_update: Callable[[Any, jax.Array], Any] | None = None) -> Any:
     """Optimizer, sharded state, compiled step, checkpoints and the loop: returns the final state.
 
     Resumes automatically from ``run_dir/checkpoints``. ``make_optimizer``
@@ -239,6 +240,8 @@ def fit(*, run_dir: epath.Path, loss_fn: Callable, params: dict, param_shardings
     :class:`jaxpost.train.online.RolloutBatches`): the step is then compiled
     on its first batch instead of one read up front. ``extra_metrics(state)``
     is added to every logged record (with the data statistics).
+    ``after_update(params, step)`` runs in the step after each update (see
+    :func:`jaxpost.train.make_train_step`).
     """
     if loop.best_metric is not None and evaluate is None:
         raise UserError(f"LoopConfig.best_metric={loop.best_metric!r} compares evaluations, but this run has no "
@@ -265,7 +268,8 @@ def fit(*, run_dir: epath.Path, loss_fn: Callable, params: dict, param_shardings
         abstract = abstract_state(params, optimizer, loop.seed)
         shardings = state_shardings(abstract, param_shardings, partitioner, optimizer)
         state = init_sharded_state(params, optimizer, shardings, seed=loop.seed)
-        train_step = make_train_step(loss_fn, optimizer, grad_accum_steps=loop.grad_accum_steps)
+        train_step = make_train_step(loss_fn, optimizer, grad_accum_steps=loop.grad_accum_steps,
+                                     after_update=after_update)
         if hasattr(batches, "next_for"):  # batches sampled from the state itself: compile on the first one
             step = _compiled_on_first_batch(train_step, shardings, partitioner, frozen_shardings,
                                             loop.steps_per_call)

@@ -67,7 +67,8 @@ def _check_loss_output(loss, metrics):
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, grad_accum_steps: int = 1,
-                    schedule: Callable[[jax.Array], jax.Array] | None = None) -> Callable:
+                    schedule: Callable[[jax.Array], jax.Array] | None = None,
+                    after_update: Callable[[Any, jax.Array], Any] | None = None) -> Callable:
     """Build ``step(state, batch, frozen) -> (new_state, metrics)`` (pure, jit-ready).
 
     Per step: ``g = grad(step loss)(params)`` (accumulated over
@@ -82,6 +83,10 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
       grad_accum_steps: micro-batches per step; the batch's leading dimension
         must be divisible by it.
       schedule: overrides ``optimizer.schedule`` for the ``learning_rate`` metric.
+      after_update: ``(params, step) -> params``, applied to the updated
+        params with ``step`` the new step count (from 1), inside the
+        compiled step; e.g. TR-DPO's reference following the policy
+        (:func:`jaxpost.train.reference_sync.follow_policy`).
 
     Metrics: every loss metric (aggregated as in the module doc), ``loss``,
     ``grad_norm`` (global L2 norm of the gradient before clipping),
@@ -159,6 +164,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
             keep = jnp.sum(batch["pair_mask"]) > 0
             params, opt_state = jax.tree.map(lambda new, old: jnp.where(keep, new, old), (params, opt_state),
                                              (state.params, state.opt_state))
+        if after_update is not None:
+            params = after_update(params, state.step + 1)
         metrics = dict(metrics)
         metrics["loss"] = loss
         metrics["grad_norm"] = grad_norm

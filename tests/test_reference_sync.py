@@ -1,0 +1,113 @@
+"""TR-DPO: a reference that follows the policy, against a frozen-reference DPO loop mixed by hand; and its resume."""
+
+from __future__ import annotations
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from safetensors.numpy import load_file
+
+from jaxpost import models
+from jaxpost.algorithms import make_dpo_loss
+from jaxpost.data import build_tokenizer, make_preference_pipeline
+from jaxpost.errors import UserError
+from jaxpost.models.config import ModelConfig
+from jaxpost.train import make_train_step
+from jaxpost.train.reference_sync import ReferenceSync, follow_policy
+from jaxpost.train.state import init_state
+from pipeline_utils import make_task, run_task
+
+TINY = dict(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+
+
+def _batches(n_steps):
+    tok = build_tokenizer(None, vocab_size=261)
+    rng = np.random.default_rng(0)
+    word = lambda k: "".join(rng.choice(list("abcdefghij"), size=k))
+    rows = [{"prompt": word(3), "chosen": word(int(rng.integers(2, 6))), "rejected": word(int(rng.integers(2, 6)))}
+            for _ in range(8 * n_steps)]
+    it = make_preference_pipeline(rows, tok, 24, 8, num_epochs=1, shuffle=False)
+    return [{k: jnp.asarray(v) for k, v in b.items()} for b, _ in zip(it, range(n_steps))]
+
+
+def test_reference_is_mixed_after_every_kth_step_exactly_as_tr_dpo_says():
+    config = ModelConfig(**TINY)
+    graphdef, policy = models.create(config, seed=0)
+    _, reference = models.create(config, seed=1)  # another model, so that the mix is visible
+    loss_fn = make_dpo_loss(graphdef, config, beta=0.5)
+    sync = ReferenceSync(every=2, alpha=0.6)
+    batches = _batches(5)
+
+    # jaxpost: the reference in the state, mixed inside the compiled step.
+    wrapped, params, _, mask, after = follow_policy(sync, loss_fn, policy, reference, None)
+    opt = optax.masked(optax.adam(1e-2), mask)
+    step = jax.jit(make_train_step(wrapped, opt, after_update=after))
+    state = init_state(params, opt)
+    ours = []
+    for b in batches:
+        state, metrics = step(state, b)
+        ours.append((jax.device_get(state.params), float(metrics["loss"])))
+
+    # By hand: plain DPO steps against a frozen reference, mixed in numpy after steps 2 and 4 (TRL's callback).
+    plain_opt = optax.adam(1e-2)
+    plain = jax.jit(make_train_step(loss_fn, plain_opt))
+    p_state, ref = init_state(policy, plain_opt), jax.device_get(reference)
+    for k, b in enumerate(batches, start=1):
+        p_state, metrics = plain(p_state, b, {"reference": ref})
+        pol = jax.device_get(p_state.params)
+        if k % 2 == 0:
+            ref = jax.tree.map(lambda p, r: (1.0 - 0.6) * r + 0.6 * p, pol, ref)
+        got, loss = ours[k - 1]
+        assert loss == pytest.approx(float(metrics["loss"]), rel=1e-6), k
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), got["policy"], pol)
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), got["reference"], ref)
+    # Step 1 left the reference as it was; step 2 moved it 60% of the way to the policy.
+    first = jax.tree.leaves(ours[0][0]["reference"])[0]
+    np.testing.assert_array_equal(first, jax.tree.leaves(jax.device_get(reference))[0])
+    assert not np.array_equal(jax.tree.leaves(ours[1][0]["reference"])[0], first)
+    # The optimizer holds no state for the reference.
+    assert not any(x.size for x in jax.tree.leaves(state.opt_state.inner_state[0].mu["reference"]))
+
+
+def test_settings_are_checked():
+    with pytest.raises(UserError, match=r"^ReferenceSync.every must be an int >= 0"):
+        ReferenceSync(every=-1)
+    with pytest.raises(UserError, match=r"^ReferenceSync.alpha must be in \(0, 1\], got 1.5"):
+        ReferenceSync(every=4, alpha=1.5)
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("task")
+    return make_task(root, n_sft=20, n_pref=64, n_prompts=8, n_eval=8)
+
+
+def _bindings(task, run_dir, extra=()):
+    return [f"dpo.run_dir = '{run_dir}'", f"dpo.train_data = '{task['preference']}'",
+            f"dpo.tokenizer = '{task['tokenizer']}'", "dpo.seq_len = 64", "dpo.batch_size = 8",
+            "LoopConfig.num_steps = 6", "LoopConfig.save_every = 3", "LoopConfig.log_every = 1",
+            "make_optimizer.learning_rate = 1e-3", "make_optimizer.warmup_steps = 0",
+            "ReferenceSync.every = 2", "ReferenceSync.alpha = 0.5", *extra]
+
+
+@pytest.mark.slow
+def test_a_resumed_tr_dpo_run_equals_an_uninterrupted_one(task, tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    summary = run_task("dpo", _bindings(task, whole))
+    assert summary["step"] == 6
+    run_task("dpo", _bindings(task, cut))
+    # Lose everything after step 3: the rerun restores policy and reference from checkpoint 3.
+    shutil.rmtree(cut / "checkpoints" / "6")
+    shutil.rmtree(cut / "final")
+    run_task("dpo", _bindings(task, cut))
+    a, b = load_file(whole / "final" / "model.safetensors"), load_file(cut / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    # The export is the policy alone, in the plain layout, and it trained away from the synced-reference start.
+    plain = run_task("dpo", _bindings(task, tmp_path / "frozen", ["ReferenceSync.every = 0"]))
+    c = load_file(tmp_path / "frozen" / "final" / "model.safetensors")
+    assert c.keys() == a.keys() and plain["step"] == 6
+    assert any(not np.array_equal(a[k], c[k]) for k in a)  # a moving reference changes the policy's updates
