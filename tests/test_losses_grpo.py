@@ -261,10 +261,30 @@ def test_kl_ratio_correction_adds_the_kl_to_its_gradient():
     assert float(fixed[1][0, 0]) == pytest.approx(0.5 * (1.0 - math.e) + 0.5 * (math.e - 2.0), rel=1e-6)
 
 
-@pytest.mark.parametrize("surrogate", ["clip", "cispo", "sapo"])
+def test_vespo_and_luspo_by_hand():
+    # One sequence of two tokens, log-ratios 0.5 and -0.2: w = e^0.3; A = 1 >= 0 takes k = 2, lambda = 3.
+    logp = np.array([[-1.0, -2.0]], np.float32)
+    old = logp - np.array([[0.5, -0.2]], np.float32)
+    one, adv = np.ones((1, 2), np.float32), np.array([1.0], np.float32)
+    phi = math.exp(3 + 2 * 0.3 - 3 * math.exp(0.3))
+    value, grad = jax.value_and_grad(lambda lp: grpo_loss(lp, old, None, adv, one, surrogate="vespo")[0])(logp)
+    assert float(value) == pytest.approx(-phi * (-1.0 - 2.0) / 2, rel=1e-5)
+    np.testing.assert_allclose(grad, [[-phi / 2, -phi / 2]], rtol=1e-5)  # the weight carries no gradient
+    # A < 0 takes k = 3, lambda = 2; on-policy (w = 1) the weight is 1 either way: REINFORCE.
+    m = grpo_loss(logp, old, None, -adv, one, surrogate="vespo")[1]
+    assert float(m["vespo/phi_seq_mean"]) == pytest.approx(math.exp(2 + 3 * 0.3 - 2 * math.exp(0.3)), rel=1e-5)
+    assert float(grpo_loss(logp, None, None, adv, one, surrogate="vespo")[0]) == pytest.approx(1.5, rel=1e-6)
+    # LUSPO: on-policy every token's term is -A; the sequences' sums (lengths 1 and 3) are averaged.
+    mask = np.array([[1, 0, 0], [1, 1, 1]], np.float32)
+    lp3 = np.full((2, 3), -1.0, np.float32)
+    loss = grpo_loss(lp3, None, None, np.array([1.0, -1.0], np.float32), mask, aggregation="luspo")[0]
+    assert float(loss) == pytest.approx(-(1.0 * 1 - 1.0 * 3) / 2)
+
+
+@pytest.mark.parametrize("surrogate", ["clip", "cispo", "sapo", "vespo"])
 def test_surrogates_against_trls_compute_loss_written_out_in_torch(surrogate):
-    """TRL 1.16's GRPOTrainer.compute_loss, transcribed in torch: loss_type grpo/cispo/sapo with an off-policy mask
-    (threshold 0.3), the KL term with use_bias_correction_kl, both aggregations; values and gradients."""
+    """TRL 1.16's GRPOTrainer.compute_loss, transcribed in torch: loss_type grpo/cispo/sapo/vespo with an off-policy
+    mask (threshold 0.3), the KL term with use_bias_correction_kl, both aggregations; values and gradients."""
     import torch
 
     rng = np.random.default_rng(3)
@@ -290,6 +310,14 @@ def test_surrogates_against_trls_compute_loss_written_out_in_torch(surrogate):
         elif surrogate == "sapo":
             t = torch.where(a > 0, tau_pos, tau_neg)
             per_token_loss = -torch.sigmoid(t * (coef_1 - 1)) * 4 / t * a
+        elif surrogate == "vespo":  # get_gamma_weights, under torch.no_grad
+            with torch.no_grad():
+                log_w = torch.clamp(torch.sum(torch.clamp(lp - old_t, -20.0, 20.0) * m, -1, keepdim=True),
+                                    math.log(1e-8), 20.0)
+                k = torch.where(a >= 0, 2.0, 3.0)
+                lam = torch.where(a >= 0, 3.0, 2.0).clamp(min=1e-4)
+                phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+            per_token_loss = -phi * a * lp
         else:
             coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
             per_token_loss = -torch.min(coef_1 * a, coef_2 * a)
@@ -314,6 +342,31 @@ def test_surrogates_against_trls_compute_loss_written_out_in_torch(surrogate):
         np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-6)
     dropped = 1 - np.asarray(off_policy_sequence_mask(logp, old, adv, mask, 0.3))
     assert 0 < dropped.sum() < B, "the example should drop some sequences and keep others"
+
+
+def test_luspo_against_trls_compute_loss_written_out_in_torch():
+    """TRL 1.16's loss_type='luspo' with importance_sampling_level='sequence' and the KL term, in torch."""
+    import torch
+
+    rng = np.random.default_rng(5)
+    B, L = 5, 6
+    logp = rng.uniform(-3, -0.1, (B, L)).astype(np.float32)
+    old = (logp + rng.normal(0, 0.2, (B, L))).astype(np.float32)
+    ref = (logp + rng.normal(0, 0.3, (B, L))).astype(np.float32)
+    adv = rng.normal(0, 1, B).astype(np.float32)
+    mask = (np.arange(L)[None] < rng.integers(1, L + 1, B)[:, None]).astype(np.float32)
+    lp = torch.tensor(logp, requires_grad=True)
+    old_t, ref_t, m, a = torch.tensor(old), torch.tensor(ref), torch.tensor(mask), torch.tensor(adv).unsqueeze(1)
+    coef_1 = torch.exp(((lp - old_t) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0))
+    coef_2 = torch.clamp(coef_1, 1 - 0.2, 1 + 0.28)
+    per_token_loss = -torch.min(coef_1 * a, coef_2 * a) + 0.05 * (torch.exp(ref_t - lp) - (ref_t - lp) - 1)
+    expected = (per_token_loss * m).sum(-1).mean()
+    expected.backward()
+    value, grad = jax.value_and_grad(lambda x: grpo_loss(x, old, ref, adv, mask, clip_eps_low=0.2, clip_eps_high=0.28,
+                                                         beta=0.05, ratio_level="sequence",
+                                                         aggregation="luspo")[0])(jnp.asarray(logp))
+    assert float(value) == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+    np.testing.assert_allclose(grad, lp.grad.numpy(), rtol=1e-4, atol=1e-6)
 
 
 def test_grpo_jit_and_errors():

@@ -620,3 +620,22 @@ def test_grpo_cispo_with_the_off_policy_mask_and_kl_correction(model):
     assert 0 < keep.sum() < 4, "the example should drop some rows and keep others"
     assert float(metrics["cispo_clip_ratio"]) == pytest.approx(
         (((ratio > 1.1) & (adv > 0)) * mask).sum() / mask.sum(), abs=1e-6)
+
+
+def test_grpo_vespo_weights_summed_per_sequence_luspo(model):
+    """make_grpo_loss(surrogate='vespo', aggregation='luspo', vespo_* keys) against the loss written out from the
+    model's full logits: phi = exp(lam + k log w - lam w) of each row's summed log-ratio, each row's terms summed."""
+    from jaxpost.algorithms.online import make_grpo_loss
+
+    graphdef, params = model
+    batch, logp, old, _, mask = grpo_batch_with_full_logits(model)
+    adv = batch["advantages"][:, None].astype(np.float64)
+    log_w = np.clip(((logp - old) * mask).sum(1, keepdims=True), np.log(1e-8), 20.0)
+    k, lam = np.where(adv >= 0, 1.5, 2.5), np.where(adv >= 0, 2.0, 4.0)
+    phi = np.exp(lam + k * log_w - lam * np.exp(log_w))
+    want = ((-phi * adv * logp) * mask).sum(1).mean()
+    loss, metrics = make_grpo_loss(graphdef, CONFIG, aggregation="luspo", surrogate="vespo", vespo_k_pos=1.5,
+                                   vespo_lambda_pos=2.0, vespo_k_neg=2.5, vespo_lambda_neg=4.0)(params, batch)
+    assert float(loss) == pytest.approx(want, rel=1e-4)
+    assert float(metrics["vespo/phi_seq_mean"]) == pytest.approx((phi * mask).sum() / mask.sum(), rel=1e-4)
+    assert np.ptp(phi[mask.sum(1) > 0]) > 0.05, "the example should weigh its rows differently"

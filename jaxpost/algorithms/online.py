@@ -149,7 +149,8 @@ def check_grpo_loss_values(clip_eps_low: float = 0.2, clip_eps_high: float | Non
                            top_entropy_quantile: float = 1.0, surrogate: str = "clip", cispo_max_ratio: float = 5.0,
                            sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05,
                            off_policy_mask_threshold: float | None = None, kl_ratio_correction: bool = False,
-                           entropy_coef: float = 0.0) -> None:
+                           entropy_coef: float = 0.0, vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0,
+                           vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0) -> None:
     """Raises :class:`~jaxpost.errors.UserError` naming the ``make_grpo_loss`` key of an out-of-range value."""
     require("make_grpo_loss.aggregation", aggregation, aggregation in AGGREGATIONS,
             "one of " + ", ".join(map(repr, AGGREGATIONS)))
@@ -174,6 +175,10 @@ def check_grpo_loss_values(clip_eps_low: float = 0.2, clip_eps_high: float | Non
     require("make_grpo_loss.off_policy_mask_threshold", off_policy_mask_threshold,
             off_policy_mask_threshold is None or off_policy_mask_threshold > 0, "None (off) or > 0")
     require("make_grpo_loss.entropy_coef", entropy_coef, entropy_coef >= 0, ">= 0 (0: no entropy bonus)")
+    for key, k in (("vespo_k_pos", vespo_k_pos), ("vespo_k_neg", vespo_k_neg)):
+        require(f"make_grpo_loss.{key}", k, k >= 0, ">= 0")
+    for key, lam in (("vespo_lambda_pos", vespo_lambda_pos), ("vespo_lambda_neg", vespo_lambda_neg)):
+        require(f"make_grpo_loss.{key}", lam, lam > 0, "> 0")
 
 
 @gin.configurable(denylist=["graphdef", "config"])
@@ -182,14 +187,17 @@ def make_grpo_loss(graphdef, config: ModelConfig, clip_eps_low: float = 0.2, cli
                    ratio_level: str = "token", delta: float | None = None, top_entropy_quantile: float = 1.0,
                    surrogate: str = "clip", cispo_max_ratio: float = 5.0, sapo_temperature_pos: float = 1.0,
                    sapo_temperature_neg: float = 1.05, off_policy_mask_threshold: float | None = None,
-                   kl_ratio_correction: bool = False, entropy_coef: float = 0.0, chunk_size: int = 512):
+                   kl_ratio_correction: bool = False, entropy_coef: float = 0.0, vespo_k_pos: float = 2.0,
+                   vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0,
+                   chunk_size: int = 512):
     """``loss(params, batch, frozen)`` = :func:`grpo_loss` of the policy on a rollout batch.
 
     Batch spec :data:`~jaxpost.algorithms.batch.GRPO_KEYS`: rollout keys plus ``advantages`` ``[B]`` (GRPO,
     Dr. GRPO or RLOO, computed per rollout). ``beta`` weighs the k3 KL to
-    the reference (``ref_logp``); ``aggregation`` is ``sequence``, ``token``
-    or ``dr_grpo`` (normaliser ``B * max_len``: set ``max_len`` to the
-    generation budget); ``ratio_level`` is ``token`` (GRPO) or ``sequence``
+    the reference (``ref_logp``); ``aggregation`` is ``sequence``, ``token``,
+    ``dr_grpo`` (normaliser ``B * max_len``: set ``max_len`` to the
+    generation budget) or ``luspo`` (each sequence's summed loss, averaged
+    over sequences: LUSPO, with ``ratio_level='sequence'``); ``ratio_level`` is ``token`` (GRPO) or ``sequence``
     (GSPO: one length-normalised ratio per sequence); ``delta`` caps the
     unclipped ratio (two-sided clipping, TRL's ``delta``);
     ``top_entropy_quantile < 1`` (TRL's; Wang et al. 2025) trains the
@@ -197,13 +205,17 @@ def make_grpo_loss(graphdef, config: ModelConfig, clip_eps_low: float = 0.2, cli
     policy's entropy only (:func:`~jaxpost.losses.grpo.high_entropy_mask`,
     over the global batch, or each micro-batch under gradient
     accumulation), the KL term and the normaliser on every token.
-    ``surrogate`` is ``clip`` (GRPO/DAPO), ``cispo`` or ``sapo`` (TRL's
-    ``loss_type``; the formulas are :func:`grpo_loss`'s; pair ``cispo`` with
-    ``aggregation='token'``, as TRL does). ``cispo_max_ratio`` caps CISPO's
+    ``surrogate`` is ``clip`` (GRPO/DAPO), ``cispo``, ``sapo`` or ``vespo``
+    (TRL's ``loss_type``; the formulas are :func:`grpo_loss`'s; pair
+    ``cispo`` and ``vespo`` with ``aggregation='token'``, as TRL does). ``cispo_max_ratio`` caps CISPO's
     weight ``min(ratio, max)``, which carries no gradient (TRL's
     ``epsilon_high`` under ``loss_type='cispo'``; ScaleRL's 5.0).
     ``sapo_temperature_pos`` is SAPO's gate temperature where ``A > 0``.
     ``sapo_temperature_neg`` is SAPO's gate temperature where ``A <= 0``.
+    ``vespo_k_pos`` is the exponent ``k`` of VESPO's weight where ``A >= 0``.
+    ``vespo_lambda_pos`` is its rate ``lambda`` where ``A >= 0``.
+    ``vespo_k_neg`` is the exponent ``k`` where ``A < 0``.
+    ``vespo_lambda_neg`` is the rate ``lambda`` where ``A < 0``.
     ``off_policy_mask_threshold``
     (DeepSeek-V3.2, TRL's) drops from the policy term the sequences with
     ``A < 0`` whose mean KL from the rollout's log-probs to the current
@@ -222,7 +234,8 @@ def make_grpo_loss(graphdef, config: ModelConfig, clip_eps_low: float = 0.2, cli
     """
     check_grpo_loss_values(clip_eps_low, clip_eps_high, beta, aggregation, max_len, ratio_level, delta,
                            top_entropy_quantile, surrogate, cispo_max_ratio, sapo_temperature_pos,
-                           sapo_temperature_neg, off_policy_mask_threshold, kl_ratio_correction, entropy_coef)
+                           sapo_temperature_neg, off_policy_mask_threshold, kl_ratio_correction, entropy_coef,
+                           vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
 
     def loss_fn(params, batch, frozen=None):
         check_batch(batch, GRPO_KEYS, "GRPO")
@@ -247,7 +260,8 @@ def make_grpo_loss(graphdef, config: ModelConfig, clip_eps_low: float = 0.2, cli
                                   aggregation=aggregation, max_len=max_len, ratio_level=ratio_level, delta=delta,
                                   policy_weights=weights, surrogate=surrogate, cispo_max_ratio=cispo_max_ratio,
                                   sapo_temperatures=(sapo_temperature_pos, sapo_temperature_neg),
-                                  kl_ratio_correction=kl_ratio_correction)
+                                  kl_ratio_correction=kl_ratio_correction,
+                                  vespo_gamma=(vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg))
         metrics.update(kept)
         if bonus:
             metrics["policy/entropy"] = masked_mean(entropy, bonus_mask)

@@ -14,7 +14,7 @@ from jaxpost.losses.dpo_relatives import (aot_loss, aot_unpaired_loss, apo_down_
                                           chosen_nll_loss, discopop_loss, exo_pair_loss, nca_pair_loss,
                                           sigmoid_norm_loss, sppo_hard_loss)
 from jaxpost.losses.grpo import (advantages_of, gdpo_advantages, group_advantages, grpo_loss, high_entropy_mask,
-                                 off_policy_sequence_mask, rloo_advantages)
+                                 off_policy_sequence_mask, rloo_advantages, vespo_weights)
 from jaxpost.losses.ppo import (AdaptiveKLController, adaptive_kl_coef, gae, kl_estimate, ppo_policy_loss,
                                 ppo_token_rewards, ppo_value_loss)
 from jaxpost.losses.preference_math import F_DIVERGENCES, divergence_scores
@@ -37,4 +37,4 @@ __all__ += ["average_logps", "chunked_topk_distill_loss", "masked_divergence", "
             "packed_sequence_logps", "pair_last_index", "pair_sums", "sequence_logps", "teacher_topk"]
 __all__ += ["F_DIVERGENCES", "aot_loss", "aot_unpaired_loss", "apo_down_loss", "apo_zero_loss", "bco_pair_loss",
             "chosen_nll_loss", "combined_preference_loss", "discopop_loss", "divergence_scores", "exo_pair_loss",
-            "nca_pair_loss", "sigmoid_norm_loss", "sppo_hard_loss"]
+            "nca_pair_loss", "sigmoid_norm_loss", "sppo_hard_loss", "vespo_weights"]

@@ -1,4 +1,4 @@
-"""Group-relative policy optimisation: GRPO, Dr. GRPO, DAPO-style clipping, RLOO, GSPO.
+"""Group-relative policy optimisation: GRPO, Dr. GRPO, DAPO-style clipping, RLOO, GSPO and their successors.
 
 References: Shao et al. 2024 (GRPO, DeepSeekMath), Liu et al. 2025
 (Dr. GRPO), Yu et al. 2025 (DAPO: clip-higher, token-level aggregation),
@@ -8,7 +8,9 @@ MiniMax-M1 (arXiv 2506.13585; CISPO: clip the importance weight, not the
 update), SAPO (arXiv 2511.20347: a soft, temperature-controlled gate instead
 of a hard clip), DeepSeek-V3.2 (arXiv 2512.02556: off-policy sequence
 masking, the unbiased KL estimate), GDPO (arXiv 2601.05242: each reward
-normalised on its own).
+normalised on its own), LUSPO (arXiv 2602.05261: each sequence's loss
+scaled by its length), VESPO (arXiv 2602.10693: a smooth Gamma weight of
+the sequence's importance ratio instead of a clip).
 
 Rewards and advantages are ``[B]`` with ``B = num_prompts * group_size``
 and the completions of one prompt contiguous (rows ``g*G .. g*G+G-1``).
@@ -16,17 +18,19 @@ and the completions of one prompt contiguous (rows ``g*G .. g*G+G-1``).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
 from jaxpost.losses.checks import check_rank, check_same_shape, f32
 from jaxpost.losses.stats import masked_mean
 
-AGGREGATIONS = ("sequence", "token", "dr_grpo")
+AGGREGATIONS = ("sequence", "token", "dr_grpo", "luspo")
 ADVANTAGES = ("grpo", "dr_grpo", "rloo", "grpo_batch_std", "gdpo")
 SCALES = ("group", "batch", "none")
 RATIO_LEVELS = ("token", "sequence")
-SURROGATES = ("clip", "cispo", "sapo")
+SURROGATES = ("clip", "cispo", "sapo", "vespo")
 
 
 def _groups(rewards, group_size: int):
@@ -144,8 +148,33 @@ def off_policy_sequence_mask(logp, sampling_logp, advantages, mask, threshold: f
     return ((adv >= 0) | (mean_kl <= threshold)).astype(jnp.float32)
 
 
+def vespo_weights(token_log_ratio, advantages, mask, gamma: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0)):
+    """VESPO's sequence weights ``phi(w) = exp(lam + k log w - lam w)`` ``[B,1]``, no gradient (arXiv 2602.10693).
+
+    ``w = exp(sum_t m_t clip(logp_t - old_t, -20, 20))``, the *summed*
+    sequence log-ratio, clipped to ``[log 1e-8, 20]`` in log space;
+    ``(k, lam) = gamma[0:2]`` where ``A >= 0``, ``gamma[2:4]`` where
+    ``A < 0`` (TRL's ``vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
+    vespo_lambda_neg``: 2, 3, 3, 2). ``phi(1) = 1``: on-policy it is
+    REINFORCE. Non-finite weights become 0, as TRL's ``nan_to_num``.
+    """
+    k_pos, lam_pos, k_neg, lam_neg = gamma
+    m = f32(mask)
+    log_w = jnp.sum(jnp.clip(f32(token_log_ratio), -20.0, 20.0) * m, axis=1, keepdims=True)
+    log_w = jnp.clip(log_w, math.log(1e-8), 20.0)
+    adv = f32(advantages)
+    adv = adv[:, None] if adv.ndim == 1 else adv[:, :1]
+    k = jnp.where(adv >= 0, k_pos, k_neg)
+    lam = jnp.maximum(jnp.where(adv >= 0, lam_pos, lam_neg), 1e-4)
+    phi = jnp.exp(lam + k * log_w - lam * jnp.exp(log_w))
+    return jax.lax.stop_gradient(jnp.where(jnp.isfinite(phi), phi, 0.0))
+
+
 def _surrogate(kind: str, ratio, adv, logp, *, clip_eps_low, eps_high, delta, cispo_max_ratio, sapo_temperatures):
-    """Per-token policy term ``l_t`` of :func:`grpo_loss` (its docstring has the formulas)."""
+    """Per-token policy term ``l_t`` of :func:`grpo_loss` (its docstring has the formulas); VESPO's ``ratio`` is
+    its weight :func:`vespo_weights`."""
+    if kind == "vespo":
+        return -ratio * adv * logp
     if kind == "cispo":
         return -jax.lax.stop_gradient(jnp.minimum(ratio, cispo_max_ratio)) * adv * logp
     if kind == "sapo":
@@ -161,8 +190,9 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps_low: float
               clip_eps_high: float | None = None, beta: float = 0.0, aggregation: str = "sequence",
               max_len: int | None = None, ratio_level: str = "token", delta: float | None = None,
               policy_weights=None, surrogate: str = "clip", cispo_max_ratio: float = 5.0,
-              sapo_temperatures: tuple[float, float] = (1.0, 1.05), kl_ratio_correction: bool = False):
-    """GRPO clipped surrogate (or CISPO's, or SAPO's) with optional k3 KL to the reference.
+              sapo_temperatures: tuple[float, float] = (1.0, 1.05), kl_ratio_correction: bool = False,
+              vespo_gamma: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0)):
+    """GRPO clipped surrogate (or CISPO's, SAPO's or VESPO's) with optional k3 KL to the reference.
 
     Per token, with ``ratio = exp(logp - old_logp)`` and the row's advantage ``A``::
 
@@ -192,6 +222,10 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps_low: float
       with ``tau = sapo_temperatures[0]`` where ``A > 0``, else ``[1]``. At
       ``ratio = 1`` its gradient is the plain surrogate's; away from 1 it fades
       smoothly instead of stopping at a clip edge.
+    - ``"vespo"`` (arXiv 2602.10693): ``l_t = -phi * A * logp_t``, ``phi``
+      :func:`vespo_weights` of the sequence (``vespo_gamma``), a smooth,
+      asymmetric weight in place of the clip; TRL pairs it with its
+      ``dapo`` normaliser (``aggregation='token'``).
 
     ``kl_ratio_correction`` (DeepSeek-V3.2; TRL's ``use_bias_correction_kl``,
     default True there) multiplies the k3 term by ``ratio``, which makes its
@@ -211,7 +245,10 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps_low: float
     - ``"token"`` (DAPO; TRL ``bnpo``): ``sum(l * m) / max(sum(m), 1)``;
     - ``"dr_grpo"`` (Dr. GRPO): ``sum(l * m) / (B * max_len)``, a constant
       normaliser (``max_len`` defaults to ``L``, set it to the generation
-      budget so the scale does not depend on padding).
+      budget so the scale does not depend on padding);
+    - ``"luspo"`` (LUSPO, arXiv 2602.05261; with ``ratio_level="sequence"``
+      as the paper): ``mean_b( sum_t l * m )``, each sequence's loss scaled
+      by its length.
 
     Args:
       logp: ``[B,L]`` current policy log-probs of the sampled tokens.
@@ -229,7 +266,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps_low: float
     ``ratio < 1 - eps_low`` and ``A < 0``), ``clip_ratio/high_mean``
     (``ratio > 1 + eps_high`` and ``A > 0``), ``clip_ratio/region_mean``
     (either; these three for ``surrogate="clip"``), ``cispo_clip_ratio``
-    (``ratio > cispo_max_ratio`` and ``A > 0``; ``"cispo"``), ``loss_tokens``.
+    (``ratio > cispo_max_ratio`` and ``A > 0``; ``"cispo"``),
+    ``vespo/phi_seq_mean`` (``"vespo"``), ``loss_tokens``.
     """
     check_rank("logp", logp, 2, "[B,L]")
     check_same_shape(("logp", "old_logp", "ref_logp", "mask"), (logp, old_logp, ref_logp, mask), "[B,L]")
@@ -241,6 +279,9 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps_low: float
         raise ValueError(f"Unknown surrogate {surrogate!r}; choose one of {SURROGATES}")
     if delta is not None and surrogate != "clip":
         raise ValueError(f"delta caps the clipped surrogate's ratio; surrogate={surrogate!r} has none")
+    if min(vespo_gamma[0], vespo_gamma[2]) < 0 or min(vespo_gamma[1], vespo_gamma[3]) <= 0:
+        raise ValueError(f"vespo_gamma (k_pos, lambda_pos, k_neg, lambda_neg) needs k >= 0 and lambda > 0, "
+                         f"got {vespo_gamma}")
     if not cispo_max_ratio > 0 or min(sapo_temperatures) <= 0:
         raise ValueError(f"cispo_max_ratio and sapo_temperatures must be > 0, got {cispo_max_ratio}, "
                          f"{sapo_temperatures}")
@@ -260,12 +301,15 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps_low: float
     valid = mask != 0
     old = jax.lax.stop_gradient(logp) if old_logp is None else f32(old_logp)
     # Log-ratios are zeroed at padding before exp so padding garbage cannot overflow.
-    log_ratio = jnp.where(valid, logp - old, 0.0)
+    token_log_ratio = jnp.where(valid, logp - old, 0.0)
+    log_ratio = token_log_ratio
     if ratio_level == "sequence":
         log_ratio = jnp.sum(log_ratio, axis=1, keepdims=True) / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1.0)
     ratio = jnp.exp(log_ratio)
-    per_token = _surrogate(surrogate, ratio, adv, logp, clip_eps_low=clip_eps_low, eps_high=eps_high, delta=delta,
-                           cispo_max_ratio=cispo_max_ratio, sapo_temperatures=sapo_temperatures)
+    phi = vespo_weights(token_log_ratio, adv, mask, vespo_gamma) if surrogate == "vespo" else None
+    per_token = _surrogate(surrogate, ratio if phi is None else phi, adv, logp, clip_eps_low=clip_eps_low,
+                           eps_high=eps_high, delta=delta, cispo_max_ratio=cispo_max_ratio,
+                           sapo_temperatures=sapo_temperatures)
     if policy_weights is not None:
         w = f32(policy_weights)
         if w.shape not in (logp.shape, (logp.shape[0], 1)):
@@ -282,6 +326,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps_low: float
         loss = jnp.mean(jnp.sum(per_token, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0))
     elif aggregation == "token":
         loss = jnp.sum(per_token) / jnp.maximum(jnp.sum(mask), 1.0)
+    elif aggregation == "luspo":
+        loss = jnp.mean(jnp.sum(per_token, axis=1))
     else:
         length = logp.shape[1] if max_len is None else max_len
         loss = jnp.sum(per_token) / (logp.shape[0] * length)
@@ -293,4 +339,6 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps_low: float
                         "clip_ratio/region_mean": share(low_clip | high_clip)})
     elif surrogate == "cispo":
         metrics["cispo_clip_ratio"] = share((ratio > cispo_max_ratio) & (adv > 0))
+    elif surrogate == "vespo":
+        metrics["vespo/phi_seq_mean"] = share(phi)
     return loss, metrics
