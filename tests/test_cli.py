@@ -278,6 +278,8 @@ _REQUIRED_EXTRAS = {"grpo": ["--gin.make_reward.names=['my_rewards:exact']"],
     ("dpo", ["--gin.make_dpo_loss.kind='simpo'", "--gin.make_dpo_loss.label_smoothing=1.5"],
      "make_dpo_loss (kind='simpo'): simpo loss needs 0 <= label_smoothing < 1.0, got 1.5"),
     ("dpo", ["--gin.make_dpo_loss.beta=0.0"], "make_dpo_loss.beta must be > 0, got 0.0"),
+    ("dpo", ["--gin.make_dpo_loss.ld_alpha=1.5"], "make_dpo_loss.ld_alpha must be None (off) or in [0, 1] (1: plain "
+     "sums), got 1.5"),
     ("dpo", ["--gin.ReferenceSync.every=4", "--gin.ReferenceSync.alpha=0.0"],
      "ReferenceSync.alpha must be in (0, 1], got 0.0"),
     ("grpo", ["--gin.make_grpo_loss.aggregation='dr-grpo'"],

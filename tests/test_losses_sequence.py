@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpost.losses import (average_logps, forward_kl, generalized_jsd, masked_divergence, mean_sequence_logps,
-                            packed_sequence_logps, pair_sums, reverse_kl, sequence_logps)
+from jaxpost.losses import (average_logps, forward_kl, generalized_jsd, ld_sequence_logps, masked_divergence,
+                            mean_sequence_logps, packed_sequence_logps, pair_sums, reverse_kl, sequence_logps)
 from jaxpost.models.heads import map_position_chunks
 
 
@@ -46,6 +46,48 @@ def test_packed_sequence_logps_equal_the_same_sequences_one_per_row():
         np.testing.assert_allclose([pr[0, k], lr[0, k]], [ref_r[0][0], ref_r[1][0]], rtol=1e-6)
     assert pc[0, 2] == pr[0, 2] == lc[0, 2] == lr[0, 2] == 0  # empty slot
     np.testing.assert_array_equal(pair_sums(mask, pair_ids, sides, 3)[0], lc)
+
+
+def test_ld_dpo_weights_the_longer_replys_excess_by_hand():
+    # Chosen: 3 response tokens (after one prompt slot), rejected: 1; the shared length is 1.
+    c_logp, c_mask = np.array([[-9.0, -1.0, -2.0, -3.0]], np.float32), np.array([[0, 1, 1, 1]], np.float32)
+    r_logp, r_mask = np.array([[-9.0, -4.0, -7.0, -7.0]], np.float32), np.array([[0, 1, 0, 0]], np.float32)
+    pc, pr, lc, lr = ld_sequence_logps(c_logp, c_mask, r_logp, r_mask, 0.5)
+    assert float(pc[0]) == -1.0 + 0.5 * (-2.0 - 3.0) and float(pr[0]) == -4.0
+    assert float(lc[0]) == 3 and float(lr[0]) == 1  # lengths stay the plain counts
+    full = ld_sequence_logps(c_logp, c_mask, r_logp, r_mask, 1.0)
+    np.testing.assert_array_equal(full[0], sequence_logps(c_logp, c_mask)[0])
+
+
+def test_ld_dpo_against_trl_and_packed_rows_against_one_pair_per_row():
+    """TRL 1.16 DPOTrainer's ld_alpha sums (shared_mask / tail_mask of completion positions), written out in numpy."""
+    rng = np.random.default_rng(7)
+    B, L, alpha = 4, 6, 0.3
+    logp = -np.abs(_rand(2, 2 * B, L))
+    lengths = rng.integers(0, L + 1, 2 * B)
+    mask = (np.arange(L)[None] < lengths[:, None]).astype(np.float32)
+    comp_pos = np.cumsum(mask, axis=1)
+    shared = np.minimum(lengths[:B], lengths[B:])
+    shared = np.concatenate([shared, shared])[:, None]
+    shared_mask, tail_mask = (comp_pos > 0) & (comp_pos <= shared), comp_pos > shared
+    ignored = logp * mask  # TRL's labels are -100 off the completion, where its fused head's log-probs are 0
+    trl = (ignored * shared_mask).sum(1) + alpha * (ignored * tail_mask).sum(1)
+    pc, pr, lc, lr = ld_sequence_logps(logp[:B], mask[:B], logp[B:], mask[B:], alpha)
+    np.testing.assert_allclose(np.concatenate([pc, pr]), trl, rtol=1e-6)
+    np.testing.assert_array_equal(np.concatenate([lc, lr]), lengths)
+    # The same pairs packed into one row (each reply after a 1-token prompt slot), with padding and an empty slot.
+    ids, sides, lp, m = [], [], [], []
+    for k in range(B):
+        for side, row in ((1, k), (2, B + k)):
+            ids += [k + 1] * (L + 1); sides += [side] * (L + 1)
+            lp += [-5.0] + list(logp[row]); m += [0.0] + list(mask[row])
+    ids, sides = np.array([ids + [0, 0]], np.int32), np.array([sides + [0, 0]], np.int32)
+    lp, m = np.array([lp + [-1.0, -1.0]], np.float32), np.array([m + [0.0, 0.0]], np.float32)
+    ppc, ppr, plc, plr = packed_sequence_logps(lp, m, ids, sides, B + 1, ld_alpha=alpha)
+    np.testing.assert_allclose(ppc[0, :B], pc, rtol=1e-6)
+    np.testing.assert_allclose(ppr[0, :B], pr, rtol=1e-6)
+    np.testing.assert_array_equal(plc[0, :B], lc)
+    assert ppc[0, B] == ppr[0, B] == 0  # the empty slot
 
 
 @pytest.mark.parametrize("fn", [forward_kl, reverse_kl, functools.partial(generalized_jsd, beta=0.3)])

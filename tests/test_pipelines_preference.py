@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import transformers
 
+from jaxpost.errors import UserError
 from pipeline_utils import losses, make_task, run_task
 
 
@@ -78,3 +79,21 @@ def test_precomputed_reference_and_shared_prompt_give_the_same_curve(task, tmp_p
     np.testing.assert_allclose([a[s] for s in a], [c[s] for s in a], atol=1e-4)
     assert a[8] < a[1] - 0.01  # the curve moves, so equal curves are not equal constants
     assert (tmp_path / "cached" / "reference" / "ref_logps.npz").exists()
+
+
+@pytest.mark.slow
+def test_ld_dpo_precomputed_reference_gives_the_online_curve(task, tmp_path):
+    """LD-DPO (make_dpo_loss.ld_alpha): the cached reference is summed with the same weights as the online one."""
+    common = ["make_optimizer.learning_rate = 1e-3", "LoopConfig.eval_every = 0", "make_dpo_loss.ld_alpha = 0.3"]
+    run_task("dpo", _bindings("dpo", task, tmp_path / "online", 6, common))
+    run_task("dpo", _bindings("dpo", task, tmp_path / "cached", 6, common + ["dpo.precompute_reference = True"]))
+    a, b = losses(tmp_path / "online"), losses(tmp_path / "cached")
+    np.testing.assert_allclose([a[s] for s in range(1, 7)], [b[s] for s in range(1, 7)], atol=2e-5)
+    assert float(np.load(tmp_path / "cached" / "reference" / "ref_logps.npz")["ld_alpha"]) == pytest.approx(0.3)
+    # Resuming without ld_alpha is refused as a changed config; allowed, the cache summed with 0.3 is still refused.
+    plain = ["make_optimizer.learning_rate = 1e-3", "LoopConfig.eval_every = 0", "dpo.precompute_reference = True"]
+    with pytest.raises(UserError, match=r"another config.*make_dpo_loss.ld_alpha: 0.3 -> \(unset\)"):
+        run_task("dpo", _bindings("dpo", task, tmp_path / "cached", 8, plain))
+    with pytest.raises(ValueError, match=r"ld_alpha=0.3, this run uses make_dpo_loss.ld_alpha=None; delete it"):
+        run_task("dpo", _bindings("dpo", task, tmp_path / "cached", 8,
+                                  plain + ["ResumeConfig.on_config_change = 'allow'"]))

@@ -20,18 +20,20 @@ from jaxpost.models.config import ModelConfig
 from jaxpost.models.heads import scores, token_logprobs
 
 
-def packed_pair_logps(graphdef, config: ModelConfig, params, batch: Mapping, *, chunk_size: int = 512):
+def packed_pair_logps(graphdef, config: ModelConfig, params, batch: Mapping, *, chunk_size: int = 512,
+                      ld_alpha: float | None = None):
     """Summed response log-probs and response lengths per pair, from one forward over the packed rows.
 
     ``pi_side[b, k] = sum_t log p(targets[b, t]) loss_mask[b, t]`` over the
     tokens of slot ``k`` on that side; ``len_side`` the same sum of
     ``loss_mask``. Returns ``(pi_c, pi_r, len_c, len_r)``, each ``[B, K]``
-    with ``K = batch["pair_mask"].shape[1]``.
+    with ``K = batch["pair_mask"].shape[1]``; ``ld_alpha``: LD-DPO's weighted
+    sums (:func:`~jaxpost.losses.sequence.ld_sequence_logps`).
     """
     hidden, _ = forward(graphdef, params, batch["tokens"], batch["positions"], batch["segment_ids"])
     logp = token_logprobs(params, config, hidden, batch["targets"], chunk_size=chunk_size)
     return packed_sequence_logps(logp, batch["loss_mask"], batch["pair_ids"], batch["pair_sides"],
-                                 batch["pair_mask"].shape[1])
+                                 batch["pair_mask"].shape[1], ld_alpha=ld_alpha)
 
 
 def packed_pair_scores(graphdef, params, batch: Mapping):

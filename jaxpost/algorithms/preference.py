@@ -31,7 +31,7 @@ from jaxpost.config import checks_values_of
 from jaxpost.errors import UserError, require
 from jaxpost.losses.dpo import PREFERENCE_LOSSES, combined_preference_loss, own_hparams
 from jaxpost.losses.reward import bradley_terry_loss
-from jaxpost.losses.sequence import sequence_logps
+from jaxpost.losses.sequence import ld_sequence_logps, sequence_logps
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.lora import has_adapters, without_adapters
 
@@ -55,18 +55,23 @@ def check_preference_batch(batch, what: str) -> bool:
     return packed
 
 
-def pair_sequence_logps(graphdef, config: ModelConfig, params, batch, *, chunk_size: int = 512):
+def pair_sequence_logps(graphdef, config: ModelConfig, params, batch, *, chunk_size: int = 512,
+                        ld_alpha: float | None = None):
     """Summed response log-probs and lengths per pair, any layout: ``(pi_c, pi_r, len_c, len_r)`` ``[N]``.
 
     ``pi = sum_t log p(target_t) loss_mask_t`` over one response,
     ``len = sum_t loss_mask_t``; one forward over all sequences of the batch.
+    ``ld_alpha`` (LD-DPO): the tokens past the shorter reply's length count
+    ``ld_alpha`` in ``pi`` (:func:`~jaxpost.losses.sequence.ld_sequence_logps`).
     """
     if is_shared_prompt(batch):
-        return shared_pair_logps(graphdef, config, params, batch, chunk_size=chunk_size)
+        return shared_pair_logps(graphdef, config, params, batch, chunk_size=chunk_size, ld_alpha=ld_alpha)
     if is_packed_preference(batch):
-        out = packed_pair_logps(graphdef, config, params, batch, chunk_size=chunk_size)
+        out = packed_pair_logps(graphdef, config, params, batch, chunk_size=chunk_size, ld_alpha=ld_alpha)
         return tuple(jnp.reshape(x, (-1,)) for x in out)
     c_tok, r_tok = pair_token_logprobs(graphdef, config, params, batch, chunk_size=chunk_size)
+    if ld_alpha is not None:
+        return ld_sequence_logps(c_tok, batch["chosen_loss_mask"], r_tok, batch["rejected_loss_mask"], ld_alpha)
     pc, lc = sequence_logps(c_tok, batch["chosen_loss_mask"])
     pr, lr = sequence_logps(r_tok, batch["rejected_loss_mask"])
     return pc, pr, lc, lr
@@ -97,7 +102,8 @@ def dpo_loss_options(kind: str | Sequence[str]) -> tuple[Callable | tuple[Callab
 
 @checks_values_of("make_dpo_loss", passes_on=lambda values: dpo_loss_options(values["kind"]))
 def check_dpo_loss_values(kind: str | list[str] = "sigmoid", beta: float = 0.1,
-                          loss_weights: list[float] | None = None, **hparams) -> None:
+                          loss_weights: list[float] | None = None, ld_alpha: float | None = None,
+                          **hparams) -> None:
     """Raises :class:`~jaxpost.errors.UserError` naming the ``make_dpo_loss`` key of a value the loss cannot use.
 
     ``kind`` must name a loss of :data:`PREFERENCE_LOSSES`, or be a list of
@@ -118,6 +124,8 @@ def check_dpo_loss_values(kind: str | list[str] = "sigmoid", beta: float = 0.1,
             require("make_dpo_loss.kind", k, k in PREFERENCE_LOSSES, names + " (each entry of the list)")
         require("make_dpo_loss.kind", kind, len(set(kind)) == len(kind), "a list without repeats")
     require("make_dpo_loss.beta", beta, beta > 0, "> 0")
+    require("make_dpo_loss.ld_alpha", ld_alpha, ld_alpha is None or 0 <= ld_alpha <= 1,
+            "None (off) or in [0, 1] (1: plain sums)")
     kinds = dpo_kinds(kind)
     if loss_weights is not None:
         require("make_dpo_loss.loss_weights", loss_weights, not isinstance(kind, str),
@@ -145,13 +153,18 @@ def check_dpo_loss_values(kind: str | list[str] = "sigmoid", beta: float = 0.1,
 
 @gin.configurable(denylist=["graphdef", "config"])
 def make_dpo_loss(graphdef, config: ModelConfig, kind: str | list[str] = "sigmoid", beta: float = 0.1,
-                  chunk_size: int = 512, loss_weights: list[float] | None = None, **hparams):
+                  chunk_size: int = 512, loss_weights: list[float] | None = None, ld_alpha: float | None = None,
+                  **hparams):
     """``loss(params, batch, frozen)`` for any loss in :data:`PREFERENCE_LOSSES`, or a weighted sum of several.
 
     ``kind``: a loss name (TRL's ``loss_type``), or a list of names whose
     losses are summed (:func:`~jaxpost.losses.combined_preference_loss`).
     ``loss_weights``: one weight per entry of a ``kind`` list (None: all 1),
     as MPO's ``[0.8, 0.2, 1.0]`` for ``['sigmoid', 'bco_pair', 'sft']``.
+    ``ld_alpha`` (LD-DPO, TRL's ``ld_alpha``): in [0, 1], the weight of
+    each reply's tokens past the shorter reply's length in the summed
+    log-probs of policy and reference alike (None: plain sums;
+    :func:`~jaxpost.losses.sequence.ld_sequence_logps`).
 
     Policy log-probs of chosen and rejected come from one concatenated
     forward. The reference log-probs come, in order of preference, from the
@@ -167,7 +180,7 @@ def make_dpo_loss(graphdef, config: ModelConfig, kind: str | list[str] = "sigmoi
     pairs (what the loss averages over), so gradient accumulation weights
     micro-batches, which hold different numbers of pairs, exactly.
     """
-    check_dpo_loss_values(kind, beta, loss_weights, **hparams)
+    check_dpo_loss_values(kind, beta, loss_weights, ld_alpha, **hparams)
     kinds = dpo_kinds(kind)
     if isinstance(kind, str):
         loss_math = PREFERENCE_LOSSES[kind]
@@ -178,7 +191,8 @@ def make_dpo_loss(graphdef, config: ModelConfig, kind: str | list[str] = "sigmoi
 
     def loss_fn(params, batch, frozen=None):
         packed = check_preference_batch(batch, f"DPO ({label})")
-        pc, pr, lc, lr = pair_sequence_logps(graphdef, config, params, batch, chunk_size=chunk_size)
+        pc, pr, lc, lr = pair_sequence_logps(graphdef, config, params, batch, chunk_size=chunk_size,
+                                             ld_alpha=ld_alpha)
         rc = rr = None
         if "ref_chosen_logps" in batch:
             rc, rr = pair_column(batch, "ref_chosen_logps"), pair_column(batch, "ref_rejected_logps")
@@ -187,14 +201,14 @@ def make_dpo_loss(graphdef, config: ModelConfig, kind: str | list[str] = "sigmoi
                 raise ValueError(f"{label} DPO needs a reference: frozen['reference'] params or precomputed "
                                  "ref_chosen_logps/ref_rejected_logps in the batch")
             ref = jax.lax.stop_gradient(frozen["reference"])
-            rc, rr, _, _ = pair_sequence_logps(graphdef, config, ref, batch, chunk_size=chunk_size)
+            rc, rr, _, _ = pair_sequence_logps(graphdef, config, ref, batch, chunk_size=chunk_size, ld_alpha=ld_alpha)
         pair_mask = pair_column(batch, "pair_mask")
         loss, metrics = loss_math(pc, pr, rc, rr, lc, lr, beta=beta, pair_mask=pair_mask, **hparams)
         if packed:
             metrics["loss_tokens"] = jnp.sum(pair_mask)
         return loss, metrics
 
-    loss_fn.kind = label
+    loss_fn.kind, loss_fn.ld_alpha = label, ld_alpha
     loss_fn.needs_reference = needs_reference
     return loss_fn
 

@@ -16,17 +16,19 @@ from jaxpost.sharding import Partitioner
 from jaxpost.train.batches import MeshBatches
 
 
-def reference_logps(graphdef, config, ref_params, batches: MeshBatches) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def reference_logps(graphdef, config, ref_params, batches: MeshBatches,
+                    ld_alpha: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Summed response log-probs of chosen and rejected under the reference, per source row.
 
     Returns ``(row_index, ref_chosen_logps, ref_rejected_logps)`` over every
     real (non-padding) pair the batches hold, gathered from all hosts. Either
     batch layout (one pair per row or packed): pairs are keyed by their
-    ``row_index`` (-1 on padding rows and empty packed slots).
+    ``row_index`` (-1 on padding rows and empty packed slots). ``ld_alpha``:
+    LD-DPO's weighted sums, as the loss that reads them takes them.
     """
     @jax.jit
     def score(params, batch):
-        c, r, _, _ = pair_sequence_logps(graphdef, config, params, batch)
+        c, r, _, _ = pair_sequence_logps(graphdef, config, params, batch, ld_alpha=ld_alpha)
         return pair_column(batch, "row_index"), c, r
 
     idx, chosen, rejected = [], [], []
@@ -48,13 +50,15 @@ def _to_host(tree: dict) -> dict:
 
 
 def with_reference_logps(rows: Any, graphdef, config, ref_params, make_pipeline: Callable, partitioner: Partitioner,
-                         cache_dir: str | os.PathLike) -> datasets.Dataset:
+                         cache_dir: str | os.PathLike, ld_alpha: float | None = None) -> datasets.Dataset:
     """``rows`` plus columns ``ref_chosen_logps``/``ref_rejected_logps``, computed once and cached.
 
     ``make_pipeline(rows, num_epochs=1, shuffle=False)`` must yield
     preference batches with ``row_index``. The values are stored in
     ``cache_dir/ref_logps.npz`` and reused when the run resumes. Rows the
     pipeline drops (counted in its stats) get NaN and stay dropped.
+    ``ld_alpha`` (LD-DPO's weighting, :func:`reference_logps`) is stored
+    with them; a cache made with another value is refused.
     """
     cache = paths.resolve(cache_dir) / "ref_logps.npz"
     n = len(rows)
@@ -63,15 +67,21 @@ def with_reference_logps(rows: Any, graphdef, config, ref_params, make_pipeline:
         chosen, rejected = saved["chosen"], saved["rejected"]
         if len(chosen) != n:
             raise ValueError(f"{cache} holds {len(chosen)} rows but the dataset has {n}; delete it to recompute")
+        stored = float(saved["ld_alpha"]) if "ld_alpha" in saved else None  # older caches: plain sums
+        stored = None if stored is not None and np.isnan(stored) else stored
+        if stored != ld_alpha:
+            raise ValueError(f"{cache} holds reference log-probs summed with ld_alpha={stored}, this run uses "
+                             f"make_dpo_loss.ld_alpha={ld_alpha}; delete it to recompute")
     else:
         idx, c, r = reference_logps(graphdef, config, ref_params,
-                                    MeshBatches(make_pipeline(rows, num_epochs=1, shuffle=False), partitioner))
+                                    MeshBatches(make_pipeline(rows, num_epochs=1, shuffle=False), partitioner),
+                                    ld_alpha=ld_alpha)
         chosen = np.full(n, np.nan, np.float32)
         rejected = np.full(n, np.nan, np.float32)
         chosen[idx], rejected[idx] = c, r
         if jax.process_index() == 0:
             buf = io.BytesIO()
-            np.savez(buf, chosen=chosen, rejected=rejected)
+            np.savez(buf, chosen=chosen, rejected=rejected, ld_alpha=np.nan if ld_alpha is None else ld_alpha)
             paths.atomic_write_bytes(cache, buf.getvalue())
     if not isinstance(rows, datasets.Dataset):
         rows = datasets.Dataset.from_list(list(rows))

@@ -19,7 +19,7 @@ from typing import Mapping
 
 import jax.numpy as jnp
 
-from jaxpost.losses.sequence import sequence_logps
+from jaxpost.losses.sequence import ld_sequence_logps, sequence_logps
 from jaxpost.models import Branches, forward, inputs_from_attention_mask
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.heads import scores, token_logprobs
@@ -55,11 +55,13 @@ def _reply_hidden(hidden, P: int, R: int):
     return jnp.concatenate([chosen, rejected], axis=0)
 
 
-def shared_pair_logps(graphdef, config: ModelConfig, params, batch: Mapping, *, chunk_size: int = 512):
+def shared_pair_logps(graphdef, config: ModelConfig, params, batch: Mapping, *, chunk_size: int = 512,
+                      ld_alpha: float | None = None):
     """Summed reply log-probs and lengths per pair: ``(pi_c, pi_r, len_c, len_r)`` ``[B]``.
 
     ``pi_side = sum_t log p(side_tokens[t] | prompt, side_tokens[:t]) side_loss_mask[t]``,
     ``len_side = sum_t side_loss_mask[t]``; one forward over ``[B, P + 2R]``.
+    ``ld_alpha``: LD-DPO's weighted sums (:func:`~jaxpost.losses.sequence.ld_sequence_logps`).
     """
     tokens, positions, segments, branches = shared_rows(batch)
     hidden, _ = forward(graphdef, params, tokens, positions, segments, branches=branches)
@@ -67,6 +69,8 @@ def shared_pair_logps(graphdef, config: ModelConfig, params, batch: Mapping, *, 
     targets = jnp.concatenate([batch[f"{s}_tokens"] for s in SIDES], axis=0).astype(jnp.int32)
     logp = token_logprobs(params, config, _reply_hidden(hidden, P, R), targets, chunk_size=chunk_size)
     mask = jnp.concatenate([batch[f"{s}_loss_mask"] for s in SIDES], axis=0)
+    if ld_alpha is not None:
+        return ld_sequence_logps(logp[:B], mask[:B], logp[B:], mask[B:], ld_alpha)
     total, length = sequence_logps(logp, mask)
     return total[:B], total[B:], length[:B], length[B:]
 

@@ -80,16 +80,46 @@ def pair_last_index(pair_ids, pair_sides, num_pairs: int):
     return _split_sides(last, num_pairs)
 
 
-def packed_sequence_logps(token_logps, loss_mask, pair_ids, pair_sides, num_pairs: int):
+def packed_sequence_logps(token_logps, loss_mask, pair_ids, pair_sides, num_pairs: int, ld_alpha=None):
     """:func:`sequence_logps` for packed rows: ``(pi_c, pi_r, len_c, len_r)``, each ``[B, K]``.
 
     ``pi_side[b, k-1] = sum_t logp[b, t] m[b, t]`` over the tokens of pair
     slot ``k`` on that side (``pair_ids``, ``pair_sides`` ``[B, L]``),
-    ``len_side`` the same sum of ``m``; empty slots give 0.
+    ``len_side`` the same sum of ``m``; empty slots give 0. ``ld_alpha``:
+    LD-DPO's weights in place of ``m`` in ``pi`` (:func:`ld_sequence_logps`).
     """
     check_same_shape(("token_logps", "loss_mask", "pair_ids", "pair_sides"),
                      (token_logps, loss_mask, pair_ids, pair_sides), "[B, L]")
     mask = f32(loss_mask)
-    pc, pr = pair_sums(token_logps * mask, pair_ids, pair_sides, num_pairs)
     lc, lr = pair_sums(mask, pair_ids, pair_sides, num_pairs)
+    weights = mask
+    if ld_alpha is not None:
+        # Each token's rank among its reply's tokens: the running count of response tokens minus the count
+        # before its slot (slots are contiguous, so that count is the slot's smallest running count - m).
+        idx = _slot_index(pair_ids, pair_sides, num_pairs)
+        count = jnp.cumsum(mask, axis=1)
+        start = jax.vmap(lambda v, i: jax.ops.segment_min(v, i, num_segments=2 * num_pairs + 1))(count - mask, idx)
+        rank = count - jnp.take_along_axis(start, idx, axis=1)
+        shared = jnp.take_along_axis(jnp.minimum(lc, lr), jnp.clip(pair_ids - 1, 0, num_pairs - 1), axis=1)
+        weights = jnp.where(rank <= shared, 1.0, ld_alpha) * mask
+    pc, pr = pair_sums(token_logps * weights, pair_ids, pair_sides, num_pairs)
+    return pc, pr, lc, lr
+
+
+def ld_sequence_logps(chosen_token_logps, chosen_mask, rejected_token_logps, rejected_mask, ld_alpha):
+    """LD-DPO's (Liu et al. 2024, length desensitization; TRL's ``ld_alpha``) ``(pi_c, pi_r, len_c, len_r)``.
+
+    With ``n = min(len_c, len_r)`` a pair's shared length, each reply's
+    first ``n`` response tokens count fully and the rest by ``ld_alpha``:
+    ``pi = sum_t logp_t m_t (1 if rank_t <= n else ld_alpha)``, ``rank_t =
+    sum_{s <= t} m_s``. ``ld_alpha = 1`` is plain DPO's sum; 0 drops the
+    longer reply's excess. Lengths are the plain ``sum_t m_t``. Inputs
+    ``[B, L]`` per side (lengths may differ between sides).
+    """
+    mc, mr = f32(chosen_mask), f32(rejected_mask)
+    lc, lr = jnp.sum(mc, axis=-1), jnp.sum(mr, axis=-1)
+    shared = jnp.minimum(lc, lr)[..., None]
+    weight = lambda m: jnp.where(jnp.cumsum(m, axis=-1) <= shared, 1.0, ld_alpha) * m  # noqa: E731
+    pc = jnp.sum(f32(chosen_token_logps) * weight(mc), axis=-1)
+    pr = jnp.sum(f32(rejected_token_logps) * weight(mr), axis=-1)
     return pc, pr, lc, lr

@@ -83,11 +83,11 @@ def dpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
         else:
             ref_params = load_reference(model, reference_from, params, part)
         if precompute_reference:
+            cached = lambda r, name: with_reference_logps(r, graphdef, config, ref_params, pipeline, part, run / name,
+                                                          ld_alpha=loss_fn.ld_alpha)
             with part.activate():
-                rows = with_reference_logps(rows, graphdef, config, ref_params, pipeline, part, run / "reference")
-                if held_out is not None:
-                    held_out = with_reference_logps(held_out, graphdef, config, ref_params, pipeline, part,
-                                                    run / "reference_eval")
+                rows = cached(rows, "reference")
+                held_out = None if held_out is None else cached(held_out, "reference_eval")
             del ref_params
         elif base_reference:
             del ref_params
