@@ -1,8 +1,11 @@
-"""TR-DPO: a reference that follows the policy, against a frozen-reference DPO loop mixed by hand; and its resume."""
+"""TR-DPO: a reference that follows the policy, against a frozen-reference DPO loop mixed by hand; resumes of TR-DPO
+and TR-KTO runs."""
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -86,28 +89,39 @@ def task(tmp_path_factory):
     return make_task(root, n_sft=20, n_pref=64, n_prompts=8, n_eval=8)
 
 
-def _bindings(task, run_dir, extra=()):
-    return [f"dpo.run_dir = '{run_dir}'", f"dpo.train_data = '{task['preference']}'",
-            f"dpo.tokenizer = '{task['tokenizer']}'", "dpo.seq_len = 64", "dpo.batch_size = 8",
+def _bindings(method, data, task, run_dir, extra=()):
+    return [f"{method}.run_dir = '{run_dir}'", f"{method}.train_data = '{data}'",
+            f"{method}.tokenizer = '{task['tokenizer']}'", f"{method}.seq_len = 64", f"{method}.batch_size = 8",
             "LoopConfig.num_steps = 6", "LoopConfig.save_every = 3", "LoopConfig.log_every = 1",
             "make_optimizer.learning_rate = 1e-3", "make_optimizer.warmup_steps = 0",
             "ReferenceSync.every = 2", "ReferenceSync.alpha = 0.5", *extra]
 
 
 @pytest.mark.slow
-def test_a_resumed_tr_dpo_run_equals_an_uninterrupted_one(task, tmp_path):
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_a_resumed_tr_run_equals_an_uninterrupted_one(task, tmp_path, method):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    summary = run_task("dpo", _bindings(task, whole))
+    data = task["preference"] if method == "dpo" else _unpaired(task["preference"], tmp_path / "feedback.jsonl")
+    bindings = lambda run_dir, extra=(): _bindings(method, data, task, run_dir, extra)  # noqa: E731
+    summary = run_task(method, bindings(whole))
     assert summary["step"] == 6
-    run_task("dpo", _bindings(task, cut))
+    run_task(method, bindings(cut))
     # Lose everything after step 3: the rerun restores policy and reference from checkpoint 3.
     shutil.rmtree(cut / "checkpoints" / "6")
     shutil.rmtree(cut / "final")
-    run_task("dpo", _bindings(task, cut))
+    run_task(method, bindings(cut))
     a, b = load_file(whole / "final" / "model.safetensors"), load_file(cut / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     # The export is the policy alone, in the plain layout, and it trained away from the synced-reference start.
-    plain = run_task("dpo", _bindings(task, tmp_path / "frozen", ["ReferenceSync.every = 0"]))
+    plain = run_task(method, bindings(tmp_path / "frozen", ["ReferenceSync.every = 0"]))
     c = load_file(tmp_path / "frozen" / "final" / "model.safetensors")
     assert c.keys() == a.keys() and plain["step"] == 6
     assert any(not np.array_equal(a[k], c[k]) for k in a)  # a moving reference changes the policy's updates
+
+
+def _unpaired(pairs: Path, out: Path) -> Path:
+    """TRL's unpaired rows from preference pairs: the chosen reply thumbs up, the rejected one down."""
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    out.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}) + "\n"
+                           for r in rows for side in ("chosen", "rejected")))
+    return out

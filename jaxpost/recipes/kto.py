@@ -7,8 +7,9 @@ The data is TRL's unpaired format: ``prompt``, ``completion`` and a boolean
 ``label`` (true: desirable, thumbs up), plain or conversational. The policy
 starts from ``init_from``; the reference is a frozen copy of the same weights
 (or of ``reference_from``; with LoRA and no ``reference_from``, the policy's
-own base with the adapters off). The loss and its KL estimate are those of
-TRL's ``KTOTrainer`` (:mod:`jaxpost.losses.kto`).
+own base with the adapters off; with ``ReferenceSync.every``, a copy in the
+state that follows the policy, as in DPO). The loss and its KL estimate are
+those of TRL's ``KTOTrainer`` (:mod:`jaxpost.losses.kto`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from jaxpost.sharding import Partitioner
 from jaxpost.train import make_eval_step
 from jaxpost.train.batches import MeshBatches
 from jaxpost.train.fit import LoopConfig, finish_run, fit, make_evaluator
+from jaxpost.train.reference_sync import ReferenceSync, check_sync, follow_policy
 from jaxpost.train.run_dir import prepare_run_dir
 
 
@@ -47,7 +49,7 @@ def kto(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
     ``model`` default as in :func:`jaxpost.recipes.sft.sft`.
     """
     check_values("kto", locals())  # for callers that bypass gin; `jaxpost train` ran them
-    loop, model = build(LoopConfig, loop), build_if_bound(ModelConfig, model)
+    loop, model, sync = build(LoopConfig, loop), build_if_bound(ModelConfig, model), build(ReferenceSync)
     if batch_size < 2:
         raise UserError(f"kto.batch_size={batch_size}: KTO estimates its KL term from the other examples of a "
                         "batch, so it needs batch_size >= 2 (TRL refuses 1 too)")
@@ -67,9 +69,13 @@ def kto(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
     pipeline = lambda r, **kw: make_unpaired_pipeline(r, tok, seq_len, batch_size, max_prompt_len=max_prompt_len,
                                                      **kw)
 
-    frozen = frozen_shardings = None
+    frozen = frozen_shardings = trainable = follow = None
+    check_sync(sync, loss_fn, config, precompute_reference=False)
     if config.lora is not None and reference_from is None:  # LoRA: the frozen base itself, adapters off
         loss_fn = with_base_reference(loss_fn)
+    elif sync.every:  # TR-KTO: the reference joins the state and follows the policy
+        loss_fn, params, param_shardings, trainable, follow = follow_policy(
+            sync, loss_fn, params, load_reference(model, reference_from, params, part), param_shardings)
     else:
         frozen = {"reference": load_reference(model, reference_from, params, part)}
         frozen_shardings = {"reference": param_shardings}
@@ -88,8 +94,9 @@ def kto(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer: 
     with part.activate():
         state = fit(run_dir=run, model_config=config, loss_fn=loss_fn, params=params, param_shardings=param_shardings,
                     partitioner=part, batches=batches, loop=loop, frozen=frozen, frozen_shardings=frozen_shardings,
-                    evaluate=evaluate, data_stats=stats, flops_per_step=flops,
+                    evaluate=evaluate, data_stats=stats, flops_per_step=flops, trainable_mask=trainable,
+                    after_update=follow,
                     epoch_batches=lambda: pipeline(rows, seed=loop.seed, num_epochs=1), summary=run_info)
         summary = {"step": int(state.step), "loss_kind": loss_fn.kind, **run_info, **report_data_stats(stats, "KTO")}
     return finish_run(run, config, state, tok, summary, evaluate, method="kto", init_from=init_from,
-                      data={"train": train_data, "eval": eval_data})
+                      data={"train": train_data, "eval": eval_data}, params=follow and state.params["policy"])

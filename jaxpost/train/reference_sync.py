@@ -26,7 +26,7 @@ __all__ = ["ReferenceSync", "check_sync", "follow_policy", "mix_reference", "wit
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class ReferenceSync:
-    """How a DPO run's reference follows the policy (TR-DPO; TRL's ``sync_ref_model``).
+    """How a DPO or KTO run's reference follows the policy (TR-DPO; TRL's ``sync_ref_model``).
 
     ``every``: mix the policy into the reference after every ``every``-th
     optimizer step (TRL's ``ref_model_sync_steps``, 512 there); 0 (the
