@@ -197,8 +197,9 @@ def make_grpo_loss(graphdef, config: ModelConfig, clip_eps_low: float = 0.2, cli
     the reference (``ref_logp``); ``aggregation`` is ``sequence``, ``token``,
     ``dr_grpo`` (normaliser ``B * max_len``: set ``max_len`` to the
     generation budget) or ``luspo`` (each sequence's summed loss, averaged
-    over sequences: LUSPO, with ``ratio_level='sequence'``); ``ratio_level`` is ``token`` (GRPO) or ``sequence``
-    (GSPO: one length-normalised ratio per sequence); ``delta`` caps the
+    over sequences: LUSPO, with ``ratio_level='sequence'``); ``ratio_level``
+    is ``token`` (GRPO) or ``sequence`` (GSPO: one length-normalised ratio
+    per sequence); ``delta`` caps the
     unclipped ratio (two-sided clipping, TRL's ``delta``);
     ``top_entropy_quantile < 1`` (TRL's; Wang et al. 2025) trains the
     surrogate on that top fraction of the batch's tokens by the current
@@ -207,8 +208,9 @@ def make_grpo_loss(graphdef, config: ModelConfig, clip_eps_low: float = 0.2, cli
     accumulation), the KL term and the normaliser on every token.
     ``surrogate`` is ``clip`` (GRPO/DAPO), ``cispo``, ``sapo`` or ``vespo``
     (TRL's ``loss_type``; the formulas are :func:`grpo_loss`'s; pair
-    ``cispo`` and ``vespo`` with ``aggregation='token'``, as TRL does). ``cispo_max_ratio`` caps CISPO's
-    weight ``min(ratio, max)``, which carries no gradient (TRL's
+    ``cispo`` and ``vespo`` with ``aggregation='token'``, as TRL does).
+    ``cispo_max_ratio`` caps CISPO's weight ``min(ratio, max)``, which
+    carries no gradient (TRL's
     ``epsilon_high`` under ``loss_type='cispo'``; ScaleRL's 5.0).
     ``sapo_temperature_pos`` is SAPO's gate temperature where ``A > 0``.
     ``sapo_temperature_neg`` is SAPO's gate temperature where ``A <= 0``.

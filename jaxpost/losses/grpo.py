@@ -171,10 +171,7 @@ def vespo_weights(token_log_ratio, advantages, mask, gamma: tuple[float, float, 
 
 
 def _surrogate(kind: str, ratio, adv, logp, *, clip_eps_low, eps_high, delta, cispo_max_ratio, sapo_temperatures):
-    """Per-token policy term ``l_t`` of :func:`grpo_loss` (its docstring has the formulas); VESPO's ``ratio`` is
-    its weight :func:`vespo_weights`."""
-    if kind == "vespo":
-        return -ratio * adv * logp
+    """Per-token policy term ``l_t`` of :func:`grpo_loss` (its docstring has the formulas), but VESPO's."""
     if kind == "cispo":
         return -jax.lax.stop_gradient(jnp.minimum(ratio, cispo_max_ratio)) * adv * logp
     if kind == "sapo":
@@ -306,10 +303,12 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps_low: float
     if ratio_level == "sequence":
         log_ratio = jnp.sum(log_ratio, axis=1, keepdims=True) / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1.0)
     ratio = jnp.exp(log_ratio)
-    phi = vespo_weights(token_log_ratio, adv, mask, vespo_gamma) if surrogate == "vespo" else None
-    per_token = _surrogate(surrogate, ratio if phi is None else phi, adv, logp, clip_eps_low=clip_eps_low,
-                           eps_high=eps_high, delta=delta, cispo_max_ratio=cispo_max_ratio,
-                           sapo_temperatures=sapo_temperatures)
+    if surrogate == "vespo":  # weighted by the sequence's summed token log-ratios, whatever ratio_level says
+        phi = vespo_weights(token_log_ratio, adv, mask, vespo_gamma)
+        per_token = -phi * adv * logp
+    else:
+        per_token = _surrogate(surrogate, ratio, adv, logp, clip_eps_low=clip_eps_low, eps_high=eps_high,
+                               delta=delta, cispo_max_ratio=cispo_max_ratio, sapo_temperatures=sapo_temperatures)
     if policy_weights is not None:
         w = f32(policy_weights)
         if w.shape not in (logp.shape, (logp.shape[0], 1)):
