@@ -26,10 +26,15 @@ def make_task(root: Path, **sizes) -> dict[str, Path]:
     return paths
 
 
+ONLINE_TASKS = ("grpo", "ppo", "online_dpo")
+"""Tasks configured by ``OnlineConfig`` (rollouts) rather than ``LoopConfig``."""
+
+
 def run_task(task: str, bindings: list[str]) -> dict:
     """Parses ``bindings`` (plus the tiny model) with gin and runs ``task`` (e.g. ``"sft"``)."""
-    config.parse([], [f"run.task = @{task}", f"{task}.model = @ModelConfig()", f"{task}.loop = @LoopConfig()",
-                      "LoopConfig.progress = False", *TINY_MODEL, *bindings])
+    loop = (["OnlineConfig.progress = False"] if task in ONLINE_TASKS
+            else [f"{task}.loop = @LoopConfig()", "LoopConfig.progress = False"])
+    config.parse([], [f"run.task = @{task}", f"{task}.model = @ModelConfig()", *loop, *TINY_MODEL, *bindings])
     try:
         return run()
     finally:

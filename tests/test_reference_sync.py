@@ -1,5 +1,5 @@
-"""TR-DPO: a reference that follows the policy, against a frozen-reference DPO loop mixed by hand; resumes of TR-DPO
-and TR-KTO runs."""
+"""TR-DPO: a reference that follows the policy, against a frozen-reference DPO loop mixed by hand; resumes of TR-DPO,
+TR-KTO and synced-reference GRPO runs; GRPO's rollouts read the synced reference."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from jaxpost.models.config import ModelConfig
 from jaxpost.train import make_train_step
 from jaxpost.train.reference_sync import ReferenceSync, follow_policy
 from jaxpost.train.state import init_state
-from pipeline_utils import make_task, run_task
+from pipeline_utils import make_task, read_metrics, run_task
 
 TINY = dict(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
 
@@ -125,3 +125,47 @@ def _unpaired(pairs: Path, out: Path) -> Path:
     out.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}) + "\n"
                            for r in rows for side in ("chosen", "rejected")))
     return out
+
+
+def _grpo_bindings(task, run_dir, extra=()):
+    return [f"grpo.run_dir = '{run_dir}'", f"grpo.train_data = '{task['prompts']}'",
+            f"grpo.tokenizer = '{task['tokenizer']}'", "make_scorer.reward_functions = [@make_reward()]",
+            "make_reward.names = ['length']", "RolloutConfig.max_new_tokens = 8", "RolloutConfig.group_size = 2",
+            "OnlineConfig.prompts_per_rollout = 4", "OnlineConfig.num_rollouts = 6", "OnlineConfig.save_every = 3",
+            "OnlineConfig.max_prompt_len = 16", "make_optimizer.learning_rate = 1e-2", "make_optimizer.warmup_steps = 0",
+            "make_grpo_loss.beta = 0.1", *extra]
+
+
+def test_grpo_rollouts_measure_kl_to_the_synced_reference(task, tmp_path):
+    """One update per rollout; the reference copies the policy (alpha 1) after steps 2 and 4. Rollout r samples
+    after step r - 1, so its reference is its policy, and its KL exactly 0, for r = 1, 3, 5 alone."""
+    run_task("grpo", _grpo_bindings(task, tmp_path / "sync", ["ReferenceSync.every = 2", "ReferenceSync.alpha = 1.0"]))
+    kl = {m["step"]: m["objective/kl"] for m in read_metrics(tmp_path / "sync") if "objective/kl" in m}
+    assert sorted(kl) == [1, 2, 3, 4, 5, 6]
+    assert [kl[r] == 0.0 for r in range(1, 7)] == [True, False, True, False, True, False], kl
+    run_task("grpo", _grpo_bindings(task, tmp_path / "frozen"))
+    frozen = {m["step"]: m["objective/kl"] for m in read_metrics(tmp_path / "frozen") if "objective/kl" in m}
+    assert frozen[1] == 0.0 and all(frozen[r] != 0.0 for r in range(2, 7)), frozen  # the initial policy throughout
+
+
+def test_grpo_refuses_a_sync_with_nothing_to_follow(task, tmp_path):
+    with pytest.raises(UserError, match=r"^ReferenceSync.every=2: make_grpo_loss.beta = 0 puts no KL"):
+        run_task("grpo", _grpo_bindings(task, tmp_path / "r", ["ReferenceSync.every = 2", "make_grpo_loss.beta = 0.0"]))
+    with pytest.raises(UserError, match=r"^ReferenceSync.every=2: a LoRA policy's adapters cannot be mixed"):
+        run_task("grpo", _grpo_bindings(task, tmp_path / "l", ["ReferenceSync.every = 2",
+                                                               "ModelConfig.lora = @LoraConfig()"]))
+
+
+@pytest.mark.slow
+def test_a_resumed_synced_grpo_run_equals_an_uninterrupted_one(task, tmp_path):
+    bindings = lambda run_dir: _grpo_bindings(task, run_dir, ["ReferenceSync.every = 2",  # noqa: E731
+                                                              "ReferenceSync.alpha = 0.5"])
+    run_task("grpo", bindings(tmp_path / "whole"))
+    run_task("grpo", bindings(tmp_path / "cut"))
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "6")  # the rerun restores policy and reference from rollout 3
+    shutil.rmtree(tmp_path / "cut" / "final")
+    summary = run_task("grpo", bindings(tmp_path / "cut"))
+    assert summary["rollout"] == 6
+    a, b = (load_file(tmp_path / d / "final" / "model.safetensors") for d in ("whole", "cut"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert read_metrics(tmp_path / "whole")[-1]["objective/kl"] == read_metrics(tmp_path / "cut")[-1]["objective/kl"]

@@ -273,4 +273,5 @@ def make_grpo_loss(graphdef, config: ModelConfig, clip_eps_low: float = 0.2, cli
         metrics["policy/approxkl"] = 0.5 * masked_mean(jnp.square(d), mask)
         return loss, metrics
 
+    loss_fn.beta = beta  # 0: the loss reads no reference, and ReferenceSync refuses to follow the policy
     return loss_fn

@@ -10,8 +10,7 @@ leave-one-out ``r - mean_{j != i} r_j``; ``gdpo``: each reward term normalised
 in its group, then the weighted sum over the batch); then ``num_iterations`` (mu)
 passes of shuffled minibatch updates with the clipped surrogate of
 :func:`jaxpost.losses.grpo_loss` (asymmetric clipping, optional k3 KL to the
-frozen reference with weight ``beta``, aggregation configured on
-``make_grpo_loss``).
+reference with weight ``beta``, aggregation configured on ``make_grpo_loss``).
 """
 
 from __future__ import annotations
@@ -34,8 +33,8 @@ from jaxpost.models.load import load_model
 from jaxpost.sharding import Partitioner
 from jaxpost.train.batches import on_mesh
 from jaxpost.train.fit import finish_run
-from jaxpost.train.online import (OnlineConfig, RolloutBatches, Stateless, fit_online, online_config,
-                                  reference_policy)
+from jaxpost.train.online import OnlineConfig, RolloutBatches, Stateless, fit_online, online_config
+from jaxpost.train.reference_sync import ReferenceSync, online_reference
 from jaxpost.train.run_dir import prepare_run_dir
 
 
@@ -43,12 +42,12 @@ class GRPORollouts(Stateless):
     """A rollout becomes rows with group-relative advantages of its (global) scores."""
 
     def __init__(self, roller: Roller, reference, advantage: str, partitioner: Partitioner,
-                 mask_truncated: bool = False):
+                 mask_truncated: bool = False, policy=lambda p: p):
         self.roller, self.reference, self.advantage, self.partitioner = roller, reference, advantage, partitioner
-        self.mask_truncated = mask_truncated
+        self.mask_truncated, self.policy = mask_truncated, policy
 
     def rollout(self, params, prompts, rng, index):
-        r = self.roller(params, self.reference(params), None, prompts, rng)
+        r = self.roller(self.policy(params), self.reference(params), None, prompts, rng)
         group = self.roller.cfg.group_size
         rows = {k: r.batch[k] for k in (*LM_KEYS, "old_logp", "ref_logp")}
         advantages = np.asarray(gdpo_advantages(*reward_terms(r, self.roller), group) if self.advantage == "gdpo"
@@ -79,9 +78,10 @@ def grpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer:
     its environment cut short) without a stop token trains no token; it
     still counts in its group's advantages. ``eval_data``: held-out prompts,
     scored by greedy completions every ``OnlineConfig.eval_every`` rollouts
-    and at the end (``eval/score``, ``eval/rewards/<name>/mean``). The reference (for
-    ``beta`` and the logged ``objective/kl``) is a frozen copy of the
-    initial policy, or under LoRA the base with adapters off. Summary: the last rollout's metrics.
+    and at the end (``eval/score``, ``eval/rewards/<name>/mean``). The reference (for ``beta`` and the logged
+    ``objective/kl``): :func:`~jaxpost.train.reference_sync.online_reference` (a frozen copy of the initial policy,
+    the base under LoRA, or with ``ReferenceSync.every`` a copy that follows the policy, TRL's ``sync_ref_model``).
+    Summary: the last rollout's metrics.
     ``rollout`` (default: ``RolloutConfig(group_size=8)``), ``online`` (``OnlineConfig()``) and ``model``
     (``ModelConfig()`` where gin binds any of its fields) are built at call time with gin's bindings.
     ``environment`` (e.g. ``@CalculatorEnv()``): multi-turn episodes scored by it
@@ -91,7 +91,7 @@ def grpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer:
     # Built here, at call time, so that bindings of RolloutConfig/OnlineConfig/ModelConfig apply without
     # `grpo.rollout = @RolloutConfig()`; the run's own defaults yield to gin's bindings.
     rollout, online = build(RolloutConfig, rollout, group_size=8), online_config(online, eval_data, "grpo")
-    model = build_if_bound(ModelConfig, model)
+    model, sync = build_if_bound(ModelConfig, model), build(ReferenceSync)
     check_grpo_advantage(advantage, rollout.group_size, environment is not None)
     tok, rows = check_run_inputs("grpo", train_data=train_data, kind="prompt", tokenizer=tokenizer,
                                  init_from=init_from, model=model, eval_data=eval_data)
@@ -104,16 +104,17 @@ def grpo(run_dir: str = gin.REQUIRED, train_data: str = gin.REQUIRED, tokenizer:
     roller = make_roller(graphdef, config, tok, part, rollout, environment, owner="grpo")
     prompts = make_prompt_pipeline(rows, tok, online.max_prompt_len, online.prompts_per_rollout,
                                    online.seed, num_epochs=None)
-    reference = reference_policy(params)
-    method = GRPORollouts(roller, reference, advantage, part, mask_truncated)
-    evaluate = online_evaluator(eval_data, roller, online, lambda p: p, reference)
+    loss_fn = make_grpo_loss(graphdef, config, max_len=rollout.max_new_tokens)
+    ref = online_reference(sync, params, param_shardings, config, loss_fn.beta)
+    method = GRPORollouts(roller, ref.reference_of, advantage, part, mask_truncated, ref.policy_of)
+    evaluate = online_evaluator(eval_data, roller, online, ref.policy_of, ref.reference_of)
     batches = RolloutBatches(method, prompts, part, rows=online.prompts_per_rollout * rollout.group_size,
                              minibatch_size=minibatch_size, epochs=num_iterations, seed=online.seed)
     summary: dict = {}
     with part.activate():
-        state = fit_online(run_dir=run, loss_fn=make_grpo_loss(graphdef, config, max_len=rollout.max_new_tokens),
-                           params=params, param_shardings=param_shardings, partitioner=part, batches=batches,
-                           online=online, model_config=config, summary=summary, evaluate=evaluate)
+        state = fit_online(run_dir=run, loss_fn=ref.loss(loss_fn), params=ref.params, param_shardings=ref.shardings,
+                           partitioner=part, batches=batches, online=online, model_config=config, summary=summary,
+                           evaluate=evaluate, **ref.fit_args)
     summary["step"] = int(state.step)
     return finish_run(run, config, state, tok, summary, method="grpo", init_from=init_from,
-                      data={"prompts": train_data, "eval": eval_data})
+                      data={"prompts": train_data, "eval": eval_data}, params=ref.policy_of(state.params))

@@ -287,7 +287,8 @@ class RolloutBatches:
 def fit_online(*, run_dir: epath.Path, loss_fn: Callable, params: Any, param_shardings: Any,
                partitioner: Partitioner, batches: RolloutBatches, online: OnlineConfig, frozen: Any = None,
                frozen_shardings: Any = None, model_config: Any = None, summary: dict | None = None,
-               evaluate: Callable[[Any], Mapping[str, float]] | None = None) -> Any:
+               evaluate: Callable[[Any], Mapping[str, float]] | None = None, trainable_mask: Any = None,
+               after_update: Callable[[Any, jax.Array], Any] | None = None) -> Any:
     """Trains for ``online.num_rollouts`` rollouts with :func:`jaxpost.train.fit`; returns the final state.
 
     One optimizer step per minibatch: ``num_steps = num_rollouts x
@@ -298,6 +299,8 @@ def fit_online(*, run_dir: epath.Path, loss_fn: Callable, params: Any, param_sha
     ``evaluate(state)`` (held-out rewards, :mod:`jaxpost.generate.held_out`)
     every ``eval_every`` rollouts and at the end; with ``online.best_metric``
     the best evaluated state is kept (and with ``export_best`` returned).
+    ``trainable_mask`` and ``after_update`` go to :func:`~jaxpost.train.fit`
+    (a reference in the state: :func:`jaxpost.train.reference_sync.online_reference`).
     ``summary`` gets the last rollout's metrics, ``rollout``, the best
     (``best/...``) and the final evaluation (``eval/...``). Raises
     :class:`UserError` when ``eval_every`` or ``best_metric`` is set
@@ -313,7 +316,8 @@ def fit_online(*, run_dir: epath.Path, loss_fn: Callable, params: Any, param_sha
                       patience=online.patience, min_delta=online.min_delta)
     state = fit(run_dir=run_dir, loss_fn=loss_fn, params=params, param_shardings=param_shardings,
                 partitioner=partitioner, batches=batches, loop=loop, frozen=frozen, frozen_shardings=frozen_shardings,
-                model_config=model_config, extra_metrics=batches.metrics, summary=summary, evaluate=evaluate)
+                model_config=model_config, extra_metrics=batches.metrics, summary=summary, evaluate=evaluate,
+                trainable_mask=trainable_mask, after_update=after_update)
     if summary is not None:
         summary.update({k: v for k, v in batches.metrics().items() if not k.startswith("time/")})
         summary["rollout"] = batches.index

@@ -1,5 +1,8 @@
 """TR-DPO's reference that follows the policy (Gorbatovski et al. 2024): ``ref <- (1 - alpha) ref + alpha policy``.
 
+DPO and KTO runs (:func:`follow_policy`) and GRPO/RLOO runs
+(:func:`online_reference`, TRL's ``GRPOConfig.sync_ref_model``) take it.
+
 The reference joins the trained params as ``{"policy": ..., "reference":
 ...}``, frozen to the optimizer (no gradient, no optimizer state), so it
 is saved, restored and sharded with the state and a resumed run continues
@@ -19,14 +22,16 @@ import gin
 import jax
 
 from jaxpost.errors import UserError
+from jaxpost.train.online import reference_policy
 
-__all__ = ["ReferenceSync", "check_sync", "follow_policy", "mix_reference", "with_state_reference"]
+__all__ = ["OnlineReference", "ReferenceSync", "check_sync", "follow_policy", "mix_reference", "online_reference",
+           "state_reference", "with_state_reference"]
 
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class ReferenceSync:
-    """How a DPO or KTO run's reference follows the policy (TR-DPO; TRL's ``sync_ref_model``).
+    """How a DPO, KTO or GRPO run's reference follows the policy (TR-DPO; TRL's ``sync_ref_model``).
 
     ``every``: mix the policy into the reference after every ``every``-th
     optimizer step (TRL's ``ref_model_sync_steps``, 512 there); 0 (the
@@ -59,10 +64,14 @@ def check_sync(sync: ReferenceSync, loss_fn: Callable, config: Any, precompute_r
     if precompute_reference:
         raise UserError(f"{what} changes the reference as the policy trains, so its log-probs cannot be computed "
                         f"once: set dpo.precompute_reference = False, or ReferenceSync.every = 0")
+    _refuse_lora(what, config)
+    return sync
+
+
+def _refuse_lora(what: str, config: Any) -> None:
     if config.lora is not None:
         raise UserError(f"{what}: a LoRA policy's adapters cannot be mixed into a reference without them; train "
                         f"without ModelConfig.lora, or set ReferenceSync.every = 0")
-    return sync
 
 
 def mix_reference(policy: Any, reference: Any, alpha: float) -> Any:
@@ -83,14 +92,15 @@ def with_state_reference(loss_fn: Callable) -> Callable:
     return wrapped
 
 
-def follow_policy(sync: ReferenceSync, loss_fn: Callable, params: Any, reference: Any, shardings: Any):
-    """A run's pieces for a reference in the state: ``(loss_fn, params, shardings, trainable_mask, after_update)``.
+def state_reference(sync: ReferenceSync, params: Any, reference: Any, shardings: Any):
+    """The train state's pieces for a reference that lives in it: ``(params, shardings, trainable_mask, after_update)``.
 
     ``params``/``shardings`` are the policy's, ``reference`` its starting
-    reference (same tree); the results go to :func:`jaxpost.train.fit`
-    (``trainable_mask`` keeps the reference out of the optimizer,
-    ``after_update(params, step)`` mixes it), and ``state.params["policy"]``
-    is the trained policy.
+    reference (same tree, its own buffers: the step donates the state's).
+    The results go to :func:`jaxpost.train.fit`: params and shardings
+    ``{"policy", "reference"}``, ``trainable_mask`` keeps the reference out
+    of the optimizer, ``after_update(params, step)`` mixes it after every
+    ``sync.every``-th step.
     """
     every, alpha = sync.every, sync.alpha
 
@@ -100,5 +110,58 @@ def follow_policy(sync: ReferenceSync, loss_fn: Callable, params: Any, reference
         return {**p, "reference": mixed}
 
     mask = {"policy": jax.tree.map(lambda _: True, params), "reference": jax.tree.map(lambda _: False, reference)}
-    return (with_state_reference(loss_fn), {"policy": params, "reference": reference},
-            {"policy": shardings, "reference": shardings}, mask, after_update)
+    return ({"policy": params, "reference": reference}, {"policy": shardings, "reference": shardings}, mask,
+            after_update)
+
+
+def follow_policy(sync: ReferenceSync, loss_fn: Callable, params: Any, reference: Any, shardings: Any):
+    """A run's pieces for a reference in the state: ``(loss_fn, params, shardings, trainable_mask, after_update)``.
+
+    :func:`state_reference`'s pieces, and ``loss_fn`` wrapped by
+    :func:`with_state_reference`; ``state.params["policy"]`` is the trained policy.
+    """
+    return (with_state_reference(loss_fn), *state_reference(sync, params, reference, shardings))
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlineReference:
+    """An online run's policy and reference, both read from its train state's params.
+
+    ``params``/``shardings`` and ``fit_args`` (``trainable_mask``,
+    ``after_update``) go to :func:`jaxpost.train.online.fit_online` with
+    ``loss(loss_fn)``; ``policy_of(p)`` and ``reference_of(p)`` read the
+    policy and the reference from the state's params (rollouts, evaluation,
+    export).
+    """
+
+    params: Any
+    shardings: Any
+    policy_of: Callable[[Any], Any]
+    reference_of: Callable[[Any], Any]
+    fit_args: dict = dataclasses.field(default_factory=dict)
+
+    def loss(self, loss_fn: Callable) -> Callable:
+        """``loss_fn`` of the policy, on the state's params."""
+        return with_state_reference(loss_fn) if self.fit_args else loss_fn
+
+
+def online_reference(sync: ReferenceSync, params: Any, shardings: Any, config: Any, beta: float) -> OnlineReference:
+    """The reference of a GRPO/RLOO run: frozen (:func:`jaxpost.train.online.reference_policy`), or with
+    ``sync.every`` a copy of the initial policy in the state that follows it (TRL's ``GRPOConfig.sync_ref_model``).
+
+    The rollouts read it for ``ref_logp`` (the loss's KL term, weight
+    ``beta``), so a mix after step ``s`` shows from the next rollout on.
+    :class:`UserError` for ``beta == 0`` (nothing in the loss reads the
+    reference; TRL refuses it too) and for a LoRA policy.
+    """
+    if not sync.every:
+        return OnlineReference(params, shardings, lambda p: p, reference_policy(params))
+    what = f"ReferenceSync.every={sync.every}"
+    if beta == 0:
+        raise UserError(f"{what}: make_grpo_loss.beta = 0 puts no KL to the reference in the loss, so there is "
+                        f"nothing to follow the policy; set make_grpo_loss.beta > 0, or ReferenceSync.every = 0")
+    _refuse_lora(what, config)
+    both, both_shardings, mask, after = state_reference(sync, params, jax.tree.map(lambda x: x.copy(), params),
+                                                        shardings)
+    return OnlineReference(both, both_shardings, lambda p: p["policy"], lambda p: p["reference"],
+                           {"trainable_mask": mask, "after_update": after})
