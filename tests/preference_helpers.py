@@ -36,13 +36,13 @@ def dpo_losses(graphdef, config):
     """``run(params, batch, ref)`` -> ``{kind: (loss, metrics, grads)}`` for three references, one compile per layout.
 
     Sigmoid + RPO reads precomputed reference log-probs from the batch, IPO runs
-    the frozen reference ``ref``, SimPO needs none. A sum of AOT (which sorts
+    the frozen reference ``ref`` with WPO's weights (``wpo/weights`` logged), SimPO needs none. A sum of AOT (which sorts
     the batch's margins, so the pairs' order and padding slots must not
     matter), length-normalised DPO and the chosen NLL, over LD-DPO's weighted
     sums (``ld_alpha``), runs ``ref`` too.
     """
     losses = {"sigmoid": make_dpo_loss(graphdef, config, kind="sigmoid", beta=0.5, rpo_alpha=0.5),
-              "ipo": make_dpo_loss(graphdef, config, kind="ipo", beta=0.5),
+              "ipo": make_dpo_loss(graphdef, config, kind="ipo", beta=0.5, use_weighting=True),
               "simpo": make_dpo_loss(graphdef, config, kind="simpo", beta=2.0, gamma=0.3),
               "sum": make_dpo_loss(graphdef, config, kind=["aot", "sigmoid_norm", "sft"], beta=0.5,
                                    loss_weights=[1.0, 0.5, 0.1], label_smoothing=0.1, ld_alpha=0.4)}

@@ -103,13 +103,14 @@ def test_exo_and_discopop_stay_finite_far_from_the_reference():
 # --- against TRL ----------------------------------------------------------------------------------------------------
 
 def trl_dpo_loss(torch, loss_types, loss_weights, logps, ref_logps, lengths, beta, label_smoothing=0.0,
-                 f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, discopop_tau=0.05):
+                 f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, discopop_tau=0.05, wpo=None):
     """TRL 1.16 ``DPOTrainer._compute_loss``'s loss (trl/trainer/dpo_trainer.py), transcribed from per-sequence sums.
 
     ``logps``/``ref_logps``/``lengths``: ``[2B]``, chosen rows then rejected
     rows, as TRL chunks them. ``sft`` is TRL's mean over all chosen tokens,
     here from per-sequence sums (the sum over tokens of each sequence's
-    log-probs over the total chosen length).
+    log-probs over the total chosen length). ``wpo``: ``[2B]`` WPO weights of
+    the sequences (``use_weighting``), multiplied into each pair's loss.
     """
     F = torch.nn.functional
     chosen_logps, rejected_logps = logps.chunk(2, dim=0)
@@ -176,6 +177,9 @@ def trl_dpo_loss(torch, loss_types, loss_weights, logps, ref_logps, lengths, bet
         elif loss_type == "sigmoid_norm":
             d = chosen_scores / chosen_len.clamp(min=1.0) - rejected_scores / rejected_len.clamp(min=1.0)
             per = -F.logsigmoid(beta * d)
+        if wpo is not None:
+            chosen_weights, rejected_weights = wpo.chunk(2, dim=0)
+            per = per * chosen_weights * rejected_weights
         loss = loss + per.mean() * loss_weight
     return loss
 
@@ -224,3 +228,104 @@ def test_values_and_gradients_match_trl(loss_types, f_div):
     g = t_logps.grad.numpy().reshape(2, B)
     np.testing.assert_allclose(np.asarray(grads_ours[0]), g[0], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(np.asarray(grads_ours[1]), g[1], rtol=1e-4, atol=1e-6)
+
+
+# TRL weighs its sft term, a batch mean, by each pair's weight; jaxpost's sft is per pair, so weighted per pair
+# (by hand below).
+WPO_CASES = [["sigmoid"], ["ipo"], ["bco_pair"], ["discopop"], ["sigmoid", "bco_pair", "nca_pair"]]
+
+
+@pytest.mark.parametrize("loss_types", WPO_CASES, ids="+".join)
+def test_wpo_weighted_values_and_gradients_match_trl(loss_types):
+    import torch
+
+    rng = np.random.default_rng(7)
+    B = 5
+    logps = rng.uniform(-30.0, -5.0, size=(2, B)).astype(np.float32)
+    ref = (logps + rng.normal(0.0, 1.5, size=(2, B))).astype(np.float32)
+    lengths = np.full((2, B), 6.0, np.float32)
+    wpo = rng.uniform(0.2, 1.5, size=(2, B)).astype(np.float32)
+    weights = [0.8, 0.2, 1.0][:len(loss_types)] if len(loss_types) > 1 else [1.0]
+
+    def ours(pc, pr):
+        args = (pc, pr, ref[0], ref[1], lengths[0], lengths[1])
+        if len(loss_types) == 1:
+            return PREFERENCE_LOSSES[loss_types[0]](*args, beta=0.2, pair_weights=wpo[0] * wpo[1])[0]
+        return combined_preference_loss(loss_types, weights, *args, beta=0.2, pair_weights=wpo[0] * wpo[1])[0]
+
+    value_ours, grads_ours = jax.value_and_grad(ours, argnums=(0, 1))(logps[0], logps[1])
+    t_logps = torch.tensor(logps.reshape(-1), dtype=torch.float64, requires_grad=True)
+    expected = trl_dpo_loss(torch, loss_types, weights, t_logps, torch.tensor(ref.reshape(-1), dtype=torch.float64),
+                            torch.tensor(lengths.reshape(-1), dtype=torch.float64), 0.2,
+                            wpo=torch.tensor(wpo.reshape(-1), dtype=torch.float64))
+    expected.backward()
+    np.testing.assert_allclose(float(value_ours), expected.item(), rtol=2e-5, atol=1e-6)
+    g = t_logps.grad.numpy().reshape(2, B)
+    np.testing.assert_allclose(np.asarray(grads_ours[0]), g[0], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(grads_ours[1]), g[1], rtol=1e-4, atol=1e-6)
+    unweighted = trl_dpo_loss(torch, loss_types, weights, t_logps.detach(), torch.tensor(ref.reshape(-1)),
+                              torch.tensor(lengths.reshape(-1)), 0.2)
+    assert abs(unweighted.item() - expected.item()) > 1e-3  # the weights matter in this case
+
+
+def test_wpo_weights_the_sft_term_pair_by_pair():
+    # Pairs with chosen NLL per token 2 and 4 (sums -6 and -8 over 3 and 2 tokens), weights 0.5 and 1.5:
+    # (0.5 * 2 + 1.5 * 4) / 2 = 3.5, against 3 unweighted.
+    pc, lc = a(-6.0, -8.0), a(3.0, 2.0)
+    assert value(chosen_nll_loss, pc, a(-1.0, -1.0), None, None, lc, a(1.0, 1.0)) == pytest.approx(3.0)
+    assert value(chosen_nll_loss, pc, a(-1.0, -1.0), None, None, lc, a(1.0, 1.0),
+                 pair_weights=a(0.5, 1.5)) == pytest.approx(3.5)
+
+
+def test_wpo_is_refused_where_the_terms_are_sorted():
+    with pytest.raises(ValueError, match="aot averages sorted margins"):
+        aot_loss(PC, PR, RC, RR, beta=0.1, pair_weights=a(1.0))
+    from jaxpost.algorithms import make_dpo_loss
+    from jaxpost.errors import UserError
+    with pytest.raises(UserError, match=r"make_dpo_loss.use_weighting.*'aot_unpaired', whose terms are sorted"):
+        make_dpo_loss(None, None, kind=["sigmoid", "aot_unpaired"], use_weighting=True)
+
+
+def test_wpo_dpo_loss_of_a_model_equals_trl_from_its_full_logits():
+    """``make_dpo_loss(use_weighting=True)`` on a tiny model, unpacked rows, against TRL's eq. 2 weights and the
+    sigmoid loss written out in float64 from the model's full ``[B, L, V]`` logits (no chunking)."""
+    import jax.numpy as jnp
+
+    from jaxpost import models
+    from jaxpost.algorithms import make_dpo_loss
+    from jaxpost.data import build_tokenizer, make_preference_pipeline
+    from jaxpost.models.config import ModelConfig
+
+    config = ModelConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                         num_kv_heads=2)
+    graphdef, params = models.create(config, seed=0)
+    _, ref = models.create(config, seed=1)
+    rng = np.random.default_rng(5)
+    word = lambda k: "".join(rng.choice(list("abcdefghij"), size=k))  # noqa: E731
+    rows = [{"prompt": word(3), "chosen": word(int(rng.integers(1, 7))), "rejected": word(int(rng.integers(1, 7)))}
+            for _ in range(6)]
+    tok = build_tokenizer(None, vocab_size=261)
+    batch = next(iter(make_preference_pipeline(rows, tok, 24, 6, num_epochs=1, shuffle=False)))
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    loss, metrics = make_dpo_loss(graphdef, config, kind="sigmoid", beta=0.5, use_weighting=True, chunk_size=8)(
+        params, batch, {"reference": ref})
+
+    def side(p, s):
+        hidden, _ = models.forward(graphdef, p, batch[f"{s}_tokens"], batch[f"{s}_positions"], batch[f"{s}_segment_ids"])
+        z = np.asarray(models.logits(p, config, hidden), np.float64)
+        logsm = z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)
+        t = np.asarray(batch[f"{s}_targets"])
+        per_token = np.take_along_axis(logsm, t[..., None], -1)[..., 0]
+        m = np.asarray(batch[f"{s}_loss_mask"], np.float64)
+        two = 2 * logsm
+        log_sum_sq = np.log(np.exp(two - two.max(-1, keepdims=True)).sum(-1)) + two.max(-1)
+        aligned = (per_token - log_sum_sq) * m
+        return (per_token * m).sum(1), np.exp(aligned.sum(1) / np.maximum(m.sum(1), 1))
+
+    (pc, wc), (pr, wr) = side(params, "chosen"), side(params, "rejected")
+    (rc, _), (rr, _) = side(ref, "chosen"), side(ref, "rejected")
+    h = (pc - rc) - (pr - rr)
+    expected = np.mean(np.log1p(np.exp(-0.5 * h)) * wc * wr)
+    np.testing.assert_allclose(float(loss), expected, rtol=2e-5)
+    np.testing.assert_allclose(float(metrics["wpo/weights"]), np.mean(wc * wr), rtol=2e-5)
+    assert np.ptp(wc * wr) > 0.05  # the pairs weigh differently, so a loss that dropped the weights would show

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from jaxpost.losses import (average_logps, forward_kl, generalized_jsd, ld_sequence_logps, masked_divergence,
-                            mean_sequence_logps, packed_sequence_logps, pair_sums, reverse_kl, sequence_logps)
+                            mean_sequence_logps, packed_sequence_logps, packed_wpo_weights, pair_sums, reverse_kl,
+                            sequence_logps, wpo_weights)
 from jaxpost.models.heads import map_position_chunks
 
 
@@ -88,6 +89,26 @@ def test_ld_dpo_against_trl_and_packed_rows_against_one_pair_per_row():
     np.testing.assert_allclose(ppr[0, :B], pr, rtol=1e-6)
     np.testing.assert_array_equal(plc[0, :B], lc)
     assert ppc[0, B] == ppr[0, B] == 0  # the empty slot
+
+
+def test_wpo_weights_by_hand_and_packed_as_one_per_row():
+    # Token 1: p(y) = 1/2 and sum p^2 = 1/3, so p / sum p^2 = 1.5; token 2: p(y) = 1/4 = sum p^2 (uniform over 4), 1.
+    # Their geometric mean is sqrt(1.5); the third token is masked out, and an empty reply weighs exp(0) = 1.
+    logp = np.log([[0.5, 0.25, 0.9], [0.3, 0.3, 0.3]]).astype(np.float32)
+    lssp = np.log([[1 / 3, 0.25, 0.01], [0.2, 0.2, 0.2]]).astype(np.float32)
+    mask = np.array([[1, 1, 0], [0, 0, 0]], np.float32)
+    np.testing.assert_allclose(wpo_weights(logp, lssp, mask), [math.sqrt(1.5), 1.0], rtol=1e-6)
+    grads = jax.grad(lambda x: jnp.sum(wpo_weights(x, lssp, mask)))(jnp.asarray(logp))
+    assert not np.any(grads)  # a weight, not a training signal
+    # Packed: pair 1 = (row 0 as chosen, a one-token rejected reply), pair 2 empty.
+    ids = np.array([[1, 1, 1, 1, 0, 0]], np.int32)
+    sides = np.array([[1, 1, 1, 2, 0, 0]], np.int32)
+    plogp = np.log([[0.5, 0.25, 0.9, 0.8, 0.5, 0.5]]).astype(np.float32)
+    plssp = np.log([[1 / 3, 0.25, 0.01, 0.5, 0.5, 0.5]]).astype(np.float32)
+    pmask = np.array([[1, 1, 0, 1, 0, 0]], np.float32)
+    wc, wr = packed_wpo_weights(plogp, plssp, pmask, ids, sides, 2)
+    np.testing.assert_allclose(wc, [[math.sqrt(1.5), 1.0]], rtol=1e-6)
+    np.testing.assert_allclose(wr, [[1.6, 1.0]], rtol=1e-6)
 
 
 @pytest.mark.parametrize("fn", [forward_kl, reverse_kl, functools.partial(generalized_jsd, beta=0.3)])

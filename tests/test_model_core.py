@@ -199,9 +199,9 @@ def test_bf16_head_backward_multiplies_in_bf16(model, stored):
         assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 2e-2
 
 
-def test_entropy_and_hand_checked_logprob():
+def test_entropy_log_sum_sq_and_hand_checked_logprob():
     # One position, D=1, V=3, weight [[0, ln 2, ln 3]] and h=1: logits = ln(1, 2, 3),
-    # p = (1/6, 2/6, 3/6); log p(target=2) = ln 0.5; H = -sum p ln p.
+    # p = (1/6, 2/6, 3/6); log p(target=2) = ln 0.5; H = -sum p ln p; log sum p^2 = log(14/36) (WPO's).
     cfg = ModelConfig(vocab_size=3, hidden_size=4, intermediate_size=4, num_layers=1, num_heads=1,
                       num_kv_heads=1, head_dim=2)
     params = {"lm_head": {"kernel": jnp.array([[0.0, np.log(2), np.log(3)]] + [[0.0] * 3] * 3)}}
@@ -213,6 +213,14 @@ def test_entropy_and_hand_checked_logprob():
     # With the entropy asked for, log p keeps its gradient onehot(2) - p (W's first row, h = e_0).
     grad = jax.grad(lambda q: jnp.sum(token_logprobs(q, cfg, hidden, jnp.array([[2]]), return_entropy=True)[0]))
     np.testing.assert_allclose(grad(params)["lm_head"]["kernel"][0], [-1 / 6, -2 / 6, 1 / 2], rtol=1e-6)
+    lp2, lssp = token_logprobs(params, cfg, hidden, jnp.array([[2]]), return_log_sum_sq=True)
+    np.testing.assert_array_equal(lp2, lp)
+    np.testing.assert_allclose(lssp, [[np.log(14 / 36)]], rtol=1e-6)
+    _, ent2, lssp2 = token_logprobs(params, cfg, hidden, jnp.array([[2]]), return_entropy=True, return_log_sum_sq=True)
+    np.testing.assert_array_equal(ent2, ent)
+    np.testing.assert_array_equal(lssp2, lssp)
+    grad = jax.grad(lambda q: jnp.sum(token_logprobs(q, cfg, hidden, jnp.array([[2]]), return_log_sum_sq=True)[1]))
+    assert not np.any(grad(params)["lm_head"]["kernel"])  # a weight (WPO), not a training signal
 
 
 def test_logprob_gradient_is_onehot_minus_softmax_without_a_scatter():

@@ -14,29 +14,34 @@ from jaxpost.models.heads import lm_head_weight, map_position_chunks, scores, to
 
 
 def lm_token_logprobs(graphdef, config: ModelConfig, params, batch: Mapping, *, prefix: str = "",
-                      chunk_size: int = 512, return_entropy: bool = False):
-    """``log p(targets | tokens)`` ``[B, L]`` for the keys ``{prefix}tokens`` etc. of ``batch``."""
+                      chunk_size: int = 512, return_entropy: bool = False, return_log_sum_sq: bool = False):
+    """``log p(targets | tokens)`` ``[B, L]`` for the keys ``{prefix}tokens`` etc. of ``batch``
+    (and the extras of :func:`~jaxpost.models.heads.token_logprobs` asked for)."""
     hidden, _ = forward(graphdef, params, batch[prefix + "tokens"], batch[prefix + "positions"],
                         batch[prefix + "segment_ids"])
     return token_logprobs(params, config, hidden, batch[prefix + "targets"], chunk_size=chunk_size,
-                          return_entropy=return_entropy)
+                          return_entropy=return_entropy, return_log_sum_sq=return_log_sum_sq)
 
 
 def _concat_pair(batch: Mapping, key: str) -> jax.Array:
     return jnp.concatenate([batch["chosen_" + key], batch["rejected_" + key]], axis=0)
 
 
-def pair_token_logprobs(graphdef, config: ModelConfig, params, batch: Mapping, *, chunk_size: int = 512):
+def pair_token_logprobs(graphdef, config: ModelConfig, params, batch: Mapping, *, chunk_size: int = 512,
+                        return_log_sum_sq: bool = False):
     """Token log-probs of chosen and rejected, from ONE forward over ``[2B, L]``.
 
     Concatenating the pair into one batch halves the number of forward calls
     (and weight reads) against two separate passes. Returns
-    ``(chosen [B, L], rejected [B, L])``.
+    ``(chosen [B, L], rejected [B, L])``, then with ``return_log_sum_sq``
+    their ``log sum_v p_v^2`` (WPO) the same way.
     """
     joint = {k: _concat_pair(batch, k) for k in ("tokens", "positions", "segment_ids", "targets")}
-    logp = lm_token_logprobs(graphdef, config, params, joint, chunk_size=chunk_size)
+    out = lm_token_logprobs(graphdef, config, params, joint, chunk_size=chunk_size,
+                            return_log_sum_sq=return_log_sum_sq)
     b = batch["chosen_tokens"].shape[0]
-    return logp[:b], logp[b:]
+    halves = lambda x: (x[:b], x[b:])  # noqa: E731
+    return (*halves(out[0]), *halves(out[1])) if return_log_sum_sq else halves(out)
 
 
 def pair_scores(graphdef, params, batch: Mapping):

@@ -31,7 +31,8 @@ from jaxpost.config import checks_values_of
 from jaxpost.errors import UserError, require
 from jaxpost.losses.dpo import PREFERENCE_LOSSES, combined_preference_loss, own_hparams
 from jaxpost.losses.reward import bradley_terry_loss
-from jaxpost.losses.sequence import ld_sequence_logps, sequence_logps
+from jaxpost.losses.sequence import ld_sequence_logps, sequence_logps, wpo_weights
+from jaxpost.losses.stats import masked_mean
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.lora import has_adapters, without_adapters
 
@@ -56,25 +57,30 @@ def check_preference_batch(batch, what: str) -> bool:
 
 
 def pair_sequence_logps(graphdef, config: ModelConfig, params, batch, *, chunk_size: int = 512,
-                        ld_alpha: float | None = None):
+                        ld_alpha: float | None = None, wpo: bool = False):
     """Summed response log-probs and lengths per pair, any layout: ``(pi_c, pi_r, len_c, len_r)`` ``[N]``.
 
     ``pi = sum_t log p(target_t) loss_mask_t`` over one response,
     ``len = sum_t loss_mask_t``; one forward over all sequences of the batch.
     ``ld_alpha`` (LD-DPO): the tokens past the shorter reply's length count
     ``ld_alpha`` in ``pi`` (:func:`~jaxpost.losses.sequence.ld_sequence_logps`).
+    ``wpo``: a fifth entry, each pair's WPO weight ``w_c w_r`` (TRL's
+    ``use_weighting``; :func:`~jaxpost.losses.sequence.wpo_weights`), from
+    the same forward.
     """
     if is_shared_prompt(batch):
-        return shared_pair_logps(graphdef, config, params, batch, chunk_size=chunk_size, ld_alpha=ld_alpha)
+        return shared_pair_logps(graphdef, config, params, batch, chunk_size=chunk_size, ld_alpha=ld_alpha, wpo=wpo)
     if is_packed_preference(batch):
-        out = packed_pair_logps(graphdef, config, params, batch, chunk_size=chunk_size, ld_alpha=ld_alpha)
+        out = packed_pair_logps(graphdef, config, params, batch, chunk_size=chunk_size, ld_alpha=ld_alpha, wpo=wpo)
         return tuple(jnp.reshape(x, (-1,)) for x in out)
-    c_tok, r_tok = pair_token_logprobs(graphdef, config, params, batch, chunk_size=chunk_size)
+    out = pair_token_logprobs(graphdef, config, params, batch, chunk_size=chunk_size, return_log_sum_sq=wpo)
+    (c_tok, r_tok), mc, mr = out[:2], batch["chosen_loss_mask"], batch["rejected_loss_mask"]
     if ld_alpha is not None:
-        return ld_sequence_logps(c_tok, batch["chosen_loss_mask"], r_tok, batch["rejected_loss_mask"], ld_alpha)
-    pc, lc = sequence_logps(c_tok, batch["chosen_loss_mask"])
-    pr, lr = sequence_logps(r_tok, batch["rejected_loss_mask"])
-    return pc, pr, lc, lr
+        sums = ld_sequence_logps(c_tok, mc, r_tok, mr, ld_alpha)
+    else:
+        (pc, lc), (pr, lr) = sequence_logps(c_tok, mc), sequence_logps(r_tok, mr)
+        sums = pc, pr, lc, lr
+    return (*sums, wpo_weights(c_tok, out[2], mc) * wpo_weights(r_tok, out[3], mr)) if wpo else sums
 
 
 def dpo_kinds(kind: str | Sequence[str]) -> tuple[str, ...]:
@@ -87,7 +93,8 @@ def dpo_loss_options(kind: str | Sequence[str]) -> tuple[Callable | tuple[Callab
     """The loss(es) ``kind`` names, and their parameters that ``make_dpo_loss.<name>`` binds (``gamma``...).
 
     Those are each loss's keyword-only parameters but ``beta`` (a parameter
-    of ``make_dpo_loss`` itself) and ``pair_mask`` (from the batch); for a
+    of ``make_dpo_loss`` itself), ``pair_mask`` (from the batch) and
+    ``pair_weights`` (``make_dpo_loss.use_weighting``); for a
     combination, their union (a parameter two losses share is bound once,
     for both). One loss is returned alone, several as a tuple.
     """
@@ -95,7 +102,7 @@ def dpo_loss_options(kind: str | Sequence[str]) -> tuple[Callable | tuple[Callab
     takes: dict[str, inspect.Parameter] = {}
     for loss in losses:
         for n, p in inspect.signature(loss).parameters.items():
-            if p.kind is p.KEYWORD_ONLY and n not in ("beta", "pair_mask"):
+            if p.kind is p.KEYWORD_ONLY and n not in ("beta", "pair_mask", "pair_weights"):
                 takes.setdefault(n, p)
     return (losses[0] if len(losses) == 1 else losses), takes
 
@@ -103,7 +110,7 @@ def dpo_loss_options(kind: str | Sequence[str]) -> tuple[Callable | tuple[Callab
 @checks_values_of("make_dpo_loss", passes_on=lambda values: dpo_loss_options(values["kind"]))
 def check_dpo_loss_values(kind: str | list[str] = "sigmoid", beta: float = 0.1,
                           loss_weights: list[float] | None = None, ld_alpha: float | None = None,
-                          **hparams) -> None:
+                          use_weighting: bool = False, **hparams) -> None:
     """Raises :class:`~jaxpost.errors.UserError` naming the ``make_dpo_loss`` key of a value the loss cannot use.
 
     ``kind`` must name a loss of :data:`PREFERENCE_LOSSES`, or be a list of
@@ -127,6 +134,11 @@ def check_dpo_loss_values(kind: str | list[str] = "sigmoid", beta: float = 0.1,
     require("make_dpo_loss.ld_alpha", ld_alpha, ld_alpha is None or 0 <= ld_alpha <= 1,
             "None (off) or in [0, 1] (1: plain sums)")
     kinds = dpo_kinds(kind)
+    require("make_dpo_loss.use_weighting", use_weighting, isinstance(use_weighting, bool), "True or False")
+    sorted_kinds = [k for k in kinds if k in ("aot", "aot_unpaired")]
+    require("make_dpo_loss.use_weighting", use_weighting, not (use_weighting and sorted_kinds),
+            f"False with {sorted_kinds[0] if sorted_kinds else 'aot'!r}, whose terms are sorted margins of no one pair "
+            f"(TRL refuses WPO there too)")
     if loss_weights is not None:
         require("make_dpo_loss.loss_weights", loss_weights, not isinstance(kind, str),
                 "None when make_dpo_loss.kind names one loss (weights combine a list of kinds)")
@@ -154,7 +166,7 @@ def check_dpo_loss_values(kind: str | list[str] = "sigmoid", beta: float = 0.1,
 @gin.configurable(denylist=["graphdef", "config"])
 def make_dpo_loss(graphdef, config: ModelConfig, kind: str | list[str] = "sigmoid", beta: float = 0.1,
                   chunk_size: int = 512, loss_weights: list[float] | None = None, ld_alpha: float | None = None,
-                  **hparams):
+                  use_weighting: bool = False, **hparams):
     """``loss(params, batch, frozen)`` for any loss in :data:`PREFERENCE_LOSSES`, or a weighted sum of several.
 
     ``kind``: a loss name (TRL's ``loss_type``), or a list of names whose
@@ -164,7 +176,11 @@ def make_dpo_loss(graphdef, config: ModelConfig, kind: str | list[str] = "sigmoi
     ``ld_alpha`` (LD-DPO, TRL's ``ld_alpha``): in [0, 1], the weight of
     each reply's tokens past the shorter reply's length in the summed
     log-probs of policy and reference alike (None: plain sums;
-    :func:`~jaxpost.losses.sequence.ld_sequence_logps`).
+    :func:`~jaxpost.losses.sequence.ld_sequence_logps`). ``use_weighting``
+    (WPO, Zhou et al. 2024, TRL's ``use_weighting``): each pair's loss is
+    weighed by ``w_c w_r`` without gradient, ``w`` the geometric mean over
+    a reply's tokens of ``p(y_t) / sum_v p_v^2`` under the policy
+    (:func:`~jaxpost.losses.sequence.wpo_weights`, logged as ``wpo/weights``).
 
     Policy log-probs of chosen and rejected come from one concatenated
     forward. The reference log-probs come, in order of preference, from the
@@ -180,7 +196,7 @@ def make_dpo_loss(graphdef, config: ModelConfig, kind: str | list[str] = "sigmoi
     pairs (what the loss averages over), so gradient accumulation weights
     micro-batches, which hold different numbers of pairs, exactly.
     """
-    check_dpo_loss_values(kind, beta, loss_weights, ld_alpha, **hparams)
+    check_dpo_loss_values(kind, beta, loss_weights, ld_alpha, use_weighting, **hparams)
     kinds = dpo_kinds(kind)
     if isinstance(kind, str):
         loss_math = PREFERENCE_LOSSES[kind]
@@ -191,8 +207,8 @@ def make_dpo_loss(graphdef, config: ModelConfig, kind: str | list[str] = "sigmoi
 
     def loss_fn(params, batch, frozen=None):
         packed = check_preference_batch(batch, f"DPO ({label})")
-        pc, pr, lc, lr = pair_sequence_logps(graphdef, config, params, batch, chunk_size=chunk_size,
-                                             ld_alpha=ld_alpha)
+        pc, pr, lc, lr, *wpo = pair_sequence_logps(graphdef, config, params, batch, chunk_size=chunk_size,
+                                                   ld_alpha=ld_alpha, wpo=use_weighting)
         rc = rr = None
         if "ref_chosen_logps" in batch:
             rc, rr = pair_column(batch, "ref_chosen_logps"), pair_column(batch, "ref_rejected_logps")
@@ -203,7 +219,10 @@ def make_dpo_loss(graphdef, config: ModelConfig, kind: str | list[str] = "sigmoi
             ref = jax.lax.stop_gradient(frozen["reference"])
             rc, rr, _, _ = pair_sequence_logps(graphdef, config, ref, batch, chunk_size=chunk_size, ld_alpha=ld_alpha)
         pair_mask = pair_column(batch, "pair_mask")
-        loss, metrics = loss_math(pc, pr, rc, rr, lc, lr, beta=beta, pair_mask=pair_mask, **hparams)
+        weights = {"pair_weights": wpo[0]} if use_weighting else {}
+        loss, metrics = loss_math(pc, pr, rc, rr, lc, lr, beta=beta, pair_mask=pair_mask, **weights, **hparams)
+        if use_weighting:
+            metrics["wpo/weights"] = masked_mean(wpo[0], jnp.ones_like(wpo[0]) if pair_mask is None else pair_mask)
         if packed:
             metrics["loss_tokens"] = jnp.sum(pair_mask)
         return loss, metrics

@@ -19,7 +19,7 @@ from typing import Mapping
 
 import jax.numpy as jnp
 
-from jaxpost.losses.sequence import ld_sequence_logps, sequence_logps
+from jaxpost.losses.sequence import ld_sequence_logps, sequence_logps, wpo_weights
 from jaxpost.models import Branches, forward, inputs_from_attention_mask
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.heads import scores, token_logprobs
@@ -56,23 +56,31 @@ def _reply_hidden(hidden, P: int, R: int):
 
 
 def shared_pair_logps(graphdef, config: ModelConfig, params, batch: Mapping, *, chunk_size: int = 512,
-                      ld_alpha: float | None = None):
+                      ld_alpha: float | None = None, wpo: bool = False):
     """Summed reply log-probs and lengths per pair: ``(pi_c, pi_r, len_c, len_r)`` ``[B]``.
 
     ``pi_side = sum_t log p(side_tokens[t] | prompt, side_tokens[:t]) side_loss_mask[t]``,
     ``len_side = sum_t side_loss_mask[t]``; one forward over ``[B, P + 2R]``.
     ``ld_alpha``: LD-DPO's weighted sums (:func:`~jaxpost.losses.sequence.ld_sequence_logps`).
+    ``wpo``: also each pair's WPO weight ``w_c w_r`` ``[B]`` (:func:`~jaxpost.losses.sequence.wpo_weights`).
     """
     tokens, positions, segments, branches = shared_rows(batch)
     hidden, _ = forward(graphdef, params, tokens, positions, segments, branches=branches)
     B, P, R = tokens.shape[0], branches.prefix, batch["chosen_tokens"].shape[1]
     targets = jnp.concatenate([batch[f"{s}_tokens"] for s in SIDES], axis=0).astype(jnp.int32)
-    logp = token_logprobs(params, config, _reply_hidden(hidden, P, R), targets, chunk_size=chunk_size)
+    out = token_logprobs(params, config, _reply_hidden(hidden, P, R), targets, chunk_size=chunk_size,
+                         return_log_sum_sq=wpo)
+    logp = out[0] if wpo else out
     mask = jnp.concatenate([batch[f"{s}_loss_mask"] for s in SIDES], axis=0)
     if ld_alpha is not None:
-        return ld_sequence_logps(logp[:B], mask[:B], logp[B:], mask[B:], ld_alpha)
-    total, length = sequence_logps(logp, mask)
-    return total[:B], total[B:], length[:B], length[B:]
+        sums = ld_sequence_logps(logp[:B], mask[:B], logp[B:], mask[B:], ld_alpha)
+    else:
+        total, length = sequence_logps(logp, mask)
+        sums = total[:B], total[B:], length[:B], length[B:]
+    if not wpo:
+        return sums
+    w = wpo_weights(logp, out[1], mask)
+    return (*sums, w[:B] * w[B:])
 
 
 def shared_pair_scores(graphdef, params, batch: Mapping):

@@ -20,7 +20,7 @@ from jaxpost.losses.ppo import (AdaptiveKLController, adaptive_kl_coef, gae, kl_
 from jaxpost.losses.preference_math import F_DIVERGENCES, divergence_scores
 from jaxpost.losses.reward import bradley_terry_loss, gather_last, last_token_index, segment_last_token_indices
 from jaxpost.losses.sequence import (average_logps, ld_sequence_logps, mean_sequence_logps, packed_sequence_logps,
-                                     pair_last_index, pair_sums, sequence_logps)
+                                     packed_wpo_weights, pair_last_index, pair_sums, sequence_logps, wpo_weights)
 from jaxpost.losses.sft import masked_token_nll, sft_loss, token_accuracy
 from jaxpost.losses.stats import entropy_from_logits, masked_mean, masked_sum, masked_var, whiten
 
@@ -38,3 +38,4 @@ __all__ += ["average_logps", "chunked_topk_distill_loss", "masked_divergence", "
 __all__ += ["F_DIVERGENCES", "aot_loss", "aot_unpaired_loss", "apo_down_loss", "apo_zero_loss", "bco_pair_loss",
             "chosen_nll_loss", "combined_preference_loss", "discopop_loss", "divergence_scores", "exo_pair_loss",
             "nca_pair_loss", "sigmoid_norm_loss", "sppo_hard_loss", "vespo_weights", "ld_sequence_logps"]
+__all__ += ["packed_wpo_weights", "wpo_weights"]

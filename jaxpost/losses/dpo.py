@@ -7,13 +7,17 @@ reference (``ref_*_logps``), and where needed the response lengths in tokens
 
     fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
        ref_rejected_logps=None, chosen_lengths=None, rejected_lengths=None,
-       *, <hyperparameters>, pair_mask=None) -> (loss, metrics)
+       *, <hyperparameters>, pair_mask=None, pair_weights=None) -> (loss, metrics)
 
 so a training step can call any entry of :data:`PREFERENCE_LOSSES` (gin binds
 the name and the hyperparameters); it also holds the relatives of
 :mod:`jaxpost.losses.dpo_relatives`. Reference-free losses (SimPO, ORPO,
 ``sft``) accept and ignore the reference arguments. ``pair_mask`` (``[B]`` float
-{0,1}) drops padding pairs from every mean.
+{0,1}) drops padding pairs from every mean. ``pair_weights`` (``[B]``, WPO's,
+:func:`~jaxpost.losses.wpo_weights`) weigh each pair's loss, without gradient,
+inside the mean over pairs (``sum_i w_i l_i / n``); extra terms (RPO's and
+ORPO's NLL) stay unweighted, and the AOT losses, whose terms are sorted
+margins of no one pair, refuse them.
 
 Notation: ``h = (pi_c - pi_r) - (ref_c - ref_r)`` (the difference of the
 policy/reference log-ratios), ``sigma`` the logistic function.
@@ -53,7 +57,8 @@ from jaxpost.losses.stats import masked_mean
 def sigmoid_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
                  ref_rejected_logps=None, chosen_lengths=None, rejected_lengths=None, *,
                  beta: float = 0.1, label_smoothing: float = 0.0, rpo_alpha: float | None = None,
-                 f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5, pair_mask=None):
+                 f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5, pair_mask=None,
+                 pair_weights=None):
     """DPO (Rafailov et al. 2023), with cDPO label smoothing (Mitchell 2023).
 
     ``loss = mean( -(1 - eps) log sigma(beta h) - eps log sigma(-beta h) )``;
@@ -77,13 +82,14 @@ def sigmoid_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=No
     h = pair_margin(pc, pr, rc, rr, f_divergence_type, f_alpha_divergence_coef)
     losses = smoothed_sigmoid(beta * h, label_smoothing)
     return pair_metrics(losses, beta * (pc - rc), beta * (pr - rr), pc, pr, pair_mask,
-                        rpo_term(rpo_alpha, pc, chosen_lengths, pair_mask, "sigmoid"))
+                        rpo_term(rpo_alpha, pc, chosen_lengths, pair_mask, "sigmoid"), weights=pair_weights)
 
 
 def robust_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
                 ref_rejected_logps=None, chosen_lengths=None, rejected_lengths=None, *,
                 beta: float = 0.1, label_smoothing: float = 0.0, rpo_alpha: float | None = None,
-                f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5, pair_mask=None):
+                f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5, pair_mask=None,
+                pair_weights=None):
     """rDPO (Chowdhury et al. 2024), unbiased under preference-label flips with rate ``eps``.
 
     ``loss = mean( (-(1 - eps) log sigma(beta h) + eps log sigma(-beta h)) / (1 - 2 eps) )``,
@@ -101,13 +107,13 @@ def robust_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=Non
     eps = label_smoothing
     losses = (-(1.0 - eps) * jax.nn.log_sigmoid(z) + eps * jax.nn.log_sigmoid(-z)) / (1.0 - 2.0 * eps)
     return pair_metrics(losses, beta * (pc - rc), beta * (pr - rr), pc, pr, pair_mask,
-                        rpo_term(rpo_alpha, pc, chosen_lengths, pair_mask, "robust"))
+                        rpo_term(rpo_alpha, pc, chosen_lengths, pair_mask, "robust"), weights=pair_weights)
 
 
 def hinge_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
                ref_rejected_logps=None, chosen_lengths=None, rejected_lengths=None, *,
                beta: float = 0.1, rpo_alpha: float | None = None, f_divergence_type: str = "reverse_kl",
-               f_alpha_divergence_coef: float = 0.5, pair_mask=None):
+               f_alpha_divergence_coef: float = 0.5, pair_mask=None, pair_weights=None):
     """SLiC hinge (Zhao et al. 2023) on the DPO log-ratio: ``loss = mean( relu(1 - beta h) )``.
 
     ``rpo_alpha``: the weight of RPO's chosen NLL term, as in :func:`sigmoid_loss` (None: off).
@@ -119,13 +125,13 @@ def hinge_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None
     check_f_divergence(f_divergence_type, f_alpha_divergence_coef, "hinge")
     losses = jax.nn.relu(1.0 - beta * pair_margin(pc, pr, rc, rr, f_divergence_type, f_alpha_divergence_coef))
     return pair_metrics(losses, beta * (pc - rc), beta * (pr - rr), pc, pr, pair_mask,
-                        rpo_term(rpo_alpha, pc, chosen_lengths, pair_mask, "hinge"))
+                        rpo_term(rpo_alpha, pc, chosen_lengths, pair_mask, "hinge"), weights=pair_weights)
 
 
 def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
              ref_rejected_logps=None, chosen_lengths=None, rejected_lengths=None, *,
              beta: float = 0.1, rpo_alpha: float | None = None, f_divergence_type: str = "reverse_kl",
-             f_alpha_divergence_coef: float = 0.5, pair_mask=None):
+             f_alpha_divergence_coef: float = 0.5, pair_mask=None, pair_weights=None):
     """IPO (Azar et al. 2023): ``loss = mean( (h_avg - 1 / (2 beta))^2 )``.
 
     Following TRL, ``h_avg`` uses *length-averaged* log-probs for both policy
@@ -149,13 +155,13 @@ def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
         h_avg = average_logps(score(pc - rc), chosen_lengths) - average_logps(score(pr - rr), rejected_lengths)
     losses = jnp.square(h_avg - 1.0 / (2.0 * beta))
     return pair_metrics(losses, beta * (apc - arc), beta * (apr - arr), apc, apr, pair_mask,
-                   rpo_term(rpo_alpha, pc, chosen_lengths, pair_mask, "ipo"))
+                   rpo_term(rpo_alpha, pc, chosen_lengths, pair_mask, "ipo"), weights=pair_weights)
 
 
 def simpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
                ref_rejected_logps=None, chosen_lengths=None, rejected_lengths=None, *,
                beta: float = 2.0, gamma: float = 0.5, label_smoothing: float = 0.0,
-               pair_mask=None):
+               pair_mask=None, pair_weights=None):
     """SimPO (Meng et al. 2024), reference-free and length-normalised.
 
     ``z = beta pi_c/|y_c| - beta pi_r/|y_r| - gamma``;
@@ -170,7 +176,7 @@ def simpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None
     check_smoothing(label_smoothing, False, 1.0, "simpo")
     apc, apr = average_logps(pc, chosen_lengths), average_logps(pr, rejected_lengths)
     losses = smoothed_sigmoid(beta * apc - beta * apr - gamma, label_smoothing)
-    return pair_metrics(losses, beta * apc, beta * apr, apc, apr, pair_mask)
+    return pair_metrics(losses, beta * apc, beta * apr, apc, apr, pair_mask, weights=pair_weights)
 
 
 def _log1mexp(x):
@@ -180,7 +186,7 @@ def _log1mexp(x):
 
 def orpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
               ref_rejected_logps=None, chosen_lengths=None, rejected_lengths=None, *,
-              beta: float = 0.1, pair_mask=None):
+              beta: float = 0.1, pair_mask=None, pair_weights=None):
     """ORPO (Hong et al. 2024), reference-free odds-ratio preference loss.
 
     With length-averaged log-probs ``a_c = pi_c/|y_c|``, ``a_r = pi_r/|y_r|``
@@ -205,7 +211,7 @@ def orpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
     m = jnp.ones_like(pc) if pair_mask is None else f32(pair_mask)
     nll = masked_mean(-apc, m)
     loss, metrics = pair_metrics(-beta * ratio, beta * apc, beta * apr, apc, apr, pair_mask,
-                                 {"nll_loss": (nll, nll)})
+                                 {"nll_loss": (nll, nll)}, weights=pair_weights)
     metrics["log_odds_ratio"] = masked_mean(ratio, m)
     metrics["log_odds_chosen"] = masked_mean(log_odds, m)
     return loss, metrics
@@ -237,12 +243,12 @@ def own_hparams(loss: Callable, hparams: dict) -> dict:
 
 
 def combined_preference_loss(kinds: Sequence[str], loss_weights: Sequence[float] | None, *args, beta: float,
-                             pair_mask=None, **hparams):
+                             pair_mask=None, pair_weights=None, **hparams):
     """``sum_k w_k loss_k`` over the losses ``kinds`` names (TRL's multi-``loss_type``; MPO is
     ``['sigmoid', 'bco_pair', 'sft']`` with weights ``[0.8, 0.2, 1.0]``).
 
     ``args`` are the per-pair arrays of every preference loss; each loss gets
-    the ``hparams`` it takes. ``loss_weights`` None: all 1. Metrics: the
+    the ``hparams`` it takes, and ``pair_weights`` (WPO) each. ``loss_weights`` None: all 1. Metrics: the
     first loss's (rewards, log-probs), every loss's extra terms
     (``nll_loss``...), ``loss/<kind>`` of each term unweighted, and ``loss``
     the weighted sum.
@@ -251,7 +257,7 @@ def combined_preference_loss(kinds: Sequence[str], loss_weights: Sequence[float]
     total, metrics, terms = 0.0, {}, {}
     for k, w in zip(kinds, weights, strict=True):
         fn = PREFERENCE_LOSSES[k]
-        value, m = fn(*args, beta=beta, pair_mask=pair_mask, **own_hparams(fn, hparams))
+        value, m = fn(*args, beta=beta, pair_mask=pair_mask, pair_weights=pair_weights, **own_hparams(fn, hparams))
         total = total + w * value
         metrics = {**m, **metrics}  # the first loss's metrics win
         terms[f"loss/{k}"] = value

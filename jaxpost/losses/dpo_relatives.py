@@ -32,7 +32,7 @@ def _inputs(kind, args, pair_mask, need_ref=True, need_lengths=False):
 def exo_pair_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
                   ref_rejected_logps=None, chosen_lengths=None, rejected_lengths=None, *,
                   beta: float = 0.1, label_smoothing: float = 1e-3, f_divergence_type: str = "reverse_kl",
-                  f_alpha_divergence_coef: float = 0.5, pair_mask=None):
+                  f_alpha_divergence_coef: float = 0.5, pair_mask=None, pair_weights=None):
     """EXO-pref (Ji et al. 2024, eq. 16): ``KL(p_theta || p_label)`` over the two replies.
 
     ``p_theta = (sigma(beta h), sigma(-beta h))``, ``p_label = (1 - eps, eps)``
@@ -52,12 +52,12 @@ def exo_pair_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=N
     eps = label_smoothing
     losses = (jax.nn.sigmoid(z) * (jax.nn.log_sigmoid(z) - jnp.log1p(-eps))
               + jax.nn.sigmoid(-z) * (jax.nn.log_sigmoid(-z) - jnp.log(eps)))
-    return pair_metrics(losses, beta * (pc - rc), beta * (pr - rr), pc, pr, pair_mask)
+    return pair_metrics(losses, beta * (pc - rc), beta * (pr - rr), pc, pr, pair_mask, weights=pair_weights)
 
 
 def nca_pair_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
                   ref_rejected_logps=None, chosen_lengths=None, rejected_lengths=None, *,
-                  beta: float = 0.1, pair_mask=None):
+                  beta: float = 0.1, pair_mask=None, pair_weights=None):
     """NCA (Chen et al. 2024, noise-contrastive alignment), pairwise.
 
     ``loss = mean( -log sigma(beta u_c) - 1/2 log sigma(-beta u_c) - 1/2 log sigma(-beta u_r) )``:
@@ -67,12 +67,12 @@ def nca_pair_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=N
                                                 ref_rejected_logps, chosen_lengths, rejected_lengths), pair_mask)
     c, r = beta * (pc - rc), beta * (pr - rr)
     losses = -jax.nn.log_sigmoid(c) - 0.5 * jax.nn.log_sigmoid(-c) - 0.5 * jax.nn.log_sigmoid(-r)
-    return pair_metrics(losses, c, r, pc, pr, pair_mask)
+    return pair_metrics(losses, c, r, pc, pr, pair_mask, weights=pair_weights)
 
 
 def bco_pair_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
                   ref_rejected_logps=None, chosen_lengths=None, rejected_lengths=None, *,
-                  beta: float = 0.1, pair_mask=None):
+                  beta: float = 0.1, pair_mask=None, pair_weights=None):
     """BCO on pairs (Jung et al. 2024), as TRL's ``bco_pair``: each reply classified on its own.
 
     ``loss = mean( -log sigma(beta u_c) - log sigma(-beta u_r) )`` (TRL 1.16's
@@ -81,12 +81,13 @@ def bco_pair_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=N
     pc, pr, rc, rr, _, _ = _inputs("bco_pair", (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                                                 ref_rejected_logps, chosen_lengths, rejected_lengths), pair_mask)
     c, r = beta * (pc - rc), beta * (pr - rr)
-    return pair_metrics(-jax.nn.log_sigmoid(c) - jax.nn.log_sigmoid(-r), c, r, pc, pr, pair_mask)
+    return pair_metrics(-jax.nn.log_sigmoid(c) - jax.nn.log_sigmoid(-r), c, r, pc, pr, pair_mask,
+                        weights=pair_weights)
 
 
 def sppo_hard_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
                    ref_rejected_logps=None, chosen_lengths=None, rejected_lengths=None, *,
-                   beta: float = 0.1, pair_mask=None):
+                   beta: float = 0.1, pair_mask=None, pair_weights=None):
     """SPPO (Wu et al. 2024, eq. 4.7) with hard win probabilities 1 and 0.
 
     ``loss = mean( (u_c - 1/(2 beta))^2 + (u_r + 1/(2 beta))^2 )``: each
@@ -96,7 +97,7 @@ def sppo_hard_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=
                                                  ref_rejected_logps, chosen_lengths, rejected_lengths), pair_mask)
     uc, ur = pc - rc, pr - rr
     losses = jnp.square(uc - 0.5 / beta) + jnp.square(ur + 0.5 / beta)
-    return pair_metrics(losses, beta * uc, beta * ur, pc, pr, pair_mask)
+    return pair_metrics(losses, beta * uc, beta * ur, pc, pr, pair_mask, weights=pair_weights)
 
 
 def _sorted_real(x, pair_mask):
@@ -107,6 +108,12 @@ def _sorted_real(x, pair_mask):
     big = jnp.finfo(jnp.float32).max  # padding sorts last; finite, so big - big = 0, not NaN
     n = jnp.sum(real)
     return jnp.sort(jnp.where(real, x, big)), (jnp.arange(x.shape[0]) < n).astype(jnp.float32)
+
+
+def _refuse_weights(kind, pair_weights):
+    if pair_weights is not None:
+        raise ValueError(f"{kind} averages sorted margins, which belong to no one pair: per-pair weights (WPO) "
+                         f"cannot apply")
 
 
 def _aot(a, b, beta, label_smoothing, pc, pr, rc, rr, pair_mask):
@@ -121,7 +128,7 @@ def _aot(a, b, beta, label_smoothing, pc, pr, rc, rr, pair_mask):
 
 def aot_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
              ref_rejected_logps=None, chosen_lengths=None, rejected_lengths=None, *,
-             beta: float = 0.1, label_smoothing: float = 0.0, pair_mask=None):
+             beta: float = 0.1, label_smoothing: float = 0.0, pair_mask=None, pair_weights=None):
     """AOT, paired (Melnyk et al. 2024): DPO on the sorted margins, a distributional dominance constraint.
 
     With ``s = sort(pi_c - pi_r)`` and ``t = sort(ref_c - ref_r)`` over the
@@ -130,6 +137,7 @@ def aot_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
     is over the whole global batch (each micro-batch under gradient
     accumulation; TRL sorts each device's batch). ``label_smoothing``: ``eps``.
     """
+    _refuse_weights("aot", pair_weights)
     pc, pr, rc, rr, _, _ = _inputs("aot", (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                                            ref_rejected_logps, chosen_lengths, rejected_lengths), pair_mask)
     check_smoothing(label_smoothing, False, 1.0, "aot")
@@ -138,12 +146,13 @@ def aot_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
 
 def aot_unpaired_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
                       ref_rejected_logps=None, chosen_lengths=None, rejected_lengths=None, *,
-                      beta: float = 0.1, label_smoothing: float = 0.0, pair_mask=None):
+                      beta: float = 0.1, label_smoothing: float = 0.0, pair_mask=None, pair_weights=None):
     """AOT, unpaired (Melnyk et al. 2024): the chosen log-ratios' distribution dominates the rejected ones'.
 
     ``s = sort(u_c)``, ``t = sort(u_r)`` over the real pairs; the loss is
     :func:`aot_loss`'s on ``s_i - t_i``.
     """
+    _refuse_weights("aot_unpaired", pair_weights)
     pc, pr, rc, rr, _, _ = _inputs("aot_unpaired", (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                                                     ref_rejected_logps, chosen_lengths, rejected_lengths), pair_mask)
     check_smoothing(label_smoothing, False, 1.0, "aot_unpaired")
@@ -152,7 +161,7 @@ def aot_unpaired_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_log
 
 def apo_zero_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
                   ref_rejected_logps=None, chosen_lengths=None, rejected_lengths=None, *,
-                  beta: float = 0.1, pair_mask=None):
+                  beta: float = 0.1, pair_mask=None, pair_weights=None):
     """APO-zero (D'Oosterlinck et al. 2024, eq. 7), for chosen replies better than the model's own.
 
     ``loss = mean( 1 - sigma(beta u_c) + sigma(beta u_r) )``: raises the
@@ -161,12 +170,13 @@ def apo_zero_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=N
     pc, pr, rc, rr, _, _ = _inputs("apo_zero", (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                                                 ref_rejected_logps, chosen_lengths, rejected_lengths), pair_mask)
     c, r = beta * (pc - rc), beta * (pr - rr)
-    return pair_metrics(1.0 - jax.nn.sigmoid(c) + jax.nn.sigmoid(r), c, r, pc, pr, pair_mask)
+    return pair_metrics(1.0 - jax.nn.sigmoid(c) + jax.nn.sigmoid(r), c, r, pc, pr, pair_mask,
+                        weights=pair_weights)
 
 
 def apo_down_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
                   ref_rejected_logps=None, chosen_lengths=None, rejected_lengths=None, *,
-                  beta: float = 0.1, pair_mask=None):
+                  beta: float = 0.1, pair_mask=None, pair_weights=None):
     """APO-down (D'Oosterlinck et al. 2024, eq. 8), for chosen replies worse than the model's own.
 
     ``loss = mean( sigma(beta u_c) + 1 - sigma(beta (u_c - u_r)) )``: lowers
@@ -175,13 +185,14 @@ def apo_down_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=N
     pc, pr, rc, rr, _, _ = _inputs("apo_down", (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                                                 ref_rejected_logps, chosen_lengths, rejected_lengths), pair_mask)
     c, r = beta * (pc - rc), beta * (pr - rr)
-    return pair_metrics(jax.nn.sigmoid(c) + 1.0 - jax.nn.sigmoid(c - r), c, r, pc, pr, pair_mask)
+    return pair_metrics(jax.nn.sigmoid(c) + 1.0 - jax.nn.sigmoid(c - r), c, r, pc, pr, pair_mask,
+                        weights=pair_weights)
 
 
 def discopop_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
                   ref_rejected_logps=None, chosen_lengths=None, rejected_lengths=None, *,
                   beta: float = 0.1, discopop_tau: float = 0.05, f_divergence_type: str = "reverse_kl",
-                  f_alpha_divergence_coef: float = 0.5, pair_mask=None):
+                  f_alpha_divergence_coef: float = 0.5, pair_mask=None, pair_weights=None):
     """DiscoPOP (Chris Lu et al. 2024, eq. 5), the log-ratio modulated loss found by LLM-driven search.
 
     With ``z = beta h`` and ``m = sigma(z / tau)`` (``tau = discopop_tau``,
@@ -199,13 +210,13 @@ def discopop_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=N
     z = beta * pair_margin(pc, pr, rc, rr, f_divergence_type, f_alpha_divergence_coef)
     m = jax.nn.sigmoid(z / discopop_tau)
     losses = (1.0 - m) * -jax.nn.log_sigmoid(z) + jnp.exp(-z + jax.nn.log_sigmoid(z / discopop_tau))
-    return pair_metrics(losses, beta * (pc - rc), beta * (pr - rr), pc, pr, pair_mask)
+    return pair_metrics(losses, beta * (pc - rc), beta * (pr - rr), pc, pr, pair_mask, weights=pair_weights)
 
 
 def sigmoid_norm_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
                       ref_rejected_logps=None, chosen_lengths=None, rejected_lengths=None, *,
                       beta: float = 0.1, f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
-                      pair_mask=None):
+                      pair_mask=None, pair_weights=None):
     """DPO on length-normalised log-ratios (TRL's ``sigmoid_norm``).
 
     ``loss = mean( -log sigma(beta (f'(t_c)/|y_c| - f'(t_r)/|y_r|)) )``;
@@ -218,12 +229,13 @@ def sigmoid_norm_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_log
     check_f_divergence(f_divergence_type, f_alpha_divergence_coef, "sigmoid_norm")
     score = lambda u: divergence_scores(u, f_divergence_type, f_alpha_divergence_coef)
     delta = average_logps(score(pc - rc), lc) - average_logps(score(pr - rr), lr)
-    return pair_metrics(-jax.nn.log_sigmoid(beta * delta), beta * (pc - rc), beta * (pr - rr), pc, pr, pair_mask)
+    return pair_metrics(-jax.nn.log_sigmoid(beta * delta), beta * (pc - rc), beta * (pr - rr), pc, pr, pair_mask,
+                        weights=pair_weights)
 
 
 def chosen_nll_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
                     ref_rejected_logps=None, chosen_lengths=None, rejected_lengths=None, *,
-                    beta: float = 0.1, pair_mask=None):
+                    beta: float = 0.1, pair_mask=None, pair_weights=None):
     """TRL's ``sft`` loss type: the chosen reply's NLL, ``mean( -pi_c / |y_c| )``, reference-free.
 
     Meant as one term of a combination (``make_dpo_loss.kind = ['sigmoid',
@@ -235,7 +247,7 @@ def chosen_nll_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
                                            ref_rejected_logps, chosen_lengths, rejected_lengths), pair_mask,
                                    need_ref=False, need_lengths=True)
     apc, apr = average_logps(pc, lc), average_logps(pr, lr)
-    return pair_metrics(-apc, beta * apc, beta * apr, apc, apr, pair_mask)
+    return pair_metrics(-apc, beta * apc, beta * apr, apc, apr, pair_mask, weights=pair_weights)
 
 
 RELATIVES = {

@@ -96,13 +96,15 @@ def pair_margin(pc, pr, rc, rr, f_divergence_type: str = "reverse_kl", f_alpha_d
     return score(pc - rc) - score(pr - rr)
 
 
-def pair_metrics(losses, chosen_rewards, rejected_rewards, logps_c, logps_r, mask, extra=None):
+def pair_metrics(losses, chosen_rewards, rejected_rewards, logps_c, logps_r, mask, extra=None, weights=None):
     """``(loss, metrics)``: the pair-masked mean of ``losses`` plus each ``extra`` term, and TRL's metrics.
 
     ``extra``: ``{name: (term added to the loss, value logged as name)}``.
+    ``weights``: per-pair weights of ``losses`` (WPO's, :func:`~jaxpost.losses.wpo_weights`), inside the mean:
+    ``sum_i w_i l_i m_i / sum_i m_i``; the ``extra`` terms are not weighted.
     """
     m = jnp.ones_like(losses) if mask is None else f32(mask)
-    loss = masked_mean(losses, m)
+    loss = masked_mean(losses if weights is None else losses * jax.lax.stop_gradient(f32(weights)), m)
     extra_metrics = {}
     for k, v in (extra or {}).items():
         loss = loss + v[0]

@@ -123,3 +123,25 @@ def ld_sequence_logps(chosen_token_logps, chosen_mask, rejected_token_logps, rej
     pc = jnp.sum(f32(chosen_token_logps) * weight(mc), axis=-1)
     pr = jnp.sum(f32(rejected_token_logps) * weight(mr), axis=-1)
     return pc, pr, lc, lr
+
+
+def wpo_weights(token_logps, log_sum_sq, loss_mask):
+    """WPO's weight of each sequence (Zhou et al. 2024, eq. 2; TRL's ``use_weighting``), without gradient.
+
+    ``w = exp( sum_t (log p(y_t) - log sum_v p_v(t)^2) m_t / max(sum_t m_t, 1) )``:
+    the geometric mean over the response tokens of ``p(y_t) / sum_v p_v^2``,
+    the probability of the token against the policy's own expected
+    probability of what it samples, so off-policy pairs weigh less.
+    ``log_sum_sq``: ``log sum_v p_v^2`` per position
+    (:func:`jaxpost.models.heads.token_logprobs` with ``return_log_sum_sq``).
+    Inputs ``[..., L]``; returns ``[...]``.
+    """
+    aligned = jax.lax.stop_gradient(f32(token_logps) - f32(log_sum_sq))
+    return jnp.exp(mean_sequence_logps(aligned, loss_mask))
+
+
+def packed_wpo_weights(token_logps, log_sum_sq, loss_mask, pair_ids, pair_sides, num_pairs: int):
+    """:func:`wpo_weights` for packed rows: ``(w_c, w_r)``, each ``[B, K]`` (1 for empty slots)."""
+    aligned = jax.lax.stop_gradient(f32(token_logps) - f32(log_sum_sq))
+    ac, ar, lc, lr = packed_sequence_logps(aligned, loss_mask, pair_ids, pair_sides, num_pairs)
+    return jnp.exp(average_logps(ac, lc)), jnp.exp(average_logps(ar, lr))

@@ -142,20 +142,24 @@ def _target_logprob_bwd(residuals, g):
 _target_logprob.defvjp(_target_logprob_fwd, _target_logprob_bwd)
 
 
-def _chunk_logprobs(weight, h, t, *, dtype, return_entropy):
+def _chunk_logprobs(weight, h, t, *, dtype, return_entropy, return_log_sum_sq=False):
     z = _project(h, weight, dtype)  # [B, C, V] float32
     logp = _target_logprob(z, t)
-    if not return_entropy:
-        return logp, None
-    lse = jax.nn.logsumexp(z, axis=-1)
-    # H = -sum p log p = lse - sum p z, with p = softmax(z).
-    ent = lse - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)
-    return logp, ent
+    ent = lssp = None
+    if return_entropy or return_log_sum_sq:
+        lse = jax.nn.logsumexp(z, axis=-1)
+    if return_entropy:
+        # H = -sum p log p = lse - sum p z, with p = softmax(z).
+        ent = lse - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)
+    if return_log_sum_sq:
+        # log sum_v p_v^2 = logsumexp(2 z) - 2 lse; WPO reads it without gradient.
+        lssp = jax.lax.stop_gradient(jax.nn.logsumexp(2.0 * z, axis=-1) - 2.0 * lse)
+    return logp, ent, lssp
 
 
 def token_logprobs(params: dict, config: ModelConfig, hidden: jax.Array, targets: jax.Array,
                    chunk_size: int = 512, return_entropy: bool = False,
-                   stored_logits_bytes: int | None = None):
+                   stored_logits_bytes: int | None = None, return_log_sum_sq: bool = False):
     """``log p(targets[b, t] | hidden[b, t])`` as float32 ``[B, L]``, chunked over positions.
 
     ``log p = z[target] - logsumexp(z)`` with ``z = hidden @ W`` (float32).
@@ -168,22 +172,26 @@ def token_logprobs(params: dict, config: ModelConfig, hidden: jax.Array, targets
     to save memory that small runs do not need. ``None`` takes the threshold
     from ``config.stored_logits_mib``. With ``return_entropy``
     also returns the entropy ``H = logsumexp(z) - sum softmax(z) * z``
-    ``[B, L]``. Targets may hold any id in ``[0, V)`` where unused (masked by
-    the caller).
+    ``[B, L]``. With ``return_log_sum_sq`` also returns ``log sum_v p_v^2``
+    ``[B, L]`` without gradient (WPO's weights, :func:`jaxpost.losses.wpo_weights`),
+    after the entropy when both are asked for. Targets may hold any id in
+    ``[0, V)`` where unused (masked by the caller).
     """
     weight = lm_head_weight(params, config)
     B, L, D = hidden.shape
     if targets.shape != (B, L):
         raise ValueError(f"targets shape {targets.shape} does not match hidden [B, L] = {(B, L)}")
     targets = targets.astype(jnp.int32)
-    body = functools.partial(_chunk_logprobs, weight, dtype=jnp.dtype(config.dtype), return_entropy=return_entropy)
+    body = functools.partial(_chunk_logprobs, weight, dtype=jnp.dtype(config.dtype), return_entropy=return_entropy,
+                             return_log_sum_sq=return_log_sum_sq)
     if stored_logits_bytes is None:
         stored_logits_bytes = config.stored_logits_mib * 2**20
     c = max(1, min(chunk_size, L))
     stored = B * -(-L // c) * c * weight.shape[-1] * 4  # float32 logits of the whole (padded) batch
-    logp, ent = map_position_chunks(body, hidden, targets, chunk_size=chunk_size,
-                                    checkpoint=stored > stored_logits_bytes)
-    return (logp, ent) if return_entropy else logp
+    logp, ent, lssp = map_position_chunks(body, hidden, targets, chunk_size=chunk_size,
+                                          checkpoint=stored > stored_logits_bytes)
+    extras = ((ent,) if return_entropy else ()) + ((lssp,) if return_log_sum_sq else ())
+    return (logp, *extras) if extras else logp
 
 
 def scores(params: dict, hidden: jax.Array) -> jax.Array:
