@@ -361,16 +361,21 @@ def _passed_on_keys(conf: _gin.Configurable, name: str, params: dict[str, inspec
     if target is None:
         return []
     targets = target if isinstance(target, tuple) else (target,)  # a combination (make_dpo_loss.kind = [...])
-    owner = {p: next(t for t in targets if p in inspect.signature(t).parameters) for p in extra}
     keys = []
     for p, param in extra.items():
         if p in params:
             continue
-        t = owner[p]
+        takers = [t for t in targets if p in inspect.signature(t).parameters]
+        t = takers[0]
         hints, docs = jp_config._type_hints(t), _param_docs(t)
+        # Unbound, each loss of a combination uses its own default (exo_pair's label_smoothing is 1e-3, not 0).
+        defaults = [inspect.signature(u).parameters[p].default for u in takers]
+        default = (repr(param.default) if len({repr(d) for d in defaults}) == 1
+                   else ", ".join(f"{d!r} ({u.__name__})" for d, u in zip(defaults, takers)))
+        where = ", ".join(u.__name__ for u in takers)
         keys.append(Key(name=f"{name}.{p}", type=jp_config._type_name(hints[p]) if p in hints else "",
-                        default=repr(param.default), required=False, bound=_format(bound[p]) if p in bound else None,
-                        doc=_one_line(f"passed on to {t.__name__}" + (f": {docs[p]}" if p in docs else ""))))
+                        default=default, required=False, bound=_format(bound[p]) if p in bound else None,
+                        doc=_one_line(f"passed on to {where}" + (f": {docs[p]}" if p in docs else ""))))
     return keys
 
 

@@ -114,6 +114,12 @@ def test_list_keys_shows_the_parameters_of_the_chosen_dpo_loss(capsys):
     assert rc == 0 and "  make_dpo_loss.gamma: float = 0.5\n      passed on to simpo_loss" in out
     assert "  make_dpo_loss.discopop_tau: float = 0.05\n      passed on to discopop_loss" in out
     assert "  make_dpo_loss.loss_weights: list[float] | None = None\n" in out
+    gin.clear_config()
+    # A key two losses take: both named, each with the default it uses when unbound.
+    rc, out, _ = _main(capsys, "train", "--gin_file=configs/runs/dpo.gin",
+                       "--gin.make_dpo_loss.kind=['sigmoid', 'exo_pair']", "--list_keys")
+    assert rc == 0 and ("  make_dpo_loss.label_smoothing: float = 0.0 (sigmoid_loss), 0.001 (exo_pair_loss)\n"
+                        "      passed on to sigmoid_loss, exo_pair_loss") in out
 
 
 # --- errors: one paragraph, fast, traceback only with --debug ---------------------------------------------------------
