@@ -8,7 +8,10 @@ cores (an SFT run of 2 steps took 10.6-12.2 s with torch importable, 4.6-5.0 s
 without). The subprocesses therefore run as that README user does, with
 torch hidden by ``without_torch/sitecustomize.py``; the in-process CLI tests
 (``jaxpost.cli.main`` called by pytest) run with torch importable, so both
-installs are covered.
+installs are covered. (jaxpost now keeps torch out of a run itself when its
+tokenizer loads as the generic class, and out of TensorBoard:
+``tests/test_tokenizer_loading.py`` runs a command with torch importable.
+Other tokenizers still go through ``AutoTokenizer``, which imports it.)
 """
 
 from __future__ import annotations

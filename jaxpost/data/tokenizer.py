@@ -14,7 +14,9 @@ reads it back with no network.
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Iterable
 
 import gin
@@ -86,10 +88,13 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     from jaxpost.hub import resolve_tokenizer_dir
 
     where = resolve_tokenizer_dir(path)  # first: a wrong path fails before transformers' slow import
-    from transformers import AutoTokenizer
-
     try:
-        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=False)
+        if plain_tokenizer_dir(where):  # what AutoTokenizer returns here, without its imports (torch: seconds)
+            tok = PreTrainedTokenizerFast.from_pretrained(where)
+        else:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(where, trust_remote_code=False)
     except (OSError, ValueError) as e:  # unreadable files, unknown tokenizer class
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"tokenizer {str(path)!r}: could not load {where} ({first}); it must be a Hugging Face "
@@ -101,6 +106,36 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
                             "eos_token in its tokenizer_config.json)")
         tok.pad_token = tok.eos_token
     return tok
+
+
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+PLAIN_MODEL_TYPES = (None, "llama", "mistral", "qwen3")
+"""``config.json`` model types (None: no ``config.json``) for which transformers' ``AutoTokenizer`` loads a
+tokenizer that declares a generic class as that class: no model-specific class overrides it there
+(``tests/test_tokenizer_loading.py`` checks this against the installed ``AutoTokenizer``)."""
+
+
+def plain_tokenizer_dir(where: str | os.PathLike) -> bool:
+    """Whether the local tokenizer directory ``where`` loads as the generic fast tokenizer under ``AutoTokenizer``.
+
+    True when its ``tokenizer_config.json`` declares one of
+    :data:`GENERIC_TOKENIZER_CLASSES`, with a ``tokenizer.json``, no
+    ``auto_map`` (remote code), no ``tekken.json`` (Mistral's own format),
+    and a model type in :data:`PLAIN_MODEL_TYPES`. :func:`load_tokenizer`
+    then loads that class directly: the same tokenizer, without importing
+    ``AutoTokenizer``, whose model configs pull in torch where it is installed
+    (about 3 s of every command's start).
+    """
+    d = Path(where)
+    try:
+        declared = json.loads((d / "tokenizer_config.json").read_text())
+        model_type = json.loads((d / "config.json").read_text()).get("model_type", "") \
+            if (d / "config.json").exists() else None
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (isinstance(declared, dict) and declared.get("tokenizer_class") in GENERIC_TOKENIZER_CLASSES
+            and "auto_map" not in declared and (d / "tokenizer.json").is_file()
+            and not (d / "tekken.json").exists() and model_type in PLAIN_MODEL_TYPES)
 
 
 _PROBE = "jaxpost-end-of-turn-probe"
