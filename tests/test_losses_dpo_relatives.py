@@ -329,3 +329,22 @@ def test_wpo_dpo_loss_of_a_model_equals_trl_from_its_full_logits():
     np.testing.assert_allclose(float(loss), expected, rtol=2e-5)
     np.testing.assert_allclose(float(metrics["wpo/weights"]), np.mean(wc * wr), rtol=2e-5)
     assert np.ptp(wc * wr) > 0.05  # the pairs weigh differently, so a loss that dropped the weights would show
+
+
+def test_dpo_options_benchmark_runs_tiny():
+    """benchmarks/dpo_options.py end to end on a tiny model (its harness and arithmetic, not its speed)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import dpo_options
+
+    report = dpo_options.main(["--vocab", "96", "--hidden", "32", "--intermediate", "64", "--layers", "1",
+                               "--pairs", "2", "--seq-len", "16", "--repeats", "3"])
+    times = report["times_s"]
+    assert set(times) == {"plain", "wpo", "ld"} and all(len(v) == 3 and min(v) > 0 for v in times.values())
+    assert report["paired_over_plain"]["plain"] == 1.0
+    per_round = sorted(t / p for t, p in zip(times["wpo"], times["plain"]))
+    assert report["paired_over_plain"]["wpo"] == pytest.approx(per_round[1])
+    # The variants compute different losses of the same batch: WPO weighs the pairs, LD-DPO the excess tokens.
+    assert len({round(v, 6) for v in report["loss"].values()}) == 3
